@@ -1,0 +1,1 @@
+//! mooncake-rs facade: links backends chosen by cargo features.

@@ -1,0 +1,1 @@
+//! Example third-party transport plugin: same-process memcpy loopback.

@@ -1,0 +1,1 @@
+//! Conformance suites for Transport, MemoryDevice and MetadataStore backends, and the runner.

@@ -1,0 +1,1 @@
+//! Host DRAM memory device: NUMA classification, aligned and huge-page allocation, managed buffers.

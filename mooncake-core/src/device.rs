@@ -1,0 +1,101 @@
+//! The `MemoryDevice` trait: where memory lives (host DRAM, GPUs, CXL, NVMe).
+
+use std::sync::Arc;
+
+use crate::capabilities::DeviceCapabilities;
+use crate::error::{Error, Result};
+use crate::types::{Location, MemoryKind};
+
+/// How to allocate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AllocOptions {
+    /// Where (`cpu:1` for NUMA node 1, `cuda:0`, or `*` for the device's default).
+    pub location: Location,
+    /// Alignment in bytes (power of two; 0 means the device default).
+    pub alignment: u64,
+    /// Ask for huge pages (falls back to normal pages when none are available).
+    pub huge_pages: bool,
+}
+
+impl Default for AllocOptions {
+    fn default() -> Self {
+        AllocOptions { location: Location::Detect, alignment: 0, huge_pages: false }
+    }
+}
+
+/// Memory obtained from a device; give it back with [`MemoryDevice::free`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allocation {
+    /// Address (device virtual address for GPUs).
+    pub addr: u64,
+    /// Usable length.
+    pub len: u64,
+    /// Where it lives.
+    pub location: Location,
+    /// Device-private token (mapping length, handle index, ...).
+    pub token: u64,
+}
+
+/// A handle another process can import to reach the same memory.
+#[derive(Debug, Clone)]
+pub struct SharingHandle {
+    /// Handle kind: `memfd`, `cuda_ipc`, `dmabuf`, ...
+    pub kind: String,
+    /// Serialized handle bytes (e.g. a `cudaIpcMemHandle_t`).
+    pub data: Vec<u8>,
+    /// File descriptor for fd-based handles (sent over a Unix socket).
+    pub fd: Option<Arc<std::os::fd::OwnedFd>>,
+    /// Length of the shared range.
+    pub len: u64,
+}
+
+/// A kind of memory: classifies addresses, allocates, copies to and from host, shares.
+///
+/// Copies are bounds-checked against the given allocation, so they are safe to call.
+pub trait MemoryDevice: Send + Sync + 'static {
+    /// Device driver name (`host`, `cuda`, ...).
+    fn name(&self) -> &str;
+
+    /// The kind of memory it manages.
+    fn kind(&self) -> MemoryKind;
+
+    /// Flags.
+    fn capabilities(&self) -> DeviceCapabilities;
+
+    /// Where `[addr, addr+len)` lives, if it is this device's memory.
+    fn classify(&self, addr: u64, len: u64) -> Option<Location>;
+
+    /// Allocates `len` (> 0) bytes.
+    fn allocate(&self, len: u64, options: &AllocOptions) -> Result<Allocation>;
+
+    /// Frees an allocation made by this device.
+    fn free(&self, allocation: &Allocation) -> Result<()>;
+
+    /// Copies `dst.len()` bytes from `allocation` at `offset` into host memory.
+    fn copy_to_host(&self, allocation: &Allocation, offset: u64, dst: &mut [u8]) -> Result<()>;
+
+    /// Copies `src` into `allocation` at `offset`.
+    fn copy_from_host(&self, src: &[u8], allocation: &Allocation, offset: u64) -> Result<()>;
+
+    /// Exports a handle other processes can import.
+    fn export_handle(&self, _allocation: &Allocation) -> Result<SharingHandle> {
+        Err(Error::unsupported("export_handle", self.name()))
+    }
+
+    /// Maps memory exported by another process.
+    fn import_handle(&self, _handle: &SharingHandle) -> Result<Allocation> {
+        Err(Error::unsupported("import_handle", self.name()))
+    }
+}
+
+/// Checks that `[offset, offset+len)` lies inside `allocation` (for device implementations).
+pub fn check_bounds(allocation: &Allocation, offset: u64, len: u64) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= allocation.len => Ok(()),
+        _ => Err(Error::AddressNotRegistered {
+            addr: allocation.addr.wrapping_add(offset),
+            len,
+            context: format!("outside allocation of {} bytes", allocation.len),
+        }),
+    }
+}

@@ -1,0 +1,50 @@
+//! Core of mooncake-rs: the three traits every backend implements ([`Transport`],
+//! [`MemoryDevice`], [`MetadataStore`]), the link-time [`registry`], shared wire types, typed
+//! [`Error`]s, and the [`TransferEngine`] written purely against the traits.
+//!
+//! This crate knows no concrete backend; link them through the `mooncake` facade crate.
+//!
+//! ```no_run
+//! use mooncake_core::{EngineConfig, Opcode, TransferEngine};
+//! # fn main() -> mooncake_core::Result<()> {
+//! // (a transport and the P2P handshake must be linked, e.g. through the `mooncake` facade)
+//! let engine = TransferEngine::new(EngineConfig::new("127.0.0.1", "P2PHANDSHAKE"))?;
+//! let buf = vec![7u8; 4096];
+//! engine.register_memory(buf.as_ptr() as u64, buf.len() as u64, "cpu:0")?;
+//! let peer = "127.0.0.1:15123"; // another engine's segment name
+//! let remote = engine.first_buffer_address(peer)?;
+//! engine.transfer_sync(peer, Opcode::Write, buf.as_ptr() as u64, remote, 4096)?;
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+
+pub mod capabilities;
+pub mod completion;
+pub mod descriptor;
+pub mod device;
+mod engine;
+pub mod error;
+pub mod memory;
+pub mod metadata;
+pub mod registry;
+pub mod rpc;
+pub mod transport;
+pub mod types;
+
+pub use capabilities::{Capabilities, DeviceCapabilities, PerfModel};
+pub use completion::{Batch, Completion};
+pub use descriptor::{BufferDesc, SegmentDescriptor};
+pub use device::{AllocOptions, Allocation, MemoryDevice, SharingHandle};
+pub use engine::{EngineConfig, TransferEngine, join_host_port, split_host_port};
+pub use error::{Error, Result};
+pub use memory::{Region, RegionGuard, RegionTable};
+pub use metadata::{MetadataCapabilities, MetadataKeys, MetadataStore, RpcMeta, WatchEvent};
+pub use rpc::{PeerRpc, RpcHandler};
+pub use transport::{BackendConfig, PeerEvents, RemoteSegment, TransferTask, Transport, TransportContext};
+pub use types::{
+    BatchId, Location, MemoryKind, MemoryKinds, Notification, Opcode, SegmentHandle, TransferRequest, TransferState,
+    TransferStatus,
+};
+
+/// Re-exported so backend crates register with the same `inventory` the registry collects from.
+pub use inventory;

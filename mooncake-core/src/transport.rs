@@ -1,0 +1,152 @@
+//! The `Transport` trait: moves bytes between local memory and a remote segment.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+use crate::capabilities::Capabilities;
+use crate::completion::Completion;
+use crate::descriptor::{BufferDesc, SegmentDescriptor};
+use crate::error::Result;
+use crate::memory::{Region, RegionTable};
+use crate::types::{Opcode, SegmentHandle};
+
+/// Reports from transports back to the engine.
+pub trait PeerEvents: Send + Sync + 'static {
+    /// Connecting to or talking with `segment_name` failed at the connection level: the engine
+    /// re-reads its descriptor before the next transfer (it may have restarted elsewhere).
+    fn peer_failed(&self, segment_name: &str);
+}
+
+/// What the engine hands a transport when it starts.
+#[derive(Clone)]
+pub struct TransportContext {
+    /// This engine's segment name.
+    pub local_name: String,
+    /// Host or address every listener must bind (never widened to the wildcard).
+    pub bind_host: String,
+    /// Locally registered memory: every remote access must be checked against it.
+    pub regions: Arc<RegionTable>,
+    /// The engine's runtime; spawn I/O tasks here.
+    pub runtime: tokio::runtime::Handle,
+    /// Where to report failed peers.
+    pub peer_events: Arc<dyn PeerEvents>,
+}
+
+impl std::fmt::Debug for TransportContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TransportContext")
+            .field("local_name", &self.local_name)
+            .field("bind_host", &self.bind_host)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Options for creating a transport (from the engine config; backends may also read `MC_*` env).
+#[derive(Debug, Clone, Default)]
+pub struct BackendConfig {
+    /// Key/value options, e.g. `{"lanes": "4"}`.
+    pub options: BTreeMap<String, String>,
+}
+
+impl BackendConfig {
+    /// Option `key`, else environment variable `env`, parsed.
+    pub fn get<T: std::str::FromStr>(&self, key: &str, env: &str) -> Option<T> {
+        self.options
+            .get(key)
+            .cloned()
+            .or_else(|| std::env::var(env).ok())
+            .and_then(|v| v.trim().parse().ok())
+    }
+}
+
+/// A remote segment as transports see it: the descriptor plus where its host is.
+#[derive(Debug, Clone)]
+pub struct RemoteSegment {
+    /// Engine handle of the segment.
+    pub handle: SegmentHandle,
+    /// Segment name.
+    pub name: String,
+    /// Host (name or IP) that serves this segment's data ports.
+    pub host: String,
+    /// The published descriptor.
+    pub descriptor: SegmentDescriptor,
+}
+
+/// One request as handed to a transport: addresses are absolute and already validated
+/// (length non-zero, remote range inside one published buffer).
+#[derive(Debug)]
+pub struct TransferTask {
+    /// Read or write.
+    pub opcode: Opcode,
+    /// Address in this process.
+    pub local_addr: u64,
+    /// Absolute address in the target process.
+    pub remote_addr: u64,
+    /// Bytes to move (> 0).
+    pub length: u64,
+    /// Finish exactly once with the bytes moved or a typed error.
+    pub completion: Completion,
+}
+
+/// A way to move bytes: tcp, rdma, shm, efa, nvlink, cxl, nvmeof, ...
+///
+/// Contract:
+/// - `submit` never blocks and never panics on peer input; every task is finished exactly once,
+///   with a typed error when the peer is gone (no hang), including tasks queued behind a failure.
+/// - Remote peers name absolute addresses: a serving transport checks every access against
+///   [`TransportContext::regions`] before touching memory and holds the returned guard meanwhile.
+/// - Local addresses are raw pointers in this process. The engine guarantees they lie in
+///   registered memory when [`Capabilities::requires_local_registration`] is set; otherwise the
+///   caller of the engine vouches for them (as upstream's TCP mode).
+#[async_trait]
+pub trait Transport: Send + Sync + 'static {
+    /// The protocol string of WIRE.md (`"tcp"`).
+    fn name(&self) -> &str;
+
+    /// Flags, limits and cost model.
+    fn capabilities(&self) -> &Capabilities;
+
+    /// Binds listeners and starts serving. Called once before anything else.
+    async fn start(&self, ctx: &TransportContext) -> Result<()>;
+
+    /// A buffer was registered; add what peers need (keys, IPC handles) to its descriptor entry.
+    fn register_memory(&self, _region: &Region, _desc: &mut BufferDesc) -> Result<()> {
+        Ok(())
+    }
+
+    /// A buffer is being unregistered.
+    fn unregister_memory(&self, _region: &Region) -> Result<()> {
+        Ok(())
+    }
+
+    /// Adds this transport's top-level fields (ports, device lists) to the local descriptor.
+    fn describe(&self, desc: &mut SegmentDescriptor);
+
+    /// Whether this transport can reach `target` at all (same host for shm, matching NICs, ...).
+    fn can_reach(&self, _target: &RemoteSegment) -> bool {
+        true
+    }
+
+    /// Establishes connections ahead of the first transfer (optional warm-up).
+    async fn connect(&self, _target: &RemoteSegment) -> Result<()> {
+        Ok(())
+    }
+
+    /// Starts the tasks; each finishes through its completion.
+    fn submit(&self, target: &Arc<RemoteSegment>, tasks: Vec<TransferTask>);
+
+    /// Drops cached connections to a segment (its descriptor changed or it restarted).
+    fn forget_peer(&self, _segment_name: &str) {}
+
+    /// Handles a connection-handshake frame (WIRE.md section 3, type 0) addressed to this
+    /// transport, e.g. an RDMA queue-pair exchange. `None` = not mine.
+    async fn handle_handshake(&self, _request: &Value) -> Option<Result<Value>> {
+        None
+    }
+
+    /// Stops listeners and fails whatever is still in flight.
+    async fn shutdown(&self);
+}

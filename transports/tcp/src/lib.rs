@@ -1,0 +1,1 @@
+//! TCP transport, wire-compatible with upstream Mooncake (WIRE.md section 4).
