@@ -64,9 +64,10 @@ impl Batch {
         let capacity = self.capacity();
         let mut start = self.used.load(Ordering::Acquire);
         loop {
-            let end = start.checked_add(n).filter(|e| *e <= capacity).ok_or(
-                Error::TooManyRequests { capacity, requested: start.saturating_add(n) },
-            )?;
+            let end = start
+                .checked_add(n)
+                .filter(|e| *e <= capacity)
+                .ok_or(Error::TooManyRequests { capacity, requested: start.saturating_add(n) })?;
             match self.used.compare_exchange(start, end, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => break,
                 Err(now) => start = now,
@@ -123,7 +124,9 @@ impl Batch {
                 f.transferred_bytes = transferred;
                 f
             }
-            _ if pending => TransferStatus { state: TransferState::Pending, transferred_bytes: transferred, error: None },
+            _ if pending => {
+                TransferStatus { state: TransferState::Pending, transferred_bytes: transferred, error: None }
+            }
             _ => TransferStatus { state: TransferState::Completed, transferred_bytes: transferred, error: None },
         }
     }

@@ -76,8 +76,8 @@ impl SegmentDescriptor {
                 MAX_DESCRIPTOR_BYTES
             )));
         }
-        let desc: SegmentDescriptor = serde_json::from_slice(bytes)
-            .map_err(|e| Error::MalformedJson(format!("segment descriptor: {e}")))?;
+        let desc: SegmentDescriptor =
+            serde_json::from_slice(bytes).map_err(|e| Error::MalformedJson(format!("segment descriptor: {e}")))?;
         desc.validate()?;
         Ok(desc)
     }
@@ -185,10 +185,7 @@ mod tests {
             "[]",
             "",
         ] {
-            assert!(
-                matches!(SegmentDescriptor::from_json(bad.as_bytes()), Err(Error::MalformedJson(_))),
-                "{bad}"
-            );
+            assert!(matches!(SegmentDescriptor::from_json(bad.as_bytes()), Err(Error::MalformedJson(_))), "{bad}");
         }
     }
 

@@ -186,10 +186,7 @@ mod tests {
         assert_eq!(Error::InvalidArgument("x".into()).code(), -1);
         assert_eq!(Error::TooManyRequests { capacity: 1, requested: 2 }.code(), -2);
         assert_eq!(Error::BatchBusy(3).code(), -4);
-        assert_eq!(
-            Error::AddressOverlapped { addr: 0, len: 1, existing_addr: 0, existing_len: 1 }.code(),
-            -7
-        );
+        assert_eq!(Error::AddressOverlapped { addr: 0, len: 1, existing_addr: 0, existing_len: 1 }.code(), -7);
         assert_eq!(Error::unsupported("read", "x").code(), -303);
     }
 

@@ -73,12 +73,7 @@ impl RegionTable {
         // The closest region starting before `end` is the only one that can overlap.
         if let Some((_, r)) = map.range(..end).next_back() {
             if r.end() > addr {
-                return Err(Error::AddressOverlapped {
-                    addr,
-                    len,
-                    existing_addr: r.addr,
-                    existing_len: r.len,
-                });
+                return Err(Error::AddressOverlapped { addr, len, existing_addr: r.addr, existing_len: r.len });
             }
         }
         map.insert(addr, Arc::new(Region { addr, len, location }));
@@ -120,11 +115,7 @@ impl RegionTable {
 
     /// Like [`RegionTable::lookup`] but with a typed error naming the range.
     pub fn check(&self, addr: u64, len: u64, context: &str) -> Result<RegionGuard> {
-        self.lookup(addr, len).ok_or_else(|| Error::AddressNotRegistered {
-            addr,
-            len,
-            context: context.to_string(),
-        })
+        self.lookup(addr, len).ok_or_else(|| Error::AddressNotRegistered { addr, len, context: context.to_string() })
     }
 
     /// The registration starting exactly at `addr`.

@@ -54,11 +54,7 @@ pub struct BackendConfig {
 impl BackendConfig {
     /// Option `key`, else environment variable `env`, parsed.
     pub fn get<T: std::str::FromStr>(&self, key: &str, env: &str) -> Option<T> {
-        self.options
-            .get(key)
-            .cloned()
-            .or_else(|| std::env::var(env).ok())
-            .and_then(|v| v.trim().parse().ok())
+        self.options.get(key).cloned().or_else(|| std::env::var(env).ok()).and_then(|v| v.trim().parse().ok())
     }
 }
 

@@ -42,14 +42,8 @@ pub enum MemoryKind {
 }
 
 impl MemoryKind {
-    const ALL: [MemoryKind; 6] = [
-        MemoryKind::Host,
-        MemoryKind::Cuda,
-        MemoryKind::Rocm,
-        MemoryKind::Musa,
-        MemoryKind::Cxl,
-        MemoryKind::Nvme,
-    ];
+    const ALL: [MemoryKind; 6] =
+        [MemoryKind::Host, MemoryKind::Cuda, MemoryKind::Rocm, MemoryKind::Musa, MemoryKind::Cxl, MemoryKind::Nvme];
 
     fn bit(self) -> u32 {
         1 << (self as u32)
@@ -140,9 +134,10 @@ impl FromStr for Location {
         };
         let index = match index {
             None => None,
-            Some(i) => Some(i.parse::<u32>().map_err(|_| {
-                Error::InvalidArgument(format!("location {s:?}: index {i:?} is not a number"))
-            })?),
+            Some(i) => Some(
+                i.parse::<u32>()
+                    .map_err(|_| Error::InvalidArgument(format!("location {s:?}: index {i:?} is not a number")))?,
+            ),
         };
         let kind = match prefix {
             "cpu" => return Ok(Location::Cpu(index)),

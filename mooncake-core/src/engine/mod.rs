@@ -579,7 +579,10 @@ impl Inner {
             config,
         };
         let rpc_meta = RpcMeta { ip_or_host_name: inner.rpc_host.clone(), rpc_port };
-        inner.metadata.put(&inner.keys.rpc_meta(&inner.local_name), serde_json::to_string(&rpc_meta)?.as_bytes()).await?;
+        inner
+            .metadata
+            .put(&inner.keys.rpc_meta(&inner.local_name), serde_json::to_string(&rpc_meta)?.as_bytes())
+            .await?;
         inner.publish().await?;
         tracing::info!(segment = %inner.local_name, rpc_port, protocols = ?inner.config.protocols, "transfer engine started");
         Ok(inner)
@@ -681,9 +684,8 @@ impl Inner {
     async fn rpc_addr(&self, name: &str) -> Result<String> {
         if self.config.is_p2p() {
             let (host, port) = split_host_port(name)?;
-            let port = port.ok_or_else(|| {
-                Error::InvalidArgument(format!("P2P segment name {name:?} must be host:port"))
-            })?;
+            let port =
+                port.ok_or_else(|| Error::InvalidArgument(format!("P2P segment name {name:?} must be host:port")))?;
             return Ok(join_host_port(&host, port));
         }
         let bytes = self
@@ -707,10 +709,8 @@ impl Inner {
             if !t.can_reach(seg) {
                 continue;
             }
-            let rank = priority
-                .as_ref()
-                .map(|p| p.iter().position(|n| n == t.name()).unwrap_or(usize::MAX))
-                .unwrap_or(0);
+            let rank =
+                priority.as_ref().map(|p| p.iter().position(|n| n == t.name()).unwrap_or(usize::MAX)).unwrap_or(0);
             let key = (rank, t.capabilities().model.estimate(length), order);
             if best.as_ref().is_none_or(|(_, k)| key < *k) {
                 best = Some((i, key));
@@ -858,13 +858,7 @@ fn timestamp_now() -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}.{:06}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        now.subsec_micros()
-    )
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}.{:06}", rem / 3600, rem % 3600 / 60, rem % 60, now.subsec_micros())
 }
 
 #[cfg(test)]

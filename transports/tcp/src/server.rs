@@ -1,0 +1,155 @@
+//! The data server: serves reads and writes of registered memory to peers.
+//!
+//! Every request is checked against the region table before memory is touched, and the region
+//! guard is held while bytes move. A bad request closes only its own connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mooncake_core::{Error, Opcode, RegionTable, Result};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+
+use crate::memory;
+use crate::wire::{self, HEADER_LEN, Header};
+
+/// Buffer size of each connection's reader and writer.
+const IO_BUFFER: usize = 64 << 10;
+/// A rejected write v2 payload up to this size is drained so the connection survives.
+const DRAIN_LIMIT: u64 = 64 << 20;
+
+/// Time allowed for moving `size` bytes of one request (a stalled peer cannot pin a region).
+fn payload_deadline(size: u64) -> Duration {
+    Duration::from_secs(30) + Duration::from_nanos(size.saturating_mul(10))
+}
+
+/// Binds `host` exactly (port 0 = any free port). A wildcard IPv6 host is dual-stack.
+pub(crate) async fn bind(host: &str) -> Result<TcpListener> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, 0))
+        .await
+        .map_err(|e| Error::InvalidArgument(format!("cannot resolve bind host {host:?}: {e}")))?
+        .collect();
+    let addr = *addrs.first().ok_or_else(|| Error::InvalidArgument(format!("bind host {host:?} has no address")))?;
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(TcpListener::from_std(socket.into())?)
+}
+
+/// Accepts connections until the task is aborted; connection tasks die with it.
+pub(crate) async fn serve(listener: TcpListener, regions: Arc<RegionTable>) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let regions = regions.clone();
+                    conns.spawn(async move {
+                        if let Err(e) = serve_connection(stream, &regions).await {
+                            tracing::warn!(%peer, error = %e, "tcp data connection dropped");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "tcp accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+}
+
+async fn serve_connection(stream: TcpStream, regions: &RegionTable) -> Result<()> {
+    stream.set_nodelay(true)?;
+    let (r, w) = stream.into_split();
+    let mut reader = BufReader::with_capacity(IO_BUFFER, r);
+    let mut writer = BufWriter::with_capacity(IO_BUFFER, w);
+    let mut raw = [0u8; HEADER_LEN];
+    loop {
+        if reader.buffer().is_empty() {
+            // Nothing pipelined behind: push out pending status words and data before blocking.
+            writer.flush().await?;
+        }
+        match reader.read_exact(&mut raw).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+        let h = Header::decode(&raw)?;
+        let guard = regions.lookup(h.addr, h.size);
+        let deadline = payload_deadline(h.size);
+        match (h.opcode, guard) {
+            (Opcode::Write, Some(g)) => {
+                // SAFETY: `g` proves [addr, addr+size) lies in one registered region, and holding it
+                // keeps the region registered (unregister waits for guards) while we write.
+                let dst = unsafe { memory::bytes_mut(h.addr, h.size) };
+                timed(deadline, reader.read_exact(dst)).await?;
+                drop(g);
+                if h.v2 {
+                    writer.write_all(&wire::encode_status(wire::STATUS_OK)).await?;
+                }
+            }
+            (Opcode::Read, Some(g)) => {
+                if h.v2 {
+                    writer.write_all(&wire::encode_status(wire::STATUS_OK)).await?;
+                }
+                // SAFETY: as above, the guard keeps the validated range registered while we read it.
+                let src = unsafe { memory::bytes(h.addr, h.size) };
+                timed(deadline, writer.write_all(src)).await?;
+                drop(g);
+            }
+            (op, None) => {
+                let rejected = Error::AddressNotRegistered {
+                    addr: h.addr,
+                    len: h.size,
+                    context: format!("{} request from peer", op.as_str()),
+                };
+                if !h.v2 {
+                    // v1 has no way to report a rejection: close the connection.
+                    return Err(rejected);
+                }
+                if op == Opcode::Write {
+                    if h.size > DRAIN_LIMIT {
+                        writer.write_all(&wire::encode_status(wire::STATUS_REJECTED)).await?;
+                        writer.flush().await?;
+                        return Err(rejected);
+                    }
+                    timed(deadline, drain(&mut reader, h.size)).await?;
+                }
+                tracing::warn!(error = %rejected, "rejected tcp request");
+                writer.write_all(&wire::encode_status(wire::STATUS_REJECTED)).await?;
+            }
+        }
+    }
+}
+
+async fn drain<R: tokio::io::AsyncBufRead + Unpin>(reader: &mut R, mut left: u64) -> std::io::Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    while left > 0 {
+        let n = {
+            let buf = reader.fill_buf().await?;
+            if buf.is_empty() {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            buf.len().min(left as usize)
+        };
+        reader.consume(n);
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+async fn timed<T>(limit: Duration, fut: impl Future<Output = std::io::Result<T>>) -> Result<T> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(Error::Timeout(limit)),
+    }
+}

@@ -1,0 +1,294 @@
+//! Wire-level tests of the server and the lane client, without an engine.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mooncake_core::{Batch, Error, Location, Opcode, PeerEvents, RegionTable, TransferState};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::client::{Done, LaneConfig, PeerInfo, PeerPool, Piece};
+use crate::wire::{self, Header};
+use crate::{server, wire::HEADER_LEN};
+
+struct Quiet;
+impl PeerEvents for Quiet {
+    fn peer_failed(&self, _: &str) {}
+}
+
+/// A registered heap buffer that outlives the test's server.
+struct Registered {
+    buf: Vec<u8>,
+}
+
+impl Registered {
+    fn new(len: usize, regions: &RegionTable) -> Self {
+        let buf: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
+        regions.insert(buf.as_ptr() as u64, len as u64, Location::Cpu(Some(0))).unwrap();
+        Registered { buf }
+    }
+    fn addr(&self) -> u64 {
+        self.buf.as_ptr() as u64
+    }
+}
+
+async fn start_server(regions: Arc<RegionTable>) -> (u16, tokio::task::JoinHandle<()>) {
+    let listener = server::bind("127.0.0.1").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    (port, tokio::spawn(server::serve(listener, regions)))
+}
+
+async fn raw(port: u16) -> TcpStream {
+    TcpStream::connect(("127.0.0.1", port)).await.unwrap()
+}
+
+async fn status(s: &mut TcpStream) -> u32 {
+    let mut w = [0u8; 8];
+    s.read_exact(&mut w).await.unwrap();
+    wire::decode_status(w).unwrap()
+}
+
+/// A v2 read of 16 bytes through a fresh raw connection: proves the server still serves.
+async fn still_serves(port: u16, mem: &Registered) {
+    let mut s = raw(port).await;
+    s.write_all(&Header { size: 16, addr: mem.addr(), opcode: Opcode::Read, v2: true }.encode()).await.unwrap();
+    assert_eq!(status(&mut s).await, wire::STATUS_OK);
+    let mut got = [0u8; 16];
+    s.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, &mem.buf[..16]);
+}
+
+async fn expect_closed(s: &mut TcpStream) {
+    let mut b = [0u8; 1];
+    let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await.expect("server must close, not hang");
+    assert!(matches!(r, Ok(0) | Err(_)), "connection should be closed, got {r:?}");
+}
+
+#[tokio::test]
+async fn server_binds_exactly_the_given_host() {
+    let listener = server::bind("127.0.0.1").await.unwrap();
+    assert_eq!(listener.local_addr().unwrap().ip().to_string(), "127.0.0.1");
+    assert!(matches!(server::bind("no-such-host.invalid").await, Err(Error::InvalidArgument(_))));
+}
+
+#[tokio::test]
+async fn v1_and_v2_reads_and_writes_pipelined_on_one_connection() {
+    let regions = Arc::new(RegionTable::new());
+    let mem = Registered::new(1 << 16, &regions);
+    let (port, _srv) = start_server(regions.clone()).await;
+    let mut s = raw(port).await;
+    // Pipeline: v2 write, v1 write, v2 read, v1 read, all sent before reading anything.
+    let mut out = Vec::new();
+    out.extend_from_slice(&Header { size: 4, addr: mem.addr(), opcode: Opcode::Write, v2: true }.encode());
+    out.extend_from_slice(b"ABCD");
+    out.extend_from_slice(&Header { size: 2, addr: mem.addr() + 4, opcode: Opcode::Write, v2: false }.encode());
+    out.extend_from_slice(b"EF");
+    out.extend_from_slice(&Header { size: 6, addr: mem.addr(), opcode: Opcode::Read, v2: true }.encode());
+    out.extend_from_slice(&Header { size: 3, addr: mem.addr() + 1, opcode: Opcode::Read, v2: false }.encode());
+    s.write_all(&out).await.unwrap();
+    assert_eq!(status(&mut s).await, wire::STATUS_OK); // write v2
+    assert_eq!(status(&mut s).await, wire::STATUS_OK); // read v2
+    let mut six = [0u8; 6];
+    s.read_exact(&mut six).await.unwrap();
+    assert_eq!(&six, b"ABCDEF");
+    let mut three = [0u8; 3];
+    s.read_exact(&mut three).await.unwrap();
+    assert_eq!(&three, b"BCD");
+}
+
+#[tokio::test]
+async fn bad_requests_close_only_their_connection() {
+    let regions = Arc::new(RegionTable::new());
+    let mem = Registered::new(4096, &regions);
+    let (port, _srv) = start_server(regions.clone()).await;
+    let before = mem.buf.clone();
+
+    // Malformed opcode.
+    let mut s = raw(port).await;
+    let mut h = Header { size: 8, addr: mem.addr(), opcode: Opcode::Read, v2: true }.encode();
+    h[16] = 0x05;
+    s.write_all(&h).await.unwrap();
+    expect_closed(&mut s).await;
+    still_serves(port, &mem).await;
+
+    // Out-of-range read v2: rejection status, connection stays usable.
+    let mut s = raw(port).await;
+    s.write_all(&Header { size: 4097, addr: mem.addr(), opcode: Opcode::Read, v2: true }.encode()).await.unwrap();
+    assert_eq!(status(&mut s).await, wire::STATUS_REJECTED);
+    s.write_all(&Header { size: 1, addr: mem.addr(), opcode: Opcode::Read, v2: true }.encode()).await.unwrap();
+    assert_eq!(status(&mut s).await, wire::STATUS_OK);
+
+    // Out-of-range write v2: payload drained, rejected, memory untouched, connection usable.
+    let mut s = raw(port).await;
+    s.write_all(&Header { size: 8, addr: mem.addr() + 4092, opcode: Opcode::Write, v2: true }.encode()).await.unwrap();
+    s.write_all(&[0xEE; 8]).await.unwrap();
+    assert_eq!(status(&mut s).await, wire::STATUS_REJECTED);
+    assert_eq!(mem.buf, before);
+
+    // Overflowing address, zero size, address below the buffer: rejected.
+    for (addr, size) in [(u64::MAX - 3, 8), (mem.addr(), 0), (mem.addr() - 1, 2), (8, 8)] {
+        let mut s = raw(port).await;
+        s.write_all(&Header { size, addr, opcode: Opcode::Read, v2: true }.encode()).await.unwrap();
+        assert_eq!(status(&mut s).await, wire::STATUS_REJECTED, "{addr:#x}+{size}");
+    }
+
+    // v1 rejection has no status: the connection is closed.
+    let mut s = raw(port).await;
+    s.write_all(&Header { size: 8, addr: 8, opcode: Opcode::Read, v2: false }.encode()).await.unwrap();
+    expect_closed(&mut s).await;
+
+    // Huge rejected write: not drained, status then close.
+    let mut s = raw(port).await;
+    s.write_all(&Header { size: 1 << 40, addr: 8, opcode: Opcode::Write, v2: true }.encode()).await.unwrap();
+    assert_eq!(status(&mut s).await, wire::STATUS_REJECTED);
+    expect_closed(&mut s).await;
+
+    // Peer disconnects mid-payload and mid-header.
+    let mut s = raw(port).await;
+    s.write_all(&Header { size: 1024, addr: mem.addr(), opcode: Opcode::Write, v2: true }.encode()).await.unwrap();
+    s.write_all(&[1; 100]).await.unwrap();
+    drop(s);
+    let mut s = raw(port).await;
+    s.write_all(&[0u8; HEADER_LEN / 2]).await.unwrap();
+    drop(s);
+    // A stray HTTP request is a bad opcode or a rejected range: never served memory.
+    let mut s = raw(port).await;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut any = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut any)).await;
+    assert!(any.len() <= 8, "no memory may be served to garbage: got {} bytes", any.len());
+
+    still_serves(port, &mem).await;
+    assert_eq!(&mem.buf[100..], &before[100..], "only the partially written prefix may change");
+}
+
+fn pool(port: u16, v2: bool, lanes: usize) -> PeerPool {
+    PeerPool::new(
+        PeerInfo { name: format!("127.0.0.1:{port}"), host: "127.0.0.1".into(), port, v2 },
+        lanes,
+        &LaneConfig { connect_timeout: Duration::from_secs(5) },
+        &tokio::runtime::Handle::current(),
+        Arc::new(Quiet),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lanes_pipeline_many_requests_both_framings() {
+    let regions = Arc::new(RegionTable::new());
+    let mem = Registered::new(1 << 20, &regions);
+    let (port, _srv) = start_server(regions.clone()).await;
+    for v2 in [true, false] {
+        let p = pool(port, v2, 3);
+        let src: Vec<u8> = (0..1 << 20).map(|i: usize| (i % 251) as u8 ^ u8::from(v2)).collect();
+        let n = 256;
+        let chunk = (1 << 20) / n;
+        let batch = Batch::new(n);
+        batch.reserve(n).unwrap();
+        for i in 0..n {
+            let off = (i * chunk) as u64;
+            let piece = Piece {
+                opcode: Opcode::Write,
+                local: src.as_ptr() as u64 + off,
+                remote: mem.addr() + off,
+                len: chunk as u64,
+                done: Done::Whole(batch.completion(i)),
+                attempts: 0,
+            };
+            p.send(piece, None);
+        }
+        tokio::time::timeout(Duration::from_secs(30), batch.wait()).await.unwrap();
+        assert_eq!(batch.overall().state, TransferState::Completed);
+        let mut back = vec![0u8; 1 << 20];
+        let rb = Batch::new(n);
+        rb.reserve(n).unwrap();
+        for i in 0..n {
+            let off = (i * chunk) as u64;
+            p.send(
+                Piece {
+                    opcode: Opcode::Read,
+                    local: back.as_mut_ptr() as u64 + off,
+                    remote: mem.addr() + off,
+                    len: chunk as u64,
+                    done: Done::Whole(rb.completion(i)),
+                    attempts: 0,
+                },
+                None,
+            );
+        }
+        tokio::time::timeout(Duration::from_secs(30), rb.wait()).await.unwrap();
+        assert_eq!(rb.overall().state, TransferState::Completed);
+        assert!(back == src, "v2={v2}: read-back differs");
+        assert!(mem.buf == src, "v2={v2}: remote memory differs");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejection_fails_one_request_and_the_lane_goes_on() {
+    let regions = Arc::new(RegionTable::new());
+    let mem = Registered::new(4096, &regions);
+    let (port, _srv) = start_server(regions.clone()).await;
+    let p = pool(port, true, 1);
+    let mut local = vec![0u8; 4096];
+    let batch = Batch::new(3);
+    batch.reserve(3).unwrap();
+    let reqs = [(mem.addr(), 16u64), (mem.addr() + 4090, 16), (mem.addr() + 16, 16)];
+    for (i, (remote, len)) in reqs.into_iter().enumerate() {
+        p.send(
+            Piece {
+                opcode: Opcode::Read,
+                local: local.as_mut_ptr() as u64 + (i as u64) * 16,
+                remote,
+                len,
+                done: Done::Whole(batch.completion(i)),
+                attempts: 0,
+            },
+            None,
+        );
+    }
+    tokio::time::timeout(Duration::from_secs(10), batch.wait()).await.unwrap();
+    assert_eq!(batch.status(0).unwrap().state, TransferState::Completed);
+    assert!(matches!(batch.status(1).unwrap().error, Some(Error::RemoteRejected { .. })));
+    assert_eq!(batch.status(2).unwrap().state, TransferState::Completed);
+    assert_eq!(&local[32..48], &mem.buf[16..32]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_peer_fails_requests_without_hanging_and_reconnects_after_restart() {
+    let regions = Arc::new(RegionTable::new());
+    let mem = Registered::new(1 << 20, &regions);
+    let (port, srv) = start_server(regions.clone()).await;
+    let p = pool(port, true, 2);
+    let mut local = vec![0u8; 1 << 20];
+    let one = |p: &PeerPool, local: &mut Vec<u8>| {
+        let b = Batch::new(1);
+        b.reserve(1).unwrap();
+        p.send(
+            Piece {
+                opcode: Opcode::Read,
+                local: local.as_mut_ptr() as u64,
+                remote: mem.addr(),
+                len: 1 << 20,
+                done: Done::Whole(b.completion(0)),
+                attempts: 0,
+            },
+            None,
+        );
+        b
+    };
+    let b = one(&p, &mut local);
+    tokio::time::timeout(Duration::from_secs(10), b.wait()).await.unwrap();
+    assert_eq!(b.overall().state, TransferState::Completed);
+    // Kill the server (listener and every connection).
+    srv.abort();
+    let _ = srv.await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let b = one(&p, &mut local);
+    tokio::time::timeout(Duration::from_secs(10), b.wait()).await.expect("must not hang");
+    assert!(b.overall().error.is_some_and(|e| e.is_disconnect()), "{:?}", b.overall());
+    // Restart on the same port: the pool reconnects.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+    let _srv2 = tokio::spawn(server::serve(listener, regions.clone()));
+    let b = one(&p, &mut local);
+    tokio::time::timeout(Duration::from_secs(10), b.wait()).await.unwrap();
+    assert_eq!(b.overall().state, TransferState::Completed, "{:?}", b.overall());
+}
