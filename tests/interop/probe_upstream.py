@@ -26,6 +26,7 @@ OPEN (connection still open after the wait).
 import argparse
 import json
 import os
+import select
 import socket
 import struct
 import sys
@@ -158,7 +159,7 @@ def suite(rpc_port, host="127.0.0.1"):
 
 
 # ----------------------------------------------------------------------------------- fake target
-def fake_target(version, size, logf, forever=False):
+def fake_target(version, size, logf, forever=False, minimal=False):
     lock = threading.Lock()
     buf = bytearray(size)
     addr = 0x10000000  # fake absolute address
@@ -192,6 +193,10 @@ def fake_target(version, size, logf, forever=False):
 
     if version:
         desc["tcp_proto_version"] = version
+    if minimal:  # only the fields WIRE.md section 2 lists, buffer named cpu:0, reply without "\n"
+        for k in ("rdma_server_name", "tcp_data_host"):
+            desc.pop(k)
+        desc["buffers"][0]["name"] = "cpu:0"
 
     def rpc_conn(c, peer):
         with c:
@@ -206,7 +211,7 @@ def fake_target(version, size, logf, forever=False):
                 return
             typ = body[0]
             if typ == 1:
-                rep = (json.dumps(desc, separators=(",", ":")) + "\n").encode()
+                rep = (json.dumps(desc, separators=(",", ":")) + ("" if minimal else "\n")).encode()
             elif typ == 2:
                 rep = b'{"name":"","notify_msg":"success"}\n'
             elif typ == 3:
@@ -232,6 +237,9 @@ def fake_target(version, size, logf, forever=False):
                     pl = recvn(c, size) if ok else None
                     if ok and pl is not None:
                         buf[a - addr:a - addr + size] = pl
+                    if ok and select.select([c], [], [], 0.002)[0]:
+                        # the client sent more before seeing our status: it pipelines writes
+                        log(f"data {peer}: #{nreq} next bytes already queued before status sent")
                     if v2:
                         c.sendall(struct.pack("<Q", (MAGIC << 32) | (0 if ok else 1)))
                     if not ok:
@@ -286,6 +294,8 @@ def main():
     f.add_argument("--version", type=int, default=2, help="published tcp_proto_version; 0 = omit the field")
     f.add_argument("--size", type=lambda x: int(x, 0), default=1 << 20)
     f.add_argument("--log", default="-")
+    f.add_argument("--minimal", action="store_true",
+                   help="publish only WIRE.md's fields (no tcp_data_host/rdma_server_name), no trailing newline")
     f.add_argument("--forever", action="store_true", help="ignore stdin, serve until killed")
     a = ap.parse_args()
 
@@ -318,7 +328,7 @@ def main():
             suite(a.rpc_port, a.host)
     elif a.cmd == "fake-target":
         logf = sys.stderr if a.log == "-" else open(a.log, "a")
-        fake_target(a.version, a.size, logf, a.forever)
+        fake_target(a.version, a.size, logf, a.forever, a.minimal)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ use crate::metadata::{MetadataKeys, MetadataStore, RpcMeta};
 use crate::registry;
 use crate::rpc::{PeerRpc, RpcHandler};
 use crate::transport::{PeerEvents, RemoteSegment, TransferTask, Transport, TransportContext};
-use crate::types::{BatchId, Location, Notification, Opcode, SegmentHandle, TransferRequest, TransferStatus};
+use crate::types::{BatchId, Location, MemoryKind, Notification, Opcode, SegmentHandle, TransferRequest, TransferStatus};
 use segments::SegmentCache;
 
 /// The transfer engine. Cheap to clone; the last clone dropped shuts it down.
@@ -328,7 +328,7 @@ impl TransferEngine {
 
     /// Submits into a batch object (see [`TransferEngine::submit_transfer`]).
     pub fn submit_into(&self, batch: &Arc<Batch>, requests: &[TransferRequest]) -> Result<()> {
-        let plan = match self.inner.plan(requests) {
+        let plan = match self.inner.plan(requests, true) {
             Ok(plan) => plan,
             Err(Retry::Refresh(handles)) => {
                 let inner = self.inner.clone();
@@ -338,7 +338,7 @@ impl TransferEngine {
                     }
                     Ok::<_, Error>(())
                 })?;
-                self.inner.plan(requests).map_err(Retry::into_error)?
+                self.inner.plan(requests, false).map_err(Retry::into_error)?
             }
             Err(Retry::Fail(e)) => return Err(e),
         };
@@ -351,14 +351,14 @@ impl TransferEngine {
         if requests.is_empty() {
             return Ok(Vec::new());
         }
-        let plan = match self.inner.plan(requests) {
+        let plan = match self.inner.plan(requests, true) {
             Ok(plan) => plan,
             Err(Retry::Refresh(handles)) => {
                 for h in handles {
                     let inner = self.inner.clone();
                     spawn_on(&self.inner.handle, async move { inner.refresh(h).await }).await?;
                 }
-                self.inner.plan(requests).map_err(Retry::into_error)?
+                self.inner.plan(requests, false).map_err(Retry::into_error)?
             }
             Err(Retry::Fail(e)) => return Err(e),
         };
@@ -592,7 +592,10 @@ impl Inner {
         if *requested != Location::Detect {
             return Ok(requested.clone());
         }
-        for d in &self.devices {
+        // Specific devices (GPUs, CXL) first: host memory claims every address it is asked about.
+        let specific = self.devices.iter().filter(|d| d.kind() != MemoryKind::Host);
+        let host = self.devices.iter().filter(|d| d.kind() == MemoryKind::Host);
+        for d in specific.chain(host) {
             if let Some(loc) = d.classify(addr, len) {
                 return Ok(loc);
             }
@@ -657,7 +660,12 @@ impl Inner {
     async fn refresh(&self, handle: SegmentHandle) -> Result<Arc<RemoteSegment>> {
         let name = self.segments.name_of(handle)?;
         let descriptor = self.fetch_descriptor(&name).await?;
-        let host = self.data_host(&name).await?;
+        // Upstream publishes the data host it was initialized with; prefer it when usable.
+        let published = descriptor.extra.get("tcp_data_host").and_then(Value::as_str).map(str::trim);
+        let host = match published {
+            Some(h) if !h.is_empty() && h != "0.0.0.0" && h != "::" => h.to_string(),
+            _ => self.data_host(&name).await?,
+        };
         let seg = Arc::new(RemoteSegment { handle, name: name.clone(), host, descriptor });
         let changed = self.segments.store(seg.clone());
         if changed {
@@ -726,7 +734,7 @@ impl Inner {
         })
     }
 
-    fn plan(&self, requests: &[TransferRequest]) -> std::result::Result<Plan, Retry> {
+    fn plan(&self, requests: &[TransferRequest], may_refresh: bool) -> std::result::Result<Plan, Retry> {
         let stale: Vec<String> =
             std::mem::take(&mut *self.shared.stale_peers.lock().unwrap_or_else(|p| p.into_inner()));
         for name in stale {
@@ -742,11 +750,21 @@ impl Inner {
                 return Err(Error::InvalidArgument(format!("request {i}: address + length overflows")).into());
             }
             let (seg, fresh) = self.segments.get_with_freshness(r.target_id)?;
-            if !fresh || seg.descriptor.find_buffer(r.target_offset, r.length).is_none() {
+            let inside = seg.descriptor.find_buffer(r.target_offset, r.length).is_some();
+            if may_refresh && (!fresh || !inside) {
+                // The descriptor may be outdated (peer restarted or registered more memory).
                 if !refresh.contains(&r.target_id) {
                     refresh.push(r.target_id);
                 }
                 continue;
+            }
+            if !inside {
+                return Err(Error::AddressNotRegistered {
+                    addr: r.target_offset,
+                    len: r.length,
+                    context: format!("request {i}: not inside any buffer of segment {}", seg.name),
+                }
+                .into());
             }
             let t = self.route(&seg, r.length)?;
             let caps = self.transports[t].capabilities();

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs the system packages the build and tests need (Debian). Idempotent; needs root for apt.
+set -euo pipefail
+need=()
+# libibverbs1: the upstream wheel used by the interop tests links it even for TCP.
+ldconfig -p | grep -q 'libibverbs\.so\.1' || need+=(libibverbs1)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "missing system packages: ${need[*]} (run as root or: sudo apt-get install ${need[*]})" >&2
+        exit 1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${need[@]}"
+fi
+for c in rustfmt clippy; do
+    rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c" || true
+done
+echo "system packages ok"

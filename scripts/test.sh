@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The whole test suite of mooncake-rs, as CI runs it:
+#   formatting, clippy, every crate's tests, the conformance runner over every backend that
+#   works on this machine, and the interop tests against the upstream Mooncake wheel.
+# On a fresh Debian machine run it as root once: it installs what it needs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "system packages"
+scripts/install-deps.sh
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "cargo test --workspace"
+cargo test --workspace
+
+step "conformance runner (every registered backend whose probe passes)"
+cargo run --release -q -p mooncake-conformance --bin mooncake-conformance
+
+step "interop with upstream Mooncake (wheel in target/upstream-venv)"
+tests/interop/setup_upstream_venv.sh target/upstream-venv
+MOONCAKE_UPSTREAM_PYTHON="$PWD/target/upstream-venv/bin/python" \
+    cargo test -p mooncake --test upstream_interop -- --ignored --test-threads=1
+
+step "all tests passed"
