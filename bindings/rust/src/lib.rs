@@ -1,1 +1,50 @@
-//! mooncake-rs facade: links backends chosen by cargo features.
+//! mooncake-rs: the KVCache-centric transfer engine of Mooncake, in Rust.
+//!
+//! This facade re-exports [`mooncake_core`] and links the backends selected by cargo features
+//! (`tcp`, default; more as they land). Backends register themselves at link time; call
+//! [`link_all`] once from a final binary so the linker keeps every enabled one, then pick them by
+//! name at run time (`EngineConfig::with_protocols(["tcp"])`) or list them with [`backends`].
+//!
+//! ```no_run
+//! use mooncake::{EngineConfig, Opcode, TransferEngine};
+//! # fn main() -> mooncake::Result<()> {
+//! mooncake::link_all();
+//! let a = TransferEngine::new(EngineConfig::new("127.0.0.1", "P2PHANDSHAKE"))?;
+//! let b = TransferEngine::new(EngineConfig::new("127.0.0.1", "P2PHANDSHAKE"))?;
+//! let src = vec![42u8; 1 << 20];
+//! let dst = vec![0u8; 1 << 20];
+//! b.register_memory(dst.as_ptr() as u64, dst.len() as u64, "cpu:0")?;
+//! let peer = b.local_segment_name().to_string();
+//! let remote = a.first_buffer_address(&peer)?;
+//! a.transfer_sync(&peer, Opcode::Write, src.as_ptr() as u64, remote, src.len() as u64)?;
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+
+pub use mooncake_core::*;
+
+pub use mooncake_device_host as device_host;
+pub use mooncake_metadata_p2p as metadata_p2p;
+#[cfg(feature = "tcp")]
+pub use mooncake_transport_tcp as transport_tcp;
+
+/// Cargo features of this build that add a backend, with the registry name each adds.
+pub const ENABLED_BACKENDS: &[(&str, &str)] = &[
+    #[cfg(feature = "tcp")]
+    ("tcp", "tcp"),
+];
+
+/// References every linked backend crate so the linker keeps their registrations.
+/// Call once at start-up of a final binary (cheap; idempotent).
+pub fn link_all() {
+    mooncake_metadata_p2p::link();
+    mooncake_device_host::link();
+    #[cfg(feature = "tcp")]
+    mooncake_transport_tcp::link();
+}
+
+/// What is linked and whether it works here (probe results).
+pub fn backends() -> Vec<registry::BackendReport> {
+    link_all();
+    registry::probe_all()
+}

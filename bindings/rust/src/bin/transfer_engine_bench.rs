@@ -1,0 +1,323 @@
+//! `transfer_engine_bench`: upstream's benchmark flags, plus a sweep mode.
+//!
+//! - `--mode target`: registers `--buffer_size` bytes and prints `segment <name>`; serves until killed.
+//! - `--mode initiator --segment_id NAME`: `--threads` threads each submit batches of `--batch_size`
+//!   requests of `--block_size` bytes for `--duration` seconds; prints `throughput X GB/s`.
+//! - `--mode sweep`: starts a target child process itself and prints block x batch -> GB/s,
+//!   blocks/s and p50/p99 batch latency, with the effective configuration.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+use mooncake::{EngineConfig, Opcode, TransferEngine};
+
+#[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
+enum Mode {
+    Target,
+    Initiator,
+    Sweep,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
+enum Operation {
+    Read,
+    Write,
+}
+
+#[derive(Parser, Debug, Clone)]
+#[command(about = "Transfer engine benchmark (upstream-compatible flags)")]
+struct Args {
+    /// target, initiator or sweep.
+    #[arg(long, value_enum, default_value = "initiator")]
+    mode: Mode,
+    /// Metadata connection string.
+    #[arg(long = "metadata_server", default_value = "P2PHANDSHAKE")]
+    metadata_server: String,
+    /// Target segment name (initiator).
+    #[arg(long = "segment_id", default_value = "")]
+    segment_id: String,
+    /// read or write.
+    #[arg(long, value_enum, default_value = "write")]
+    operation: Operation,
+    /// Transport.
+    #[arg(long, default_value = "tcp")]
+    protocol: String,
+    /// Bytes per request.
+    #[arg(long = "block_size", default_value_t = 65536)]
+    block_size: u64,
+    /// Requests per batch.
+    #[arg(long = "batch_size", default_value_t = 128)]
+    batch_size: usize,
+    /// Submitting threads.
+    #[arg(long, default_value_t = 4)]
+    threads: usize,
+    /// Seconds to run (per sweep point in sweep mode).
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Bytes registered on each side.
+    #[arg(long = "buffer_size", default_value_t = 1 << 30)]
+    buffer_size: u64,
+    /// This engine's server name.
+    #[arg(long = "local_server_name", default_value = "127.0.0.1")]
+    local_server_name: String,
+    /// Accepted for compatibility with upstream; ignored (no RDMA here).
+    #[arg(long = "device_name", default_value = "")]
+    device_name: String,
+    /// Accepted for compatibility; always GB (1e9 bytes).
+    #[arg(long = "report_unit", default_value = "GB")]
+    report_unit: String,
+    /// Sweep: block sizes.
+    #[arg(long, value_delimiter = ',', default_value = "4096,65536,1048576,4194304,16777216,67108864")]
+    blocks: Vec<u64>,
+    /// Sweep: batch sizes.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,128")]
+    batches: Vec<usize>,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    mooncake::link_all();
+    let args = Args::parse();
+    let result = match args.mode {
+        Mode::Target => target(&args),
+        Mode::Initiator => initiator(&args).map(|r| r.print_throughput()),
+        Mode::Sweep => sweep(&args),
+    };
+    if let Err(e) = result {
+        eprintln!("transfer_engine_bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn engine(args: &Args) -> mooncake::Result<TransferEngine> {
+    let mut config = EngineConfig::new(args.local_server_name.as_str(), args.metadata_server.as_str());
+    config = config.with_protocols([args.protocol.as_str()]);
+    TransferEngine::new(config)
+}
+
+/// A page-aligned, pre-faulted buffer.
+struct Buffer {
+    storage: Vec<u8>,
+}
+
+impl Buffer {
+    fn new(len: u64) -> Self {
+        let mut storage = vec![0u8; len as usize];
+        for (i, b) in storage.iter_mut().enumerate().step_by(4096) {
+            *b = i as u8;
+        }
+        Buffer { storage }
+    }
+    fn addr(&self) -> u64 {
+        self.storage.as_ptr() as u64
+    }
+}
+
+fn target(args: &Args) -> mooncake::Result<()> {
+    let e = engine(args)?;
+    let buf = Buffer::new(args.buffer_size);
+    e.register_memory(buf.addr(), args.buffer_size, "*")?;
+    println!("segment {}", e.local_segment_name());
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    loop {
+        std::thread::park();
+    }
+}
+
+struct RunResult {
+    bytes: u64,
+    blocks: u64,
+    elapsed: Duration,
+    latencies_us: Vec<f64>,
+    errors: u64,
+}
+
+impl RunResult {
+    fn gbps(&self) -> f64 {
+        self.bytes as f64 / self.elapsed.as_secs_f64() / 1e9
+    }
+    fn blocks_per_sec(&self) -> f64 {
+        self.blocks as f64 / self.elapsed.as_secs_f64()
+    }
+    fn percentile(&self, p: f64) -> f64 {
+        if self.latencies_us.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((self.latencies_us.len() - 1) as f64 * p).round() as usize;
+        self.latencies_us[i]
+    }
+    fn print_throughput(&self) {
+        println!(
+            "throughput {:.3} GB/s ({:.0} blocks/s, batch latency p50 {:.1} us p99 {:.1} us, {} errors)",
+            self.gbps(),
+            self.blocks_per_sec(),
+            self.percentile(0.5),
+            self.percentile(0.99),
+            self.errors
+        );
+    }
+}
+
+fn initiator(args: &Args) -> mooncake::Result<RunResult> {
+    if args.segment_id.is_empty() {
+        return Err(mooncake::Error::InvalidArgument("--segment_id is required in initiator mode".into()));
+    }
+    let e = engine(args)?;
+    run_on(&e, args, &args.segment_id)
+}
+
+fn run_on(e: &TransferEngine, args: &Args, segment: &str) -> mooncake::Result<RunResult> {
+    let threads = args.threads.max(1);
+    let span = args.block_size * args.batch_size as u64;
+    let slot = args.buffer_size / threads as u64;
+    if span > slot {
+        return Err(mooncake::Error::InvalidArgument(format!(
+            "block_size x batch_size = {span} bytes does not fit the per-thread share {slot} of --buffer_size"
+        )));
+    }
+    let local = Buffer::new(args.buffer_size);
+    e.register_memory(local.addr(), args.buffer_size, "*")?;
+    let handle = e.open_segment(segment)?;
+    let seg = e.segment(handle)?;
+    let remote = seg.descriptor.buffers.first().ok_or_else(|| mooncake::Error::NotFound("target has no buffer".into()))?;
+    if remote.length < args.buffer_size {
+        e.unregister_memory(local.addr())?;
+        return Err(mooncake::Error::InvalidArgument(format!(
+            "target buffer ({} bytes) is smaller than --buffer_size {}",
+            remote.length, args.buffer_size
+        )));
+    }
+    let remote_base = remote.addr;
+    let op = match args.operation {
+        Operation::Read => Opcode::Read,
+        Operation::Write => Opcode::Write,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let workers: Vec<_> = (0..threads)
+        .map(|t| {
+            let e = e.clone();
+            let stop = stop.clone();
+            let segment = segment.to_string();
+            let base = t as u64 * slot;
+            let (local_base, block, batch) = (local.addr(), args.block_size, args.batch_size);
+            std::thread::spawn(move || {
+                let mut lat = Vec::new();
+                let (mut bytes, mut blocks, mut errors) = (0u64, 0u64, 0u64);
+                let lens = vec![block; batch];
+                let mut round = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let off = base + (round * span) % (slot - slot % span).max(span);
+                    let locals: Vec<u64> = (0..batch as u64).map(|i| local_base + off + i * block).collect();
+                    let remotes: Vec<u64> = (0..batch as u64).map(|i| remote_base + off + i * block).collect();
+                    let t0 = Instant::now();
+                    match e.batch_transfer_sync(&segment, op, &locals, &remotes, &lens) {
+                        Ok(()) => {
+                            lat.push(t0.elapsed().as_secs_f64() * 1e6);
+                            bytes += span;
+                            blocks += batch as u64;
+                        }
+                        Err(err) => {
+                            errors += 1;
+                            if errors <= 3 {
+                                eprintln!("transfer failed: {err}");
+                            }
+                        }
+                    }
+                    round += 1;
+                }
+                (bytes, blocks, errors, lat)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs_f64(args.duration));
+    stop.store(true, Ordering::Relaxed);
+    let mut r = RunResult { bytes: 0, blocks: 0, elapsed: Duration::ZERO, latencies_us: Vec::new(), errors: 0 };
+    for w in workers {
+        let (b, n, errs, lat) = w.join().map_err(|_| mooncake::Error::Protocol("worker panicked".into()))?;
+        r.bytes += b;
+        r.blocks += n;
+        r.errors += errs;
+        r.latencies_us.extend(lat);
+    }
+    r.elapsed = start.elapsed();
+    r.latencies_us.sort_by(f64::total_cmp);
+    e.unregister_memory(local.addr())?;
+    Ok(r)
+}
+
+/// Kills the target child on every exit path.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn sweep(args: &Args) -> mooncake::Result<()> {
+    let exe = std::env::current_exe()?;
+    let mut child = Command::new(exe)
+        .args(["--mode", "target", "--protocol", &args.protocol, "--metadata_server", &args.metadata_server])
+        .args(["--local_server_name", &args.local_server_name, "--buffer_size", &args.buffer_size.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or_else(|| mooncake::Error::Protocol("no target stdout".into()))?;
+    let guard = ChildGuard(child);
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let segment = line
+        .trim()
+        .strip_prefix("segment ")
+        .ok_or_else(|| mooncake::Error::Protocol(format!("target printed {line:?}, expected 'segment NAME'")))?
+        .to_string();
+    println!("# transfer_engine_bench sweep");
+    println!(
+        "# protocol={} operation={:?} threads={} duration={}s/point buffer_size={} metadata={} target={} (child pid {})",
+        args.protocol,
+        args.operation,
+        args.threads,
+        args.duration,
+        args.buffer_size,
+        args.metadata_server,
+        segment,
+        guard.0.id()
+    );
+    println!(
+        "# env: MC_TCP_LANES={} MC_TCP_PROTO={} MC_ENGINE_THREADS={}",
+        std::env::var("MC_TCP_LANES").unwrap_or_else(|_| "default(2)".into()),
+        std::env::var("MC_TCP_PROTO").unwrap_or_else(|_| "default(2)".into()),
+        std::env::var("MC_ENGINE_THREADS").unwrap_or_else(|_| "default(2)".into())
+    );
+    let e = engine(args)?;
+    println!("{:>10} {:>6} {:>10} {:>12} {:>12} {:>12}", "block", "batch", "GB/s", "blocks/s", "p50 us", "p99 us");
+    for &block in &args.blocks {
+        for &batch in &args.batches {
+            let point = Args { block_size: block, batch_size: batch, ..args.clone() };
+            if block * batch as u64 * point.threads as u64 > point.buffer_size {
+                println!("{block:>10} {batch:>6} {:>10}", "skip (exceeds buffer)");
+                continue;
+            }
+            let r = run_on(&e, &point, &segment)?;
+            println!(
+                "{block:>10} {batch:>6} {:>10.3} {:>12.0} {:>12.1} {:>12.1}{}",
+                r.gbps(),
+                r.blocks_per_sec(),
+                r.percentile(0.5),
+                r.percentile(0.99),
+                if r.errors > 0 { format!("  ({} errors)", r.errors) } else { String::new() }
+            );
+        }
+    }
+    drop(guard);
+    Ok(())
+}
