@@ -372,14 +372,18 @@ async fn read_loop(
                 None => return,
             },
             _ = dead.wait() => break Error::disconnected(&info.name, "connection closed by the writer"),
-            got = reader.fill_buf() => {
-                // Idle, yet the socket is readable: the peer closed it, or sent garbage.
-                break match got {
-                    Ok([]) => Error::disconnected(&info.name, "peer closed the connection"),
-                    Ok(_) => Error::Protocol(format!("peer {} sent bytes nobody asked for", info.name)),
-                    Err(e) => Error::disconnected(&info.name, e),
-                };
-            }
+            got = reader.fill_buf() => match got {
+                // Idle, yet the socket is readable: closed by the peer (restart, rejection)...
+                Ok([]) => break Error::disconnected(&info.name, "peer closed the connection"),
+                Err(e) => break Error::disconnected(&info.name, e),
+                // ...or an answer overtook its request on the queue (the channel can report
+                // empty under tokio's cooperative budget). Wait for the request; garbage fails
+                // its status-word or length check there.
+                Ok(_) => match inflight.recv().await {
+                    Some(p) => p,
+                    None => return,
+                },
+            },
         };
         match receive(&mut reader, &piece, &info).await {
             Ok(()) => {
