@@ -23,7 +23,9 @@ use crate::metadata::{MetadataKeys, MetadataStore, RpcMeta};
 use crate::registry;
 use crate::rpc::{PeerRpc, RpcHandler};
 use crate::transport::{PeerEvents, RemoteSegment, TransferTask, Transport, TransportContext};
-use crate::types::{BatchId, Location, MemoryKind, Notification, Opcode, SegmentHandle, TransferRequest, TransferStatus};
+use crate::types::{
+    BatchId, Location, MemoryKind, Notification, Opcode, SegmentHandle, TransferRequest, TransferStatus,
+};
 use segments::SegmentCache;
 
 /// The transfer engine. Cheap to clone; the last clone dropped shuts it down.

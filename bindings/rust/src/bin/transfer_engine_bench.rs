@@ -187,7 +187,8 @@ fn run_on(e: &TransferEngine, args: &Args, segment: &str) -> mooncake::Result<Ru
     e.register_memory(local.addr(), args.buffer_size, "*")?;
     let handle = e.open_segment(segment)?;
     let seg = e.segment(handle)?;
-    let remote = seg.descriptor.buffers.first().ok_or_else(|| mooncake::Error::NotFound("target has no buffer".into()))?;
+    let remote =
+        seg.descriptor.buffers.first().ok_or_else(|| mooncake::Error::NotFound("target has no buffer".into()))?;
     if remote.length < args.buffer_size {
         e.unregister_memory(local.addr())?;
         return Err(mooncake::Error::InvalidArgument(format!(
