@@ -15,11 +15,13 @@ pub struct AllocOptions {
     pub alignment: u64,
     /// Ask for huge pages (falls back to normal pages when none are available).
     pub huge_pages: bool,
+    /// Make the memory exportable with [`MemoryDevice::export_handle`] (memfd, CUDA IPC, dmabuf).
+    pub shareable: bool,
 }
 
 impl Default for AllocOptions {
     fn default() -> Self {
-        AllocOptions { location: Location::Detect, alignment: 0, huge_pages: false }
+        AllocOptions { location: Location::Detect, alignment: 0, huge_pages: false, shareable: false }
     }
 }
 

@@ -252,6 +252,15 @@ impl MemoryDevice for HostDevice {
     }
 
     fn allocate(&self, len: u64, options: &AllocOptions) -> Result<Allocation> {
+        if options.shareable {
+            if options.alignment > sys::page_size() as u64 || options.huge_pages || options.location != Location::Detect
+            {
+                return Err(Error::InvalidArgument(
+                    "shareable host memory is page-aligned, normal pages, default placement".into(),
+                ));
+            }
+            return self.allocate_shared(len);
+        }
         let len_usize = check_len(len)?;
         let align = options.alignment;
         if align != 0 && !align.is_power_of_two() {

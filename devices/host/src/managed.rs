@@ -176,8 +176,12 @@ impl ManagedBufferAllocator {
 
     /// Allocates from the device and registers with the engine; undoes the allocation on failure.
     fn allocate_registered(&self, len: u64, alignment: u64) -> Result<Allocation> {
-        let options =
-            AllocOptions { location: self.config.location.clone(), alignment, huge_pages: self.config.huge_pages };
+        let options = AllocOptions {
+            location: self.config.location.clone(),
+            alignment,
+            huge_pages: self.config.huge_pages,
+            shareable: false,
+        };
         let a = self.device.allocate(len, &options)?;
         let location = match &a.location {
             Location::Cpu(Some(n)) => format!("cpu:{n}"),

@@ -175,14 +175,19 @@ impl TransferEngine {
         self.inner.build_descriptor()
     }
 
-    /// Runs `fut` on the engine runtime and blocks the calling thread for its result.
-    /// Never call from inside the engine's own runtime.
-    pub fn block_on<F>(&self, fut: F) -> F::Output
+    /// Runs `fut` on the engine runtime and blocks the calling thread for its result
+    /// ([`Error::NotInitialized`] after shutdown). Never call from inside the engine's own runtime.
+    pub fn block_on<F>(&self, fut: F) -> Result<F::Output>
     where
         F: std::future::Future + Send + 'static,
         F::Output: Send + 'static,
     {
         block_on(&self.inner.handle, fut)
+    }
+
+    /// [`TransferEngine::block_on`] for fallible futures, flattened.
+    fn run<T: Send + 'static>(&self, fut: impl Future<Output = Result<T>> + Send + 'static) -> Result<T> {
+        self.block_on(fut)?
     }
 
     // ---- memory registration -------------------------------------------------------------
@@ -254,7 +259,7 @@ impl TransferEngine {
 
     fn publish_blocking(&self) -> Result<()> {
         let inner = self.inner.clone();
-        self.block_on(async move { inner.publish().await })
+        self.run(async move { inner.publish().await })
     }
 
     // ---- segments --------------------------------------------------------------------------
@@ -273,13 +278,13 @@ impl TransferEngine {
         }
         let inner = self.inner.clone();
         let name = name.to_string();
-        self.block_on(async move { inner.open_segment(&name).await.map(|s| s.handle) })
+        self.run(async move { inner.open_segment(&name).await.map(|s| s.handle) })
     }
 
     /// Re-reads a segment's descriptor from metadata (after the peer restarted or re-registered).
     pub fn refresh_segment(&self, handle: SegmentHandle) -> Result<Arc<RemoteSegment>> {
         let inner = self.inner.clone();
-        self.block_on(async move { inner.refresh(handle).await })
+        self.run(async move { inner.refresh(handle).await })
     }
 
     /// The cached descriptor of an opened segment.
@@ -334,7 +339,7 @@ impl TransferEngine {
             Ok(plan) => plan,
             Err(Retry::Refresh(handles)) => {
                 let inner = self.inner.clone();
-                self.block_on(async move {
+                self.run(async move {
                     for h in handles {
                         inner.refresh(h).await?;
                     }
@@ -450,7 +455,7 @@ impl TransferEngine {
     pub fn send_notify(&self, target: &str, notification: Notification) -> Result<()> {
         let inner = self.inner.clone();
         let target = target.to_string();
-        self.block_on(async move {
+        self.run(async move {
             let addr = inner.rpc_addr(&target).await?;
             inner.rpc.notify(&addr, &notification).await
         })
@@ -465,7 +470,7 @@ impl TransferEngine {
     pub fn probe_peer(&self, target: &str) -> Result<()> {
         let inner = self.inner.clone();
         let target = target.to_string();
-        self.block_on(async move {
+        self.run(async move {
             let addr = inner.rpc_addr(&target).await?;
             inner.rpc.probe(&addr).await
         })
@@ -839,8 +844,9 @@ impl Inner {
     }
 }
 
-/// Runs `fut` on `handle` and blocks the current thread for the output.
-fn block_on<F>(handle: &tokio::runtime::Handle, fut: F) -> F::Output
+/// Runs `fut` on `handle` and blocks the current thread for the output; fails with
+/// [`Error::NotInitialized`] once the engine runtime has stopped.
+fn block_on<F>(handle: &tokio::runtime::Handle, fut: F) -> Result<F::Output>
 where
     F: std::future::Future + Send + 'static,
     F::Output: Send + 'static,
@@ -849,10 +855,7 @@ where
     handle.spawn(async move {
         let _ = tx.send(fut.await);
     });
-    match rx.recv() {
-        Ok(v) => v,
-        Err(_) => panic!("engine runtime stopped while a blocking call was waiting"),
-    }
+    rx.recv().map_err(|_| Error::NotInitialized("the engine was shut down".into()))
 }
 
 /// Runs `fut` on `handle` and awaits it from any runtime.

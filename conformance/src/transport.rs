@@ -1,0 +1,1021 @@
+//! The Transport suite: two engines in one process (and a child-process peer for cross-process
+//! transports) moving bytes through the transport under test.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mooncake_core::registry::{self, Availability};
+use mooncake_core::{
+    BackendConfig, Capabilities, EngineConfig, Error, MemoryKind, Notification, Opcode, SegmentDescriptor,
+    SegmentHandle, TransferEngine, TransferRequest, TransferState,
+};
+
+use crate::peer::{PeerArgs, PeerProcess};
+use crate::util::{
+    HostBuf, OrFail, block_on_plain, block_on_timeout, check_pattern, ensure, human, pattern, wait_until,
+};
+use crate::{Outcome, SuiteOptions, TestResult, Trial};
+
+const KIND: &str = "transport";
+/// Bound on one transfer or one blocking engine call in these tests.
+const LIMIT: Duration = Duration::from_secs(60);
+/// Bound on starting a child peer.
+const PEER_START: Duration = Duration::from_secs(30);
+
+/// What every test sees: the protocol, what it declares, the suite options.
+struct Target {
+    protocol: String,
+    caps: Capabilities,
+    opts: SuiteOptions,
+}
+
+type Body = Arc<dyn Fn(&Target) -> TestResult + Send + Sync>;
+type Gate = fn(&Target) -> Option<String>;
+
+struct Case {
+    name: String,
+    gate: Gate,
+    body: Body,
+}
+
+fn case(name: impl Into<String>, gate: Gate, body: impl Fn(&Target) -> TestResult + Send + Sync + 'static) -> Case {
+    Case { name: name.into(), gate, body: Arc::new(body) }
+}
+
+// ---- gates ------------------------------------------------------------------------------------
+
+fn always(_: &Target) -> Option<String> {
+    None
+}
+
+fn host(t: &Target) -> Option<String> {
+    (!t.caps.memory_kinds.contains(MemoryKind::Host))
+        .then(|| "transport cannot touch host memory (memory_kinds lacks Host); this suite uses host buffers".into())
+}
+
+fn read_write(t: &Target) -> Option<String> {
+    host(t).or_else(|| (!(t.caps.read && t.caps.write)).then(|| "needs both read and write capabilities".into()))
+}
+
+fn read_or_write(t: &Target) -> Option<String> {
+    host(t).or_else(|| (!(t.caps.read || t.caps.write)).then(|| "declares neither read nor write".into()))
+}
+
+fn local_registration(t: &Target) -> Option<String> {
+    host(t).or_else(|| {
+        (!t.caps.requires_local_registration)
+            .then(|| "transport reads any local memory (requires_local_registration = false); nothing to reject".into())
+    })
+}
+
+fn aligned(t: &Target) -> Option<String> {
+    read_or_write(t).or_else(|| (t.caps.alignment <= 1).then(|| "alignment is 1: every address is aligned".into()))
+}
+
+fn limited(t: &Target) -> Option<String> {
+    read_or_write(t).or_else(|| {
+        (t.caps.max_request_size >= t.opts.max_size).then(|| {
+            format!(
+                "max_request_size ({}) is at least the suite's largest buffer ({})",
+                human(t.caps.max_request_size),
+                human(t.opts.max_size)
+            )
+        })
+    })
+}
+
+fn cross_process(t: &Target) -> Option<String> {
+    read_write(t)
+        .or_else(|| (!t.caps.cross_process).then(|| "in-process transport (cross_process = false)".into()))
+        .or_else(|| {
+            t.opts.peer.is_none().then(|| {
+                "no peer executable configured (SuiteOptions::peer); the mooncake-conformance runner sets it".into()
+            })
+        })
+}
+
+fn peer_failure(t: &Target) -> Option<String> {
+    cross_process(t).or_else(|| {
+        (!t.caps.reports_peer_failure)
+            .then(|| "transport does not report peer failure (reports_peer_failure = false)".into())
+    })
+}
+
+// ---- the suite --------------------------------------------------------------------------------
+
+/// Request sizes the write/read sweep uses for `caps`: `min_request_size`, 1, 7, 4 KiB, 64 KiB,
+/// 1 MiB, `optimal_request_size` and `min(max_request_size, max)`, rounded up to the alignment,
+/// within the declared limits, sorted, without duplicates.
+pub fn size_sweep(caps: &Capabilities, max: u64) -> Vec<u64> {
+    let align = caps.alignment.max(1);
+    let hi = caps.max_request_size.min(max);
+    let lo = caps.min_request_size.max(1);
+    let mut v: Vec<u64> = [lo, 1, 7, 4 << 10, 64 << 10, 1 << 20, caps.optimal_request_size, hi]
+        .into_iter()
+        .map(|s| s.max(1).div_ceil(align) * align)
+        .filter(|s| *s >= lo && *s <= hi)
+        .collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+/// Every Transport test for the linked transport `protocol`, gated on its declared capabilities.
+///
+/// Engines are built as `EngineConfig::new("127.0.0.1", "P2PHANDSHAKE").with_protocols([protocol])`,
+/// so the P2P handshake (`mooncake-metadata-p2p`) must be linked too. A transport whose probe fails
+/// yields one skipped trial; one that is not linked yields one failed trial.
+pub fn transport_suite(protocol: &str, opts: &SuiteOptions) -> Vec<Trial> {
+    let factory = match registry::transport(protocol) {
+        Ok(f) => f,
+        Err(e) => return vec![Trial::fixed(KIND, protocol, "linked", Outcome::Failed(e.to_string()))],
+    };
+    if let Availability::Unavailable(why) = (factory.probe)() {
+        return vec![Trial::fixed(KIND, protocol, "probe", Outcome::Skipped(format!("probe: {why}")))];
+    }
+    let caps = match (factory.create)(&BackendConfig::default()) {
+        Ok(t) => t.capabilities().clone(),
+        Err(e) => return vec![Trial::fixed(KIND, protocol, "create", Outcome::Failed(format!("create: {e}")))],
+    };
+    let target = Arc::new(Target { protocol: protocol.to_string(), caps, opts: opts.clone() });
+
+    let mut cases = vec![
+        case("capabilities_sane", always, capabilities_sane),
+        case("probe_and_peer_probe", always, probe_and_peer_probe),
+        case("descriptor_published", always, descriptor_published),
+    ];
+    for size in size_sweep(&target.caps, opts.max_size) {
+        cases.push(case(format!("write_read_{}", human(size)), read_or_write, move |t: &Target| write_read(t, size)));
+    }
+    cases.extend([
+        case("self_segment_write_read", read_write, self_segment),
+        case("large_batch_1024x4KiB", read_write, large_batch),
+        case("mixed_size_batch", read_write, mixed_batch),
+        case("concurrent_submitters", read_write, concurrent),
+        case("async_transfer", read_or_write, async_transfer),
+        case("async_transfer_without_tokio", read_or_write, async_without_tokio),
+        case("polling_batch_lifecycle", read_or_write, polling),
+        case("out_of_bounds_remote_rejected", read_or_write, out_of_bounds),
+        case("unregistered_remote_range_rejected", read_or_write, stale_remote_range),
+        case("overflowing_address_rejected", read_or_write, overflow),
+        case("zero_length_rejected", read_or_write, zero_length),
+        case("unregistered_local_buffer_rejected", local_registration, unregistered_local),
+        case("misaligned_request_rejected", aligned, misaligned),
+        case("oversized_request_rejected", limited, oversized),
+        case("notifications", always, notifications),
+        case("peer_shutdown_reported", read_or_write, peer_shutdown),
+        case("cross_process_read_write", cross_process, cross_read_write),
+        case("cross_process_peer_gone_before_post", peer_failure, cross_gone_before_post),
+        case("cross_process_peer_killed_mid_batch", peer_failure, cross_killed_mid_batch),
+        case("cross_process_peer_restart_same_port", cross_process, cross_restart),
+    ]);
+
+    cases
+        .into_iter()
+        .map(|c| {
+            if let Some(reason) = opts.disabled_reason(&c.name) {
+                Trial::fixed(KIND, protocol, c.name, Outcome::Disabled(reason.to_string()))
+            } else if let Some(reason) = (c.gate)(&target) {
+                Trial::fixed(KIND, protocol, c.name, Outcome::Skipped(reason))
+            } else {
+                let t = target.clone();
+                let body = c.body;
+                Trial::new(KIND, protocol, c.name, opts.timeout, move || body(&t))
+            }
+        })
+        .collect()
+}
+
+// ---- fixtures ---------------------------------------------------------------------------------
+
+fn engine(t: &Target) -> Result<TransferEngine, String> {
+    TransferEngine::new(EngineConfig::new("127.0.0.1", "P2PHANDSHAKE").with_protocols([t.protocol.as_str()]))
+        .or_fail("starting an engine (is mooncake-metadata-p2p linked?)")
+}
+
+/// Runs a blocking engine call on its own thread; `Err` when it does not return within `limit`.
+fn bounded<T: Send + 'static>(
+    limit: Duration,
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit).map_err(|_| format!("{what}: did not return within {limit:?} (hang)"))
+}
+
+/// Engine A with buffer `abuf`, engine B with buffer `bbuf`, and A's handle of B's segment.
+struct Pair {
+    a: TransferEngine,
+    b: TransferEngine,
+    abuf: HostBuf,
+    bbuf: HostBuf,
+    seg: SegmentHandle,
+    b_down: bool,
+}
+
+impl Pair {
+    fn new(t: &Target, a_len: u64, b_len: u64) -> Result<Pair, String> {
+        let a = engine(t)?;
+        let b = engine(t)?;
+        let abuf = HostBuf::zeroed(a_len as usize);
+        let bbuf = HostBuf::zeroed(b_len as usize);
+        a.register_memory(abuf.addr(), abuf.len(), "cpu:0").or_fail("registering A's buffer")?;
+        b.register_memory(bbuf.addr(), bbuf.len(), "cpu:0").or_fail("registering B's buffer")?;
+        let mut pair = Pair { a, b, abuf, bbuf, seg: 0, b_down: false };
+        pair.seg = pair.a.open_segment(pair.b.local_segment_name()).or_fail("A opening B's segment")?;
+        Ok(pair)
+    }
+
+    fn req(&self, opcode: Opcode, local_off: u64, remote_off: u64, length: u64) -> TransferRequest {
+        TransferRequest {
+            opcode,
+            source: self.abuf.addr() + local_off,
+            target_id: self.seg,
+            target_offset: self.bbuf.addr() + remote_off,
+            length,
+        }
+    }
+
+    /// `TransferEngine::transfer` on a fresh runtime, bounded.
+    fn run(&self, reqs: &[TransferRequest]) -> Result<mooncake_core::Result<Vec<mooncake_core::Result<u64>>>, String> {
+        run(&self.a, reqs)
+    }
+
+    fn run_ok(&self, reqs: &[TransferRequest], what: &str) -> Result<(), String> {
+        all_ok(self.run(reqs)?, reqs, what)
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        // Unregistering waits for in-flight remote accesses; only then may the buffers go.
+        let _ = self.a.unregister_memory(self.abuf.addr());
+        if !self.b_down {
+            let _ = self.b.unregister_memory(self.bbuf.addr());
+        }
+        self.a.shutdown();
+        self.b.shutdown();
+    }
+}
+
+/// One engine with one registered buffer (for cross-process tests).
+struct Solo {
+    engine: TransferEngine,
+    buf: HostBuf,
+}
+
+impl Solo {
+    fn new(t: &Target, len: u64) -> Result<Solo, String> {
+        let engine = engine(t)?;
+        let buf = HostBuf::zeroed(len as usize);
+        engine.register_memory(buf.addr(), buf.len(), "cpu:0").or_fail("registering the local buffer")?;
+        Ok(Solo { engine, buf })
+    }
+}
+
+impl Drop for Solo {
+    fn drop(&mut self) {
+        let _ = self.engine.unregister_memory(self.buf.addr());
+        self.engine.shutdown();
+    }
+}
+
+type Results = mooncake_core::Result<Vec<mooncake_core::Result<u64>>>;
+
+fn run(e: &TransferEngine, reqs: &[TransferRequest]) -> Result<Results, String> {
+    block_on_timeout(LIMIT, "transfer", e.transfer(reqs))
+}
+
+fn all_ok(res: Results, reqs: &[TransferRequest], what: &str) -> Result<(), String> {
+    let v = res.or_fail(what)?;
+    ensure!(v.len() == reqs.len(), "{what}: {} results for {} requests", v.len(), reqs.len());
+    for (i, (r, q)) in v.iter().zip(reqs).enumerate() {
+        match r {
+            Ok(n) if *n == q.length => {}
+            Ok(n) => return Err(format!("{what}: request {i} reports {n} bytes moved, expected {}", q.length)),
+            Err(e) => return Err(format!("{what}: request {i} ({:?}, {} bytes) failed: {e}", q.opcode, q.length)),
+        }
+    }
+    Ok(())
+}
+
+/// The error of a single-request transfer, whether it was refused at submission or failed later.
+fn single_error(res: Results, what: &str) -> Result<Error, String> {
+    match res {
+        Err(e) => Ok(e),
+        Ok(v) => match v.into_iter().next() {
+            Some(Err(e)) => Ok(e),
+            Some(Ok(n)) => Err(format!("{what}: succeeded ({n} bytes) but must be refused")),
+            None => Err(format!("{what}: no result")),
+        },
+    }
+}
+
+fn is_address_error(e: &Error) -> bool {
+    matches!(e, Error::AddressNotRegistered { .. } | Error::RemoteRejected { .. } | Error::InvalidArgument(_))
+}
+
+fn align_up(x: u64, align: u64) -> u64 {
+    x.div_ceil(align.max(1)) * align.max(1)
+}
+
+// ---- tests: declaration -------------------------------------------------------------------------
+
+fn capabilities_sane(t: &Target) -> TestResult {
+    let c = &t.caps;
+    ensure!(c.read || c.write, "declares neither read nor write");
+    ensure!(c.min_request_size >= 1, "min_request_size is 0");
+    ensure!(c.min_request_size <= c.max_request_size, "min_request_size > max_request_size");
+    ensure!(
+        c.optimal_request_size >= c.min_request_size && c.optimal_request_size <= c.max_request_size,
+        "optimal_request_size {} outside [{}, {}]",
+        c.optimal_request_size,
+        c.min_request_size,
+        c.max_request_size
+    );
+    ensure!(c.alignment >= 1 && c.alignment.is_power_of_two(), "alignment {} is not a power of two", c.alignment);
+    let m = &c.model;
+    ensure!(
+        m.bandwidth_bytes_per_sec.is_finite() && m.bandwidth_bytes_per_sec > 0.0,
+        "model bandwidth {} is not a positive number",
+        m.bandwidth_bytes_per_sec
+    );
+    ensure!(m.latency < Duration::from_secs(1), "model latency {:?} is implausible", m.latency);
+    ensure!(c.memory_kinds.iter().next().is_some(), "memory_kinds is empty");
+    ensure!(!(c.same_host_only && !c.cross_process && c.memory_kinds.iter().count() == 0), "unusable declaration");
+    let f = registry::transport(&t.protocol).or_fail("registry lookup")?;
+    let inst = (f.create)(&BackendConfig::default()).or_fail("creating a second instance")?;
+    ensure!(inst.name() == t.protocol, "instance names itself {:?}, registered as {:?}", inst.name(), t.protocol);
+    ensure!(inst.capabilities() == c, "two instances declare different capabilities");
+    Ok(Outcome::Passed)
+}
+
+fn probe_and_peer_probe(t: &Target) -> TestResult {
+    let f = registry::transport(&t.protocol).or_fail("registry lookup")?;
+    ensure!((f.probe)().is_available(), "probe() changed its answer to unavailable");
+    ensure!(
+        registry::probe_all().iter().any(|r| r.kind == "transport" && r.name == t.protocol),
+        "probe_all() does not list {:?}",
+        t.protocol
+    );
+    let p = Pair::new(t, 4096, 4096)?;
+    let (a, name) = (p.a.clone(), p.b.local_segment_name().to_string());
+    bounded(LIMIT, "probe_peer", move || a.probe_peer(&name))?.or_fail("probing a live peer")?;
+    // A port nobody listens on: the probe must fail, and promptly.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").or_fail("binding a scratch port")?;
+    let port = dead.local_addr().or_fail("scratch port")?.port();
+    drop(dead);
+    let a = p.a.clone();
+    let r = bounded(LIMIT, "probe_peer of a dead address", move || a.probe_peer(&format!("127.0.0.1:{port}")))?;
+    ensure!(r.is_err(), "probing 127.0.0.1:{port}, where nothing listens, succeeded");
+    Ok(Outcome::Passed)
+}
+
+fn descriptor_published(t: &Target) -> TestResult {
+    let p = Pair::new(t, 4096, 8192)?;
+    let d = p.b.local_descriptor();
+    ensure!(d.protocol == t.protocol, "descriptor protocol {:?}, expected {:?}", d.protocol, t.protocol);
+    ensure!(d.find_buffer(p.bbuf.addr(), p.bbuf.len()).is_some(), "registered buffer missing from the descriptor");
+    let again = SegmentDescriptor::from_json(d.to_json().as_bytes()).or_fail("descriptor JSON round trip")?;
+    ensure!(again.protocols().contains(&t.protocol), "round-tripped descriptor lost the protocol");
+    let seen = p.a.segment(p.seg).or_fail("A's view of B")?;
+    ensure!(seen.descriptor.find_buffer(p.bbuf.addr(), p.bbuf.len()).is_some(), "A does not see B's buffer");
+    ensure!(p.a.transport(&t.protocol).is_some(), "engine does not list the transport");
+    Ok(Outcome::Passed)
+}
+
+// ---- tests: data movement -------------------------------------------------------------------------
+
+fn write_read(t: &Target, size: u64) -> TestResult {
+    // A non-zero, aligned offset into the remote buffer, with guard bands on both sides.
+    let off = align_up(3, t.caps.alignment);
+    let n = size as usize;
+    let mut p = Pair::new(t, 2 * size, size + 2 * off)?;
+    p.abuf.bytes_mut()[..n].copy_from_slice(&pattern(size, n));
+    if t.caps.write {
+        p.run_ok(&[p.req(Opcode::Write, 0, off, size)], "write")?;
+        let b = p.bbuf.bytes();
+        check_pattern(&b[off as usize..off as usize + n], size, 0, "remote bytes after write")?;
+        ensure!(b[..off as usize].iter().all(|x| *x == 0), "write touched bytes before the target range");
+        ensure!(b[off as usize + n..].iter().all(|x| *x == 0), "write touched bytes after the target range");
+    } else {
+        p.bbuf.bytes_mut()[off as usize..off as usize + n].copy_from_slice(&pattern(size, n));
+    }
+    if t.caps.read {
+        p.run_ok(&[p.req(Opcode::Read, size, off, size)], "read")?;
+        check_pattern(&p.abuf.bytes()[n..], size, 0, "local bytes after read")?;
+    }
+    Ok(Outcome::Passed)
+}
+
+fn self_segment(t: &Target) -> TestResult {
+    let a = engine(t)?;
+    let mut buf = HostBuf::zeroed(8192);
+    buf.bytes_mut()[..4096].copy_from_slice(&pattern(3, 4096));
+    a.register_memory(buf.addr(), buf.len(), "cpu:0").or_fail("registering")?;
+    let res = (|| {
+        let me = a.open_segment(a.local_segment_name()).or_fail("opening our own segment")?;
+        let w = TransferRequest {
+            opcode: Opcode::Write,
+            source: buf.addr(),
+            target_id: me,
+            target_offset: buf.addr() + 4096,
+            length: 4096,
+        };
+        all_ok(run(&a, &[w])?, &[w], "write to our own segment")
+    })();
+    let _ = a.unregister_memory(buf.addr());
+    a.shutdown();
+    res?;
+    check_pattern(&buf.bytes()[4096..], 3, 0, "bytes written through our own segment")?;
+    Ok(Outcome::Passed)
+}
+
+fn large_batch(t: &Target) -> TestResult {
+    const N: u64 = 1024;
+    const CHUNK: u64 = 4096;
+    let total = N * CHUNK;
+    let mut p = Pair::new(t, 2 * total, total)?;
+    p.abuf.bytes_mut()[..total as usize].copy_from_slice(&pattern(41, total as usize));
+    // Writes through the polling API, in submissions no larger than max_batch_size.
+    let writes: Vec<_> = (0..N).map(|i| p.req(Opcode::Write, i * CHUNK, i * CHUNK, CHUNK)).collect();
+    let id = p.a.allocate_batch(N as usize).or_fail("allocate_batch(1024)")?;
+    let per = if t.caps.max_batch_size == 0 { writes.len() } else { t.caps.max_batch_size };
+    for chunk in writes.chunks(per) {
+        p.a.submit_transfer(id, chunk).or_fail("submit_transfer")?;
+    }
+    let batch = p.a.batch(id).or_fail("batch")?;
+    batch.wait_blocking(LIMIT).map_err(|e| format!("1024 writes did not finish: {e}"))?;
+    for i in 0..N as usize {
+        let s = p.a.transfer_status(id, i).or_fail("transfer_status")?;
+        ensure!(
+            s.state == TransferState::Completed && s.transferred_bytes == CHUNK,
+            "write {i}: {:?}, {} bytes, {:?}",
+            s.state,
+            s.transferred_bytes,
+            s.error
+        );
+    }
+    p.a.free_batch(id).or_fail("free_batch")?;
+    check_pattern(p.bbuf.bytes(), 41, 0, "remote bytes after 1024 writes")?;
+    // Reads through the async API, reversing the chunk order.
+    let reads: Vec<_> = (0..N).map(|i| p.req(Opcode::Read, total + (N - 1 - i) * CHUNK, i * CHUNK, CHUNK)).collect();
+    p.run_ok(&reads, "1024 reads")?;
+    for i in 0..N {
+        let local = (total + (N - 1 - i) * CHUNK) as usize;
+        check_pattern(&p.abuf.bytes()[local..local + CHUNK as usize], 41, i * CHUNK, &format!("read {i}"))?;
+    }
+    Ok(Outcome::Passed)
+}
+
+fn mixed_batch(t: &Target) -> TestResult {
+    let align = t.caps.alignment.max(1);
+    let sizes: Vec<u64> = [1u64, 7, 4096, 13, 65536, 1 << 20, 3, 300_000, 8192, 1, 2 << 20]
+        .into_iter()
+        .map(|s| align_up(s, align))
+        .filter(|s| *s >= t.caps.min_request_size && *s <= t.caps.max_request_size.min(t.opts.max_size))
+        .collect();
+    ensure!(!sizes.is_empty(), "no size of the mix fits the declared limits");
+    let gap = align_up(64, align);
+    let mut offs = Vec::new();
+    let mut end = 0;
+    for s in &sizes {
+        offs.push(end);
+        end += align_up(s + gap, align);
+    }
+    let total = end;
+    let mut p = Pair::new(t, 2 * total, 2 * total)?;
+    p.abuf.bytes_mut()[..total as usize].copy_from_slice(&pattern(66, total as usize));
+    p.bbuf.bytes_mut()[total as usize..].copy_from_slice(&pattern(77, total as usize));
+    let mut reqs = Vec::new();
+    for (o, s) in offs.iter().zip(&sizes) {
+        reqs.push(p.req(Opcode::Write, *o, *o, *s));
+        reqs.push(p.req(Opcode::Read, total + o, total + o, *s));
+    }
+    p.run_ok(&reqs, "mixed batch")?;
+    for (o, s) in offs.iter().zip(&sizes) {
+        let (o, s) = (*o as usize, *s as usize);
+        check_pattern(&p.bbuf.bytes()[o..o + s], 66, o as u64, &format!("remote chunk at {o} ({s} bytes)"))?;
+        check_pattern(
+            &p.abuf.bytes()[total as usize + o..total as usize + o + s],
+            77,
+            o as u64,
+            &format!("local chunk at {o} ({s} bytes)"),
+        )?;
+        let next = o + s;
+        let gap_end = (next + gap as usize).min(total as usize);
+        ensure!(p.bbuf.bytes()[next..gap_end].iter().all(|b| *b == 0), "write {s}B at {o} spilled past its end");
+    }
+    Ok(Outcome::Passed)
+}
+
+fn concurrent(t: &Target) -> TestResult {
+    const THREADS: u64 = 8;
+    const SLICE: u64 = 256 << 10;
+    const ROUNDS: usize = 8;
+    let total = THREADS * SLICE;
+    let mut p = Pair::new(t, 2 * total, total)?;
+    for k in 0..THREADS {
+        let s = (k * SLICE) as usize;
+        p.abuf.bytes_mut()[s..s + SLICE as usize].copy_from_slice(&pattern(100 + k, SLICE as usize));
+    }
+    let peer = p.b.local_segment_name().to_string();
+    let errors: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..THREADS)
+            .map(|k| {
+                let p = &p;
+                let peer = peer.as_str();
+                scope.spawn(move || -> Result<(), String> {
+                    let local = p.abuf.addr() + k * SLICE;
+                    let back = p.abuf.addr() + total + k * SLICE;
+                    let remote = p.bbuf.addr() + k * SLICE;
+                    for round in 0..ROUNDS {
+                        if k % 2 == 0 {
+                            // Blocking API.
+                            p.a.transfer_sync(peer, Opcode::Write, local, remote, SLICE)
+                                .or_fail(&format!("thread {k} round {round} write"))?;
+                            p.a.transfer_sync(peer, Opcode::Read, back, remote, SLICE)
+                                .or_fail(&format!("thread {k} round {round} read"))?;
+                        } else {
+                            // Async API, one request each way per round, as a 2-request batch.
+                            let w = p.req(Opcode::Write, k * SLICE, k * SLICE, SLICE);
+                            p.run_ok(&[w], &format!("thread {k} round {round} write"))?;
+                            let r = p.req(Opcode::Read, total + k * SLICE, k * SLICE, SLICE);
+                            p.run_ok(&[r], &format!("thread {k} round {round} read"))?;
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .filter_map(|h| match h.join() {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e),
+                Err(_) => Some("a submitting thread panicked".into()),
+            })
+            .collect()
+    });
+    ensure!(errors.is_empty(), "{}", errors.join("; "));
+    for k in 0..THREADS {
+        let s = (k * SLICE) as usize;
+        let e = s + SLICE as usize;
+        check_pattern(&p.bbuf.bytes()[s..e], 100 + k, 0, &format!("remote slice of thread {k}"))?;
+        let (bs, be) = (total as usize + s, total as usize + e);
+        check_pattern(&p.abuf.bytes()[bs..be], 100 + k, 0, &format!("read-back slice of thread {k}"))?;
+    }
+    Ok(Outcome::Passed)
+}
+
+fn async_transfer(t: &Target) -> TestResult {
+    let p = Pair::new(t, 3 * 4096, 3 * 4096)?;
+    let empty = run(&p.a, &[])?.or_fail("an empty transfer")?;
+    ensure!(empty.is_empty(), "an empty transfer returned {} results", empty.len());
+    let op = if t.caps.write { Opcode::Write } else { Opcode::Read };
+    let reqs: Vec<_> = (0..3).map(|i| p.req(op, i * 4096, i * 4096, 100 + i)).collect();
+    let res = run(&p.a, &reqs)?.or_fail("async transfer")?;
+    ensure!(res.len() == 3, "{} results for 3 requests", res.len());
+    for (i, r) in res.iter().enumerate() {
+        ensure!(matches!(r, Ok(n) if *n == 100 + i as u64), "request {i}: {r:?}, expected Ok({})", 100 + i);
+    }
+    // Many transfers awaited at once on one runtime thread.
+    let futs: Vec<_> = (0..3).map(|i| reqs[i..i + 1].to_vec()).collect();
+    let all = block_on_timeout(LIMIT, "joined transfers", async {
+        let mut handles = Vec::new();
+        for r in &futs {
+            handles.push(p.a.transfer(r));
+        }
+        let mut out = Vec::new();
+        for h in handles {
+            out.push(h.await);
+        }
+        out
+    })?;
+    for (i, r) in all.into_iter().enumerate() {
+        all_ok(r, &futs[i], &format!("joined transfer {i}"))?;
+    }
+    Ok(Outcome::Passed)
+}
+
+fn async_without_tokio(t: &Target) -> TestResult {
+    let p = Pair::new(t, 4096, 4096)?;
+    let op = if t.caps.write { Opcode::Write } else { Opcode::Read };
+    let reqs = [p.req(op, 0, 0, 4096)];
+    let res = block_on_plain(LIMIT, "transfer() outside any runtime", p.a.transfer(&reqs))?;
+    all_ok(res, &reqs, "transfer() outside any runtime")?;
+    Ok(Outcome::Passed)
+}
+
+fn polling(t: &Target) -> TestResult {
+    let p = Pair::new(t, 1 << 20, 1 << 20)?;
+    let op = if t.caps.write { Opcode::Write } else { Opcode::Read };
+    ensure!(
+        matches!(p.a.allocate_batch(0), Err(Error::InvalidArgument(_))),
+        "allocate_batch(0) must be InvalidArgument"
+    );
+    let id = p.a.allocate_batch(4).or_fail("allocate_batch(4)")?;
+    p.a.submit_transfer(id, &[p.req(op, 0, 0, 100), p.req(op, 4096, 4096, 200)]).or_fail("first submission")?;
+    let over = p.a.submit_transfer(id, &[p.req(op, 0, 0, 1), p.req(op, 0, 0, 1), p.req(op, 0, 0, 1)]);
+    ensure!(
+        matches!(over, Err(Error::TooManyRequests { capacity: 4, .. })),
+        "submitting 3 more into a batch of 4 holding 2 must be TooManyRequests, got {over:?}"
+    );
+    p.a.submit_transfer(id, &[p.req(op, 8192, 8192, 300), p.req(op, 12288, 12288, 400)])
+        .or_fail("second submission (fills the batch)")?;
+    ensure!(
+        matches!(p.a.submit_transfer(id, &[p.req(op, 0, 0, 1)]), Err(Error::TooManyRequests { .. })),
+        "a full batch must refuse more requests"
+    );
+    let done =
+        wait_until(LIMIT, || (0..4).all(|i| p.a.transfer_status(id, i).map(|s| s.state.is_final()).unwrap_or(true)));
+    ensure!(done, "requests still pending after {LIMIT:?} of polling");
+    for (i, want) in [100u64, 200, 300, 400].into_iter().enumerate() {
+        let s = p.a.transfer_status(id, i).or_fail("transfer_status")?;
+        ensure!(
+            s.state == TransferState::Completed && s.transferred_bytes == want,
+            "request {i}: {:?} with {} bytes ({:?}), expected Completed with {want}",
+            s.state,
+            s.transferred_bytes,
+            s.error
+        );
+    }
+    let st = p.a.batch_status(id).or_fail("batch_status")?;
+    ensure!(st.state == TransferState::Completed, "batch status {:?}", st.state);
+    ensure!(
+        matches!(p.a.transfer_status(id, 4), Err(Error::InvalidArgument(_))),
+        "status of a task index beyond the submitted ones must be InvalidArgument"
+    );
+    p.a.free_batch(id).or_fail("free_batch")?;
+    ensure!(matches!(p.a.free_batch(id), Err(Error::UnknownBatch(_))), "double free_batch must be UnknownBatch");
+    ensure!(
+        matches!(p.a.transfer_status(id, 0), Err(Error::UnknownBatch(_))),
+        "status of a freed batch must be UnknownBatch"
+    );
+    // BatchBusy while in flight: a big batch freed right after submission. A transport fast
+    // enough to finish first makes the free succeed, which is also correct.
+    let n = 64u64;
+    let chunk = (1u64 << 20) / n;
+    let id = p.a.allocate_batch(n as usize).or_fail("allocate_batch")?;
+    let reqs: Vec<_> = (0..n).map(|i| p.req(op, i * chunk, i * chunk, chunk)).collect();
+    p.a.submit_transfer(id, &reqs).or_fail("submitting 64 requests")?;
+    match p.a.free_batch(id) {
+        Err(Error::BatchBusy(b)) if b == id => {
+            let batch = p.a.batch(id).or_fail("batch")?;
+            batch.wait_blocking(LIMIT).map_err(|e| format!("batch did not finish: {e}"))?;
+            p.a.free_batch(id).or_fail("free_batch after completion")?;
+        }
+        Ok(()) => {}
+        other => return Err(format!("free_batch right after submission: {other:?}, expected BatchBusy or Ok")),
+    }
+    Ok(Outcome::Passed)
+}
+
+// ---- tests: rejection -------------------------------------------------------------------------------
+
+fn out_of_bounds(t: &Target) -> TestResult {
+    let mut p = Pair::new(t, 8192, 4096)?;
+    let op = if t.caps.write { Opcode::Write } else { Opcode::Read };
+    let cases = [
+        ("straddling the end of the remote buffer", p.req(op, 0, 4000, 200)),
+        ("ending one byte past the remote buffer", p.req(op, 0, 1, 4096)),
+        ("before the remote buffer", TransferRequest { target_offset: p.bbuf.addr() - 4096, ..p.req(op, 0, 0, 64) }),
+        ("in unmapped high memory", TransferRequest { target_offset: 0xFFFF_FFFF_0000_0000, ..p.req(op, 0, 0, 64) }),
+    ];
+    for (what, r) in cases {
+        let e = single_error(p.run(&[r])?, what)?;
+        ensure!(is_address_error(&e), "{what}: error {e:?} is not AddressNotRegistered/RemoteRejected/InvalidArgument");
+    }
+    ensure!(p.bbuf.bytes().iter().all(|b| *b == 0), "a rejected request modified the remote buffer");
+    // The peer keeps serving: a valid transfer right after succeeds.
+    p.abuf.bytes_mut()[..4096].copy_from_slice(&pattern(9, 4096));
+    p.run_ok(&[p.req(op, 0, 0, 4096)], "valid transfer after rejected ones")?;
+    if t.caps.write {
+        check_pattern(p.bbuf.bytes(), 9, 0, "remote bytes after the valid write")?;
+    }
+    Ok(Outcome::Passed)
+}
+
+fn stale_remote_range(t: &Target) -> TestResult {
+    // The peer unregisters a buffer A still has in its cached descriptor: the transport's own
+    // server-side check (not the engine's descriptor check) must refuse the access.
+    let extra = HostBuf::with_pattern(5, 4096);
+    let p = Pair::new(t, 8192, 4096)?;
+    p.b.register_memory(extra.addr(), extra.len(), "cpu:0").or_fail("registering B's extra buffer")?;
+    let seg = p.a.refresh_segment(p.seg).or_fail("A refreshing B")?;
+    ensure!(seg.descriptor.find_buffer(extra.addr(), 4096).is_some(), "A does not see B's extra buffer");
+    p.b.unregister_memory(extra.addr()).or_fail("B unregistering the extra buffer")?;
+    let mut ops = Vec::new();
+    if t.caps.write {
+        ops.push(Opcode::Write);
+    }
+    if t.caps.read {
+        ops.push(Opcode::Read);
+    }
+    for op in ops {
+        let r = TransferRequest { target_offset: extra.addr(), ..p.req(op, 4096, 0, 4096) };
+        let e = single_error(p.run(&[r])?, &format!("{op:?} of a range the peer unregistered"))?;
+        ensure!(
+            matches!(e, Error::RemoteRejected { .. } | Error::AddressNotRegistered { .. }),
+            "{op:?} of a range the peer unregistered: {e:?}, expected RemoteRejected or AddressNotRegistered"
+        );
+    }
+    check_pattern(extra.bytes(), 5, 0, "unregistered remote buffer (must be untouched)")?;
+    ensure!(p.abuf.bytes()[4096..].iter().all(|b| *b == 0), "a refused read still delivered bytes");
+    let op = if t.caps.write { Opcode::Write } else { Opcode::Read };
+    p.run_ok(&[p.req(op, 0, 0, 4096)], "valid transfer after the refusal")?;
+    drop(p);
+    drop(extra);
+    Ok(Outcome::Passed)
+}
+
+fn overflow(t: &Target) -> TestResult {
+    let p = Pair::new(t, 4096, 4096)?;
+    let op = if t.caps.write { Opcode::Write } else { Opcode::Read };
+    let cases = [
+        ("remote address + length overflows", TransferRequest { target_offset: u64::MAX - 7, ..p.req(op, 0, 0, 16) }),
+        ("remote address u64::MAX", TransferRequest { target_offset: u64::MAX, ..p.req(op, 0, 0, 1) }),
+        ("local address + length overflows", TransferRequest { source: u64::MAX - 7, ..p.req(op, 0, 0, 16) }),
+        ("length u64::MAX", TransferRequest { length: u64::MAX, ..p.req(op, 0, 0, 1) }),
+    ];
+    for (what, r) in cases {
+        let e = single_error(p.run(&[r])?, what)?;
+        ensure!(is_address_error(&e), "{what}: {e:?} is not InvalidArgument/AddressNotRegistered/RemoteRejected");
+    }
+    Ok(Outcome::Passed)
+}
+
+fn zero_length(t: &Target) -> TestResult {
+    let p = Pair::new(t, 4096, 4096)?;
+    let op = if t.caps.write { Opcode::Write } else { Opcode::Read };
+    let e = single_error(p.run(&[p.req(op, 0, 0, 0)])?, "zero-length transfer")?;
+    ensure!(matches!(e, Error::InvalidArgument(_)), "zero-length transfer: {e:?}, expected InvalidArgument");
+    let id = p.a.allocate_batch(2).or_fail("allocate_batch")?;
+    let r = p.a.submit_transfer(id, &[p.req(op, 0, 0, 16), p.req(op, 0, 0, 0)]);
+    ensure!(matches!(r, Err(Error::InvalidArgument(_))), "submission with a zero-length request: {r:?}");
+    let batch = p.a.batch(id).or_fail("batch")?;
+    ensure!(batch.is_empty(), "a rejected submission still started {} requests", batch.len());
+    p.a.free_batch(id).or_fail("free_batch")?;
+    Ok(Outcome::Passed)
+}
+
+fn unregistered_local(t: &Target) -> TestResult {
+    let p = Pair::new(t, 4096, 4096)?;
+    let stray = HostBuf::zeroed(4096);
+    let op = if t.caps.write { Opcode::Write } else { Opcode::Read };
+    let r = TransferRequest { source: stray.addr(), ..p.req(op, 0, 0, 4096) };
+    let e = single_error(p.run(&[r])?, "transfer from an unregistered local buffer")?;
+    ensure!(
+        matches!(e, Error::AddressNotRegistered { .. }),
+        "unregistered local buffer: {e:?}, expected AddressNotRegistered"
+    );
+    Ok(Outcome::Passed)
+}
+
+fn misaligned(t: &Target) -> TestResult {
+    let align = t.caps.alignment;
+    let p = Pair::new(t, 4 * align, 4 * align)?;
+    let op = if t.caps.write { Opcode::Write } else { Opcode::Read };
+    for (what, r) in [
+        ("misaligned length", p.req(op, 0, 0, align + 1)),
+        ("misaligned remote address", p.req(op, 0, 1, align)),
+        ("misaligned local address", p.req(op, 1, 0, align)),
+    ] {
+        let e = single_error(p.run(&[r])?, what)?;
+        ensure!(matches!(e, Error::InvalidArgument(_)), "{what}: {e:?}, expected InvalidArgument");
+    }
+    Ok(Outcome::Passed)
+}
+
+fn oversized(t: &Target) -> TestResult {
+    let len = align_up(t.caps.max_request_size + 1, t.caps.alignment);
+    let p = Pair::new(t, len, len)?;
+    let op = if t.caps.write { Opcode::Write } else { Opcode::Read };
+    let e = single_error(p.run(&[p.req(op, 0, 0, len)])?, "request above max_request_size")?;
+    ensure!(matches!(e, Error::InvalidArgument(_)), "request above max_request_size: {e:?}, expected InvalidArgument");
+    Ok(Outcome::Passed)
+}
+
+// ---- tests: control path and failures ---------------------------------------------------------------
+
+fn notifications(t: &Target) -> TestResult {
+    let p = Pair::new(t, 4096, 4096)?;
+    let (a_name, b_name) = (p.a.local_segment_name().to_string(), p.b.local_segment_name().to_string());
+    let msg = "ping \"quoted\" \u{1F680} \u{4E2D}\u{6587}\n";
+    let n = Notification { name: a_name.clone(), message: msg.into() };
+    let a = p.a.clone();
+    let (bn, nn) = (b_name.clone(), n.clone());
+    bounded(LIMIT, "send_notify", move || a.send_notify(&bn, nn))?.or_fail("A notifying B")?;
+    let n2 = Notification { name: a_name.clone(), message: "second".into() };
+    block_on_timeout(LIMIT, "send_notify_async", p.a.send_notify_async(&b_name, n2.clone()))?
+        .or_fail("A notifying B (async)")?;
+    let mut got = Vec::new();
+    wait_until(LIMIT, || {
+        got.extend(p.b.drain_notifications());
+        got.len() >= 2
+    });
+    ensure!(got.contains(&n) && got.contains(&n2), "B received {got:?}, expected {n:?} and {n2:?}");
+    ensure!(p.b.drain_notifications().is_empty(), "drain did not empty the queue");
+    let back = Notification { name: b_name, message: "pong".into() };
+    let b = p.b.clone();
+    let (an, bk) = (a_name, back.clone());
+    bounded(LIMIT, "send_notify", move || b.send_notify(&an, bk))?.or_fail("B notifying A")?;
+    let mut got = Vec::new();
+    wait_until(LIMIT, || {
+        got.extend(p.a.drain_notifications());
+        !got.is_empty()
+    });
+    ensure!(got == vec![back.clone()], "A received {got:?}, expected [{back:?}]");
+    Ok(Outcome::Passed)
+}
+
+fn is_gone_error(e: &Error) -> bool {
+    e.is_disconnect() || matches!(e, Error::Unavailable { .. } | Error::NotFound(_) | Error::Io(_))
+}
+
+fn peer_shutdown(t: &Target) -> TestResult {
+    let mut p = Pair::new(t, 4096, 4096)?;
+    let op = if t.caps.write { Opcode::Write } else { Opcode::Read };
+    p.run_ok(&[p.req(op, 0, 0, 4096)], "transfer before the peer shut down")?;
+    p.b.shutdown();
+    p.b_down = true;
+    match p.run(&[p.req(op, 0, 0, 4096)])? {
+        Ok(v) => match v.first() {
+            Some(Err(e)) if e.is_disconnect() => {}
+            Some(Err(e)) => {
+                return Err(format!("in-flight request to a shut-down peer: {e:?}, expected RemoteDisconnected"));
+            }
+            other => return Err(format!("transfer to a shut-down peer: {other:?}, expected an error")),
+        },
+        Err(e) if is_gone_error(&e) => {}
+        Err(e) => {
+            return Err(format!("submission to a shut-down peer: {e:?}, expected a disconnect/unavailable error"));
+        }
+    }
+    // And again (the engine may now re-read the descriptor): still a prompt error, never success.
+    let again = p.run(&[p.req(op, 0, 0, 4096)])?;
+    ensure!(!matches!(&again, Ok(v) if v.iter().all(|r| r.is_ok())), "a transfer to a shut-down peer succeeded");
+    Ok(Outcome::Passed)
+}
+
+fn spawn_peer(t: &Target, size: u64, rpc_port: u16, seed: u64) -> Result<PeerProcess, String> {
+    let cmd = t.opts.peer.as_ref().ok_or("no peer command")?;
+    PeerProcess::spawn(cmd, &PeerArgs { protocol: t.protocol.clone(), size, rpc_port, seed }, PEER_START)
+}
+
+fn remote_req(h: SegmentHandle, op: Opcode, local: u64, remote: u64, len: u64) -> TransferRequest {
+    TransferRequest { opcode: op, source: local, target_id: h, target_offset: remote, length: len }
+}
+
+fn cross_read_write(t: &Target) -> TestResult {
+    const SIZE: u64 = 1 << 20;
+    let peer = spawn_peer(t, SIZE, 0, 11)?;
+    let s = Solo::new(t, 2 * SIZE)?;
+    let h = s.engine.open_segment(&peer.info.segment).or_fail("opening the child's segment")?;
+    let (local, remote) = (s.buf.addr(), peer.info.addr);
+    let r = [remote_req(h, Opcode::Read, local, remote, SIZE)];
+    all_ok(run(&s.engine, &r)?, &r, "reading the child's buffer")?;
+    check_pattern(&s.buf.bytes()[..SIZE as usize], 11, 0, "bytes read from the child")?;
+    let mut s = s;
+    s.buf.bytes_mut()[SIZE as usize..SIZE as usize + 65536].copy_from_slice(&pattern(12, 65536));
+    let w = [remote_req(h, Opcode::Write, local + SIZE, remote + 4096, 65536)];
+    all_ok(run(&s.engine, &w)?, &w, "writing into the child")?;
+    let r = [remote_req(h, Opcode::Read, local, remote, 8192 + 65536)];
+    all_ok(run(&s.engine, &r)?, &r, "reading back from the child")?;
+    let b = s.buf.bytes();
+    check_pattern(&b[..4096], 11, 0, "child bytes before the written range")?;
+    check_pattern(&b[4096..4096 + 65536], 12, 0, "child bytes written and read back")?;
+    check_pattern(&b[4096 + 65536..8192 + 65536], 11, 4096 + 65536, "child bytes after the written range")?;
+    // Out of bounds in another process: typed error, and the child keeps serving.
+    let oob = [remote_req(h, Opcode::Read, local, remote + SIZE - 10, 100)];
+    let e = single_error(run(&s.engine, &oob)?, "out-of-bounds read from the child")?;
+    ensure!(is_address_error(&e), "out-of-bounds read from the child: {e:?}");
+    let r = [remote_req(h, Opcode::Read, local, remote, 4096)];
+    all_ok(run(&s.engine, &r)?, &r, "reading after a rejected request")?;
+    drop(peer);
+    Ok(Outcome::Passed)
+}
+
+fn cross_gone_before_post(t: &Target) -> TestResult {
+    let mut peer = spawn_peer(t, 65536, 0, 13)?;
+    let s = Solo::new(t, 65536)?;
+    let h = s.engine.open_segment(&peer.info.segment).or_fail("opening the child's segment")?;
+    let r = [remote_req(h, Opcode::Read, s.buf.addr(), peer.info.addr, 65536)];
+    all_ok(run(&s.engine, &r)?, &r, "reading before the kill")?;
+    peer.kill()?;
+    for attempt in 0..2 {
+        match run(&s.engine, &r)? {
+            Ok(v) => match v.first() {
+                Some(Err(e)) if e.is_disconnect() => {}
+                Some(Err(e)) => {
+                    return Err(format!(
+                        "attempt {attempt}: request to a killed peer: {e:?}, expected RemoteDisconnected"
+                    ));
+                }
+                other => return Err(format!("attempt {attempt}: transfer to a killed peer: {other:?}")),
+            },
+            Err(e) if is_gone_error(&e) => {}
+            Err(e) => return Err(format!("attempt {attempt}: submission to a killed peer: {e:?}")),
+        }
+    }
+    Ok(Outcome::Passed)
+}
+
+fn cross_killed_mid_batch(t: &Target) -> TestResult {
+    const SIZE: u64 = 32 << 20;
+    const N: u64 = 128;
+    let chunk = SIZE / N;
+    let mut peer = spawn_peer(t, SIZE, 0, 17)?;
+    let s = Solo::new(t, SIZE)?;
+    let h = s.engine.open_segment(&peer.info.segment).or_fail("opening the child's segment")?;
+    let warm = [remote_req(h, Opcode::Read, s.buf.addr(), peer.info.addr, 4096)];
+    all_ok(run(&s.engine, &warm)?, &warm, "warm-up read")?;
+    let reqs: Vec<_> = (0..N)
+        .map(|i| remote_req(h, Opcode::Read, s.buf.addr() + i * chunk, peer.info.addr + i * chunk, chunk))
+        .collect();
+    let id = s.engine.allocate_batch(N as usize).or_fail("allocate_batch")?;
+    s.engine.submit_transfer(id, &reqs).or_fail("submitting the batch")?;
+    // Kill once the first request is through, so the rest are in flight or queued.
+    let completed = |i: usize| s.engine.transfer_status(id, i).is_ok_and(|st| st.state == TransferState::Completed);
+    wait_until(LIMIT, || (0..N as usize).any(completed));
+    peer.kill()?;
+    let batch = s.engine.batch(id).or_fail("batch")?;
+    batch.wait_blocking(LIMIT).map_err(|e| format!("batch did not finish after the peer was killed: {e} (hang)"))?;
+    let mut bad = Vec::new();
+    for i in 0..N as usize {
+        let st = s.engine.transfer_status(id, i).or_fail("transfer_status")?;
+        match (st.state, &st.error) {
+            (TransferState::Completed, _) => {
+                let o = i * chunk as usize;
+                let start = i as u64 * chunk;
+                check_pattern(&s.buf.bytes()[o..o + chunk as usize], 17, start, &format!("completed request {i}"))?;
+            }
+            (TransferState::Failed, Some(e)) if e.is_disconnect() => {}
+            (state, e) => bad.push(format!("request {i}: {state:?} {e:?}")),
+        }
+    }
+    if std::env::var_os("MC_CONFORMANCE_DEBUG").is_some() {
+        let done = (0..N as usize).filter(|i| completed(*i)).count();
+        eprintln!("killed mid-batch: {done} of {N} completed");
+    }
+    ensure!(bad.is_empty(), "requests cut off by the kill must fail with RemoteDisconnected: {}", bad.join("; "));
+    s.engine.free_batch(id).or_fail("free_batch")?;
+    Ok(Outcome::Passed)
+}
+
+fn cross_restart(t: &Target) -> TestResult {
+    let mut first = spawn_peer(t, 65536, 0, 21)?;
+    let port = first.info.rpc_port;
+    let segment = first.info.segment.clone();
+    let s = Solo::new(t, 65536)?;
+    let h = s.engine.open_segment(&segment).or_fail("opening the child's segment")?;
+    let r = [remote_req(h, Opcode::Read, s.buf.addr(), first.info.addr, 4096)];
+    all_ok(run(&s.engine, &r)?, &r, "reading from the first child")?;
+    first.kill()?;
+    // The same rpc port again (a few tries: the old socket may linger briefly).
+    let mut second = None;
+    let mut last = String::new();
+    for _ in 0..20 {
+        match spawn_peer(t, 65536, port, 22) {
+            Ok(p) => {
+                second = Some(p);
+                break;
+            }
+            Err(e) => {
+                last = e;
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        }
+    }
+    let second = second.ok_or_else(|| format!("restarting the peer on port {port}: {last}"))?;
+    ensure!(second.info.segment == segment, "restarted peer is {:?}, expected {segment:?}", second.info.segment);
+    // Re-read its descriptor, then transfer.
+    let e = s.engine.clone();
+    let seg = bounded(LIMIT, "refresh_segment", move || e.refresh_segment(h))?.or_fail("refresh_segment")?;
+    ensure!(
+        seg.descriptor.find_buffer(second.info.addr, second.info.len).is_some(),
+        "refreshed descriptor does not show the restarted peer's buffer"
+    );
+    let r = [remote_req(h, Opcode::Read, s.buf.addr(), second.info.addr, 65536)];
+    all_ok(run(&s.engine, &r)?, &r, "reading from the restarted child")?;
+    check_pattern(s.buf.bytes(), 22, 0, "bytes from the restarted child")?;
+    Ok(Outcome::Passed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sweep_follows_limits() {
+        let caps = Capabilities::default();
+        assert_eq!(size_sweep(&caps, 64 << 20), vec![1, 7, 4096, 65536, 1 << 20, 64 << 20]);
+        let caps = Capabilities { alignment: 512, max_request_size: 1 << 20, optimal_request_size: 8192, ..caps };
+        assert_eq!(size_sweep(&caps, 64 << 20), vec![512, 4096, 8192, 65536, 1 << 20]);
+        let caps = Capabilities { min_request_size: 4096, alignment: 1, ..Capabilities::default() };
+        assert_eq!(size_sweep(&caps, 1 << 20)[0], 4096);
+    }
+}
