@@ -134,6 +134,21 @@ pub trait Transport: Send + Sync + 'static {
     /// Starts the tasks; each finishes through its completion.
     fn submit(&self, target: &Arc<RemoteSegment>, tasks: Vec<TransferTask>);
 
+    /// Runs one request on the calling thread and blocks until it is done, when the transport has
+    /// a faster path for that than [`Transport::submit`] (e.g. small requests, avoiding two thread
+    /// hand-offs). `None` = no such path for this request: the engine submits it normally.
+    fn transfer_blocking(
+        &self,
+        _target: &Arc<RemoteSegment>,
+        _opcode: Opcode,
+        _local_addr: u64,
+        _remote_addr: u64,
+        _length: u64,
+        _timeout: std::time::Duration,
+    ) -> Option<Result<u64>> {
+        None
+    }
+
     /// Drops cached connections to a segment (its descriptor changed or it restarted).
     fn forget_peer(&self, _segment_name: &str) {}
 

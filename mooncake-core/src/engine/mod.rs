@@ -335,7 +335,13 @@ impl TransferEngine {
 
     /// Submits into a batch object (see [`TransferEngine::submit_transfer`]).
     pub fn submit_into(&self, batch: &Arc<Batch>, requests: &[TransferRequest]) -> Result<()> {
-        let plan = match self.inner.plan(requests, true) {
+        let plan = self.plan_blocking(requests)?;
+        self.inner.launch(batch, requests, plan)
+    }
+
+    /// Validates and routes requests, re-reading stale descriptors once (blocking).
+    fn plan_blocking(&self, requests: &[TransferRequest]) -> Result<Plan> {
+        Ok(match self.inner.plan(requests, true) {
             Ok(plan) => plan,
             Err(Retry::Refresh(handles)) => {
                 let inner = self.inner.clone();
@@ -348,8 +354,7 @@ impl TransferEngine {
                 self.inner.plan(requests, false).map_err(Retry::into_error)?
             }
             Err(Retry::Fail(e)) => return Err(e),
-        };
-        self.inner.launch(batch, requests, plan)
+        })
     }
 
     /// Async form of submission + completion: runs the requests and returns one result per request
@@ -428,9 +433,26 @@ impl TransferEngine {
                 length: lengths[i],
             })
             .collect();
+        let plan = self.plan_blocking(&requests)?;
+        let timeout = self.sync_timeout(lengths.iter().sum());
+        if let [r] = requests.as_slice() {
+            // A single request may run on the calling thread (no hand-off to the runtime).
+            let (t, seg) = &plan.routes[0];
+            let direct = self.inner.transports[*t].transfer_blocking(
+                seg,
+                r.opcode,
+                r.source,
+                r.target_offset,
+                r.length,
+                timeout,
+            );
+            if let Some(result) = direct {
+                return result.map(|_| ());
+            }
+        }
         let batch = Batch::new(requests.len());
-        self.submit_into(&batch, &requests)?;
-        batch.wait_blocking(self.sync_timeout(lengths.iter().sum()))?;
+        self.inner.launch(&batch, &requests, plan)?;
+        batch.wait_blocking(timeout)?;
         let status = batch.overall();
         match status.error {
             None => Ok(()),

@@ -19,7 +19,7 @@ use crate::wire::{self, Header};
 const IO_BUFFER: usize = 64 << 10;
 
 /// Where and how to reach one peer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct PeerInfo {
     /// Segment name (for errors and staleness reports).
     pub name: String,

@@ -17,6 +17,7 @@
 //! ```
 
 mod client;
+mod direct;
 mod memory;
 mod server;
 pub mod wire;
@@ -28,8 +29,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use mooncake_core::registry::{Availability, TransportFactory};
 use mooncake_core::{
-    BackendConfig, Capabilities, Error, MemoryKinds, PeerEvents, PerfModel, RemoteSegment, Result, SegmentDescriptor,
-    TransferTask, Transport, TransportContext,
+    BackendConfig, Capabilities, Error, MemoryKinds, Opcode, PeerEvents, PerfModel, RemoteSegment, Result,
+    SegmentDescriptor, TransferTask, Transport, TransportContext,
 };
 
 use client::{Done, LaneConfig, PeerInfo, PeerPool, Piece, Stripe};
@@ -48,6 +49,8 @@ pub struct TcpConfig {
     pub proto_version: u32,
     /// Connect timeout.
     pub connect_timeout: Duration,
+    /// Run single small blocking requests on the calling thread (`MC_TCP_DIRECT`, default on).
+    pub direct: bool,
 }
 
 impl TcpConfig {
@@ -60,6 +63,7 @@ impl TcpConfig {
             connect_timeout: Duration::from_millis(
                 config.get::<u64>("connect_timeout_ms", "MC_TCP_CONNECT_TIMEOUT_MS").unwrap_or(5000),
             ),
+            direct: config.get::<u32>("direct", "MC_TCP_DIRECT") != Some(0),
         }
     }
 }
@@ -77,6 +81,7 @@ pub struct TcpTransport {
     caps: Capabilities,
     started: OnceLock<Started>,
     peers: RwLock<HashMap<String, Arc<PeerPool>>>,
+    direct: direct::DirectPool,
 }
 
 impl TcpTransport {
@@ -102,7 +107,13 @@ impl TcpTransport {
                 per_request_overhead: Duration::from_micros(2),
             },
         };
-        TcpTransport { config, caps, started: OnceLock::new(), peers: RwLock::new(HashMap::new()) }
+        TcpTransport {
+            config,
+            caps,
+            started: OnceLock::new(),
+            peers: RwLock::new(HashMap::new()),
+            direct: direct::DirectPool::default(),
+        }
     }
 
     /// The bound data port (after start).
@@ -110,16 +121,20 @@ impl TcpTransport {
         self.started.get().map(|s| s.port)
     }
 
-    fn pool_for(&self, target: &RemoteSegment, started: &Started) -> Result<Arc<PeerPool>> {
+    fn peer_info(&self, target: &RemoteSegment) -> Result<PeerInfo> {
         let port = target.descriptor.tcp_data_port.ok_or_else(|| {
             Error::unavailable(format!("segment {:?} publishes no tcp_data_port; it does not serve tcp", target.name))
         })?;
-        let info = PeerInfo {
+        Ok(PeerInfo {
             name: target.name.clone(),
             host: target.host.clone(),
             port,
             v2: self.config.proto_version >= 2 && target.descriptor.tcp_version() >= 2,
-        };
+        })
+    }
+
+    fn pool_for(&self, target: &RemoteSegment, started: &Started) -> Result<Arc<PeerPool>> {
+        let info = self.peer_info(target)?;
         if let Some(p) = self.peers.read().unwrap_or_else(|p| p.into_inner()).get(&target.name) {
             if p.info == info {
                 return Ok(p.clone());
@@ -226,8 +241,34 @@ impl Transport for TcpTransport {
         }
     }
 
+    fn transfer_blocking(
+        &self,
+        target: &Arc<RemoteSegment>,
+        opcode: Opcode,
+        local_addr: u64,
+        remote_addr: u64,
+        length: u64,
+        timeout: Duration,
+    ) -> Option<Result<u64>> {
+        if length > direct::DIRECT_MAX || !self.config.direct {
+            return None;
+        }
+        let started = self.started.get()?;
+        let info = match self.peer_info(target) {
+            Ok(i) => i,
+            Err(e) => return Some(Err(e)),
+        };
+        let req = direct::Request { op: opcode, local: local_addr, remote: remote_addr, len: length };
+        let r = self.direct.transfer(&info, req, timeout, self.config.connect_timeout);
+        if matches!(r, Err(Error::RemoteDisconnected { .. })) {
+            started.events.peer_failed(&target.name);
+        }
+        Some(r)
+    }
+
     fn forget_peer(&self, segment_name: &str) {
         self.peers.write().unwrap_or_else(|p| p.into_inner()).remove(segment_name);
+        self.direct.forget(segment_name);
     }
 
     async fn shutdown(&self) {
@@ -235,6 +276,7 @@ impl Transport for TcpTransport {
             s.server.abort();
         }
         self.peers.write().unwrap_or_else(|p| p.into_inner()).clear();
+        self.direct.clear();
     }
 }
 

@@ -294,3 +294,42 @@ async fn dead_peer_fails_requests_without_hanging_and_reconnects_after_restart()
     tokio::time::timeout(Duration::from_secs(10), b.wait()).await.unwrap();
     assert_eq!(b.overall().state, TransferState::Completed, "{:?}", b.overall());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_path_round_trips_rejects_and_survives_a_restart() {
+    use crate::direct::{DirectPool, Request};
+    let regions = Arc::new(RegionTable::new());
+    let mem = Registered::new(8192, &regions);
+    let (port, srv) = start_server(regions.clone()).await;
+    let info = PeerInfo { name: format!("127.0.0.1:{port}"), host: "127.0.0.1".into(), port, v2: true };
+    let pool = Arc::new(DirectPool::default());
+    let t = Duration::from_secs(5);
+    let src: Vec<u8> = (0..4096).map(|i| (i % 13) as u8).collect();
+    let mut back = vec![0u8; 4096];
+    let (s, b) = (src.as_ptr() as u64, back.as_mut_ptr() as u64);
+    let (p, i, remote) = (pool.clone(), info.clone(), mem.addr());
+    let blocking = move |f: Box<dyn FnOnce() -> mooncake_core::Result<u64> + Send>| tokio::task::spawn_blocking(f);
+    let w = Request { op: Opcode::Write, local: s, remote, len: 4096 };
+    let r = Request { op: Opcode::Read, local: b, remote, len: 4096 };
+    let (p1, i1) = (p.clone(), i.clone());
+    blocking(Box::new(move || p1.transfer(&i1, w, t, t))).await.unwrap().unwrap();
+    let (p1, i1) = (p.clone(), i.clone());
+    blocking(Box::new(move || p1.transfer(&i1, r, t, t))).await.unwrap().unwrap();
+    assert_eq!(back, src);
+    let bad = Request { op: Opcode::Read, local: b, remote: remote + 8000, len: 4096 };
+    let (p1, i1) = (p.clone(), i.clone());
+    let e = blocking(Box::new(move || p1.transfer(&i1, bad, t, t))).await.unwrap();
+    assert!(matches!(e, Err(Error::RemoteRejected { .. })), "{e:?}");
+    // Kill the server: a typed error, no hang.
+    srv.abort();
+    let _ = srv.await;
+    let (p1, i1) = (p.clone(), i.clone());
+    let e = blocking(Box::new(move || p1.transfer(&i1, r, t, t))).await.unwrap();
+    assert!(matches!(e, Err(Error::RemoteDisconnected { .. })), "{e:?}");
+    // Restart on the same port: the stale pooled connection is replaced transparently.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+    let _srv2 = tokio::spawn(server::serve(listener, regions.clone()));
+    let (p1, i1) = (p.clone(), i.clone());
+    blocking(Box::new(move || p1.transfer(&i1, r, t, t))).await.unwrap().unwrap();
+    assert_eq!(back, src);
+}

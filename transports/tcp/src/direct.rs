@@ -1,0 +1,211 @@
+//! The caller-thread path for a single small blocking request: the calling thread writes the
+//! request and polls for the answer itself on a pooled blocking connection, so a sync 4 KiB
+//! transfer costs one wake-up (the server's) instead of three.
+
+use std::collections::HashMap;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use mooncake_core::{Error, Opcode, Result};
+
+use crate::client::PeerInfo;
+use crate::memory;
+use crate::wire::{self, Header};
+
+/// Largest request that takes this path; larger ones are striped over lanes instead.
+pub(crate) const DIRECT_MAX: u64 = 64 << 10;
+/// Idle connections kept per peer.
+const IDLE_PER_PEER: usize = 8;
+/// How long the caller polls the socket before sleeping in the kernel.
+const SPIN: Duration = Duration::from_micros(200);
+
+/// One request on this path.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Request {
+    pub op: Opcode,
+    pub local: u64,
+    pub remote: u64,
+    pub len: u64,
+}
+
+/// Idle blocking connections by peer.
+#[derive(Default)]
+pub(crate) struct DirectPool {
+    idle: Mutex<HashMap<PeerInfo, Vec<TcpStream>>>,
+}
+
+impl DirectPool {
+    fn take(&self, info: &PeerInfo) -> Option<TcpStream> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).get_mut(info).and_then(Vec::pop)
+    }
+
+    fn put(&self, info: &PeerInfo, s: TcpStream) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let v = idle.entry(info.clone()).or_default();
+        if v.len() < IDLE_PER_PEER {
+            v.push(s);
+        }
+    }
+
+    /// Drops the idle connections of a segment.
+    pub(crate) fn forget(&self, name: &str) {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).retain(|k, _| k.name != name);
+    }
+
+    /// Drops every idle connection.
+    pub(crate) fn clear(&self) {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    /// Runs one request; retries once on a fresh connection when a pooled one turns out dead
+    /// before any answer byte arrived (the peer restarted or closed it while idle).
+    pub(crate) fn transfer(
+        &self,
+        info: &PeerInfo,
+        req: Request,
+        timeout: Duration,
+        connect_timeout: Duration,
+    ) -> Result<u64> {
+        let len = req.len;
+        let deadline = Instant::now() + timeout;
+        if let Some(s) = self.take(info) {
+            match exchange(&s, info, req, deadline) {
+                Ok(()) => {
+                    self.put(info, s);
+                    return Ok(len);
+                }
+                Err(Failure::BeforeAnswer(_)) => {} // stale pooled connection: try a fresh one
+                Err(Failure::Rejected(e)) => return Err(e),
+                Err(Failure::After(e)) => return Err(e),
+            }
+        }
+        let s = connect(info, connect_timeout.min(timeout))?;
+        match exchange(&s, info, req, deadline) {
+            Ok(()) => {
+                self.put(info, s);
+                Ok(len)
+            }
+            Err(Failure::BeforeAnswer(e) | Failure::After(e) | Failure::Rejected(e)) => Err(e),
+        }
+    }
+}
+
+enum Failure {
+    /// Nothing of the answer arrived: the request may never have reached the server.
+    BeforeAnswer(Error),
+    /// The server refused the range (the connection is dropped: upstream closes it too).
+    Rejected(Error),
+    /// Failed part-way through the answer.
+    After(Error),
+}
+
+fn connect(info: &PeerInfo, limit: Duration) -> Result<TcpStream> {
+    let gone = |e: &dyn std::fmt::Display| {
+        Error::disconnected(&info.name, format!("connect to {}:{}: {e}", info.host, info.port))
+    };
+    let addrs = (info.host.as_str(), info.port).to_socket_addrs().map_err(|e| gone(&e))?;
+    let mut last = None;
+    for a in addrs {
+        match TcpStream::connect_timeout(&a, limit) {
+            Ok(s) => {
+                s.set_nodelay(true)?;
+                return Ok(s);
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(gone(&last.map_or_else(|| "no address".to_string(), |e| e.to_string())))
+}
+
+thread_local! {
+    /// Header and small payload, sent with one write.
+    static OUT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn exchange(mut s: &TcpStream, info: &PeerInfo, req: Request, deadline: Instant) -> std::result::Result<(), Failure> {
+    let Request { op, local, remote, len } = req;
+    let io = |e: std::io::Error| Error::disconnected(&info.name, e);
+    let header = Header { size: len, addr: remote, opcode: op, v2: info.v2 }.encode();
+    s.set_nonblocking(false).map_err(|e| Failure::BeforeAnswer(io(e)))?;
+    s.set_write_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1))))
+        .map_err(|e| Failure::BeforeAnswer(io(e)))?;
+    let sent = OUT.with(|out| {
+        let mut out = out.borrow_mut();
+        out.clear();
+        out.extend_from_slice(&header);
+        if op == Opcode::Write {
+            // SAFETY: the engine validated the local range (or the caller vouched for it); the
+            // call blocks until the bytes are copied out.
+            out.extend_from_slice(unsafe { memory::bytes(local, len) });
+        }
+        s.write_all(&out)
+    });
+    sent.map_err(|e| Failure::BeforeAnswer(io(e)))?;
+    if !info.v2 && op == Opcode::Write {
+        return Ok(()); // v1 writes have no answer
+    }
+    let mut got_any = false;
+    if info.v2 {
+        let mut word = [0u8; 8];
+        read_polling(s, &mut word, deadline, &mut got_any, info)?;
+        match wire::decode_status(word) {
+            Ok(wire::STATUS_OK) => {}
+            Ok(_) => {
+                return Err(Failure::Rejected(Error::RemoteRejected { peer: info.name.clone(), addr: remote, len }));
+            }
+            Err(e) => return Err(Failure::After(e)),
+        }
+    }
+    if op == Opcode::Read {
+        // SAFETY: as above, for the destination; it is written only during this call.
+        let dst = unsafe { memory::bytes_mut(local, len) };
+        read_polling(s, dst, deadline, &mut got_any, info)?;
+    }
+    Ok(())
+}
+
+/// Fills `buf`, polling the non-blocking socket for a while before sleeping in `read`.
+fn read_polling(
+    mut s: &TcpStream,
+    buf: &mut [u8],
+    deadline: Instant,
+    got_any: &mut bool,
+    info: &PeerInfo,
+) -> std::result::Result<(), Failure> {
+    let fail = |got: bool, e: Error| if got { Failure::After(e) } else { Failure::BeforeAnswer(e) };
+    let io = |e: std::io::Error| Error::disconnected(&info.name, e);
+    let spin_until = Instant::now() + SPIN;
+    let mut blocking = false;
+    s.set_nonblocking(true).map_err(|e| fail(*got_any, io(e)))?;
+    let mut done = 0;
+    while done < buf.len() {
+        match s.read(&mut buf[done..]) {
+            Ok(0) => return Err(fail(*got_any, Error::disconnected(&info.name, "peer closed the connection"))),
+            Ok(n) => {
+                done += n;
+                *got_any = true;
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock && !blocking => {
+                if Instant::now() < spin_until {
+                    std::hint::spin_loop();
+                    continue;
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(Failure::After(Error::Timeout(left)));
+                }
+                s.set_nonblocking(false).map_err(|e| fail(*got_any, io(e)))?;
+                s.set_read_timeout(Some(left)).map_err(|e| fail(*got_any, io(e)))?;
+                blocking = true;
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Err(Failure::After(Error::Timeout(deadline.saturating_duration_since(Instant::now()))));
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(fail(*got_any, io(e))),
+        }
+    }
+    Ok(())
+}
