@@ -8,7 +8,9 @@
 //!
 //! Settings (engine options or environment): `lanes` / `MC_TCP_LANES` (default 2),
 //! `stripe_min` / `MC_TCP_STRIPE_MIN` (smallest stripe, default 256 KiB), `MC_TCP_PROTO=1`
-//! (publish and speak v1 framing), `MC_TCP_CONNECT_TIMEOUT_MS` (default 5000).
+//! (publish and speak v1 framing), `MC_TCP_CONNECT_TIMEOUT_MS` (default 5000), `MC_TCP_DIRECT=0` (no
+//! caller-thread path for single requests up to 64 KiB), `MC_TCP_SERVER_SPIN_US` (server polls a
+//! connection this long after answering before parking; default 50).
 //!
 //! ```no_run
 //! // Link it (the `mooncake` facade does this for the `tcp` feature) and pick it by name:

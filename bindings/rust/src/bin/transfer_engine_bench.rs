@@ -70,6 +70,9 @@ struct Args {
     /// Accepted for compatibility; always GB (1e9 bytes).
     #[arg(long = "report_unit", default_value = "GB")]
     report_unit: String,
+    /// Walk through the whole buffer instead of reusing each thread's first blocks (upstream reuses).
+    #[arg(long)]
+    walk: bool,
     /// Sweep: block sizes.
     #[arg(long, value_delimiter = ',', default_value = "4096,65536,1048576,4194304,16777216,67108864")]
     blocks: Vec<u64>,
@@ -209,14 +212,14 @@ fn run_on(e: &TransferEngine, args: &Args, segment: &str) -> mooncake::Result<Ru
             let stop = stop.clone();
             let segment = segment.to_string();
             let base = t as u64 * slot;
-            let (local_base, block, batch) = (local.addr(), args.block_size, args.batch_size);
+            let (local_base, block, batch, walk) = (local.addr(), args.block_size, args.batch_size, args.walk);
             std::thread::spawn(move || {
                 let mut lat = Vec::new();
                 let (mut bytes, mut blocks, mut errors) = (0u64, 0u64, 0u64);
                 let lens = vec![block; batch];
                 let mut round = 0u64;
                 while !stop.load(Ordering::Relaxed) {
-                    let off = base + (round * span) % (slot - slot % span).max(span);
+                    let off = if walk { base + (round * span) % (slot - slot % span).max(span) } else { base };
                     let locals: Vec<u64> = (0..batch as u64).map(|i| local_base + off + i * block).collect();
                     let remotes: Vec<u64> = (0..batch as u64).map(|i| remote_base + off + i * block).collect();
                     let t0 = Instant::now();
@@ -283,12 +286,13 @@ fn sweep(args: &Args) -> mooncake::Result<()> {
         .to_string();
     println!("# transfer_engine_bench sweep");
     println!(
-        "# protocol={} operation={:?} threads={} duration={}s/point buffer_size={} metadata={} target={} (child pid {})",
+        "# protocol={} operation={:?} threads={} duration={}s/point buffer_size={} walk={} metadata={} target={} (child pid {})",
         args.protocol,
         args.operation,
         args.threads,
         args.duration,
         args.buffer_size,
+        args.walk,
         args.metadata_server,
         segment,
         guard.0.id()
