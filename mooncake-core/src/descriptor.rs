@@ -132,6 +132,22 @@ impl SegmentDescriptor {
         out
     }
 
+    /// Position of `protocol` in [`SegmentDescriptor::protocols`] (0 = primary), without allocating.
+    pub fn protocol_rank(&self, protocol: &str) -> Option<usize> {
+        if self.protocol == protocol {
+            return Some(0);
+        }
+        match self.extra.get("protocols") {
+            Some(Value::Array(list)) => list
+                .iter()
+                .filter_map(Value::as_str)
+                .filter(|p| *p != self.protocol)
+                .position(|p| p == protocol)
+                .map(|i| i + 1),
+            _ => None,
+        }
+    }
+
     /// The buffer that contains `[addr, addr+len)` entirely, if any.
     pub fn find_buffer(&self, addr: u64, len: u64) -> Option<&BufferDesc> {
         let end = addr.checked_add(len)?;
@@ -203,5 +219,8 @@ mod tests {
         let mut d = SegmentDescriptor { protocol: "tcp".into(), ..Default::default() };
         d.extra.insert("protocols".into(), serde_json::json!(["shm", "tcp"]));
         assert_eq!(d.protocols(), vec!["tcp".to_string(), "shm".to_string()]);
+        assert_eq!(d.protocol_rank("tcp"), Some(0));
+        assert_eq!(d.protocol_rank("shm"), Some(1));
+        assert_eq!(d.protocol_rank("rdma"), None);
     }
 }

@@ -28,6 +28,9 @@ pub struct EngineConfig {
     pub unregister_wait: Duration,
     /// Key prefix cluster id (`MC_METADATA_CLUSTER_ID`).
     pub cluster_id: Option<String>,
+    /// Protocol order for segments reachable by several transports (`MC_PROTOCOL_PRIORITY`,
+    /// comma-separated); empty = rank by the transports' cost models.
+    pub protocol_priority: Vec<String>,
 }
 
 fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
@@ -48,6 +51,9 @@ impl EngineConfig {
             transfer_timeout: Duration::from_secs(env("MC_TRANSFER_TIMEOUT").unwrap_or(30)),
             unregister_wait: Duration::from_secs(30),
             cluster_id: std::env::var("MC_METADATA_CLUSTER_ID").ok(),
+            protocol_priority: std::env::var("MC_PROTOCOL_PRIORITY")
+                .map(|s| s.split(',').map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect())
+                .unwrap_or_default(),
         }
     }
 

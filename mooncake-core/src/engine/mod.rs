@@ -736,18 +736,15 @@ impl Inner {
 
     /// Picks the transport for a request to `seg` by the target's protocols and the cost model.
     fn route(&self, seg: &RemoteSegment, length: u64) -> Result<usize> {
-        let offered = seg.descriptor.protocols();
-        let priority: Option<Vec<String>> = std::env::var("MC_PROTOCOL_PRIORITY")
-            .ok()
-            .map(|s| s.split(',').map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect());
+        let priority = &self.config.protocol_priority;
         let mut best: Option<(usize, (usize, Duration, usize))> = None;
         for (i, t) in self.transports.iter().enumerate() {
-            let Some(order) = offered.iter().position(|p| p == t.name()) else { continue };
+            let Some(order) = seg.descriptor.protocol_rank(t.name()) else { continue };
             if !t.can_reach(seg) {
                 continue;
             }
-            let rank =
-                priority.as_ref().map(|p| p.iter().position(|n| n == t.name()).unwrap_or(usize::MAX)).unwrap_or(0);
+            // Listed protocols first, in list order; unlisted ones after them.
+            let rank = priority.iter().position(|n| n == t.name()).unwrap_or(priority.len());
             let key = (rank, t.capabilities().model.estimate(length), order);
             if best.as_ref().is_none_or(|(_, k)| key < *k) {
                 best = Some((i, key));
@@ -757,7 +754,7 @@ impl Inner {
             Error::unavailable(format!(
                 "segment {:?} offers {:?}; this engine has {:?} and none of them can reach it",
                 seg.name,
-                offered,
+                seg.descriptor.protocols(),
                 self.transports.iter().map(|t| t.name()).collect::<Vec<_>>()
             ))
         })
