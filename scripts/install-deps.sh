@@ -5,6 +5,12 @@ need=()
 # libibverbs1: the upstream wheel used by the interop tests links it even for TCP.
 ldconfig -p | grep -q 'libibverbs\.so\.1' || need+=(libibverbs1)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+# Metadata services the tests start on free 127.0.0.1 ports (testkit), and protoc with the
+# well-known types for building etcd-client.
+command -v etcd >/dev/null || need+=(etcd-server)
+command -v redis-server >/dev/null || need+=(redis-server)
+command -v protoc >/dev/null || need+=(protobuf-compiler)
+[ -f /usr/include/google/protobuf/timestamp.proto ] || need+=(libprotobuf-dev)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "missing system packages: ${need[*]} (run as root or: sudo apt-get install ${need[*]})" >&2

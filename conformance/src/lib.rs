@@ -30,6 +30,8 @@ pub mod runner;
 mod transport;
 mod util;
 
+pub use util::{pattern, pattern_byte};
+
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

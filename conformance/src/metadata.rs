@@ -66,7 +66,7 @@ pub fn metadata_suite(name: &str, opts: &SuiteOptions) -> Vec<Trial> {
             Outcome::Failed(format!("{name:?} does not accept connection string {conn:?}")),
         )];
     }
-    let cases: [(&str, Body); 13] = [
+    let cases: [(&str, Body); 15] = [
         ("put_get_delete_round_trip", round_trip),
         ("get_missing_is_none", get_missing),
         ("delete_absent_is_false", delete_absent),
@@ -77,9 +77,11 @@ pub fn metadata_suite(name: &str, opts: &SuiteOptions) -> Vec<Trial> {
         ("concurrent_writers", concurrent),
         ("shared_visibility", shared_visibility),
         ("lease", lease),
+        ("lease_expires_after_close", lease_expiry),
         ("list_prefix", list),
         ("watch_prefix", watch),
         ("close_is_idempotent", close),
+        ("service_down_is_unavailable", service_down),
     ];
     let nonce = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     cases
@@ -342,4 +344,99 @@ fn close(c: &Ctx) -> TestResult {
         other.close().await;
     })?;
     Ok(Outcome::Passed)
+}
+
+fn lease_expiry(c: &Ctx) -> TestResult {
+    if !c.caps.lease {
+        return Ok(Outcome::Skipped("store does not declare leases".into()));
+    }
+    if !c.caps.shared {
+        return Ok(Outcome::Skipped("a local-only store cannot show a key outliving its owner".into()));
+    }
+    let owner = (c.create)(&c.conn).or_fail("creating the owning client")?;
+    let k = c.key("expiring");
+    block_on_timeout(LIMIT, "lease expiry", async {
+        owner.put_with_lease(&k, b"alive", Duration::from_secs(2)).await.or_fail("put_with_lease")?;
+        // Renewed while the owner lives: still there after more than one TTL.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let got = c.store.get(&k).await.or_fail("get while the owner lives")?;
+        ensure!(got.as_deref() == Some(&b"alive"[..]), "leased key vanished while its owner was alive: {got:?}");
+        owner.close().await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            if c.store.get(&k).await.or_fail("get after the owner closed")?.is_none() {
+                return Ok(Outcome::Passed);
+            }
+            ensure!(tokio::time::Instant::now() < deadline, "leased key still present 15 s after its owner closed");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })?
+}
+
+/// `conn` with its first `host:port` pointed at `port`, or `None` when it names no network
+/// address (`P2PHANDSHAKE`).
+fn with_port(conn: &str, port: u16) -> Option<String> {
+    let (scheme, rest) = match conn.split_once("://") {
+        Some((s, r)) => (format!("{s}://"), r),
+        None => (String::new(), conn),
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    let first = authority.split(',').next()?;
+    let (host, p) = first.rsplit_once(':')?;
+    p.parse::<u16>().ok()?;
+    Some(format!("{scheme}{host}:{port}{path}"))
+}
+
+/// A client of a service that refuses connections, and one of a service that accepts them but
+/// never answers, must both fail with `Unavailable`, without hanging.
+fn service_down(c: &Ctx) -> TestResult {
+    let refused_port =
+        std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).or_fail("finding a free port")?.port();
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").or_fail("binding a silent listener")?;
+    let silent_port = silent.local_addr().or_fail("silent listener address")?.port();
+    let (Some(refused), Some(mute)) = (with_port(&c.conn, refused_port), with_port(&c.conn, silent_port)) else {
+        return Ok(Outcome::Skipped(format!("connection string {:?} names no network service", c.conn)));
+    };
+    let bound = Duration::from_secs(15);
+    for (what, conn) in [("refusing", refused), ("silent", mute)] {
+        let store = match (c.create)(&conn) {
+            Ok(s) => s,
+            Err(Error::Unavailable { .. }) => continue,
+            Err(e) => return Err(format!("creating a client of a {what} service: {e:?}, expected Unavailable")),
+        };
+        let k = c.key("down");
+        let started = std::time::Instant::now();
+        let results = block_on_timeout(bound + Duration::from_secs(1), &format!("calls to a {what} service"), async {
+            let get = tokio::time::timeout(bound, store.get(&k)).await.map(|r| r.map(|_| ()));
+            let put = tokio::time::timeout(bound, store.put(&k, b"v")).await;
+            let del = tokio::time::timeout(bound, store.delete(&k)).await.map(|r| r.map(|_| ()));
+            store.close().await;
+            [("get", get), ("put", put), ("delete", del)]
+        })?;
+        for (op, r) in results {
+            match r {
+                Err(_) => return Err(format!("{op} to a {what} service hung for more than {bound:?}")),
+                Ok(Err(Error::Unavailable { .. })) => {}
+                Ok(other) => return Err(format!("{op} to a {what} service gave {other:?}, expected Unavailable")),
+            }
+        }
+        let took = started.elapsed();
+        ensure!(took < bound * 3, "three calls to a {what} service took {took:?}");
+    }
+    drop(silent);
+    Ok(Outcome::Passed)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn with_port_rewrites_the_first_address() {
+        use super::with_port;
+        assert_eq!(with_port("http://127.0.0.1:8080/metadata", 9).as_deref(), Some("http://127.0.0.1:9/metadata"));
+        assert_eq!(with_port("etcd://a:2379,b:2379", 9).as_deref(), Some("etcd://a:9"));
+        assert_eq!(with_port("127.0.0.1:2379", 9).as_deref(), Some("127.0.0.1:9"));
+        assert_eq!(with_port("redis://127.0.0.1:6379", 9).as_deref(), Some("redis://127.0.0.1:9"));
+        assert_eq!(with_port("P2PHANDSHAKE", 9), None);
+    }
 }

@@ -34,12 +34,24 @@ pub struct PeerArgs {
     pub rpc_port: u16,
     /// Pattern seed of the registered bytes.
     pub seed: u64,
+    /// Metadata connection string (`P2PHANDSHAKE` by default; `http://...`, `etcd://...`, ...).
+    pub metadata: String,
+    /// Segment name in metadata mode (`host:port`; the port is the handshake port).
+    pub name: Option<String>,
 }
 
 impl PeerArgs {
-    /// Parses `--protocol P --size N [--rpc-port P] [--seed S]` (the words after `serve-peer`).
+    /// A P2P peer serving `size` bytes of pattern `seed` over `protocol`.
+    pub fn new(protocol: &str, size: u64, seed: u64) -> Self {
+        PeerArgs { protocol: protocol.into(), size, rpc_port: 0, seed, metadata: "P2PHANDSHAKE".into(), name: None }
+    }
+}
+
+impl PeerArgs {
+    /// Parses `--protocol P --size N [--rpc-port P] [--seed S] [--metadata CONN --name HOST:PORT]`
+    /// (the words after `serve-peer`).
     pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Self, String> {
-        let mut out = PeerArgs { protocol: String::new(), size: 1 << 20, rpc_port: 0, seed: 0 };
+        let mut out = PeerArgs::new("", 1 << 20, 0);
         let mut it = args.into_iter();
         while let Some(flag) = it.next() {
             let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
@@ -49,6 +61,8 @@ impl PeerArgs {
                 "--size" => out.size = num(&value)?,
                 "--rpc-port" => out.rpc_port = u16::try_from(num(&value)?).map_err(|e| format!("{flag}: {e}"))?,
                 "--seed" => out.seed = num(&value)?,
+                "--metadata" => out.metadata = value,
+                "--name" => out.name = Some(value),
                 other => return Err(format!("unknown argument {other:?}")),
             }
         }
@@ -72,7 +86,12 @@ impl PeerArgs {
             self.rpc_port.to_string(),
             "--seed".into(),
             self.seed.to_string(),
+            "--metadata".into(),
+            self.metadata.clone(),
         ]
+        .into_iter()
+        .chain(self.name.iter().flat_map(|n| ["--name".to_string(), n.clone()]))
+        .collect()
     }
 }
 
@@ -93,9 +112,13 @@ pub struct PeerInfo {
 
 /// Serves a peer until stdin closes (the body of `serve-peer`). Prints the [`PeerInfo`] line.
 pub fn serve_peer(args: &PeerArgs) -> Result<(), String> {
-    let host = if args.rpc_port == 0 { "127.0.0.1".to_string() } else { format!("127.0.0.1:{}", args.rpc_port) };
-    let engine = TransferEngine::new(EngineConfig::new(host, "P2PHANDSHAKE").with_protocols([args.protocol.as_str()]))
-        .or_fail("starting the peer engine")?;
+    let host = match (&args.name, args.rpc_port) {
+        (Some(name), _) => name.clone(),
+        (None, 0) => "127.0.0.1".to_string(),
+        (None, port) => format!("127.0.0.1:{port}"),
+    };
+    let config = EngineConfig::new(host, args.metadata.as_str()).with_protocols([args.protocol.as_str()]);
+    let engine = TransferEngine::new(config).or_fail("starting the peer engine")?;
     let size = usize::try_from(args.size).or_fail("buffer size")?;
     let buf = HostBuf::with_pattern(args.seed, size);
     engine.register_memory(buf.addr(), buf.len(), "cpu:0").or_fail("registering the peer buffer")?;
@@ -211,7 +234,10 @@ mod tests {
 
     #[test]
     fn args_round_trip() {
-        let a = PeerArgs { protocol: "tcp".into(), size: 4096, rpc_port: 15555, seed: 9 };
+        let mut a = PeerArgs { rpc_port: 15555, ..PeerArgs::new("tcp", 4096, 9) };
+        assert_eq!(PeerArgs::parse(a.to_args().into_iter().skip(1)).unwrap(), a);
+        a.metadata = "http://127.0.0.1:1/metadata".into();
+        a.name = Some("127.0.0.1:2".into());
         let words = a.to_args();
         assert_eq!(words[0], SUBCOMMAND);
         assert_eq!(PeerArgs::parse(words.into_iter().skip(1)).unwrap(), a);

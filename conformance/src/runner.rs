@@ -32,9 +32,12 @@ struct Cli {
     /// Seconds one test may run before it counts as hung.
     #[arg(long, default_value_t = 120)]
     timeout: u64,
-    /// Connection string for metadata stores other than p2p (e.g. `http://127.0.0.1:8080/metadata`).
-    #[arg(long, value_name = "CONN")]
-    metadata_conn: Option<String>,
+    /// Connection string of a metadata service to test, as `NAME=CONN` (e.g.
+    /// `etcd=etcd://10.0.0.5:2379`) or a bare CONN for every store that accepts it (repeatable).
+    /// Without one the runner starts its own: an in-process HTTP server, and `etcd` / `redis-server`
+    /// on free 127.0.0.1 ports when they are installed.
+    #[arg(long = "metadata-conn", value_name = "[NAME=]CONN")]
+    metadata_conns: Vec<String>,
     /// Extra disabled-tests file (lines `<backend> <test> <reason...>`), added to the checked-in list.
     #[arg(long = "disabled", value_name = "FILE")]
     disabled_files: Vec<std::path::PathBuf>,
@@ -115,11 +118,11 @@ fn run(cli: &Cli, disabled: &dyn Fn(&str) -> Vec<(String, String)>) -> Report {
     };
     let base = SuiteOptions {
         timeout: Duration::from_secs(cli.timeout.max(1)),
-        metadata_conn: cli.metadata_conn.clone(),
         peer: std::env::current_exe().ok().map(PeerCommand::new),
         ..SuiteOptions::default()
     };
     let opts_for = |name: &str| SuiteOptions { disabled: disabled(name), ..base.clone() };
+    let mut services = Services::default();
     let mut trials: Vec<Trial> = Vec::new();
     for f in registry::transports() {
         if wanted("transport", f.name) {
@@ -132,8 +135,14 @@ fn run(cli: &Cli, disabled: &dyn Fn(&str) -> Vec<(String, String)>) -> Report {
         }
     }
     for f in registry::metadata_stores() {
-        if wanted("metadata", f.name) {
-            trials.extend(metadata_suite(f.name, &opts_for(f.name)));
+        if !wanted("metadata", f.name) {
+            continue;
+        }
+        match services.conn_for(f, &cli.metadata_conns) {
+            Ok(conn) => {
+                trials.extend(metadata_suite(f.name, &SuiteOptions { metadata_conn: conn, ..opts_for(f.name) }))
+            }
+            Err(why) => trials.push(Trial::fixed("metadata", f.name, "connect", Outcome::Skipped(why))),
         }
     }
     if !cli.backends.is_empty() {
@@ -151,6 +160,7 @@ fn run(cli: &Cli, disabled: &dyn Fn(&str) -> Vec<(String, String)>) -> Report {
         }
     }
     let quiet = cli.quiet;
+    let _keep_services_running = services;
     run_trials_with(trials, cli.filter.as_deref(), |r| {
         if quiet {
             return;
@@ -163,4 +173,75 @@ fn run(cli: &Cli, disabled: &dyn Fn(&str) -> Vec<(String, String)>) -> Report {
         };
         println!("{tag}  {}/{}/{}  ({:.0?})", r.kind, r.backend, r.name, r.elapsed);
     })
+}
+
+/// Metadata services the runner started itself; stopped (by PID) when dropped.
+#[derive(Default)]
+struct Services {
+    http: Vec<mooncake::metadata_http::BackgroundServer>,
+    etcd: Vec<mooncake_testkit::EtcdServer>,
+    redis: Vec<mooncake_testkit::RedisServer>,
+}
+
+impl Services {
+    /// The connection string to test `store` with: the user's, else one of a service started
+    /// here; `Ok(None)` for stores that need none (p2p); `Err` says why the suite is skipped.
+    fn conn_for(&mut self, store: &registry::MetadataFactory, given: &[String]) -> Result<Option<String>, String> {
+        let named = given.iter().map(|g| split_named(g)).find(|(n, _)| *n == Some(store.name)).map(|(_, c)| c);
+        let bare =
+            given.iter().map(|g| split_named(g)).find(|(n, c)| n.is_none() && (store.accepts)(c)).map(|(_, c)| c);
+        if let Some(conn) = named.or(bare) {
+            return Ok(Some(conn.to_string()));
+        }
+        match store.name {
+            "http" => {
+                let config = mooncake::metadata_http::ServerConfig::new("127.0.0.1", 0);
+                let server = mooncake::metadata_http::HttpMetadataServer::new(config)
+                    .map_err(|e| e.to_string())
+                    .and_then(|s| s.spawn().map_err(|e| e.to_string()))
+                    .map_err(|e| format!("could not start an HTTP metadata server: {e}"))?;
+                let url = server.url();
+                self.http.push(server);
+                Ok(Some(url))
+            }
+            "etcd" => {
+                let etcd = mooncake_testkit::EtcdServer::start()
+                    .map_err(|e| format!("{e}; or pass --metadata-conn etcd=etcd://HOST:PORT"))?;
+                let conn = etcd.conn();
+                self.etcd.push(etcd);
+                Ok(Some(conn))
+            }
+            "redis" => {
+                let redis = mooncake_testkit::RedisServer::start()
+                    .map_err(|e| format!("{e}; or pass --metadata-conn redis=redis://HOST:PORT"))?;
+                let conn = redis.conn();
+                self.redis.push(redis);
+                Ok(Some(conn))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+/// `NAME=CONN` into its parts; a string without a plain name before `=` is a bare CONN.
+fn split_named(given: &str) -> (Option<&str>, &str) {
+    match given.split_once('=') {
+        Some((n, c)) if !n.is_empty() && n.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_') => {
+            (Some(n), c)
+        }
+        _ => (None, given),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_named;
+
+    #[test]
+    fn metadata_conn_arguments() {
+        assert_eq!(split_named("etcd=etcd://h:1"), (Some("etcd"), "etcd://h:1"));
+        assert_eq!(split_named("http://h:1/metadata"), (None, "http://h:1/metadata"));
+        assert_eq!(split_named("10.0.0.1:2379"), (None, "10.0.0.1:2379"));
+        assert_eq!(split_named("redis://u:p=w@h:1"), (None, "redis://u:p=w@h:1"));
+    }
 }

@@ -863,7 +863,7 @@ fn peer_shutdown(t: &Target) -> TestResult {
 
 fn spawn_peer(t: &Target, size: u64, rpc_port: u16, seed: u64) -> Result<PeerProcess, String> {
     let cmd = t.opts.peer.as_ref().ok_or("no peer command")?;
-    PeerProcess::spawn(cmd, &PeerArgs { protocol: t.protocol.clone(), size, rpc_port, seed }, PEER_START)
+    PeerProcess::spawn(cmd, &PeerArgs { rpc_port, ..PeerArgs::new(&t.protocol, size, seed) }, PEER_START)
 }
 
 fn remote_req(h: SegmentHandle, op: Opcode, local: u64, remote: u64, len: u64) -> TransferRequest {

@@ -34,13 +34,13 @@ macro_rules! ensure {
 pub(crate) use ensure;
 
 /// Byte `i` of the test pattern number `seed` (not periodic at small powers of two).
-pub(crate) fn pattern_byte(seed: u64, i: u64) -> u8 {
+pub fn pattern_byte(seed: u64, i: u64) -> u8 {
     let x = (i ^ (i >> 7) ^ (i >> 17)).wrapping_mul(0x9E37_79B9).wrapping_add(seed.wrapping_mul(0x85EB_CA6B));
     (x >> 11) as u8
 }
 
 /// `len` bytes of pattern `seed`.
-pub(crate) fn pattern(seed: u64, len: usize) -> Vec<u8> {
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     (0..len as u64).map(|i| pattern_byte(seed, i)).collect()
 }
 

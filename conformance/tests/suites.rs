@@ -1,6 +1,7 @@
 //! Runs the conformance suites against the backends linked into this workspace, so `cargo test`
 //! covers them: the example `loopback` plugin, `tcp` (with child-process peers from the runner
-//! binary), the `host` memory device and the `p2p` metadata store.
+//! binary), the `host` memory device and the `p2p`, `http`, `etcd` and `redis` metadata stores
+//! (against real servers started on free 127.0.0.1 ports by `mooncake-testkit`).
 
 use mooncake_conformance::{
     PeerCommand, Report, SuiteOptions, checked_in_disabled, device_suite, metadata_suite, run_trials, transport_suite,
@@ -31,7 +32,15 @@ fn assert_clean(report: &Report) {
 fn every_backend_is_registered() {
     link();
     let names: Vec<_> = mooncake_core::registry::probe_all().iter().map(|r| (r.kind, r.name)).collect();
-    for want in [("transport", "loopback"), ("transport", "tcp"), ("device", "host"), ("metadata", "p2p")] {
+    for want in [
+        ("transport", "loopback"),
+        ("transport", "tcp"),
+        ("device", "host"),
+        ("metadata", "p2p"),
+        ("metadata", "http"),
+        ("metadata", "etcd"),
+        ("metadata", "redis"),
+    ] {
         assert!(names.contains(&want), "{want:?} missing from the registry: {names:?}");
     }
 }
@@ -68,6 +77,47 @@ fn host_device_conforms() {
 fn p2p_metadata_conforms() {
     link();
     assert_clean(&run_trials(metadata_suite("p2p", &options("p2p")), None));
+}
+
+fn metadata_conforms(backend: &str, conn: String) -> Report {
+    link();
+    let opts = SuiteOptions { metadata_conn: Some(conn), ..options(backend) };
+    let report = run_trials(metadata_suite(backend, &opts), None);
+    assert_clean(&report);
+    // A shared service must run the cases a local store skips.
+    for r in report
+        .results
+        .iter()
+        .filter(|r| ["shared_visibility", "service_down_is_unavailable"].contains(&r.name.as_str()))
+    {
+        assert!(matches!(r.outcome, mooncake_conformance::Outcome::Passed), "{}: {:?}", r.name, r.outcome);
+    }
+    report
+}
+
+#[test]
+fn http_metadata_conforms() {
+    let server =
+        mooncake::metadata_http::HttpMetadataServer::new(mooncake::metadata_http::ServerConfig::new("127.0.0.1", 0))
+            .expect("http metadata server")
+            .spawn()
+            .expect("http metadata server");
+    metadata_conforms("http", server.url());
+}
+
+#[test]
+fn etcd_metadata_conforms() {
+    let etcd = mooncake_testkit::EtcdServer::start().expect("etcd");
+    let report = metadata_conforms("etcd", etcd.conn());
+    for r in report.results.iter().filter(|r| r.name.starts_with("lease") || r.name.starts_with("watch")) {
+        assert!(matches!(r.outcome, mooncake_conformance::Outcome::Passed), "{}: {:?}", r.name, r.outcome);
+    }
+}
+
+#[test]
+fn redis_metadata_conforms() {
+    let redis = mooncake_testkit::RedisServer::start().expect("redis-server");
+    metadata_conforms("redis", redis.conn());
 }
 
 #[test]

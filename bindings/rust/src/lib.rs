@@ -1,7 +1,7 @@
 //! mooncake-rs: the KVCache-centric transfer engine of Mooncake, in Rust.
 //!
 //! This facade re-exports [`mooncake_core`] and links the backends selected by cargo features
-//! (`tcp`, default; more as they land). Backends register themselves at link time; call
+//! (`tcp` and `http` by default; `etcd`, `redis`, or `all`). Backends register themselves at link time; call
 //! [`link_all`] once from a final binary so the linker keeps every enabled one, then pick them by
 //! name at run time (`EngineConfig::with_protocols(["tcp"])`) or list them with [`backends`].
 //!
@@ -24,7 +24,13 @@
 pub use mooncake_core::*;
 
 pub use mooncake_device_host as device_host;
+#[cfg(feature = "etcd")]
+pub use mooncake_metadata_etcd as metadata_etcd;
+#[cfg(feature = "http")]
+pub use mooncake_metadata_http as metadata_http;
 pub use mooncake_metadata_p2p as metadata_p2p;
+#[cfg(feature = "redis")]
+pub use mooncake_metadata_redis as metadata_redis;
 #[cfg(feature = "tcp")]
 pub use mooncake_transport_tcp as transport_tcp;
 
@@ -32,6 +38,12 @@ pub use mooncake_transport_tcp as transport_tcp;
 pub const ENABLED_BACKENDS: &[(&str, &str)] = &[
     #[cfg(feature = "tcp")]
     ("tcp", "tcp"),
+    #[cfg(feature = "http")]
+    ("http", "http"),
+    #[cfg(feature = "etcd")]
+    ("etcd", "etcd"),
+    #[cfg(feature = "redis")]
+    ("redis", "redis"),
 ];
 
 /// References every linked backend crate so the linker keeps their registrations.
@@ -41,6 +53,12 @@ pub fn link_all() {
     mooncake_device_host::link();
     #[cfg(feature = "tcp")]
     mooncake_transport_tcp::link();
+    #[cfg(feature = "http")]
+    mooncake_metadata_http::link();
+    #[cfg(feature = "etcd")]
+    mooncake_metadata_etcd::link();
+    #[cfg(feature = "redis")]
+    mooncake_metadata_redis::link();
 }
 
 /// What is linked and whether it works here (probe results).

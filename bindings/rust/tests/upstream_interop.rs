@@ -1,5 +1,7 @@
-//! Interop with upstream Mooncake (the `mooncake-transfer-engine-non-cuda` wheel) over TCP in
-//! P2PHANDSHAKE mode, both directions, v1 and v2 framing, verified byte for byte.
+//! Interop with upstream Mooncake (the `mooncake-transfer-engine-non-cuda` wheel) over TCP:
+//! P2PHANDSHAKE mode, both directions, v1 and v2 framing, verified byte for byte; and HTTP
+//! metadata mode, where upstream registers through OUR metadata server and we register through
+//! upstream's `mooncake_http_metadata_server`.
 //!
 //! Needs the wheel in a venv: `tests/interop/setup_upstream_venv.sh` (the test script runs it and
 //! then these tests with `--ignored`). `MOONCAKE_UPSTREAM_PYTHON` overrides the interpreter path.
@@ -73,21 +75,62 @@ impl Drop for Upstream {
     }
 }
 
-fn our_engine(version: u32) -> TransferEngine {
+/// How the engines find each other: P2P handshakes, or a metadata service (engine names are then
+/// `127.0.0.1:<free port>`).
+#[derive(Clone, Copy)]
+enum Meta<'a> {
+    P2p,
+    Service(&'a str),
+}
+
+impl Meta<'_> {
+    fn conn(&self) -> &str {
+        match self {
+            Meta::P2p => "P2PHANDSHAKE",
+            Meta::Service(conn) => conn,
+        }
+    }
+
+    fn name(&self) -> String {
+        match self {
+            Meta::P2p => "127.0.0.1".into(),
+            Meta::Service(_) => {
+                let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+                format!("127.0.0.1:{port}")
+            }
+        }
+    }
+
+    /// Arguments that put an upstream peer in the same mode.
+    fn upstream_args(&self) -> Vec<String> {
+        match self {
+            Meta::P2p => vec![],
+            Meta::Service(conn) => vec!["--metadata".into(), conn.to_string(), "--host".into(), self.name()],
+        }
+    }
+}
+
+fn our_engine_via(version: u32, meta: Meta<'_>) -> TransferEngine {
     mooncake::link_all();
-    let mut config = EngineConfig::new("127.0.0.1", "P2PHANDSHAKE").with_protocols(["tcp"]);
+    let mut config = EngineConfig::new(meta.name(), meta.conn()).with_protocols(["tcp"]);
     config.backend.options.insert("proto".into(), version.to_string());
     TransferEngine::new(config).expect("start our engine")
 }
 
 /// Ours initiates against an upstream target: read its pattern, write ours, read back, reject OOB.
 fn ours_to_upstream(version: u32, size: usize) {
-    let mut up = Upstream::spawn(&["target".into(), "--size".into(), size.to_string(), "--seed".into(), "7".into()]);
+    ours_to_upstream_via(version, size, Meta::P2p)
+}
+
+fn ours_to_upstream_via(version: u32, size: usize, meta: Meta<'_>) {
+    let mut args: Vec<String> = vec!["target".into(), "--size".into(), size.to_string(), "--seed".into(), "7".into()];
+    args.extend(meta.upstream_args());
+    let mut up = Upstream::spawn(&args);
     let hello: serde_json::Value = serde_json::from_str(&up.line()).expect("target JSON line");
     let segment = hello["segment"].as_str().expect("segment").to_string();
     let addr = hello["addr"].as_u64().expect("addr");
 
-    let ours = our_engine(version);
+    let ours = our_engine_via(version, meta);
     let mut local = vec![0u8; size];
     ours.register_memory(local.as_mut_ptr() as u64, size as u64, "cpu:0").unwrap();
     let seg = ours.segment(ours.open_segment(&segment).unwrap()).unwrap();
@@ -126,11 +169,15 @@ fn ours_to_upstream(version: u32, size: usize) {
 
 /// Upstream initiates against our target: it reads our pattern, writes its own, reads back.
 fn upstream_to_ours(version: u32, size: usize) {
-    let ours = our_engine(version);
+    upstream_to_ours_via(version, size, Meta::P2p)
+}
+
+fn upstream_to_ours_via(version: u32, size: usize, meta: Meta<'_>) {
+    let ours = our_engine_via(version, meta);
     let mut buf = pattern(7, size);
     let addr = buf.as_mut_ptr() as u64;
     ours.register_memory(addr, size as u64, "*").unwrap();
-    let mut up = Upstream::spawn(&[
+    let mut args: Vec<String> = vec![
         "initiator".into(),
         "--segment".into(),
         ours.local_segment_name().into(),
@@ -142,7 +189,9 @@ fn upstream_to_ours(version: u32, size: usize) {
         "9".into(),
         "--expect-seed".into(),
         "7".into(),
-    ]);
+    ];
+    args.extend(meta.upstream_args());
+    let mut up = Upstream::spawn(&args);
     let report = up.line();
     let status = up.child.wait().expect("initiator exit");
     assert!(status.success(), "v{version} {size}: upstream initiator failed: {report}");
@@ -181,5 +230,52 @@ fn upstream_initiates_to_ours_v2() {
 fn upstream_initiates_to_ours_v1() {
     for size in [4096, 1 << 20, 16 << 20] {
         upstream_to_ours(1, size);
+    }
+}
+
+#[test]
+#[ignore = "needs the upstream wheel (tests/interop/setup_upstream_venv.sh); run by scripts/test.sh"]
+fn upstream_registers_through_our_http_metadata_server() {
+    let config = mooncake::metadata_http::ServerConfig::new("127.0.0.1", 0);
+    let server = mooncake::metadata_http::HttpMetadataServer::new(config).unwrap().spawn().unwrap();
+    let conn = server.url();
+    for size in [4096, 4 << 20] {
+        ours_to_upstream_via(2, size, Meta::Service(&conn));
+        upstream_to_ours_via(2, size, Meta::Service(&conn));
+    }
+    assert!(server.addr().port() > 0);
+}
+
+/// Upstream's own `mooncake_http_metadata_server` from the wheel, killed on drop.
+struct UpstreamMetadataServer(Child);
+
+impl Drop for UpstreamMetadataServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+#[ignore = "needs the upstream wheel (tests/interop/setup_upstream_venv.sh); run by scripts/test.sh"]
+fn ours_registers_through_upstream_http_metadata_server() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let program = python().with_file_name("mooncake_http_metadata_server");
+    let child = Command::new(&program)
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {}: {e}", program.display()));
+    let _server = UpstreamMetadataServer(child);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "upstream metadata server did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let conn = format!("http://127.0.0.1:{port}/metadata");
+    for size in [4096, 4 << 20] {
+        upstream_to_ours_via(2, size, Meta::Service(&conn));
+        ours_to_upstream_via(2, size, Meta::Service(&conn));
     }
 }

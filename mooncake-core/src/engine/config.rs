@@ -31,6 +31,10 @@ pub struct EngineConfig {
     /// Protocol order for segments reachable by several transports (`MC_PROTOCOL_PRIORITY`,
     /// comma-separated); empty = rank by the transports' cost models.
     pub protocol_priority: Vec<String>,
+    /// How often a metadata-mode engine checks that its keys are still published and puts them
+    /// back after the metadata service lost them (`MC_METADATA_REPUBLISH_MS`, default 2000;
+    /// 0 turns the check off). P2P mode has nothing to check.
+    pub republish_interval: Duration,
 }
 
 fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
@@ -54,6 +58,7 @@ impl EngineConfig {
             protocol_priority: std::env::var("MC_PROTOCOL_PRIORITY")
                 .map(|s| s.split(',').map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect())
                 .unwrap_or_default(),
+            republish_interval: Duration::from_millis(env("MC_METADATA_REPUBLISH_MS").unwrap_or(2000)),
         }
     }
 

@@ -54,6 +54,8 @@ struct Inner {
     next_batch: AtomicU64,
     /// Serializes descriptor publication so the newest state is the one stored.
     publish_lock: tokio::sync::Mutex<()>,
+    /// The last publication did not reach the metadata service; the keeper retries it.
+    publish_pending: std::sync::atomic::AtomicBool,
 }
 
 /// State the handshake server and the transports reach back into.
@@ -116,7 +118,11 @@ impl TransferEngine {
         match started.and_then(|r| r) {
             Ok(mut inner) => {
                 inner.runtime = Mutex::new(Some(runtime));
-                Ok(TransferEngine { inner: Arc::new(inner) })
+                let inner = Arc::new(inner);
+                if !inner.config.is_p2p() && inner.config.republish_interval > Duration::ZERO {
+                    handle.spawn(keeper(Arc::downgrade(&inner), inner.config.republish_interval));
+                }
+                Ok(TransferEngine { inner })
             }
             Err(e) => {
                 runtime.shutdown_background();
@@ -259,7 +265,7 @@ impl TransferEngine {
 
     fn publish_blocking(&self) -> Result<()> {
         let inner = self.inner.clone();
-        self.run(async move { inner.publish().await })
+        self.run(async move { inner.publish_after_change().await })
     }
 
     // ---- segments --------------------------------------------------------------------------
@@ -605,13 +611,10 @@ impl Inner {
             batches: Mutex::new(HashMap::new()),
             next_batch: AtomicU64::new(1),
             publish_lock: tokio::sync::Mutex::new(()),
+            publish_pending: std::sync::atomic::AtomicBool::new(false),
             config,
         };
-        let rpc_meta = RpcMeta { ip_or_host_name: inner.rpc_host.clone(), rpc_port };
-        inner
-            .metadata
-            .put(&inner.keys.rpc_meta(&inner.local_name), serde_json::to_string(&rpc_meta)?.as_bytes())
-            .await?;
+        inner.claim_rpc_meta().await?;
         inner.publish().await?;
         tracing::info!(segment = %inner.local_name, rpc_port, protocols = ?inner.config.protocols, "transfer engine started");
         Ok(inner)
@@ -665,7 +668,73 @@ impl Inner {
         let _g = self.publish_lock.lock().await;
         let json = self.build_descriptor().to_json();
         *self.shared.descriptor_json.write().unwrap_or_else(|p| p.into_inner()) = Arc::from(json.as_str());
-        self.metadata.put(&self.keys.segment(&self.local_name), json.as_bytes()).await
+        let r = self.metadata.put(&self.keys.segment(&self.local_name), json.as_bytes()).await;
+        self.publish_pending.store(r.is_err(), std::sync::atomic::Ordering::Release);
+        r
+    }
+
+    /// Publishes after a local change. While the metadata service is unreachable the change
+    /// still takes effect here (P2P peers and cached peers see it); the keeper publishes it once
+    /// the service is back.
+    async fn publish_after_change(&self) -> Result<()> {
+        match self.publish().await {
+            Err(Error::Unavailable { reason }) if self.config.republish_interval > Duration::ZERO => {
+                tracing::warn!(%reason, "metadata service unreachable; the descriptor will be published when it is back");
+                Ok(())
+            }
+            r => r,
+        }
+    }
+
+    fn rpc_meta_json(&self) -> Result<String> {
+        let meta = RpcMeta { ip_or_host_name: self.rpc_host.clone(), rpc_port: self.rpc_port };
+        Ok(serde_json::to_string(&meta)?)
+    }
+
+    /// Puts this engine's `rpc_meta`. A server that refuses to replace an existing one (upstream's
+    /// HTTP server) gets it deleted first when the engine it names no longer answers.
+    async fn claim_rpc_meta(&self) -> Result<()> {
+        let key = self.keys.rpc_meta(&self.local_name);
+        let json = self.rpc_meta_json()?;
+        match self.metadata.put(&key, json.as_bytes()).await {
+            Err(Error::AlreadyExists(why)) => {
+                let old = self.metadata.get(&key).await?.unwrap_or_default();
+                let old_addr = serde_json::from_slice::<RpcMeta>(&old)
+                    .map(|m| join_host_port(&m.ip_or_host_name, m.rpc_port))
+                    .unwrap_or_default();
+                let alive = !old_addr.is_empty()
+                    && tokio::time::timeout(Duration::from_secs(3), self.rpc.probe(&old_addr))
+                        .await
+                        .is_ok_and(|r| r.is_ok());
+                if alive {
+                    return Err(Error::AlreadyExists(format!(
+                        "segment name {:?} is in use by a live engine at {old_addr} ({why})",
+                        self.local_name
+                    )));
+                }
+                tracing::warn!(segment = %self.local_name, stale = %old_addr, "replacing the rpc_meta of an engine that no longer answers");
+                self.metadata.delete(&key).await?;
+                self.metadata.put(&key, json.as_bytes()).await
+            }
+            r => r,
+        }
+    }
+
+    /// One round of the keeper: puts back keys the metadata service lost (it restarted empty)
+    /// and publications that failed while it was down.
+    async fn keep_published(&self) -> Result<()> {
+        let key = self.keys.rpc_meta(&self.local_name);
+        let want = self.rpc_meta_json()?;
+        let present = self.metadata.get(&key).await?;
+        let lost = present.as_deref() != Some(want.as_bytes());
+        if lost {
+            tracing::info!(segment = %self.local_name, "metadata service lost this engine's keys; publishing them again");
+            self.claim_rpc_meta().await?;
+        }
+        if lost || self.publish_pending.load(std::sync::atomic::Ordering::Acquire) {
+            self.publish().await?;
+        }
+        Ok(())
     }
 
     async fn fetch_descriptor(&self, name: &str) -> Result<SegmentDescriptor> {
@@ -860,6 +929,35 @@ impl Inner {
         });
         let _ = rx.recv_timeout(Duration::from_secs(5));
         runtime.shutdown_background();
+    }
+}
+
+/// Keeps a metadata-mode engine's keys published until the engine is gone.
+async fn keeper(inner: std::sync::Weak<Inner>, every: Duration) {
+    let mut failing = false;
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(inner) = inner.upgrade() else { return };
+        if inner.runtime.lock().unwrap_or_else(|p| p.into_inner()).is_none() {
+            return;
+        }
+        match inner.keep_published().await {
+            Ok(()) if failing => {
+                failing = false;
+                tracing::info!(segment = %inner.local_name, "metadata service reachable again; keys are published");
+            }
+            Ok(()) => {}
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(segment = %inner.local_name, error = %e, "checking this engine's metadata keys failed; retrying");
+            }
+            Err(_) => {}
+        }
+        if Arc::strong_count(&inner) == 1 {
+            // The engine was dropped during this round: shut it down off the runtime it owns.
+            std::thread::spawn(move || drop(inner));
+            return;
+        }
     }
 }
 

@@ -5,6 +5,10 @@
 //!   requests of `--block_size` bytes for `--duration` seconds; prints `throughput X GB/s`.
 //! - `--mode sweep`: starts a target child process itself and prints block x batch -> GB/s,
 //!   blocks/s and p50/p99 batch latency, with the effective configuration.
+//! - `--mode metadata`: put/get ops per second and p50/p99 latency against `--metadata_server`
+//!   (`scripts/bench_metadata.sh` runs it against every backend and upstream's HTTP server).
+
+mod metadata;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -20,6 +24,7 @@ enum Mode {
     Target,
     Initiator,
     Sweep,
+    Metadata,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
@@ -76,9 +81,23 @@ struct Args {
     /// Sweep: block sizes.
     #[arg(long, value_delimiter = ',', default_value = "4096,65536,1048576,4194304,16777216,67108864")]
     blocks: Vec<u64>,
+    /// Metadata mode: bytes per value.
+    #[arg(long = "value_size", default_value_t = 1024)]
+    value_size: usize,
+    /// Metadata mode: keys each thread cycles through.
+    #[arg(long = "metadata_keys", default_value_t = 1000)]
+    metadata_keys: usize,
     /// Sweep: batch sizes.
     #[arg(long, value_delimiter = ',', default_value = "1,16,128")]
     batches: Vec<usize>,
+}
+
+/// The `p` quantile of sorted samples (NaN when there are none).
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 fn main() {
@@ -92,6 +111,7 @@ fn main() {
         Mode::Target => target(&args),
         Mode::Initiator => initiator(&args).map(|r| r.print_throughput()),
         Mode::Sweep => sweep(&args),
+        Mode::Metadata => metadata::run(&args),
     };
     if let Err(e) = result {
         eprintln!("transfer_engine_bench: {e}");
@@ -151,11 +171,7 @@ impl RunResult {
         self.blocks as f64 / self.elapsed.as_secs_f64()
     }
     fn percentile(&self, p: f64) -> f64 {
-        if self.latencies_us.is_empty() {
-            return f64::NAN;
-        }
-        let i = ((self.latencies_us.len() - 1) as f64 * p).round() as usize;
-        self.latencies_us[i]
+        percentile(&self.latencies_us, p)
     }
     fn print_throughput(&self) {
         println!(

@@ -1,0 +1,113 @@
+//! End to end through every metadata service: an engine in a child process publishes its
+//! segment, an engine here finds it by name and moves data both ways; then the metadata service
+//! restarts EMPTY, transfers keep working, and both engines put their keys back by themselves so
+//! that a third engine started afterwards finds the first one (no engine restarted).
+//!
+//! Real servers: our HTTP server, and `etcd` / `redis-server` on free 127.0.0.1 ports.
+
+use std::time::{Duration, Instant};
+
+use mooncake::{EngineConfig, MetadataKeys, Opcode, TransferEngine};
+use mooncake_conformance::peer::{PeerArgs, PeerProcess};
+use mooncake_conformance::{PeerCommand, pattern};
+
+const SIZE: u64 = 1 << 20;
+const SEED: u64 = 0x5eed;
+
+fn free_name() -> String {
+    format!("127.0.0.1:{}", mooncake_testkit::free_port())
+}
+
+fn engine(conn: &str) -> TransferEngine {
+    mooncake::link_all();
+    let mut config = EngineConfig::new(free_name(), conn);
+    config.republish_interval = Duration::from_millis(300);
+    TransferEngine::new(config).expect("starting an engine")
+}
+
+/// Reads the whole peer buffer and checks the pattern; writes a block and reads it back.
+fn exchange(engine: &TransferEngine, peer: &PeerProcess, salt: u8) {
+    let seg = &peer.info.segment;
+    let mut buf = vec![0u8; SIZE as usize];
+    engine.register_memory(buf.as_mut_ptr() as u64, SIZE, "cpu:0").unwrap();
+    let local = buf.as_ptr() as u64;
+    engine.transfer_sync(seg, Opcode::Read, local, peer.info.addr, SIZE).expect("read from the peer");
+    // Earlier rounds overwrote the first 64 KiB; the rest is the peer's pattern.
+    assert_eq!(&buf[64 << 10..], &pattern(SEED, SIZE as usize)[64 << 10..], "bytes read from the peer");
+    buf[..64 << 10].fill(salt);
+    engine.transfer_sync(seg, Opcode::Write, local, peer.info.addr, 64 << 10).expect("write to the peer");
+    buf[..64 << 10].fill(0);
+    engine.transfer_sync(seg, Opcode::Read, local, peer.info.addr, 64 << 10).expect("read back");
+    assert!(buf[..64 << 10].iter().all(|&b| b == salt), "written bytes did not come back");
+    engine.unregister_memory(local).unwrap();
+}
+
+fn wait_for_key(conn: &str, key: &str) {
+    let store = mooncake::registry::create_metadata(conn).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = rt.block_on(store.get(key)) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{key} was not published again within 20 s after the metadata service restarted");
+}
+
+fn run(conn: &str, restart: &mut dyn FnMut()) {
+    let mut args = PeerArgs::new("tcp", SIZE, SEED);
+    args.metadata = conn.to_string();
+    args.name = Some(free_name());
+    let cmd = PeerCommand::new(env!("CARGO_BIN_EXE_mooncake-conformance"));
+    let peer = PeerProcess::spawn(&cmd, &args, Duration::from_secs(30)).expect("peer process");
+    assert_eq!(Some(&peer.info.segment), args.name.as_ref());
+
+    let b = engine(conn);
+    exchange(&b, &peer, 1);
+
+    restart();
+    // Cached descriptors: data keeps moving while the service is empty.
+    exchange(&b, &peer, 2);
+    let keys = MetadataKeys::from_env();
+    wait_for_key(conn, &keys.segment(&peer.info.segment));
+    wait_for_key(conn, &keys.rpc_meta(&peer.info.segment));
+    wait_for_key(conn, &keys.segment(b.local_segment_name()));
+
+    // A newcomer finds the peer through the restarted service.
+    let c = engine(conn);
+    exchange(&c, &peer, 3);
+    c.shutdown();
+    b.shutdown();
+}
+
+#[test]
+fn http_service() {
+    let start = |port: u16| {
+        mooncake::metadata_http::HttpMetadataServer::new(mooncake::metadata_http::ServerConfig::new("127.0.0.1", port))
+            .unwrap()
+            .spawn()
+            .unwrap()
+    };
+    let mut server = Some(start(0));
+    let port = server.as_ref().unwrap().addr().port();
+    let conn = server.as_ref().unwrap().url();
+    run(&conn, &mut || {
+        drop(server.take());
+        server = Some(start(port));
+    });
+}
+
+#[test]
+fn etcd_service() {
+    let mut etcd = mooncake_testkit::EtcdServer::start().expect("etcd");
+    let conn = etcd.conn();
+    run(&conn, &mut || etcd.restart(true).expect("etcd restart"));
+}
+
+#[test]
+fn redis_service() {
+    let mut redis = mooncake_testkit::RedisServer::start().expect("redis-server");
+    let conn = redis.conn();
+    run(&conn, &mut || redis.restart().expect("redis restart"));
+}
