@@ -111,3 +111,62 @@ fn redis_service() {
     let conn = redis.conn();
     run(&conn, &mut || redis.restart().expect("redis restart"));
 }
+
+#[test]
+fn cluster_id_separates_key_spaces() {
+    mooncake::link_all();
+    let server =
+        mooncake::metadata_http::HttpMetadataServer::new(mooncake::metadata_http::ServerConfig::new("127.0.0.1", 0))
+            .unwrap()
+            .spawn()
+            .unwrap();
+    let conn = server.url();
+    let in_cluster = |id: &str| {
+        let mut config = EngineConfig::new(free_name(), conn.as_str());
+        config.cluster_id = Some(id.to_string());
+        TransferEngine::new(config).expect("engine")
+    };
+    let a = in_cluster("prod");
+    let b = in_cluster("prod");
+    let other = in_cluster("staging");
+    let buf = vec![7u8; 4096];
+    a.register_memory(buf.as_ptr() as u64, 4096, "cpu:0").unwrap();
+    // Published under mooncake/prod/ram/<name>, not under the default prefix.
+    let store = mooncake::registry::create_metadata(&conn).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let name = a.local_segment_name().to_string();
+    assert!(rt.block_on(store.get(&format!("mooncake/prod/ram/{name}"))).unwrap().is_some());
+    assert!(rt.block_on(store.get(&format!("mooncake/ram/{name}"))).unwrap().is_none());
+    assert_eq!(b.first_buffer_address(&name).unwrap(), buf.as_ptr() as u64);
+    assert!(matches!(other.open_segment(&name), Err(mooncake::Error::NotFound(_))), "another cluster sees it");
+    a.unregister_memory(buf.as_ptr() as u64).unwrap();
+}
+
+#[test]
+fn registration_while_the_service_is_down_is_published_when_it_returns() {
+    let start = |port: u16| {
+        mooncake::metadata_http::HttpMetadataServer::new(mooncake::metadata_http::ServerConfig::new("127.0.0.1", port))
+            .unwrap()
+            .spawn()
+            .unwrap()
+    };
+    let mut server = start(0);
+    let port = server.addr().port();
+    let conn = server.url();
+    let a = engine(&conn);
+    server.stop();
+    let buf = vec![1u8; 8192];
+    // The service is down: the registration still takes effect locally.
+    a.register_memory(buf.as_ptr() as u64, 8192, "cpu:0").expect("register while the service is down");
+    let _server = start(port);
+    let reader = engine(&conn);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if reader.first_buffer_address(a.local_segment_name()).ok() == Some(buf.as_ptr() as u64) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "registration never reached the restarted service");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    a.unregister_memory(buf.as_ptr() as u64).unwrap();
+}
