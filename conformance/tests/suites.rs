@@ -35,6 +35,7 @@ fn every_backend_is_registered() {
     for want in [
         ("transport", "loopback"),
         ("transport", "tcp"),
+        ("transport", "rdma"),
         ("device", "host"),
         ("metadata", "p2p"),
         ("metadata", "http"),
@@ -65,6 +66,16 @@ fn tcp_transport_conforms() {
             r.outcome
         );
     }
+}
+
+/// Runs wherever an RDMA device exists; elsewhere the suite is one trial skipped with the probe's reason.
+#[test]
+fn rdma_transport_conforms_where_a_device_exists() {
+    link();
+    let report = run_trials(transport_suite("rdma", &options("rdma")), None);
+    println!("{}", report.render());
+    assert_eq!(report.failed(), 0, "{}", report.render());
+    assert!(!report.results.is_empty());
 }
 
 #[test]

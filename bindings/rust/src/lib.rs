@@ -31,6 +31,8 @@ pub use mooncake_metadata_http as metadata_http;
 pub use mooncake_metadata_p2p as metadata_p2p;
 #[cfg(feature = "redis")]
 pub use mooncake_metadata_redis as metadata_redis;
+#[cfg(feature = "rdma")]
+pub use mooncake_transport_rdma as transport_rdma;
 #[cfg(feature = "tcp")]
 pub use mooncake_transport_tcp as transport_tcp;
 
@@ -38,6 +40,8 @@ pub use mooncake_transport_tcp as transport_tcp;
 pub const ENABLED_BACKENDS: &[(&str, &str)] = &[
     #[cfg(feature = "tcp")]
     ("tcp", "tcp"),
+    #[cfg(feature = "rdma")]
+    ("rdma", "rdma"),
     #[cfg(feature = "http")]
     ("http", "http"),
     #[cfg(feature = "etcd")]
@@ -53,6 +57,8 @@ pub fn link_all() {
     mooncake_device_host::link();
     #[cfg(feature = "tcp")]
     mooncake_transport_tcp::link();
+    #[cfg(feature = "rdma")]
+    mooncake_transport_rdma::link();
     #[cfg(feature = "http")]
     mooncake_metadata_http::link();
     #[cfg(feature = "etcd")]

@@ -1,0 +1,335 @@
+//! Memory registration: one memory region (MR) per NIC for every registered buffer, host memory
+//! through `ibv_reg_mr` and device (GPU) memory through `ibv_reg_dmabuf_mr` when the memory
+//! device can export a dmabuf, else through `ibv_reg_mr` on the device pointer (peer-memory
+//! drivers such as nvidia-peermem).
+//!
+//! The verbs calls sit behind [`MrBackend`]; the bookkeeping (all-or-nothing registration over
+//! every NIC, key lookup, the dmabuf/peer-memory choice) is tested with a fake backend.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, OnceLock, RwLock};
+
+use mooncake_core::{Allocation, Error, MemoryDevice, MemoryKind, Region, Result, SharingHandle};
+
+/// Where the bytes of a registration come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MrSource {
+    /// A virtual address range of this process (host memory, or device memory through a
+    /// peer-memory kernel module).
+    Address,
+    /// A dmabuf: `fd`, and the offset of the region's first byte inside it.
+    Dmabuf {
+        /// The dmabuf file descriptor.
+        fd: RawFd,
+        /// Offset of `addr` inside the dmabuf.
+        offset: u64,
+    },
+}
+
+/// The verbs side of registration.
+pub trait MrBackend: Send + Sync {
+    /// A registered memory region; deregistered when dropped.
+    type Mr: Send + Sync;
+    /// Registers `[addr, addr+len)` on NIC `device` (index in the transport's device list).
+    fn register(&self, device: usize, addr: u64, len: u64, source: MrSource) -> Result<Self::Mr>;
+    /// `(lkey, rkey)` of a region.
+    fn keys(mr: &Self::Mr) -> (u32, u32);
+}
+
+/// A dmabuf exported by a memory device for a registered range.
+#[derive(Debug, Clone)]
+pub struct Dmabuf {
+    /// The dmabuf.
+    pub fd: Arc<OwnedFd>,
+    /// Offset of the range's first byte inside the dmabuf.
+    pub offset: u64,
+}
+
+/// Reads a dmabuf from a [`SharingHandle`]: kind `"dmabuf"` with an fd; `data` is empty (offset
+/// 0) or the little-endian u64 offset of the range's first byte inside the dmabuf.
+pub fn dmabuf_from_handle(h: &SharingHandle) -> Option<Dmabuf> {
+    if h.kind != "dmabuf" {
+        return None;
+    }
+    let fd = h.fd.clone()?;
+    let offset = match h.data.len() {
+        0 => 0,
+        8 => u64::from_le_bytes(h.data[..8].try_into().ok()?),
+        _ => return None,
+    };
+    Some(Dmabuf { fd, offset })
+}
+
+/// Something that can hand over a dmabuf for a device-memory region.
+pub trait DmabufSource: Send + Sync {
+    /// A dmabuf covering `region`, `None` when the memory's device cannot export one.
+    fn dmabuf(&self, region: &Region) -> Option<Dmabuf>;
+}
+
+/// Asks the linked memory devices (registry) for dmabuf exports, creating them on first use.
+#[derive(Default)]
+pub struct RegistryDmabufSource {
+    devices: OnceLock<Vec<Arc<dyn MemoryDevice>>>,
+}
+
+impl DmabufSource for RegistryDmabufSource {
+    fn dmabuf(&self, region: &Region) -> Option<Dmabuf> {
+        let kind = region.location.kind()?;
+        if kind == MemoryKind::Host {
+            return None;
+        }
+        let devices = self.devices.get_or_init(mooncake_core::registry::available_devices);
+        let device = devices.iter().find(|d| d.kind() == kind)?;
+        let allocation = Allocation { addr: region.addr, len: region.len, location: region.location.clone(), token: 0 };
+        match device.export_handle(&allocation) {
+            Ok(h) => dmabuf_from_handle(&h),
+            Err(e) => {
+                tracing::debug!(device = device.name(), error = %e, "no dmabuf export; using the peer-memory path");
+                None
+            }
+        }
+    }
+}
+
+struct Registered<M> {
+    len: u64,
+    lkeys: Vec<u32>,
+    rkeys: Vec<u32>,
+    _mrs: Vec<M>,
+    _dmabuf: Option<Arc<OwnedFd>>,
+}
+
+/// Keys of a registration, one per NIC in the transport's device order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keys {
+    /// Remote keys (published as `rkey`).
+    pub rkey: Vec<u32>,
+    /// Local keys (published as `lkey`, used in scatter/gather entries).
+    pub lkey: Vec<u32>,
+}
+
+/// Registered buffers and their per-NIC keys.
+pub struct MemoryRegistry<B: MrBackend> {
+    backend: B,
+    devices: usize,
+    regions: RwLock<BTreeMap<u64, Registered<B::Mr>>>,
+}
+
+impl<B: MrBackend> MemoryRegistry<B> {
+    /// A registry over `devices` NICs.
+    pub fn new(backend: B, devices: usize) -> Self {
+        MemoryRegistry { backend, devices, regions: RwLock::new(BTreeMap::new()) }
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    fn register_all(&self, addr: u64, len: u64, source: MrSource) -> Result<Vec<B::Mr>> {
+        (0..self.devices).map(|d| self.backend.register(d, addr, len, source)).collect()
+    }
+
+    /// Registers `region` on every NIC (all or nothing). Device memory uses `dmabuf` when given,
+    /// falling back to the address path when the dmabuf registration fails.
+    pub fn register(&self, region: &Region, dmabuf: Option<Dmabuf>) -> Result<Keys> {
+        if self.devices == 0 {
+            return Err(Error::unavailable("no RDMA device to register memory with"));
+        }
+        let is_device = region.location.kind().is_some_and(|k| k != MemoryKind::Host);
+        let (mrs, keep) = match dmabuf {
+            Some(d) if is_device => {
+                let source = MrSource::Dmabuf { fd: d.fd.as_raw_fd(), offset: d.offset };
+                match self.register_all(region.addr, region.len, source) {
+                    Ok(mrs) => (mrs, Some(d.fd)),
+                    Err(dmabuf_err) => {
+                        let mrs = self.register_all(region.addr, region.len, MrSource::Address).map_err(|e| {
+                            Error::unavailable(format!(
+                                "cannot register {} memory at {:#x}+{}: dmabuf: {dmabuf_err}; peer memory: {e}",
+                                region.location, region.addr, region.len
+                            ))
+                        })?;
+                        (mrs, None)
+                    }
+                }
+            }
+            _ => (self.register_all(region.addr, region.len, MrSource::Address)?, None),
+        };
+        let (lkeys, rkeys): (Vec<u32>, Vec<u32>) = mrs.iter().map(B::keys).unzip();
+        let keys = Keys { rkey: rkeys.clone(), lkey: lkeys.clone() };
+        let entry = Registered { len: region.len, lkeys, rkeys, _mrs: mrs, _dmabuf: keep };
+        self.regions.write().unwrap_or_else(|p| p.into_inner()).insert(region.addr, entry);
+        Ok(keys)
+    }
+
+    /// Deregisters the buffer starting at `addr` on every NIC.
+    pub fn unregister(&self, addr: u64) -> Result<()> {
+        self.regions
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&addr)
+            .map(drop)
+            .ok_or(Error::AddressNotRegistered { addr, len: 0, context: "no RDMA registration starts here".into() })
+    }
+
+    /// The local key of NIC `device` for `[addr, addr+len)`, which must lie in one registration.
+    pub fn lkey(&self, addr: u64, len: u64, device: usize) -> Option<u32> {
+        let end = addr.checked_add(len)?;
+        let map = self.regions.read().unwrap_or_else(|p| p.into_inner());
+        let (start, r) = map.range(..=addr).next_back()?;
+        (end <= start + r.len).then(|| r.lkeys.get(device).copied()).flatten()
+    }
+
+    /// Both keys of the registration starting at `addr`.
+    pub fn keys(&self, addr: u64) -> Option<Keys> {
+        let map = self.regions.read().unwrap_or_else(|p| p.into_inner());
+        map.get(&addr).map(|r| Keys { rkey: r.rkeys.clone(), lkey: r.lkeys.clone() })
+    }
+
+    /// Number of registrations.
+    pub fn len(&self) -> usize {
+        self.regions.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// True when nothing is registered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Drops every registration.
+    pub fn clear(&self) {
+        self.regions.write().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use mooncake_core::Location;
+
+    use super::*;
+
+    #[derive(Default)]
+    struct FakeBackend {
+        live: Arc<AtomicUsize>,
+        calls: Mutex<Vec<(usize, MrSource)>>,
+        fail_device: Option<usize>,
+        fail_dmabuf: bool,
+        fail_address: bool,
+    }
+
+    struct FakeMr {
+        keys: (u32, u32),
+        live: Arc<AtomicUsize>,
+    }
+
+    impl Drop for FakeMr {
+        fn drop(&mut self) {
+            self.live.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    impl MrBackend for FakeBackend {
+        type Mr = FakeMr;
+        fn register(&self, device: usize, addr: u64, _len: u64, source: MrSource) -> Result<FakeMr> {
+            self.calls.lock().unwrap().push((device, source));
+            let fails = self.fail_device == Some(device)
+                || (self.fail_dmabuf && matches!(source, MrSource::Dmabuf { .. }))
+                || (self.fail_address && source == MrSource::Address);
+            if fails {
+                return Err(Error::Io(Arc::new(std::io::Error::from_raw_os_error(libc::EFAULT))));
+            }
+            self.live.fetch_add(1, Ordering::SeqCst);
+            Ok(FakeMr { keys: (addr as u32 + device as u32, 1000 + device as u32), live: self.live.clone() })
+        }
+        fn keys(mr: &FakeMr) -> (u32, u32) {
+            mr.keys
+        }
+    }
+
+    fn region(addr: u64, len: u64, loc: &str) -> Region {
+        Region { addr, len, location: loc.parse::<Location>().unwrap() }
+    }
+
+    fn dmabuf() -> Dmabuf {
+        let file = tempfile::tempfile().unwrap();
+        Dmabuf { fd: Arc::new(OwnedFd::from(file)), offset: 512 }
+    }
+
+    #[test]
+    fn host_memory_gets_one_key_pair_per_nic() {
+        let reg = MemoryRegistry::new(FakeBackend::default(), 2);
+        let keys = reg.register(&region(0x1000, 0x2000, "cpu:0"), None).unwrap();
+        assert_eq!(keys, Keys { rkey: vec![1000, 1001], lkey: vec![0x1000, 0x1001] });
+        assert_eq!(reg.keys(0x1000), Some(keys));
+        assert_eq!(reg.lkey(0x1800, 0x100, 1), Some(0x1001));
+        assert_eq!(reg.lkey(0x2fff, 2, 0), None, "crosses the end");
+        assert_eq!(reg.lkey(0xfff, 1, 0), None);
+        assert_eq!(reg.lkey(0x1000, 1, 2), None, "no such NIC");
+        assert_eq!(reg.lkey(u64::MAX, 2, 0), None);
+        assert_eq!(reg.backend().live.load(Ordering::SeqCst), 2);
+        reg.unregister(0x1000).unwrap();
+        assert_eq!(reg.backend().live.load(Ordering::SeqCst), 0, "MRs deregistered");
+        assert!(matches!(reg.unregister(0x1000), Err(Error::AddressNotRegistered { .. })));
+    }
+
+    #[test]
+    fn registration_is_all_or_nothing() {
+        let backend = FakeBackend { fail_device: Some(1), ..Default::default() };
+        let reg = MemoryRegistry::new(backend, 3);
+        assert!(reg.register(&region(0x1000, 16, "cpu:0"), None).is_err());
+        assert!(reg.is_empty());
+        assert_eq!(reg.backend().live.load(Ordering::SeqCst), 0, "the MR on NIC 0 was released");
+        let none = MemoryRegistry::new(FakeBackend::default(), 0);
+        assert!(matches!(none.register(&region(0x1000, 16, "cpu:0"), None), Err(Error::Unavailable { .. })));
+    }
+
+    #[test]
+    fn gpu_memory_prefers_dmabuf_and_falls_back_to_peer_memory() {
+        let reg = MemoryRegistry::new(FakeBackend::default(), 2);
+        let d = dmabuf();
+        let raw = d.fd.as_raw_fd();
+        reg.register(&region(0x10000, 4096, "cuda:0"), Some(d)).unwrap();
+        let calls = reg.backend().calls.lock().unwrap().clone();
+        assert_eq!(
+            calls,
+            vec![(0, MrSource::Dmabuf { fd: raw, offset: 512 }), (1, MrSource::Dmabuf { fd: raw, offset: 512 })]
+        );
+
+        let reg = MemoryRegistry::new(FakeBackend { fail_dmabuf: true, ..Default::default() }, 1);
+        reg.register(&region(0x10000, 4096, "cuda:0"), Some(dmabuf())).unwrap();
+        let calls = reg.backend().calls.lock().unwrap().clone();
+        assert_eq!(calls.last().unwrap().1, MrSource::Address);
+
+        let reg = MemoryRegistry::new(FakeBackend { fail_dmabuf: true, fail_address: true, ..Default::default() }, 1);
+        let err = reg.register(&region(0x10000, 4096, "cuda:0"), Some(dmabuf())).unwrap_err();
+        assert!(err.to_string().contains("dmabuf") && err.to_string().contains("peer memory"), "{err}");
+
+        // Host memory never uses a dmabuf, even if one is offered.
+        let reg = MemoryRegistry::new(FakeBackend::default(), 1);
+        reg.register(&region(0x10000, 4096, "cpu:1"), Some(dmabuf())).unwrap();
+        assert_eq!(reg.backend().calls.lock().unwrap()[0].1, MrSource::Address);
+    }
+
+    #[test]
+    fn dmabuf_handles_are_read_by_convention() {
+        let fd = Arc::new(OwnedFd::from(tempfile::tempfile().unwrap()));
+        let mut h = SharingHandle { kind: "dmabuf".into(), data: vec![], fd: Some(fd.clone()), len: 4096 };
+        assert_eq!(dmabuf_from_handle(&h).unwrap().offset, 0);
+        h.data = 4096u64.to_le_bytes().to_vec();
+        assert_eq!(dmabuf_from_handle(&h).unwrap().offset, 4096);
+        h.data = vec![1, 2, 3];
+        assert!(dmabuf_from_handle(&h).is_none());
+        h.data.clear();
+        h.kind = "cuda_ipc".into();
+        assert!(dmabuf_from_handle(&h).is_none());
+        h.kind = "dmabuf".into();
+        h.fd = None;
+        assert!(dmabuf_from_handle(&h).is_none());
+        // Host regions never ask the devices.
+        assert!(RegistryDmabufSource::default().dmabuf(&region(0x1000, 1, "cpu:0")).is_none());
+    }
+}
