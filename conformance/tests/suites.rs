@@ -36,6 +36,7 @@ fn every_backend_is_registered() {
         ("transport", "loopback"),
         ("transport", "tcp"),
         ("transport", "rdma"),
+        ("transport", "shm"),
         ("device", "host"),
         ("metadata", "p2p"),
         ("metadata", "http"),
@@ -65,6 +66,16 @@ fn tcp_transport_conforms() {
             r.name,
             r.outcome
         );
+    }
+}
+
+#[test]
+fn shm_transport_conforms() {
+    link();
+    let report = run_trials(transport_suite("shm", &options("shm")), None);
+    assert_clean(&report);
+    for r in report.results.iter().filter(|r| r.name.starts_with("cross_process")) {
+        assert!(matches!(r.outcome, mooncake_conformance::Outcome::Passed), "{}: {:?}", r.name, r.outcome);
     }
 }
 

@@ -1,7 +1,7 @@
 //! mooncake-rs: the KVCache-centric transfer engine of Mooncake, in Rust.
 //!
 //! This facade re-exports [`mooncake_core`] and links the backends selected by cargo features
-//! (`tcp` and `http` by default; `etcd`, `redis`, or `all`). Backends register themselves at link time; call
+//! (`tcp`, `shm` and `http` by default; `rdma`, `etcd`, `redis`, or `all`). Backends register themselves at link time; call
 //! [`link_all`] once from a final binary so the linker keeps every enabled one, then pick them by
 //! name at run time (`EngineConfig::with_protocols(["tcp"])`) or list them with [`backends`].
 //!
@@ -33,6 +33,8 @@ pub use mooncake_metadata_p2p as metadata_p2p;
 pub use mooncake_metadata_redis as metadata_redis;
 #[cfg(feature = "rdma")]
 pub use mooncake_transport_rdma as transport_rdma;
+#[cfg(feature = "shm")]
+pub use mooncake_transport_shm as transport_shm;
 #[cfg(feature = "tcp")]
 pub use mooncake_transport_tcp as transport_tcp;
 
@@ -40,6 +42,8 @@ pub use mooncake_transport_tcp as transport_tcp;
 pub const ENABLED_BACKENDS: &[(&str, &str)] = &[
     #[cfg(feature = "tcp")]
     ("tcp", "tcp"),
+    #[cfg(feature = "shm")]
+    ("shm", "shm"),
     #[cfg(feature = "rdma")]
     ("rdma", "rdma"),
     #[cfg(feature = "http")]
@@ -57,6 +61,8 @@ pub fn link_all() {
     mooncake_device_host::link();
     #[cfg(feature = "tcp")]
     mooncake_transport_tcp::link();
+    #[cfg(feature = "shm")]
+    mooncake_transport_shm::link();
     #[cfg(feature = "rdma")]
     mooncake_transport_rdma::link();
     #[cfg(feature = "http")]

@@ -35,10 +35,20 @@ pub struct EngineConfig {
     /// back after the metadata service lost them (`MC_METADATA_REPUBLISH_MS`, default 2000;
     /// 0 turns the check off). P2P mode has nothing to check.
     pub republish_interval: Duration,
+    /// Transports installed next to `protocols` whenever they are linked and their probe passes
+    /// (`MC_AUTO_PROTOCOLS`, comma-separated, default `shm`; empty turns it off). Peers that
+    /// publish them too (same-host engines of ours) are then reached through them when the cost
+    /// model says so; everyone else keeps using the primary protocol.
+    pub auto_protocols: Vec<String>,
 }
 
 fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
     std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
+}
+
+/// Comma-separated names, blanks dropped.
+fn split_list(s: &str) -> Vec<String> {
+    s.split(',').map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect()
 }
 
 impl EngineConfig {
@@ -55,16 +65,23 @@ impl EngineConfig {
             transfer_timeout: Duration::from_secs(env("MC_TRANSFER_TIMEOUT").unwrap_or(30)),
             unregister_wait: Duration::from_secs(30),
             cluster_id: std::env::var("MC_METADATA_CLUSTER_ID").ok(),
-            protocol_priority: std::env::var("MC_PROTOCOL_PRIORITY")
-                .map(|s| s.split(',').map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect())
-                .unwrap_or_default(),
+            protocol_priority: split_list(&std::env::var("MC_PROTOCOL_PRIORITY").unwrap_or_default()),
             republish_interval: Duration::from_millis(env("MC_METADATA_REPUBLISH_MS").unwrap_or(2000)),
+            auto_protocols: split_list(&std::env::var("MC_AUTO_PROTOCOLS").unwrap_or_else(|_| "shm".into())),
         }
     }
 
-    /// Replaces the transport list (primary first).
+    /// Replaces the transport list (primary first). An explicit list is exactly what gets
+    /// installed: it also clears [`EngineConfig::auto_protocols`].
     pub fn with_protocols<I: IntoIterator<Item = S>, S: Into<String>>(mut self, protocols: I) -> Self {
         self.protocols = protocols.into_iter().map(Into::into).collect();
+        self.auto_protocols.clear();
+        self
+    }
+
+    /// Replaces the optional transports installed when linked and available.
+    pub fn with_auto_protocols<I: IntoIterator<Item = S>, S: Into<String>>(mut self, protocols: I) -> Self {
+        self.auto_protocols = protocols.into_iter().map(Into::into).collect();
         self
     }
 

@@ -591,6 +591,20 @@ impl Inner {
             t.start(&ctx).await?;
             transports.push(t);
         }
+        for name in &config.auto_protocols {
+            let linked = registry::transports().iter().any(|f| f.name == name);
+            if !linked || transports.iter().any(|t| t.name() == name) {
+                continue;
+            }
+            let started = match registry::create_transport(name, &config.backend) {
+                Ok(t) => t.start(&ctx).await.map(|()| t),
+                Err(e) => Err(e),
+            };
+            match started {
+                Ok(t) => transports.push(t),
+                Err(e) => tracing::info!(transport = %name, reason = %e, "optional transport not installed"),
+            }
+        }
         let _ = shared.transports.set(transports.clone());
 
         let inner = Inner {
@@ -804,17 +818,22 @@ impl Inner {
     }
 
     /// Picks the transport for a request to `seg` by the target's protocols and the cost model.
-    fn route(&self, seg: &RemoteSegment, length: u64) -> Result<usize> {
+    /// A transport that needs registered local memory ranks last when the source range is not
+    /// registered, so another transport that can send from anywhere takes the request.
+    fn route(&self, seg: &RemoteSegment, source: u64, length: u64) -> Result<usize> {
         let priority = &self.config.protocol_priority;
-        let mut best: Option<(usize, (usize, Duration, usize))> = None;
+        let mut local_registered = None;
+        let mut best: Option<(usize, (bool, usize, Duration, usize))> = None;
         for (i, t) in self.transports.iter().enumerate() {
             let Some(order) = seg.descriptor.protocol_rank(t.name()) else { continue };
             if !t.can_reach(seg) {
                 continue;
             }
+            let unmet = t.capabilities().requires_local_registration
+                && !*local_registered.get_or_insert_with(|| self.regions.lookup(source, length).is_some());
             // Listed protocols first, in list order; unlisted ones after them.
             let rank = priority.iter().position(|n| n == t.name()).unwrap_or(priority.len());
-            let key = (rank, t.capabilities().model.estimate(length), order);
+            let key = (unmet, rank, t.capabilities().model.estimate(length), order);
             if best.as_ref().is_none_or(|(_, k)| key < *k) {
                 best = Some((i, key));
             }
@@ -861,7 +880,7 @@ impl Inner {
                 }
                 .into());
             }
-            let t = self.route(&seg, r.length)?;
+            let t = self.route(&seg, r.source, r.length)?;
             let caps = self.transports[t].capabilities();
             if caps.requires_local_registration {
                 self.regions.check(r.source, r.length, "local buffer")?;

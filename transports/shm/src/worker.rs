@@ -1,0 +1,355 @@
+//! The copy threads: dedicated OS threads (never the async runtime's workers) that take jobs from
+//! one queue, check every range, and run the system calls.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use mooncake_core::{Completion, Error, Opcode, PeerEvents, RegionGuard, RegionTable, Result};
+
+use crate::copy::{Copier, Range, Stop};
+use crate::peer::Conn;
+use crate::table::{BufRef, Lease, Refusal};
+
+/// Several pieces of one request moved by different threads; the request finishes when the last
+/// piece does, with the first error if any.
+#[derive(Debug)]
+pub(crate) struct Stripe {
+    parts_left: AtomicUsize,
+    total: u64,
+    error: Mutex<Option<Error>>,
+    completion: Mutex<Option<Completion>>,
+}
+
+impl Stripe {
+    pub(crate) fn new(parts: usize, total: u64, completion: Completion) -> Arc<Self> {
+        Arc::new(Stripe {
+            parts_left: AtomicUsize::new(parts),
+            total,
+            error: Mutex::new(None),
+            completion: Mutex::new(Some(completion)),
+        })
+    }
+
+    fn part_done(&self, r: Result<u64>) {
+        if let Err(e) = r {
+            self.error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+        }
+        if self.parts_left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let c = self.completion.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let e = self.error.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(c) = c {
+                c.finish(e.map_or(Ok(self.total), Err));
+            }
+        }
+    }
+
+    fn is_final(&self) -> bool {
+        self.completion.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_none_or(Completion::is_final)
+    }
+}
+
+/// How a piece of work reports back.
+#[derive(Debug)]
+pub(crate) enum Done {
+    /// The whole request.
+    Whole(Completion),
+    /// One piece of a striped request.
+    Part(Arc<Stripe>),
+}
+
+impl Done {
+    pub(crate) fn finish(self, r: Result<u64>) {
+        match self {
+            Done::Whole(c) => c.finish(r),
+            Done::Part(s) => s.part_done(r),
+        }
+    }
+
+    fn is_final(&self) -> bool {
+        match self {
+            Done::Whole(c) => c.is_final(),
+            Done::Part(s) => s.is_final(),
+        }
+    }
+}
+
+/// One range to move, already matched with the target buffer that contains it.
+#[derive(Debug)]
+pub(crate) struct Item {
+    pub op: Opcode,
+    pub local: u64,
+    pub remote: u64,
+    pub len: u64,
+    pub buf: BufRef,
+    pub done: Option<Done>,
+}
+
+impl Item {
+    fn finish(&mut self, r: Result<u64>) {
+        if let Some(d) = self.done.take() {
+            d.finish(r);
+        }
+    }
+}
+
+/// Items for one target, run by one thread in order.
+#[derive(Debug)]
+pub(crate) struct Job {
+    pub conn: Arc<Conn>,
+    pub items: Vec<Item>,
+}
+
+impl Job {
+    fn fail(mut self, e: &Error) {
+        for it in &mut self.items {
+            it.finish(Err(e.clone()));
+        }
+    }
+}
+
+struct Shared {
+    queue: Mutex<VecDeque<Job>>,
+    ready: Condvar,
+    queued: AtomicUsize,
+    stop: AtomicBool,
+    spin: Duration,
+    regions: Arc<RegionTable>,
+    events: Arc<dyn PeerEvents>,
+}
+
+/// The copy threads of one transport.
+pub(crate) struct Pool {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool").field("queued", &self.shared.queued.load(Ordering::Relaxed)).finish_non_exhaustive()
+    }
+}
+
+impl Pool {
+    /// Starts `workers` threads. Each polls the queue for `spin` after a job before sleeping.
+    pub(crate) fn spawn(
+        workers: usize,
+        spin: Duration,
+        regions: Arc<RegionTable>,
+        events: Arc<dyn PeerEvents>,
+    ) -> Result<Pool> {
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(VecDeque::new()),
+            ready: Condvar::new(),
+            queued: AtomicUsize::new(0),
+            stop: AtomicBool::new(false),
+            spin,
+            regions,
+            events,
+        });
+        for i in 0..workers.max(1) {
+            let s = shared.clone();
+            std::thread::Builder::new()
+                .name(format!("mooncake-shm-{i}"))
+                .spawn(move || worker(&s))
+                .map_err(|e| Error::unavailable(format!("shm: cannot start copy thread {i}: {e}")))?;
+        }
+        Ok(Pool { shared })
+    }
+
+    /// Queues jobs; they fail at once when the pool was stopped.
+    pub(crate) fn push(&self, jobs: Vec<Job>) {
+        if jobs.is_empty() {
+            return;
+        }
+        let n = jobs.len();
+        {
+            let mut q = self.shared.queue.lock().unwrap_or_else(|p| p.into_inner());
+            if self.shared.stop.load(Ordering::Acquire) {
+                drop(q);
+                for j in jobs {
+                    j.fail(&stopped());
+                }
+                return;
+            }
+            q.extend(jobs);
+            self.shared.queued.fetch_add(n, Ordering::Release);
+        }
+        for _ in 0..n {
+            self.shared.ready.notify_one();
+        }
+    }
+
+    /// Stops the threads after their current job and fails everything still queued.
+    pub(crate) fn stop(&self) {
+        let left: Vec<Job> = {
+            let mut q = self.shared.queue.lock().unwrap_or_else(|p| p.into_inner());
+            self.shared.stop.store(true, Ordering::Release);
+            self.shared.queued.store(0, Ordering::Release);
+            q.drain(..).collect()
+        };
+        self.shared.ready.notify_all();
+        for j in left {
+            j.fail(&stopped());
+        }
+    }
+}
+
+fn stopped() -> Error {
+    Error::NotInitialized("the shm transport was shut down".into())
+}
+
+fn worker(s: &Shared) {
+    let mut copier = Copier::default();
+    let mut scratch = Scratch::default();
+    loop {
+        let job = {
+            let mut q = s.queue.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                if let Some(j) = q.pop_front() {
+                    s.queued.fetch_sub(1, Ordering::AcqRel);
+                    break Some(j);
+                }
+                if s.stop.load(Ordering::Acquire) {
+                    break None;
+                }
+                // Poll a little before sleeping: waking a sleeping thread costs tens of
+                // microseconds, and submitters often send the next batch right away.
+                drop(q);
+                let until = Instant::now() + s.spin;
+                while s.queued.load(Ordering::Acquire) == 0 && Instant::now() < until && !s.stop.load(Ordering::Acquire)
+                {
+                    std::hint::spin_loop();
+                }
+                q = s.queue.lock().unwrap_or_else(|p| p.into_inner());
+                if q.is_empty() && !s.stop.load(Ordering::Acquire) {
+                    q = s.ready.wait(q).unwrap_or_else(|p| p.into_inner());
+                }
+            }
+        };
+        match job {
+            Some(j) => run_job(j, &s.regions, s.events.as_ref(), &mut copier, &mut scratch),
+            None => return,
+        }
+    }
+}
+
+/// Per-thread buffers reused across jobs.
+#[derive(Debug, Default)]
+pub(crate) struct Scratch {
+    ranges: Vec<Range>,
+    owners: Vec<usize>,
+}
+
+/// Runs one job: checks the target is alive, checks each item's local range against registered
+/// memory and its remote range against the target's live table, then copies, finishing every
+/// item exactly once.
+pub(crate) fn run_job(
+    mut job: Job,
+    regions: &RegionTable,
+    events: &dyn PeerEvents,
+    copier: &mut Copier,
+    scratch: &mut Scratch,
+) {
+    let conn = job.conn.clone();
+    if let Err(e) = conn.check_alive() {
+        events.peer_failed(&conn.name);
+        job.fail(&e);
+        return;
+    }
+    scratch.ranges.clear();
+    scratch.owners.clear();
+    let mut guards: Vec<RegionGuard> = Vec::with_capacity(job.items.len());
+    let mut leases: Vec<Lease<'_>> = Vec::with_capacity(job.items.len());
+    let mut stale = false;
+    let mut closed = None;
+    let items = &mut job.items;
+    for (i, it) in items.iter_mut().enumerate() {
+        if it.done.as_ref().is_none_or(Done::is_final) {
+            it.finish(Err(Error::Canceled));
+            continue;
+        }
+        let Some(guard) = regions.lookup(it.local, it.len) else {
+            it.finish(Err(local_unregistered(it.local, it.len)));
+            continue;
+        };
+        match conn.table.acquire(&it.buf) {
+            Ok(lease) => {
+                guards.push(guard);
+                leases.push(lease);
+                scratch.ranges.push(Range { local: it.local, remote: it.remote, len: it.len });
+                scratch.owners.push(i);
+            }
+            Err(Refusal::Stale) => {
+                stale = true;
+                it.finish(Err(conn.refusal(Refusal::Stale, it.remote, it.len)));
+            }
+            Err(Refusal::Closed) => {
+                closed = Some(conn.refusal(Refusal::Closed, it.remote, it.len));
+                break;
+            }
+        }
+    }
+    if let Some(e) = closed {
+        drop(leases);
+        events.peer_failed(&conn.name);
+        job.fail(&e);
+        return;
+    }
+    if stale {
+        // Have the engine re-read the descriptor before the next request to this segment.
+        events.peer_failed(&conn.name);
+    }
+    let (ranges, owners) = (&scratch.ranges, &scratch.owners);
+    let mut a = 0;
+    while a < ranges.len() {
+        let op = items[owners[a]].op;
+        let b = (a..ranges.len()).find(|k| items[owners[*k]].op != op).unwrap_or(ranges.len());
+        let r = copier.run(conn.pid, op, &ranges[a..b], None, |k| {
+            let it = &mut items[owners[a + k]];
+            let len = it.len;
+            it.finish(Ok(len));
+        });
+        match r {
+            Ok(()) => a = b,
+            Err(Stop::Os { idx, error }) => {
+                let at = a + idx;
+                let e = conn.os_error(&error, op, ranges[at].remote, ranges[at].len);
+                items[owners[at]].finish(Err(e.clone()));
+                if is_fatal(&e) {
+                    if e.is_disconnect() {
+                        events.peer_failed(&conn.name);
+                    }
+                    for k in at + 1..ranges.len() {
+                        items[owners[k]].finish(Err(e.clone()));
+                    }
+                    break;
+                }
+                a = at + 1;
+            }
+            Err(Stop::Deadline { idx }) => {
+                // No deadline is given on this path; finish defensively.
+                for k in a + idx..ranges.len() {
+                    items[owners[k]].finish(Err(Error::Timeout(Duration::ZERO)));
+                }
+                break;
+            }
+        }
+    }
+    drop(leases);
+    drop(guards);
+}
+
+/// Errors after which no further request to the same target can succeed.
+pub(crate) fn is_fatal(e: &Error) -> bool {
+    matches!(e, Error::RemoteDisconnected { .. } | Error::Unavailable { .. })
+}
+
+/// The error for a local range outside registered memory.
+pub(crate) fn local_unregistered(addr: u64, len: u64) -> Error {
+    Error::AddressNotRegistered {
+        addr,
+        len,
+        context: "local buffer: shm copies only from and into registered memory (register it first)".into(),
+    }
+}
