@@ -13,6 +13,7 @@ command -v protoc >/dev/null || need+=(protobuf-compiler)
 [ -f /usr/include/google/protobuf/timestamp.proto ] || need+=(libprotobuf-dev)
 # Transports: cmake + libclang build the verbs bindings (libibverbs itself is loaded at run time).
 command -v cmake >/dev/null || need+=(cmake)
+pkg-config --exists libfabric 2>/dev/null || need+=(libfabric-dev)
 command -v pkg-config >/dev/null || need+=(pkg-config)
 ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
 if [ ${#need[@]} -gt 0 ]; then

@@ -6,6 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Debian's libfabric loads libinfinipath, whose crash handlers can hang a failing process; keep them off.
+export IPATH_NO_BACKTRACE=1
+
 step() { printf '\n==> %s\n' "$*"; }
 
 step "system packages"

@@ -37,6 +37,8 @@ fn every_backend_is_registered() {
         ("transport", "tcp"),
         ("transport", "rdma"),
         ("transport", "shm"),
+        ("transport", "libfabric"),
+        ("transport", "efa"),
         ("device", "host"),
         ("metadata", "p2p"),
         ("metadata", "http"),

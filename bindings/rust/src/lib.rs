@@ -1,7 +1,7 @@
 //! mooncake-rs: the KVCache-centric transfer engine of Mooncake, in Rust.
 //!
 //! This facade re-exports [`mooncake_core`] and links the backends selected by cargo features
-//! (`tcp`, `shm` and `http` by default; `rdma`, `etcd`, `redis`, or `all`). Backends register themselves at link time; call
+//! (`tcp`, `shm` and `http` by default; `rdma`, `libfabric`, `efa`, `etcd`, `redis`, or `all`). Backends register themselves at link time; call
 //! [`link_all`] once from a final binary so the linker keeps every enabled one, then pick them by
 //! name at run time (`EngineConfig::with_protocols(["tcp"])`) or list them with [`backends`].
 //!
@@ -31,6 +31,8 @@ pub use mooncake_metadata_http as metadata_http;
 pub use mooncake_metadata_p2p as metadata_p2p;
 #[cfg(feature = "redis")]
 pub use mooncake_metadata_redis as metadata_redis;
+#[cfg(any(feature = "libfabric", feature = "efa"))]
+pub use mooncake_transport_libfabric as transport_libfabric;
 #[cfg(feature = "rdma")]
 pub use mooncake_transport_rdma as transport_rdma;
 #[cfg(feature = "shm")]
@@ -46,6 +48,10 @@ pub const ENABLED_BACKENDS: &[(&str, &str)] = &[
     ("shm", "shm"),
     #[cfg(feature = "rdma")]
     ("rdma", "rdma"),
+    #[cfg(feature = "libfabric")]
+    ("libfabric", "libfabric"),
+    #[cfg(feature = "efa")]
+    ("efa", "efa"),
     #[cfg(feature = "http")]
     ("http", "http"),
     #[cfg(feature = "etcd")]
@@ -65,6 +71,8 @@ pub fn link_all() {
     mooncake_transport_shm::link();
     #[cfg(feature = "rdma")]
     mooncake_transport_rdma::link();
+    #[cfg(any(feature = "libfabric", feature = "efa"))]
+    mooncake_transport_libfabric::link();
     #[cfg(feature = "http")]
     mooncake_metadata_http::link();
     #[cfg(feature = "etcd")]
