@@ -76,6 +76,9 @@ fn shm_transport_conforms() {
     link();
     let report = run_trials(transport_suite("shm", &options("shm")), None);
     assert_clean(&report);
+    // Same-host cross-process transfers are what shm is for: those cases must have run.
+    let cross = report.results.iter().filter(|r| r.name.starts_with("cross_process")).count();
+    assert!(cross >= 4, "expected 4 cross-process cases, found {cross}");
     for r in report.results.iter().filter(|r| r.name.starts_with("cross_process")) {
         assert!(matches!(r.outcome, mooncake_conformance::Outcome::Passed), "{}: {:?}", r.name, r.outcome);
     }

@@ -9,7 +9,7 @@ use serde_json::Value;
 use crate::capabilities::Capabilities;
 use crate::completion::Completion;
 use crate::descriptor::{BufferDesc, SegmentDescriptor};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::memory::{Region, RegionTable};
 use crate::types::{Opcode, SegmentHandle};
 
@@ -85,6 +85,15 @@ pub struct TransferTask {
     pub length: u64,
     /// Finish exactly once with the bytes moved or a typed error.
     pub completion: Completion,
+}
+
+impl TransferTask {
+    /// Finishes every task with `error` (a submit that cannot start any of them).
+    pub fn fail_all(tasks: Vec<TransferTask>, error: &Error) {
+        for t in tasks {
+            t.completion.finish(Err(error.clone()));
+        }
+    }
 }
 
 /// A way to move bytes: tcp, rdma, shm, efa, nvlink, cxl, nvmeof, ...

@@ -243,7 +243,7 @@ fn upstream_registers_through_our_http_metadata_server() {
         ours_to_upstream_via(2, size, Meta::Service(&conn));
         upstream_to_ours_via(2, size, Meta::Service(&conn));
     }
-    assert!(server.addr().port() > 0);
+    drop(server);
 }
 
 /// Upstream's own `mooncake_http_metadata_server` from the wheel, killed on drop.

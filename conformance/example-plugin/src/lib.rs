@@ -187,15 +187,11 @@ impl Transport for LoopbackTransport {
 
     fn submit(&self, target: &Arc<RemoteSegment>, tasks: Vec<TransferTask>) {
         let Some(ctx) = self.inner.ctx.get().cloned() else {
-            for t in tasks {
-                t.completion.finish(Err(Error::NotInitialized("loopback transport was never started".into())));
-            }
+            TransferTask::fail_all(tasks, &Error::NotInitialized("loopback transport was never started".into()));
             return;
         };
         if self.inner.stopped.load(Ordering::Acquire) {
-            for t in tasks {
-                t.completion.finish(Err(Error::Canceled));
-            }
+            TransferTask::fail_all(tasks, &Error::Canceled);
             return;
         }
         let inner = self.inner.clone();

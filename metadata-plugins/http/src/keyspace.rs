@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, RwLock, mpsc};
+use std::sync::{RwLock, mpsc};
 
 use bytes::Bytes;
 
@@ -41,7 +41,7 @@ struct Entries {
 pub struct KeySpace {
     entries: RwLock<Entries>,
     max_total_bytes: u64,
-    writer: Option<Mutex<mpsc::Sender<WriteRequest>>>,
+    writer: Option<mpsc::Sender<WriteRequest>>,
     broken: AtomicBool,
 }
 
@@ -74,7 +74,7 @@ impl KeySpace {
         Ok(KeySpace {
             entries: RwLock::new(Entries { map: replay.entries, bytes }),
             max_total_bytes,
-            writer: Some(Mutex::new(tx)),
+            writer: Some(tx),
             broken: AtomicBool::new(false),
         })
     }
@@ -145,7 +145,7 @@ impl KeySpace {
             return Err(PersistError::Broken);
         }
         let (done, wait) = tokio::sync::oneshot::channel();
-        let sent = writer.lock().unwrap_or_else(|p| p.into_inner()).send(WriteRequest { records: vec![record], done });
+        let sent = writer.send(WriteRequest { records: vec![record], done });
         if sent.is_err() {
             self.broken.store(true, Ordering::Release);
             return Err(PersistError::Broken);

@@ -820,7 +820,10 @@ impl Inner {
     /// Picks the transport for a request to `seg` by the target's protocols and the cost model.
     /// A transport that needs registered local memory ranks last when the source range is not
     /// registered, so another transport that can send from anywhere takes the request.
-    fn route(&self, seg: &RemoteSegment, source: u64, length: u64) -> Result<usize> {
+    ///
+    /// Returns the transport index and, when the source range had to be looked up, whether it is
+    /// registered (so the caller does not look it up again).
+    fn route(&self, seg: &RemoteSegment, source: u64, length: u64) -> Result<(usize, Option<bool>)> {
         let priority = &self.config.protocol_priority;
         let mut local_registered = None;
         let mut best: Option<(usize, (bool, usize, Duration, usize))> = None;
@@ -838,7 +841,7 @@ impl Inner {
                 best = Some((i, key));
             }
         }
-        best.map(|(i, _)| i).ok_or_else(|| {
+        best.map(|(i, _)| (i, local_registered)).ok_or_else(|| {
             Error::unavailable(format!(
                 "segment {:?} offers {:?}; this engine has {:?} and none of them can reach it",
                 seg.name,
@@ -880,9 +883,9 @@ impl Inner {
                 }
                 .into());
             }
-            let t = self.route(&seg, r.source, r.length)?;
+            let (t, local_registered) = self.route(&seg, r.source, r.length)?;
             let caps = self.transports[t].capabilities();
-            if caps.requires_local_registration {
+            if caps.requires_local_registration && local_registered != Some(true) {
                 self.regions.check(r.source, r.length, "local buffer")?;
             }
             if r.length > caps.max_request_size {

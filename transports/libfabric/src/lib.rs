@@ -348,18 +348,13 @@ impl Transport for LibfabricTransport {
     }
 
     fn submit(&self, target: &Arc<RemoteSegment>, tasks: Vec<TransferTask>) {
-        let fail_all = |tasks: Vec<TransferTask>, e: Error| {
-            for t in tasks {
-                t.completion.finish(Err(e.clone()));
-            }
-        };
         let core = match self.started() {
             Ok(c) => c,
-            Err(e) => return fail_all(tasks, e),
+            Err(e) => return TransferTask::fail_all(tasks, &e),
         };
         let peer = match self.peer(core, target) {
             Ok(p) => p,
-            Err(e) => return fail_all(tasks, e),
+            Err(e) => return TransferTask::fail_all(tasks, &e),
         };
         // Reused per thread: no allocation per submission once warm.
         thread_local! {

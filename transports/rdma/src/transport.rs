@@ -603,9 +603,7 @@ impl<F: Fabric> Engine<F> {
         let peer = match self.remote(&target) {
             Ok(p) => p,
             Err(e) => {
-                for t in tasks {
-                    t.completion.finish(Err(e.clone()));
-                }
+                TransferTask::fail_all(tasks, &e);
                 return;
             }
         };
@@ -841,15 +839,11 @@ impl<P: FabricProvider> Transport for RdmaTransport<P> {
         let engine = match self.engine.get() {
             Some(e) if !e.stopped() => e.clone(),
             Some(_) => {
-                for t in tasks {
-                    t.completion.finish(Err(shut_down()));
-                }
+                TransferTask::fail_all(tasks, &shut_down());
                 return;
             }
             None => {
-                for t in tasks {
-                    t.completion.finish(Err(Error::NotInitialized("rdma transport not started".into())));
-                }
+                TransferTask::fail_all(tasks, &Error::NotInitialized("rdma transport not started".into()));
                 return;
             }
         };

@@ -390,17 +390,13 @@ impl Transport for ShmTransport {
 
     fn submit(&self, target: &Arc<RemoteSegment>, tasks: Vec<TransferTask>) {
         let Some(st) = self.started.get() else {
-            for t in tasks {
-                t.completion.finish(Err(Error::NotInitialized("shm transport not started".into())));
-            }
+            TransferTask::fail_all(tasks, &Error::NotInitialized("shm transport not started".into()));
             return;
         };
         let peer = match self.peer_or_report(st, target) {
             Ok(p) => p,
             Err(e) => {
-                for t in tasks {
-                    t.completion.finish(Err(e.clone()));
-                }
+                TransferTask::fail_all(tasks, &e);
                 return;
             }
         };

@@ -1,6 +1,6 @@
 //! Transport-level tests without an engine: two transports in this process (pid == own pid; the
 //! system calls and table checks are the same as across processes). Cross-process behaviour is
-//! covered by the conformance suite (`tests/conformance.rs`).
+//! covered by the conformance suite (`conformance/tests/suites.rs`, which also runs the cross-process cases).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -186,17 +186,13 @@ impl Transport for TcpTransport {
 
     fn submit(&self, target: &Arc<RemoteSegment>, tasks: Vec<TransferTask>) {
         let Some(started) = self.started.get() else {
-            for t in tasks {
-                t.completion.finish(Err(Error::NotInitialized("tcp transport not started".into())));
-            }
+            TransferTask::fail_all(tasks, &Error::NotInitialized("tcp transport not started".into()));
             return;
         };
         let pool = match self.pool_for(target, started) {
             Ok(p) => p,
             Err(e) => {
-                for t in tasks {
-                    t.completion.finish(Err(e.clone()));
-                }
+                TransferTask::fail_all(tasks, &e);
                 return;
             }
         };
