@@ -88,6 +88,23 @@ pub trait MemoryDevice: Send + Sync + 'static {
     fn import_handle(&self, _handle: &SharingHandle) -> Result<Allocation> {
         Err(Error::unsupported("import_handle", self.name()))
     }
+
+    /// A dmabuf covering `[addr, addr+len)` of this device's memory (any range the device
+    /// classifies, not only whole allocations), for NICs that register device memory through
+    /// dmabuf (GPUDirect RDMA with `ibv_reg_dmabuf_mr`). Devices without dmabuf support return
+    /// `Unsupported`; callers then fall back to registering the pointer itself.
+    fn export_dmabuf(&self, _addr: u64, _len: u64) -> Result<DmabufExport> {
+        Err(Error::unsupported("export_dmabuf", self.name()))
+    }
+}
+
+/// A dmabuf exported by [`MemoryDevice::export_dmabuf`].
+#[derive(Debug)]
+pub struct DmabufExport {
+    /// The dmabuf file descriptor (owned: the importer keeps it open as long as it needs it).
+    pub fd: std::os::fd::OwnedFd,
+    /// Offset of the requested range's first byte inside the dmabuf.
+    pub offset: u64,
 }
 
 /// Checks that `[offset, offset+len)` lies inside `allocation` (for device implementations).

@@ -34,13 +34,15 @@ pub mod types;
 pub use capabilities::{Capabilities, DeviceCapabilities, PerfModel};
 pub use completion::{Batch, Completion};
 pub use descriptor::{BufferDesc, SegmentDescriptor};
-pub use device::{AllocOptions, Allocation, MemoryDevice, SharingHandle};
+pub use device::{AllocOptions, Allocation, DmabufExport, MemoryDevice, SharingHandle};
 pub use engine::{EngineConfig, TransferEngine, join_host_port, split_host_port};
 pub use error::{Error, Result};
 pub use memory::{Region, RegionGuard, RegionTable};
 pub use metadata::{MetadataCapabilities, MetadataKeys, MetadataStore, RpcMeta, WatchEvent};
 pub use rpc::{PeerRpc, RpcHandler};
-pub use transport::{BackendConfig, PeerEvents, RemoteSegment, TransferTask, Transport, TransportContext};
+pub use transport::{
+    BackendConfig, NoPeerHandshake, PeerEvents, PeerHandshake, RemoteSegment, TransferTask, Transport, TransportContext,
+};
 pub use types::{
     BatchId, Location, MemoryKind, MemoryKinds, Notification, Opcode, SegmentHandle, TransferRequest, TransferState,
     TransferStatus,

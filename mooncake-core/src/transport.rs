@@ -9,6 +9,7 @@ use serde_json::Value;
 use crate::capabilities::Capabilities;
 use crate::completion::Completion;
 use crate::descriptor::{BufferDesc, SegmentDescriptor};
+use crate::device::MemoryDevice;
 use crate::error::{Error, Result};
 use crate::memory::{Region, RegionTable};
 use crate::types::{Opcode, SegmentHandle};
@@ -18,6 +19,39 @@ pub trait PeerEvents: Send + Sync + 'static {
     /// Connecting to or talking with `segment_name` failed at the connection level: the engine
     /// re-reads its descriptor before the next transfer (it may have restarted elsewhere).
     fn peer_failed(&self, segment_name: &str);
+}
+
+/// How a transport reaches other engines' handshake sockets (WIRE.md section 3) by segment name,
+/// whatever the metadata mode: in P2P mode the name is the socket address, in metadata mode the
+/// engine resolves it through the segment's `rpc_meta` key.
+#[async_trait]
+pub trait PeerHandshake: Send + Sync + 'static {
+    /// Sends connection handshake `request` (a type-0 frame, e.g. RDMA queue-pair numbers) to
+    /// segment `segment` and returns its reply.
+    async fn connect(&self, segment: &str, request: &Value) -> Result<Value>;
+
+    /// The segment's current descriptor, read from the metadata service (or asked of the peer).
+    async fn descriptor(&self, segment: &str) -> Result<SegmentDescriptor>;
+}
+
+/// The [`PeerHandshake`] of a transport started outside an engine (tools, unit tests): every
+/// request fails with `Unavailable`, naming what is missing.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoPeerHandshake;
+
+#[async_trait]
+impl PeerHandshake for NoPeerHandshake {
+    async fn connect(&self, segment: &str, _request: &Value) -> Result<Value> {
+        Err(Error::unavailable(format!(
+            "no handshake channel to reach segment {segment:?}: this transport was started without an engine"
+        )))
+    }
+
+    async fn descriptor(&self, segment: &str) -> Result<SegmentDescriptor> {
+        Err(Error::unavailable(format!(
+            "cannot read the descriptor of segment {segment:?}: this transport was started without an engine"
+        )))
+    }
 }
 
 /// What the engine hands a transport when it starts.
@@ -33,6 +67,10 @@ pub struct TransportContext {
     pub runtime: tokio::runtime::Handle,
     /// Where to report failed peers.
     pub peer_events: Arc<dyn PeerEvents>,
+    /// How to reach peers' handshake sockets by segment name.
+    pub peers: Arc<dyn PeerHandshake>,
+    /// The engine's memory devices (for dmabuf export of device memory, staging copies).
+    pub devices: Vec<Arc<dyn MemoryDevice>>,
 }
 
 impl std::fmt::Debug for TransportContext {

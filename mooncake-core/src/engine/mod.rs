@@ -2,6 +2,7 @@
 //! transports, devices and metadata store are linked.
 
 mod config;
+mod peers;
 mod segments;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -26,6 +27,7 @@ use crate::transport::{PeerEvents, RemoteSegment, TransferTask, Transport, Trans
 use crate::types::{
     BatchId, Location, MemoryKind, Notification, Opcode, SegmentHandle, TransferRequest, TransferStatus,
 };
+use peers::PeerDirectory;
 use segments::SegmentCache;
 
 /// The transfer engine. Cheap to clone; the last clone dropped shuts it down.
@@ -48,6 +50,7 @@ struct Inner {
     devices: Vec<Arc<dyn MemoryDevice>>,
     metadata: Arc<dyn MetadataStore>,
     rpc: Arc<dyn PeerRpc>,
+    peers: Arc<PeerDirectory>,
     shared: Arc<Shared>,
     segments: SegmentCache,
     batches: Mutex<HashMap<BatchId, Arc<Batch>>>,
@@ -473,7 +476,7 @@ impl TransferEngine {
         let inner = self.inner.clone();
         let target = target.to_string();
         spawn_on(&self.inner.handle, async move {
-            let addr = inner.rpc_addr(&target).await?;
+            let addr = inner.peers.rpc_addr(&target).await?;
             inner.rpc.notify(&addr, &notification).await
         })
         .await
@@ -484,7 +487,7 @@ impl TransferEngine {
         let inner = self.inner.clone();
         let target = target.to_string();
         self.run(async move {
-            let addr = inner.rpc_addr(&target).await?;
+            let addr = inner.peers.rpc_addr(&target).await?;
             inner.rpc.notify(&addr, &notification).await
         })
     }
@@ -499,7 +502,7 @@ impl TransferEngine {
         let inner = self.inner.clone();
         let target = target.to_string();
         self.run(async move {
-            let addr = inner.rpc_addr(&target).await?;
+            let addr = inner.peers.rpc_addr(&target).await?;
             inner.rpc.probe(&addr).await
         })
     }
@@ -575,12 +578,21 @@ impl Inner {
             return Err(Error::InvalidArgument("at least one protocol is required".into()));
         }
         let regions = Arc::new(RegionTable::new());
+        let devices = registry::available_devices();
+        let peers = Arc::new(PeerDirectory {
+            p2p: config.is_p2p(),
+            metadata: metadata.clone(),
+            keys: keys.clone(),
+            rpc: rpc.clone(),
+        });
         let ctx = TransportContext {
             local_name: local_name.clone(),
             bind_host: bind_host.clone(),
             regions: regions.clone(),
             runtime: handle.clone(),
             peer_events: shared.clone(),
+            peers: peers.clone(),
+            devices: devices.clone(),
         };
         let mut transports: Vec<Arc<dyn Transport>> = Vec::new();
         for name in &config.protocols {
@@ -617,9 +629,10 @@ impl Inner {
             regions,
             buffers: Mutex::new(BTreeMap::new()),
             transports,
-            devices: registry::available_devices(),
+            devices,
             metadata,
             rpc,
+            peers,
             shared,
             segments: SegmentCache::default(),
             batches: Mutex::new(HashMap::new()),
@@ -751,16 +764,6 @@ impl Inner {
         Ok(())
     }
 
-    async fn fetch_descriptor(&self, name: &str) -> Result<SegmentDescriptor> {
-        let key = self.keys.segment(name);
-        let bytes = self
-            .metadata
-            .get(&key)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("segment {name:?} is not published (key {key})")))?;
-        SegmentDescriptor::from_json(&bytes)
-    }
-
     async fn open_segment(&self, name: &str) -> Result<Arc<RemoteSegment>> {
         if let Some(seg) = self.segments.cached_fresh(name) {
             return Ok(seg);
@@ -771,12 +774,12 @@ impl Inner {
 
     async fn refresh(&self, handle: SegmentHandle) -> Result<Arc<RemoteSegment>> {
         let name = self.segments.name_of(handle)?;
-        let descriptor = self.fetch_descriptor(&name).await?;
+        let descriptor = self.peers.fetch_descriptor(&name).await?;
         // Upstream publishes the data host it was initialized with; prefer it when usable.
         let published = descriptor.extra.get("tcp_data_host").and_then(Value::as_str).map(str::trim);
         let host = match published {
             Some(h) if !h.is_empty() && h != "0.0.0.0" && h != "::" => h.to_string(),
-            _ => self.data_host(&name).await?,
+            _ => self.peers.data_host(&name).await?,
         };
         let seg = Arc::new(RemoteSegment { handle, name: name.clone(), host, descriptor });
         let changed = self.segments.store(seg.clone());
@@ -786,35 +789,6 @@ impl Inner {
             }
         }
         Ok(seg)
-    }
-
-    /// Host serving a segment's data ports: the rpc_meta address, else the name's host part.
-    async fn data_host(&self, name: &str) -> Result<String> {
-        if !self.config.is_p2p() {
-            if let Ok(Some(bytes)) = self.metadata.get(&self.keys.rpc_meta(name)).await {
-                if let Ok(meta) = serde_json::from_slice::<RpcMeta>(&bytes) {
-                    return Ok(meta.ip_or_host_name);
-                }
-            }
-        }
-        Ok(split_host_port(name)?.0)
-    }
-
-    /// `host:port` of a segment's handshake socket.
-    async fn rpc_addr(&self, name: &str) -> Result<String> {
-        if self.config.is_p2p() {
-            let (host, port) = split_host_port(name)?;
-            let port =
-                port.ok_or_else(|| Error::InvalidArgument(format!("P2P segment name {name:?} must be host:port")))?;
-            return Ok(join_host_port(&host, port));
-        }
-        let bytes = self
-            .metadata
-            .get(&self.keys.rpc_meta(name))
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("no rpc_meta for segment {name:?}")))?;
-        let meta: RpcMeta = serde_json::from_slice(&bytes)?;
-        Ok(join_host_port(&meta.ip_or_host_name, meta.rpc_port))
     }
 
     /// Picks the transport for a request to `seg` by the target's protocols and the cost model.

@@ -110,6 +110,8 @@ impl Node {
             regions: regions.clone(),
             runtime: rt.handle().clone(),
             peer_events: Arc::new(NoEvents),
+            peers: Arc::new(mooncake_core::NoPeerHandshake),
+            devices: Vec::new(),
         };
         rt.block_on(t.start(&ctx)).expect("starting the transport (is the provider available?)");
         let ptr = Box::into_raw(vec![0u8; len].into_boxed_slice()).cast::<u8>();

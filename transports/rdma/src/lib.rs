@@ -52,24 +52,17 @@
 //!   directly: sideway's wrappers for those assert in `Drop`, panic on unknown enum values and
 //!   allocate per post and per poll.
 //!
-//! # What the core needs to change
-//! - **Handshake channel.** [`TransportContext`](mooncake_core::TransportContext) carries neither
-//!   the engine's [`PeerRpc`](mooncake_core::PeerRpc) nor a segment-name -> RPC-address resolver.
-//!   [`PeerRpcChannel`] therefore creates its own client from the registry and uses the segment
-//!   name as the address, which is right in P2P mode only. In metadata mode the engine must pass
-//!   a resolver (its `rpc_addr()` over `rpc_meta`), e.g. a `handshake: Arc<dyn PeerHandshake>`
-//!   field with `connect(segment_name, request)` and `descriptor(segment_name)`; plug it in with
-//!   [`RdmaTransport::with_provider`].
-//! - **dmabuf export.** [`MemoryDevice::export_handle`](mooncake_core::MemoryDevice::export_handle)
-//!   takes an [`Allocation`](mooncake_core::Allocation) (made by that device) and
-//!   [`SharingHandle`](mooncake_core::SharingHandle) has no offset. The transport needs
-//!   "a dmabuf fd covering `[addr, addr+len)` of any registered range, and the offset of `addr`
-//!   inside it" (what `cuMemGetHandleForAddressRange` gives). Until the core has e.g.
-//!   `MemoryDevice::export_dmabuf(addr, len) -> Result<(OwnedFd, u64)>`, [`RegistryDmabufSource`]
-//!   calls `export_handle` with a synthesized allocation and reads kind `"dmabuf"`, the fd, and
-//!   an optional 8-byte little-endian offset in `data` ([`memory::dmabuf_from_handle`]). Also,
-//!   the transport creates its own device instances from the registry because the context does
-//!   not pass the engine's.
+//! # Peers and device memory come from the engine
+//! - **Handshake.** Queue-pair numbers are exchanged through the engine's
+//!   [`TransportContext::peers`](mooncake_core::TransportContext::peers), which resolves a segment
+//!   name to its handshake socket in both P2P mode (the name is `host:port`) and metadata mode
+//!   (`rpc_meta` keys), and reads descriptors of peers whose reply lacks `local_gid`.
+//! - **GPU memory.** A region of device memory is registered with `ibv_reg_dmabuf_mr` on the
+//!   dmabuf that the owning device among
+//!   [`TransportContext::devices`](mooncake_core::TransportContext::devices) exports through
+//!   [`MemoryDevice::export_dmabuf`](mooncake_core::MemoryDevice::export_dmabuf) (the range's fd and
+//!   offset, as `cuMemGetHandleForAddressRange` gives); when it cannot, the pointer itself is
+//!   registered (peer-memory modules such as nvidia-peermem).
 //!
 //! # What ran on hardware: nothing yet
 //! No RDMA NIC on the build machines (`ibv_get_device_list` fails with ENOSYS there), so the
@@ -84,7 +77,6 @@
 //! failing, loopback, shutdown with requests in flight) over an in-memory fabric that moves real
 //! bytes between buffers.
 
-pub mod channel;
 pub mod config;
 pub mod discovery;
 pub mod endpoint;
@@ -106,16 +98,14 @@ use std::sync::Arc;
 use mooncake_core::registry::{Availability, TransportFactory};
 use mooncake_core::{BackendConfig, Result, Transport};
 
-pub use channel::{HandshakeChannel, PeerRpcChannel};
 pub use config::RdmaConfig;
-pub use memory::{DmabufSource, RegistryDmabufSource};
+pub use memory::device_dmabuf;
 pub use transport::{NAME, RdmaTransport};
 pub use verbs::VerbsProvider;
 
-/// The RDMA transport over libibverbs, reaching peers through the linked peer RPC channel.
+/// The RDMA transport over libibverbs.
 pub fn verbs_transport(config: RdmaConfig) -> RdmaTransport<VerbsProvider> {
-    let channel = Arc::new(PeerRpcChannel::new(config.handshake_timeout));
-    RdmaTransport::with_provider(config, VerbsProvider, channel, Arc::new(RegistryDmabufSource::default()))
+    RdmaTransport::with_provider(config, VerbsProvider)
 }
 
 fn probe() -> Availability {

@@ -8,9 +8,9 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, RwLock};
 
-use mooncake_core::{Allocation, Error, MemoryDevice, MemoryKind, Region, Result, SharingHandle};
+use mooncake_core::{Error, MemoryDevice, MemoryKind, Region, Result};
 
 /// Where the bytes of a registration come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,48 +46,20 @@ pub struct Dmabuf {
     pub offset: u64,
 }
 
-/// Reads a dmabuf from a [`SharingHandle`]: kind `"dmabuf"` with an fd; `data` is empty (offset
-/// 0) or the little-endian u64 offset of the range's first byte inside the dmabuf.
-pub fn dmabuf_from_handle(h: &SharingHandle) -> Option<Dmabuf> {
-    if h.kind != "dmabuf" {
+/// Asks the device that owns `region` (GPU memory; host memory is registered by address) for a
+/// dmabuf covering it. `None` when no device claims the region or it cannot export one, in which
+/// case the region is registered by address (peer-memory path).
+pub fn device_dmabuf(devices: &[Arc<dyn MemoryDevice>], region: &Region) -> Option<Dmabuf> {
+    let kind = region.location.kind()?;
+    if kind == MemoryKind::Host {
         return None;
     }
-    let fd = h.fd.clone()?;
-    let offset = match h.data.len() {
-        0 => 0,
-        8 => u64::from_le_bytes(h.data[..8].try_into().ok()?),
-        _ => return None,
-    };
-    Some(Dmabuf { fd, offset })
-}
-
-/// Something that can hand over a dmabuf for a device-memory region.
-pub trait DmabufSource: Send + Sync {
-    /// A dmabuf covering `region`, `None` when the memory's device cannot export one.
-    fn dmabuf(&self, region: &Region) -> Option<Dmabuf>;
-}
-
-/// Asks the linked memory devices (registry) for dmabuf exports, creating them on first use.
-#[derive(Default)]
-pub struct RegistryDmabufSource {
-    devices: OnceLock<Vec<Arc<dyn MemoryDevice>>>,
-}
-
-impl DmabufSource for RegistryDmabufSource {
-    fn dmabuf(&self, region: &Region) -> Option<Dmabuf> {
-        let kind = region.location.kind()?;
-        if kind == MemoryKind::Host {
-            return None;
-        }
-        let devices = self.devices.get_or_init(mooncake_core::registry::available_devices);
-        let device = devices.iter().find(|d| d.kind() == kind)?;
-        let allocation = Allocation { addr: region.addr, len: region.len, location: region.location.clone(), token: 0 };
-        match device.export_handle(&allocation) {
-            Ok(h) => dmabuf_from_handle(&h),
-            Err(e) => {
-                tracing::debug!(device = device.name(), error = %e, "no dmabuf export; using the peer-memory path");
-                None
-            }
+    let device = devices.iter().find(|d| d.kind() == kind)?;
+    match device.export_dmabuf(region.addr, region.len) {
+        Ok(export) => Some(Dmabuf { fd: Arc::new(export.fd), offset: export.offset }),
+        Err(e) => {
+            tracing::debug!(device = device.name(), error = %e, "no dmabuf export; using the peer-memory path");
+            None
         }
     }
 }
@@ -314,22 +286,61 @@ mod tests {
         assert_eq!(reg.backend().calls.lock().unwrap()[0].1, MrSource::Address);
     }
 
+    /// A GPU-like device that exports a real (memfd) fd as its "dmabuf", or refuses to.
+    struct ExportingDevice {
+        kind: MemoryKind,
+        refuse: bool,
+        asked: std::sync::Mutex<Vec<(u64, u64)>>,
+    }
+
+    impl MemoryDevice for ExportingDevice {
+        fn name(&self) -> &str {
+            "exporting"
+        }
+        fn kind(&self) -> MemoryKind {
+            self.kind
+        }
+        fn capabilities(&self) -> mooncake_core::DeviceCapabilities {
+            Default::default()
+        }
+        fn classify(&self, _addr: u64, _len: u64) -> Option<mooncake_core::Location> {
+            None
+        }
+        fn allocate(&self, _len: u64, _o: &mooncake_core::AllocOptions) -> Result<mooncake_core::Allocation> {
+            Err(Error::unsupported("allocate", "exporting"))
+        }
+        fn free(&self, _a: &mooncake_core::Allocation) -> Result<()> {
+            Ok(())
+        }
+        fn copy_to_host(&self, _a: &mooncake_core::Allocation, _o: u64, _d: &mut [u8]) -> Result<()> {
+            Err(Error::unsupported("copy_to_host", "exporting"))
+        }
+        fn copy_from_host(&self, _s: &[u8], _a: &mooncake_core::Allocation, _o: u64) -> Result<()> {
+            Err(Error::unsupported("copy_from_host", "exporting"))
+        }
+        fn export_dmabuf(&self, addr: u64, len: u64) -> Result<mooncake_core::DmabufExport> {
+            self.asked.lock().unwrap().push((addr, len));
+            if self.refuse {
+                return Err(Error::unsupported("export_dmabuf", "exporting"));
+            }
+            Ok(mooncake_core::DmabufExport { fd: OwnedFd::from(tempfile::tempfile().unwrap()), offset: addr % 4096 })
+        }
+    }
+
     #[test]
-    fn dmabuf_handles_are_read_by_convention() {
-        let fd = Arc::new(OwnedFd::from(tempfile::tempfile().unwrap()));
-        let mut h = SharingHandle { kind: "dmabuf".into(), data: vec![], fd: Some(fd.clone()), len: 4096 };
-        assert_eq!(dmabuf_from_handle(&h).unwrap().offset, 0);
-        h.data = 4096u64.to_le_bytes().to_vec();
-        assert_eq!(dmabuf_from_handle(&h).unwrap().offset, 4096);
-        h.data = vec![1, 2, 3];
-        assert!(dmabuf_from_handle(&h).is_none());
-        h.data.clear();
-        h.kind = "cuda_ipc".into();
-        assert!(dmabuf_from_handle(&h).is_none());
-        h.kind = "dmabuf".into();
-        h.fd = None;
-        assert!(dmabuf_from_handle(&h).is_none());
-        // Host regions never ask the devices.
-        assert!(RegistryDmabufSource::default().dmabuf(&region(0x1000, 1, "cpu:0")).is_none());
+    fn dmabufs_come_from_the_device_that_owns_the_memory() {
+        let cuda = Arc::new(ExportingDevice { kind: MemoryKind::Cuda, refuse: false, asked: Default::default() });
+        let devices: Vec<Arc<dyn MemoryDevice>> = vec![cuda.clone()];
+        let d = device_dmabuf(&devices, &region(0x10200, 4096, "cuda:0")).expect("exported");
+        assert_eq!(d.offset, 0x200);
+        assert_eq!(*cuda.asked.lock().unwrap(), vec![(0x10200, 4096)]);
+        // Host memory never asks; memory of a kind no device manages gets none.
+        assert!(device_dmabuf(&devices, &region(0x1000, 1, "cpu:0")).is_none());
+        assert!(device_dmabuf(&devices, &region(0x1000, 1, "rocm:0")).is_none());
+        assert_eq!(cuda.asked.lock().unwrap().len(), 1);
+        // A device that cannot export leaves the region to the peer-memory path.
+        let refusing: Vec<Arc<dyn MemoryDevice>> =
+            vec![Arc::new(ExportingDevice { kind: MemoryKind::Cuda, refuse: true, asked: Default::default() })];
+        assert!(device_dmabuf(&refusing, &region(0x10000, 4096, "cuda:0")).is_none());
     }
 }

@@ -17,13 +17,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use mooncake_core::{
-    BufferDesc, Capabilities, Error, MemoryKind, MemoryKinds, PeerEvents, PerfModel, Region, RegionGuard, RegionTable,
-    RemoteSegment, Result, SegmentDescriptor, TransferTask, Transport, TransportContext,
+    BufferDesc, Capabilities, Error, MemoryDevice, MemoryKind, MemoryKinds, PeerEvents, PeerHandshake, PerfModel,
+    Region, RegionGuard, RegionTable, RemoteSegment, Result, SegmentDescriptor, TransferTask, Transport,
+    TransportContext,
 };
 use serde_json::Value;
 use tokio::sync::Notify;
 
-use crate::channel::HandshakeChannel;
 use crate::config::RdmaConfig;
 use crate::discovery::UsableNic;
 use crate::endpoint::Endpoint;
@@ -31,7 +31,7 @@ use crate::endpoint_cache::EndpointCache;
 use crate::fabric::{Fabric, FabricProvider, WcStatus, WorkCompletion, WorkRequest, wc_status_text};
 use crate::gid::Gid;
 use crate::handshake::{HandshakeDesc, NicPath};
-use crate::memory::{DmabufSource, MemoryRegistry, MrBackend, MrSource};
+use crate::memory::{MemoryRegistry, MrBackend, MrSource, device_dmabuf};
 use crate::qp::{LocalPort, RemotePort};
 use crate::segment::{self, DeviceDesc, RemoteRdma};
 use crate::slab::Slab;
@@ -81,21 +81,15 @@ pub struct RdmaTransport<P: FabricProvider> {
     config: RdmaConfig,
     caps: Capabilities,
     provider: P,
-    channel: Arc<dyn HandshakeChannel>,
-    dmabuf: Arc<dyn DmabufSource>,
     engine: OnceLock<Arc<Engine<P::Fabric>>>,
 }
 
 impl<P: FabricProvider> RdmaTransport<P> {
-    /// A transport that finds and opens its NICs through `provider` on `start`, reaches peers'
-    /// handshake sockets through `channel`, and asks `dmabuf` for GPU memory exports.
-    pub fn with_provider(
-        config: RdmaConfig,
-        provider: P,
-        channel: Arc<dyn HandshakeChannel>,
-        dmabuf: Arc<dyn DmabufSource>,
-    ) -> Self {
-        RdmaTransport { caps: capabilities(&config), config, provider, channel, dmabuf, engine: OnceLock::new() }
+    /// A transport that finds and opens its NICs through `provider` on `start`. It reaches peers'
+    /// handshake sockets through the engine's [`TransportContext::peers`] and asks the engine's
+    /// memory devices ([`TransportContext::devices`]) for dmabuf exports of GPU memory.
+    pub fn with_provider(config: RdmaConfig, provider: P) -> Self {
+        RdmaTransport { caps: capabilities(&config), config, provider, engine: OnceLock::new() }
     }
 
     /// Settings in use.
@@ -221,7 +215,8 @@ struct Engine<F: Fabric> {
     regions: Arc<RegionTable>,
     runtime: tokio::runtime::Handle,
     events: Arc<dyn PeerEvents>,
-    channel: Arc<dyn HandshakeChannel>,
+    peers: Arc<dyn PeerHandshake>,
+    memory_devices: Vec<Arc<dyn MemoryDevice>>,
     endpoints: Vec<EpCache<F::Qp>>,
     remotes: RemoteCache,
     inflight: Vec<Mutex<Slab<InFlight<F::Qp>>>>,
@@ -306,7 +301,7 @@ impl<F: Fabric> Engine<F> {
             ..Default::default()
         };
         let timeout = self.config.handshake_timeout;
-        let reply = tokio::time::timeout(timeout, self.channel.exchange(&peer.server, &request.to_json()))
+        let reply = tokio::time::timeout(timeout, self.peers.connect(&peer.server, &request.to_json()))
             .await
             .map_err(|_| Error::Timeout(timeout))??;
         let reply = HandshakeDesc::from_json(&reply)?;
@@ -393,7 +388,10 @@ impl<F: Fabric> Engine<F> {
 
     /// GID and LID of a peer NIC from its descriptor (old peers send no `local_gid`).
     async fn remote_port_from_descriptor(&self, peer: &NicPath) -> Result<RemotePort> {
-        let desc = self.channel.descriptor(&peer.server).await?;
+        let timeout = self.config.handshake_timeout;
+        let desc = tokio::time::timeout(timeout, self.peers.descriptor(&peer.server))
+            .await
+            .map_err(|_| Error::Timeout(timeout))??;
         let r = RemoteRdma::decode(&desc)?;
         let i = r
             .device_index(&peer.nic)
@@ -770,7 +768,8 @@ impl<P: FabricProvider> Transport for RdmaTransport<P> {
             regions: ctx.regions.clone(),
             runtime: ctx.runtime.clone(),
             events: ctx.peer_events.clone(),
-            channel: self.channel.clone(),
+            peers: ctx.peers.clone(),
+            memory_devices: ctx.devices.clone(),
             endpoints: (0..n).map(|_| Mutex::new(EndpointCache::new(config.max_ep_per_ctx))).collect(),
             remotes: Mutex::new(HashMap::new()),
             inflight: (0..n).map(|_| Mutex::new(Slab::default())).collect(),
@@ -809,7 +808,7 @@ impl<P: FabricProvider> Transport for RdmaTransport<P> {
     fn register_memory(&self, region: &Region, desc: &mut BufferDesc) -> Result<()> {
         let e = self.engine.get().ok_or_else(|| Error::NotInitialized("rdma transport not started".into()))?;
         let dmabuf = match region.location.kind() {
-            Some(k) if k != MemoryKind::Host => self.dmabuf.dmabuf(region),
+            Some(k) if k != MemoryKind::Host => device_dmabuf(&e.memory_devices, region),
             _ => None,
         };
         let keys = e.memory.register(region, dmabuf)?;

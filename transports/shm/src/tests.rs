@@ -48,6 +48,8 @@ impl Side {
             regions: regions.clone(),
             runtime: rt.handle().clone(),
             peer_events: events.clone(),
+            peers: Arc::new(mooncake_core::NoPeerHandshake),
+            devices: Vec::new(),
         };
         let t = ShmTransport::new(config);
         rt.block_on(t.start(&ctx)).unwrap();

@@ -173,6 +173,8 @@ impl Side {
             regions: regions.clone(),
             runtime: rt.handle().clone(),
             peer_events: Arc::new(Quiet),
+            peers: Arc::new(mooncake_core::NoPeerHandshake),
+            devices: Vec::new(),
         };
         rt.block_on(transport.start(&ctx)).map_err(|e| format!("starting the transport: {e}"))?;
         let buf = Buf::new(len)?;

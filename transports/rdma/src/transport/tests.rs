@@ -12,18 +12,17 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use mooncake_core::{
-    Batch, BufferDesc, Error, Location, Opcode, PeerEvents, Region, RegionTable, RemoteSegment, Result,
+    Batch, BufferDesc, Error, Location, Opcode, PeerEvents, PeerHandshake, Region, RegionTable, RemoteSegment, Result,
     SegmentDescriptor, TransferTask, Transport, TransportContext,
 };
 use serde_json::Value;
 
-use crate::channel::HandshakeChannel;
 use crate::config::RdmaConfig;
 use crate::discovery::{LinkLayer, UsableNic};
 use crate::fabric::{Fabric, FabricProvider, PostFailure, WcStatus, WorkCompletion, WorkRequest};
 use crate::gid::{Gid, GidEntry, GidType};
 use crate::handshake::HandshakeDesc;
-use crate::memory::{Dmabuf, DmabufSource, MrSource};
+use crate::memory::MrSource;
 use crate::qp::{InitAttrs, QpOps, QpState, RtrAttrs, RtsAttrs};
 use crate::segment::RemoteRdma;
 
@@ -336,8 +335,8 @@ struct Router {
 }
 
 #[async_trait]
-impl HandshakeChannel for Router {
-    async fn exchange(&self, server: &str, request: &Value) -> Result<Value> {
+impl PeerHandshake for Router {
+    async fn connect(&self, server: &str, request: &Value) -> Result<Value> {
         self.exchanges.fetch_add(1, Ordering::SeqCst);
         let t = self.nodes.lock().unwrap().get(server).cloned();
         let t = t.ok_or_else(|| Error::disconnected(server, "connection refused"))?;
@@ -351,14 +350,6 @@ impl HandshakeChannel for Router {
 
     async fn descriptor(&self, server: &str) -> Result<SegmentDescriptor> {
         self.descs.lock().unwrap().get(server).cloned().ok_or_else(|| Error::NotFound(server.to_string()))
-    }
-}
-
-struct NoDmabuf;
-
-impl DmabufSource for NoDmabuf {
-    fn dmabuf(&self, _region: &Region) -> Option<Dmabuf> {
-        None
     }
 }
 
@@ -437,7 +428,7 @@ impl Net {
     fn node(&self, name: &str, id: u8, nic_names: &[&str], config: RdmaConfig) -> Node {
         let nics = nic_names.iter().enumerate().map(|(i, n)| nic(id, i as u8, n)).collect();
         let provider = FakeProvider { wire: self.wire.clone(), node: name.into(), nics };
-        let t = Arc::new(RdmaTransport::with_provider(config, provider, self.router.clone(), Arc::new(NoDmabuf)));
+        let t = Arc::new(RdmaTransport::with_provider(config, provider));
         let regions = Arc::new(RegionTable::new());
         let events = Arc::new(Events::default());
         let ctx = TransportContext {
@@ -446,6 +437,8 @@ impl Net {
             regions: regions.clone(),
             runtime: self.rt.handle().clone(),
             peer_events: events.clone(),
+            peers: self.router.clone(),
+            devices: Vec::new(),
         };
         self.rt.block_on(t.start(&ctx)).unwrap();
         let buf = vec![0u8; LEN].into_boxed_slice();
@@ -819,7 +812,7 @@ fn shutdown_fails_requests_in_flight() {
 fn start_without_nics_is_unavailable_and_submit_before_start_fails() {
     let net = Net::new();
     let provider = FakeProvider { wire: net.wire.clone(), node: "x".into(), nics: vec![] };
-    let t = RdmaTransport::with_provider(config(), provider, net.router.clone(), Arc::new(NoDmabuf));
+    let t = RdmaTransport::with_provider(config(), provider);
     let b = Batch::new(1);
     b.reserve(1).unwrap();
     let seg = Arc::new(RemoteSegment {
@@ -847,6 +840,8 @@ fn start_without_nics_is_unavailable_and_submit_before_start_fails() {
         regions: Arc::new(RegionTable::new()),
         runtime: net.rt.handle().clone(),
         peer_events: Arc::new(Events::default()),
+        peers: net.router.clone(),
+        devices: Vec::new(),
     };
     let err = net.rt.block_on(t.start(&ctx)).unwrap_err();
     assert!(matches!(&err, Error::Unavailable { reason } if reason.starts_with("no RDMA devices")), "{err}");
