@@ -90,6 +90,11 @@ struct Args {
     /// Sweep: batch sizes.
     #[arg(long, value_delimiter = ',', default_value = "1,16,128")]
     batches: Vec<usize>,
+    /// Sweep: protocols to compare, the first being the baseline of the ratio table (e.g.
+    /// `tcp,shm,libfabric`); `available` = tcp, then every other linked transport whose probe
+    /// passes here. Empty: sweep `--protocol` alone.
+    #[arg(long, value_delimiter = ',')]
+    compare: Vec<String>,
 }
 
 /// The `p` quantile of sorted samples (NaN when there are none).
@@ -284,7 +289,70 @@ impl Drop for ChildGuard {
     }
 }
 
+/// One sweep point's result.
+type Point = (u64, usize, Option<RunResult>);
+
 fn sweep(args: &Args) -> mooncake::Result<()> {
+    if args.compare.is_empty() {
+        return sweep_protocol(args).map(|_| ());
+    }
+    let protocols = compared_protocols(&args.compare);
+    println!("# comparing {} (baseline {})", protocols.join(", "), protocols[0]);
+    let mut tables = Vec::new();
+    for protocol in &protocols {
+        let run = Args { protocol: protocol.clone(), ..args.clone() };
+        match sweep_protocol(&run) {
+            Ok(points) => tables.push((protocol.clone(), points)),
+            Err(e) => println!("# {protocol}: not measured: {e}"),
+        }
+        println!();
+    }
+    let Some((base_name, base)) = tables.first() else { return Ok(()) };
+    println!("# GB/s by protocol, ratio to {base_name} in brackets");
+    print!("{:>10} {:>6}", "block", "batch");
+    for (name, _) in &tables {
+        print!(" {name:>18}");
+    }
+    println!();
+    for (i, (block, batch, base_run)) in base.iter().enumerate() {
+        print!("{block:>10} {batch:>6}");
+        for (_, points) in &tables {
+            let cell = match (&points[i].2, base_run) {
+                (Some(r), Some(b)) if b.gbps() > 0.0 => format!("{:.2} ({:.1}x)", r.gbps(), r.gbps() / b.gbps()),
+                (Some(r), _) => format!("{:.2}", r.gbps()),
+                (None, _) => "-".into(),
+            };
+            print!(" {cell:>18}");
+        }
+        println!();
+    }
+    Ok(())
+}
+
+/// `available` expands to tcp plus every other linked transport whose probe passes.
+fn compared_protocols(requested: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for p in requested {
+        if p == "available" {
+            out.push("tcp".into());
+            for f in mooncake::registry::transports() {
+                if (f.probe)().is_available() {
+                    out.push(f.name.to_string());
+                } else {
+                    println!("# {}: skipped, probe says it cannot run here", f.name);
+                }
+            }
+        } else {
+            out.push(p.clone());
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    out.retain(|p| seen.insert(p.clone()));
+    out
+}
+
+/// Sweeps `args.protocol` against a target child process and prints a table.
+fn sweep_protocol(args: &Args) -> mooncake::Result<Vec<Point>> {
     let exe = std::env::current_exe()?;
     let mut child = Command::new(exe)
         .args(["--mode", "target", "--protocol", &args.protocol, "--metadata_server", &args.metadata_server])
@@ -320,12 +388,14 @@ fn sweep(args: &Args) -> mooncake::Result<()> {
         std::env::var("MC_ENGINE_THREADS").unwrap_or_else(|_| "default(2)".into())
     );
     let e = engine(args)?;
+    let mut points = Vec::new();
     println!("{:>10} {:>6} {:>10} {:>12} {:>12} {:>12}", "block", "batch", "GB/s", "blocks/s", "p50 us", "p99 us");
     for &block in &args.blocks {
         for &batch in &args.batches {
             let point = Args { block_size: block, batch_size: batch, ..args.clone() };
             if block * batch as u64 * point.threads as u64 > point.buffer_size {
                 println!("{block:>10} {batch:>6} {:>10}", "skip (exceeds buffer)");
+                points.push((block, batch, None));
                 continue;
             }
             let r = run_on(&e, &point, &segment)?;
@@ -337,8 +407,10 @@ fn sweep(args: &Args) -> mooncake::Result<()> {
                 r.percentile(0.99),
                 if r.errors > 0 { format!("  ({} errors)", r.errors) } else { String::new() }
             );
+            points.push((block, batch, Some(r)));
         }
     }
+    e.shutdown();
     drop(guard);
-    Ok(())
+    Ok(points)
 }
