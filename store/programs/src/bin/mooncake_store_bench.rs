@@ -1,0 +1,186 @@
+//! `mooncake_store_bench`: store benchmarks that print their configuration.
+//!
+//! `--mode master`: the master alone, through its RPC: populates `--objects` objects with batched
+//! put_start/put_end, then measures single `exist` calls (latency) and batched `exist` calls of
+//! `--batch` keys with `--in_flight` calls outstanding on one connection (keys per second). It
+//! starts a master in this process (on its own runtime and threads) unless
+//! `--master_server_address` names a running one.
+
+use std::time::{Duration, Instant};
+
+use mooncake_store::protocol::{Request, Response, service_id};
+use mooncake_store::service::{MasterService, ServiceConfig};
+use mooncake_store::types::{ClientId, ReplicateConfig, Segment};
+use mooncake_store_programs::flags::{FlagError, Flags, Kind, Spec};
+use mooncake_store_rpc::{ClientOptions, RpcClient};
+
+const FLAGS: &[Spec] = &[
+    Spec { name: "mode", kind: Kind::Text, default: "master", help: "master" },
+    Spec {
+        name: "master_server_address",
+        kind: Kind::Text,
+        default: "",
+        help: "use a running master (default: start one here)",
+    },
+    Spec { name: "objects", kind: Kind::Int, default: "1000000", help: "objects to create before measuring" },
+    Spec { name: "batch", kind: Kind::Int, default: "128", help: "keys per batched call" },
+    Spec { name: "in_flight", kind: Kind::Int, default: "8", help: "batched calls outstanding at once" },
+    Spec { name: "duration", kind: Kind::Float, default: "3", help: "seconds per measurement" },
+];
+
+type Client = RpcClient<Request, Response>;
+
+fn key(i: u64) -> String {
+    format!("key-{i:010}")
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn main() {
+    let flags = match Flags::parse("mooncake_store_bench", "store benchmarks", FLAGS, std::env::args().skip(1)) {
+        Ok(f) => f,
+        Err(FlagError::Help(text)) => return println!("{text}"),
+        Err(e) => {
+            eprintln!("mooncake_store_bench: {e}");
+            std::process::exit(2);
+        }
+    };
+    let result = match flags.text("mode") {
+        "master" => master_bench(&flags),
+        other => Err(format!("unknown --mode {other:?}: use master")),
+    };
+    if let Err(e) = result {
+        eprintln!("mooncake_store_bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn master_bench(flags: &Flags) -> Result<(), String> {
+    let objects = flags.int("objects").max(1) as u64;
+    let batch = flags.int("batch").max(1) as usize;
+    let in_flight = flags.int("in_flight").max(1) as usize;
+    let duration = Duration::from_secs_f64(flags.float("duration").max(0.1));
+    // The master runs on its own runtime (threads) as it would as a separate program.
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let (address, _service) = match flags.text("master_server_address") {
+        "" => {
+            let config = ServiceConfig { rpc_addr: "127.0.0.1:0".into(), admin_addr: None, ..Default::default() };
+            let service = server_rt.block_on(MasterService::start(config)).map_err(|e| e.to_string())?;
+            (service.rpc_addr().to_string(), Some(service))
+        }
+        a => (a.to_string(), None),
+    };
+    println!("# mooncake_store_bench --mode master");
+    println!(
+        "# master {address} ({}), objects {objects}, batch {batch}, in_flight {in_flight}, duration {:.1}s/phase, client: one connection, current_thread runtime",
+        if _service.is_some() { "in this process, 1 worker thread" } else { "external" },
+        duration.as_secs_f64()
+    );
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    rt.block_on(async move {
+        let client: Client =
+            RpcClient::connect(&address, service_id(), ClientOptions::default()).await.map_err(|e| e.to_string())?;
+        let owner = ClientId::random();
+        let segment = Segment {
+            name: format!("bench-{owner}"),
+            transport_endpoint: "bench:1".into(),
+            base: 1 << 40,
+            size: 64 << 30,
+            host: "bench".into(),
+        };
+        expect_done(client.call(&Request::MountSegment { client: owner, segment }).await)?;
+        let t = Instant::now();
+        let mut next = 0u64;
+        while next < objects {
+            let n = (objects - next).min(batch as u64);
+            let keys: Vec<String> = (next..next + n).map(key).collect();
+            let items = keys.iter().map(|k| (k.clone(), 4096)).collect();
+            let config = ReplicateConfig::default();
+            match client.call(&Request::PutStart { client: owner, items, config, upsert: false }).await {
+                Ok(Response::Placed(v)) if v.iter().all(Result::is_ok) => {}
+                Ok(Response::Placed(v)) => {
+                    let failed = v.iter().filter(|r| r.is_err()).count();
+                    return Err(format!(
+                        "populating objects {next}..: {failed} of {n} puts failed: {:?}",
+                        v.iter().find_map(|r| r.as_ref().err())
+                    ));
+                }
+                other => return Err(format!("populating: {other:?}")),
+            }
+            client.call(&Request::PutEnd { client: owner, keys }).await.map_err(|e| e.to_string())?;
+            next += n;
+        }
+        println!("populate (batched put_start + put_end): {:.0} objects/s", objects as f64 / t.elapsed().as_secs_f64());
+
+        // Single exist calls, one at a time.
+        let mut samples = Vec::new();
+        let start = Instant::now();
+        let mut i = 0u64;
+        while start.elapsed() < duration {
+            let t = Instant::now();
+            let r = client.call(&Request::Exist { keys: vec![key(i % objects)] }).await.map_err(|e| e.to_string())?;
+            samples.push(t.elapsed().as_secs_f64() * 1e6);
+            if r != Response::Exist(vec![Ok(true)]) {
+                return Err(format!("exist answered {r:?}"));
+            }
+            i = i.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        }
+        let secs = start.elapsed().as_secs_f64();
+        samples.sort_by(f64::total_cmp);
+        println!(
+            "exist, single key, 1 in flight: {:.0} calls/s, p50 {:.1} us, p99 {:.1} us",
+            samples.len() as f64 / secs,
+            percentile(&samples, 0.5),
+            percentile(&samples, 0.99)
+        );
+
+        // Batched exist calls, `in_flight` at once on the one connection.
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for w in 0..in_flight {
+            let client = client.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut keys_done = 0u64;
+                let mut seed = w as u64 + 1;
+                while start.elapsed() < duration {
+                    let keys: Vec<String> = (0..batch)
+                        .map(|_| {
+                            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                            key((seed >> 11) % objects)
+                        })
+                        .collect();
+                    match client.call(&Request::Exist { keys }).await {
+                        Ok(Response::Exist(v)) if v.len() == batch => keys_done += batch as u64,
+                        other => return Err(format!("batched exist answered {other:?}")),
+                    }
+                }
+                Ok(keys_done)
+            }));
+        }
+        let mut total = 0u64;
+        for t in tasks {
+            total += t.await.map_err(|e| e.to_string())??;
+        }
+        println!(
+            "exist, batches of {batch}, {in_flight} in flight: {:.0} keys/s",
+            total as f64 / start.elapsed().as_secs_f64()
+        );
+        Ok::<(), String>(())
+    })
+}
+
+fn expect_done(r: Result<Response, mooncake_store_rpc::RpcError>) -> Result<(), String> {
+    match r {
+        Ok(Response::Done(Ok(()))) => Ok(()),
+        other => Err(format!("mount: {other:?}")),
+    }
+}
