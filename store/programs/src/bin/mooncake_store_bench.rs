@@ -82,7 +82,7 @@ fn master_bench(flags: &Flags) -> Result<(), String> {
     println!("# mooncake_store_bench --mode master");
     println!(
         "# master {address} ({}), objects {objects}, batch {batch}, in_flight {in_flight}, duration {:.1}s/phase, client: one connection, current_thread runtime",
-        if _service.is_some() { "in this process, 1 worker thread" } else { "external" },
+        if _service.is_some() { "in this process, 2 worker threads" } else { "external" },
         duration.as_secs_f64()
     );
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
