@@ -85,6 +85,7 @@ impl MasterCore {
         let released_allocations = self.release_deferred(now);
         let reclaimed_writes = self.reclaim_zombies(now);
         let (used, capacity) = self.usage();
+        // Relative rounding of the u128 -> f64 conversions is 2^-53, far below any meaningful watermark step.
         let evicted_objects =
             if capacity > 0 && used as f64 >= self.config.eviction_high_watermark_ratio * capacity as f64 {
                 self.evict(now, 0)
@@ -94,13 +95,15 @@ impl MasterCore {
         TickReport { dropped_clients, released_allocations, reclaimed_writes, evicted_objects }
     }
 
-    /// Totals for metrics.
+    /// Totals for metrics. Byte totals above `u64::MAX` (several segments near the 2^64-byte limit) read as
+    /// `u64::MAX`.
     pub fn stats(&self) -> MasterStats {
         let (used, capacity) = self.usage();
+        let saturate = |bytes: u128| u64::try_from(bytes).unwrap_or(u64::MAX);
         MasterStats {
             key_count: self.objects.len() as u64,
-            allocated_bytes: used,
-            total_capacity_bytes: capacity,
+            allocated_bytes: saturate(used),
+            total_capacity_bytes: saturate(capacity),
             active_clients: self.clients.len() as u64,
             evicted_key_count: self.evicted_total,
             mounted_segments: self.segments.len() as u64,
@@ -144,9 +147,14 @@ impl MasterCore {
         })
     }
 
-    /// (reserved bytes, capacity bytes) over all segments.
-    pub(crate) fn usage(&self) -> (u64, u64) {
-        self.segments.iter().fold((0, 0), |(u, c), (_, s)| (u + s.alloc.used_bytes(), c + s.info.size))
+    /// (reserved bytes, capacity bytes) over all segments. Summed in `u128`: each segment is below 2^64 bytes
+    /// (`base + size` must fit in a `u64`), but segments of different clients live in different address spaces,
+    /// so their total need not fit (a `u64` sum overflowed: a panic in debug builds, a wrapped capacity that
+    /// skewed the watermark in release builds).
+    pub(crate) fn usage(&self) -> (u128, u128) {
+        self.segments
+            .iter()
+            .fold((0, 0), |(u, c), (_, s)| (u + u128::from(s.alloc.used_bytes()), c + u128::from(s.info.size)))
     }
 
     /// The object with `key`, or `InvalidKey` / `ObjectNotFound`.
@@ -263,5 +271,46 @@ mod tests {
         assert_eq!(info.group_ids, ["g"]);
         assert_eq!(h.core.query_key("w").unwrap().replicas[0].status, ReplicaStatus::Processing);
         assert!(format!("{:?}", h.core).contains("key_count: 2"));
+    }
+
+    /// Segments of different clients may together exceed 2^64 bytes: usage is summed without overflow (it used
+    /// to panic in debug builds and wrap in release builds, which skewed the watermark), stats saturate, and the
+    /// watermark still compares the true totals.
+    #[test]
+    fn usage_of_segments_beyond_2_pow_64_bytes_in_total() {
+        use crate::types::Segment;
+        let mut h = harness(quiet());
+        let seg = |name: &str, size: u64| Segment {
+            name: name.into(),
+            transport_endpoint: format!("{name}@ep"),
+            base: 0,
+            size,
+            host: name.into(),
+        };
+        h.core.mount_segment(ClientId(1), seg("a", 1 << 63)).unwrap();
+        h.core.mount_segment(ClientId(2), seg("b", 1 << 63)).unwrap();
+        h.core.mount_segment(ClientId(3), seg("c", 1 << 20)).unwrap();
+        assert_eq!(h.core.usage(), (0, (1 << 64) + (1 << 20)));
+        for i in 0..80 {
+            h.put_with(&format!("k{i}"), 4096, &cfg(3)).unwrap();
+        }
+        assert_eq!(h.core.usage().0, 3 * 80 * 4096);
+        let s = h.core.stats();
+        assert_eq!((s.allocated_bytes, s.total_capacity_bytes), (3 * 80 * 4096, u64::MAX));
+        // A capacity wrapped to 1 MiB would put these 960 KiB over the 90% watermark; the true usage is tiny.
+        for _ in 0..3 {
+            assert_eq!(h.core.tick().evicted_objects, 0);
+        }
+        // Filling the huge segments past the watermark (and past 2^64 reserved bytes) does trigger eviction.
+        h.core.mount_segment(ClientId(4), seg("d", 1 << 62)).unwrap();
+        let on = |s: &str| ReplicateConfig { preferred_segments: vec![s.into()], ..cfg(1) };
+        h.put_with("big-a", (1 << 63) - (1 << 20), &on("a")).unwrap();
+        h.put_with("big-b", (1 << 63) - (1 << 20), &on("b")).unwrap();
+        h.put_with("big-d", (1 << 62) - (1 << 20), &on("d")).unwrap();
+        assert!(h.core.usage().0 > 1 << 64);
+        assert_eq!(h.core.stats().allocated_bytes, u64::MAX);
+        h.core.tick(); // the first pass protects everything admitted before it
+        assert!(h.core.tick().evicted_objects > 0);
+        h.check();
     }
 }

@@ -148,7 +148,8 @@ impl MasterCore {
             };
             for &i in members {
                 if let Some(o) = self.objects.get(i as usize) {
-                    freed += o.replicas.iter().map(|r| r.alloc.reserved()).sum::<u64>();
+                    let bytes = o.replicas.iter().fold(0u64, |sum, r| sum.saturating_add(r.alloc.reserved()));
+                    freed = freed.saturating_add(bytes);
                     victims.push(i);
                 }
             }

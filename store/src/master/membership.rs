@@ -14,6 +14,10 @@ impl MasterCore {
     /// owner, same layout) is a no-op that counts as a ping; the same name with another owner or layout gives
     /// `SegmentAlreadyExists`. Empty names or endpoints, sizes under 8 bytes, or `base + size` overflowing give
     /// `InvalidParams`.
+    ///
+    /// Size limit: the only one is that the segment fits in the 64-bit address space, i.e. `size <= u64::MAX -
+    /// base` (up to 16 EiB with base 0). The offset allocator counts 8-byte units in `u64` with bins up to 2^61
+    /// units, and usage totals across segments are summed in `u128`, so every such size is fully usable.
     pub fn mount_segment(&mut self, client: ClientId, segment: Segment) -> Result<()> {
         if segment.name.is_empty()
             || segment.transport_endpoint.is_empty()
@@ -222,6 +226,56 @@ mod tests {
             assert_eq!(h.core.mount_segment(ClientId(1), s), Err(ErrorCode::InvalidParams));
         }
         assert_eq!(h.core.stats().mounted_segments, 0);
+    }
+
+    /// Segments from 16 TiB up to the whole 64-bit address space place 4 KiB objects (single and batched, with
+    /// every strategy), can hold one object of (nearly) their full size, and one byte more than fits in the
+    /// address space is rejected.
+    #[test]
+    fn huge_segments_up_to_the_address_space_limit() {
+        use crate::types::{AllocationStrategy, Segment};
+        let base = 1u64 << 40;
+        let sizes = [1u64 << 44, 1 << 50, 1 << 60, 1 << 63, u64::MAX - base];
+        let strategies =
+            [AllocationStrategy::Random, AllocationStrategy::FreeRatioFirst, AllocationStrategy::LocalFirst];
+        for strategy in strategies {
+            for size in sizes {
+                let mut h = harness(MasterConfig { allocation_strategy: strategy, ..Default::default() });
+                let c = ClientId(1);
+                h.core.mount_segment(c, Segment { base, ..segment("a", "h", size) }).unwrap();
+                let r = h.core.put_start(c, "one", 4096, &cfg(1)).unwrap();
+                assert_eq!((r[0].addr, r[0].len), (base, 4096), "size {size}");
+                let items: Vec<(String, u64)> = (0..256).map(|i| (format!("k{i}"), 4096)).collect();
+                for (i, r) in h.core.batch_put_start(c, &items, &cfg(1)).into_iter().enumerate() {
+                    let r = r.unwrap_or_else(|e| panic!("size {size} {strategy:?} key {i}: {e:?}"));
+                    assert!(r[0].addr >= base && r[0].addr - base + 4096 <= size);
+                }
+                let keys: Vec<&str> = items.iter().map(|(k, _)| k.as_str()).collect();
+                assert!(h.core.batch_put_end(c, &keys).iter().all(Result::is_ok));
+                assert_eq!(h.core.tick().evicted_objects, 0, "far below the watermark");
+                let s = h.core.stats();
+                assert_eq!((s.key_count, s.allocated_bytes, s.total_capacity_bytes), (257, 257 * 4096, size));
+                // Whatever is left is one block: an object of exactly the free space fits.
+                let rest = (size & !7) - 257 * 4096;
+                let r = h.core.put_start(c, "rest", rest, &cfg(1)).unwrap();
+                assert_eq!(r[0].addr + rest, base + (size & !7));
+                assert_eq!(h.core.put_start(c, "more", 8, &cfg(1)), Err(ErrorCode::NoAvailableHandle));
+                h.check();
+            }
+        }
+        // The largest segment of all: base 0, every byte of the address space but the last.
+        let mut h = harness(MasterConfig::default());
+        h.core.mount_segment(ClientId(1), Segment { base: 0, ..segment("all", "h", u64::MAX) }).unwrap();
+        let r = h.core.put_start(ClientId(1), "all", u64::MAX - 7, &cfg(1)).unwrap();
+        assert_eq!((r[0].addr, r[0].len), (0, u64::MAX - 7));
+        h.check();
+        // One byte past the address space is the limit.
+        for s in [
+            Segment { base, ..segment("b", "h", u64::MAX - base + 1) },
+            Segment { base: 1, ..segment("b", "h", u64::MAX) },
+        ] {
+            assert_eq!(h.core.mount_segment(ClientId(2), s), Err(ErrorCode::InvalidParams));
+        }
     }
 
     #[test]

@@ -98,6 +98,14 @@ fn master_bench(flags: &Flags) -> Result<(), String> {
             host: "bench".into(),
         };
         expect_done(client.call(&Request::MountSegment { client: owner, segment }).await)?;
+        // Ping as a real client does: a silent client is suspect after 3 s and gets no placements.
+        let pinger = client.clone();
+        let pings = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let _ = pinger.call(&Request::Ping { client: owner }).await;
+            }
+        });
         let t = Instant::now();
         let mut next = 0u64;
         while next < objects {
@@ -174,6 +182,7 @@ fn master_bench(flags: &Flags) -> Result<(), String> {
             "exist, batches of {batch}, {in_flight} in flight: {:.0} keys/s",
             total as f64 / start.elapsed().as_secs_f64()
         );
+        pings.abort();
         Ok::<(), String>(())
     })
 }
