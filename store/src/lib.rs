@@ -2,7 +2,9 @@
 //! and move object bytes with the TransferEngine.
 //!
 //! This crate holds the shared [`types`], the per-segment [`allocator`] and the master's sans-IO core
-//! ([`master::MasterCore`]): a pure state machine with an injected clock, wrapped by an RPC service elsewhere.
+//! ([`master::MasterCore`]): a pure state machine with an injected clock, wrapped by the RPC [`service`]
+//! ([`protocol`] has its messages). [`client::StoreClient`] contributes memory and moves object bytes with the
+//! transfer engine of `mooncake-core`; backends are linked by the final program, never by this crate.
 // Unsafe code is denied everywhere except `client::local_copy`, the one place that copies between
 // registered memory of this process (same-process replicas), checked against the engine's regions.
 #![deny(unsafe_code)]

@@ -1,0 +1,399 @@
+//! Setup, liveness (ping thread, remount, health) and teardown of a client.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mooncake_core::{
+    AllocOptions, Allocation as DeviceAllocation, EngineConfig, MemoryDevice, MemoryKind, RegionGuard, TransferEngine,
+    split_host_port,
+};
+
+use super::config::ClientConfig;
+use super::errors;
+use super::master::{Master, wrong_kind};
+use super::staging::Staging;
+use crate::master::PingOutcome;
+use crate::protocol::{Request, Response};
+use crate::types::{ClientId, ErrorCode, Result, Segment};
+
+/// `health()`: the master answered the last ping.
+pub const HEALTH_OK: i32 = 0;
+/// `health()`: the client is not set up, or closed.
+pub const HEALTH_NOT_INITIALIZED: i32 = 1;
+/// `health()`: the master did not answer the last ping.
+pub const HEALTH_MASTER_UNREACHABLE: i32 = 2;
+
+/// How long an unreachable endpoint stays reported: further failures inside this window send no new report.
+const REPORT_WINDOW: Duration = Duration::from_secs(1);
+
+/// Our contributed memory and how the master knows it.
+pub(crate) struct OwnedSegment {
+    pub(crate) memory: DeviceAllocation,
+    pub(crate) info: Segment,
+}
+
+impl OwnedSegment {
+    /// True when `[addr, addr+len)` lies inside this segment.
+    pub(crate) fn contains(&self, addr: u64, len: u64) -> bool {
+        addr >= self.memory.addr
+            && addr.checked_add(len).is_some_and(|end| end <= self.memory.addr.saturating_add(self.memory.len))
+    }
+}
+
+#[derive(Default)]
+struct PingState {
+    last: Option<Instant>,
+    reachable: bool,
+}
+
+/// Stop switch of the ping thread, shared without keeping the client alive.
+#[derive(Default)]
+struct PingControl {
+    stop: Mutex<bool>,
+    wake: Condvar,
+}
+
+/// Everything a client owns. Shared by clones of [`super::StoreClient`].
+pub(crate) struct Inner {
+    pub(crate) config: ClientConfig,
+    pub(crate) id: ClientId,
+    pub(crate) endpoint: String,
+    pub(crate) engine: TransferEngine,
+    pub(crate) device: Arc<dyn MemoryDevice>,
+    pub(crate) master: Master,
+    pub(crate) segment: Option<OwnedSegment>,
+    pub(crate) staging: Option<Staging>,
+    runtime: Mutex<Option<tokio::runtime::Runtime>>,
+    /// True while the client is usable; every operation holds a read guard, `close` takes the write lock.
+    open: RwLock<bool>,
+    ping: Mutex<PingState>,
+    control: Arc<PingControl>,
+    ping_thread: Mutex<Option<JoinHandle<()>>>,
+    reported: Mutex<HashMap<String, Instant>>,
+}
+
+/// What `setup` built so far; torn down on drop unless taken.
+#[derive(Default)]
+struct Partial {
+    runtime: Option<tokio::runtime::Runtime>,
+    engine: Option<TransferEngine>,
+    device: Option<Arc<dyn MemoryDevice>>,
+    /// Allocated (and maybe registered) memory: `(allocation, registered)`.
+    memory: Vec<(DeviceAllocation, bool)>,
+}
+
+impl Partial {
+    fn allocate_registered(&mut self, len: u64, what: &str) -> Result<DeviceAllocation> {
+        let (Some(engine), Some(device)) = (&self.engine, &self.device) else { return Err(ErrorCode::Internal) };
+        let memory = device.allocate(len, &memory_options()).map_err(|e| errors::engine(what, &e))?;
+        self.memory.push((memory.clone(), false));
+        engine.register_memory(memory.addr, memory.len, "*").map_err(|e| errors::engine(what, &e))?;
+        if let Some(last) = self.memory.last_mut() {
+            last.1 = true;
+        }
+        Ok(memory)
+    }
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        for (memory, registered) in self.memory.drain(..).rev() {
+            if let (true, Some(engine)) = (registered, &self.engine) {
+                let _ = engine.unregister_memory(memory.addr);
+            }
+            if let Some(device) = &self.device {
+                let _ = device.free(&memory);
+            }
+        }
+        if let Some(engine) = self.engine.take() {
+            engine.shutdown();
+        }
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Inner {
+    /// Connects to the master, starts the engine, allocates, registers and mounts the segment, allocates the
+    /// staging buffer and starts the ping thread.
+    pub(crate) fn setup(config: ClientConfig) -> Result<Arc<Inner>> {
+        config.validate()?;
+        let (host, _) = split_host_port(&config.local_hostname).map_err(|e| {
+            tracing::warn!(local_hostname = %config.local_hostname, error = %e, "invalid local hostname");
+            ErrorCode::InvalidParams
+        })?;
+        let mut partial = Partial::default();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("mooncake-store-client")
+            .enable_all()
+            .build()
+            .map_err(|e| {
+                tracing::warn!(error = %e, "cannot start the store client runtime");
+                ErrorCode::Internal
+            })?;
+        let handle = runtime.handle().clone();
+        partial.runtime = Some(runtime);
+        let id = ClientId::random();
+        let master =
+            Master::connect(&handle, &config.master_server_addr, id, config.setup_timeout, config.rpc_timeout)?;
+
+        let mut engine_config = EngineConfig::new(config.local_hostname.clone(), config.metadata_server.clone());
+        let auto = engine_config.auto_protocols.clone();
+        engine_config = engine_config.with_protocols([config.protocol.clone()]);
+        if config.same_host_transports {
+            engine_config = engine_config.with_auto_protocols(auto);
+        }
+        if !config.device_name.trim().is_empty() {
+            engine_config.backend.options.insert("devices".into(), config.device_name.clone());
+        }
+        let engine = TransferEngine::new(engine_config).map_err(|e| errors::engine("cannot start the engine", &e))?;
+        let endpoint = engine.local_segment_name().to_string();
+        partial.engine = Some(engine.clone());
+        let device = engine.devices().iter().find(|d| d.kind() == MemoryKind::Host).cloned().ok_or_else(|| {
+            tracing::warn!("no host memory device is linked; call mooncake::link_all() in the final binary");
+            ErrorCode::TransferFail
+        })?;
+        partial.device = Some(device.clone());
+
+        let segment = match config.global_segment_size {
+            0 => None,
+            size => {
+                let memory = partial.allocate_registered(size, "cannot allocate the global segment")?;
+                let info = Segment {
+                    name: endpoint.clone(),
+                    transport_endpoint: endpoint.clone(),
+                    base: memory.addr,
+                    size: memory.len,
+                    host: host.clone(),
+                };
+                Some(OwnedSegment { memory, info })
+            }
+        };
+        let staging = match config.local_buffer_size {
+            0 => None,
+            size => Some(Staging::new(partial.allocate_registered(size, "cannot allocate the staging buffer")?)),
+        };
+        if let Some(seg) = &segment {
+            mount(&master, id, &seg.info)?;
+        }
+
+        let runtime = partial.runtime.take();
+        partial.memory.clear();
+        partial.engine = None;
+        drop(partial);
+        let ping_interval = config.ping_interval;
+        let inner = Arc::new(Inner {
+            config,
+            id,
+            endpoint,
+            engine,
+            device,
+            master,
+            segment,
+            staging,
+            runtime: Mutex::new(runtime),
+            open: RwLock::new(true),
+            ping: Mutex::new(PingState { last: Some(Instant::now()), reachable: true }),
+            control: Arc::new(PingControl::default()),
+            ping_thread: Mutex::new(None),
+            reported: Mutex::new(HashMap::new()),
+        });
+        let weak = Arc::downgrade(&inner);
+        let control = inner.control.clone();
+        let thread = std::thread::Builder::new()
+            .name("mooncake-store-ping".into())
+            .spawn(move || ping_loop(weak, control, ping_interval));
+        match thread {
+            Ok(t) => *lock(&inner.ping_thread) = Some(t),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start the ping thread");
+                inner.close();
+                return Err(ErrorCode::Internal);
+            }
+        }
+        tracing::info!(client = %inner.id, segment = %inner.endpoint, master = %inner.config.master_server_addr, "store client ready");
+        Ok(inner)
+    }
+
+    /// A read guard proving the client is open, or `UnavailableInCurrentStatus` after `close`.
+    pub(crate) fn op(&self) -> Result<RwLockReadGuard<'_, bool>> {
+        let g = self.open.read().unwrap_or_else(|p| p.into_inner());
+        if *g { Ok(g) } else { Err(ErrorCode::UnavailableInCurrentStatus) }
+    }
+
+    /// Unmounts, unregisters and frees, stops the ping thread, the engine and the runtime. Idempotent.
+    pub(crate) fn close(&self) {
+        {
+            let mut open = self.open.write().unwrap_or_else(|p| p.into_inner());
+            if !*open {
+                return;
+            }
+            *open = false;
+        }
+        *lock(&self.control.stop) = true;
+        self.control.wake.notify_all();
+        if let Some(t) = lock(&self.ping_thread).take() {
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
+        }
+        if let Some(seg) = &self.segment {
+            let req = Request::UnmountSegment { client: self.id, name: seg.info.name.clone() };
+            match self.master.call_with(&req, self.config.rpc_timeout.min(Duration::from_secs(2))) {
+                Ok(Response::Done(Ok(()))) => {}
+                Ok(Response::Done(Err(e))) => tracing::info!(error = %e, "master refused to unmount our segment"),
+                Ok(other) => {
+                    wrong_kind("unmount_segment", &other);
+                }
+                Err(_) => tracing::info!("could not unmount our segment; the master drops it when our pings stop"),
+            }
+        }
+        let memories = self.staging.iter().map(|s| &s.memory).chain(self.segment.iter().map(|s| &s.memory));
+        for memory in memories {
+            match self.engine.unregister_memory(memory.addr) {
+                Ok(()) => {
+                    if let Err(e) = self.device.free(memory) {
+                        tracing::warn!(error = %e, "cannot free client memory");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot unregister client memory; leaking it"),
+            }
+        }
+        self.engine.shutdown();
+        if let Some(rt) = lock(&self.runtime).take() {
+            rt.shutdown_background();
+        }
+        tracing::info!(client = %self.id, "store client closed");
+    }
+
+    /// Pings the master (remounting our segment when it asks) and records the outcome. True when it answered.
+    fn ping_once(&self, timeout: Duration) -> bool {
+        let reachable = match self.master.ping(self.id, timeout) {
+            Ok(PingOutcome::Ok) => true,
+            Ok(PingOutcome::NeedRemount) => {
+                if let Some(seg) = &self.segment {
+                    match mount(&self.master, self.id, &seg.info) {
+                        Ok(()) => tracing::info!(segment = %seg.info.name, "remounted our segment on the master"),
+                        Err(e) => tracing::warn!(segment = %seg.info.name, error = %e, "remount failed"),
+                    }
+                }
+                true
+            }
+            Err(_) => false,
+        };
+        let mut state = lock(&self.ping);
+        if state.reachable != reachable {
+            if reachable {
+                tracing::info!(master = %self.config.master_server_addr, "master reachable again");
+            } else {
+                tracing::warn!(master = %self.config.master_server_addr, "master unreachable");
+            }
+        }
+        *state = PingState { last: Some(Instant::now()), reachable };
+        reachable
+    }
+
+    /// 0 ok, 1 closed, 2 master unreachable; pings afresh when the last ping is older than two intervals.
+    pub(crate) fn health(&self) -> i32 {
+        let Ok(_open) = self.op() else { return HEALTH_NOT_INITIALIZED };
+        let (last, reachable) = {
+            let s = lock(&self.ping);
+            (s.last, s.reachable)
+        };
+        let fresh_for = self.config.ping_interval * 2 + Duration::from_millis(100);
+        let reachable = match last {
+            Some(t) if t.elapsed() <= fresh_for => reachable,
+            _ => self.ping_once(self.config.rpc_timeout.min(Duration::from_secs(2))),
+        };
+        if reachable { HEALTH_OK } else { HEALTH_MASTER_UNREACHABLE }
+    }
+
+    /// Tells the master (once per endpoint per [`REPORT_WINDOW`], without waiting) that `endpoint` failed at the
+    /// connection level.
+    pub(crate) fn report_unreachable(&self, endpoint: &str) {
+        if endpoint == self.endpoint {
+            return;
+        }
+        {
+            let mut reported = lock(&self.reported);
+            let now = Instant::now();
+            if reported.get(endpoint).is_some_and(|t| now.duration_since(*t) < REPORT_WINDOW) {
+                return;
+            }
+            reported.retain(|_, t| now.duration_since(*t) < REPORT_WINDOW);
+            reported.insert(endpoint.to_string(), now);
+        }
+        tracing::warn!(endpoint, "peer unreachable; reporting it to the master");
+        self.master.fire_and_forget(Request::ReportUnreachable { target: endpoint.to_string() });
+    }
+
+    /// The registration holding a caller's range `[ptr, ptr+len)`: null, zero length, wrap-around, a range not
+    /// inside one registered buffer, or one inside the client's own segment or staging buffer (not the
+    /// caller's to use) give `InvalidParams`.
+    pub(crate) fn user_region(&self, ptr: u64, len: u64) -> Result<RegionGuard> {
+        if ptr == 0 || len == 0 {
+            return Err(ErrorCode::InvalidParams);
+        }
+        let guard = self.engine.regions().lookup(ptr, len).ok_or_else(|| {
+            tracing::debug!(ptr, len, "range is not inside a registered buffer");
+            ErrorCode::InvalidParams
+        })?;
+        let internal = self.segment.iter().map(|s| s.memory.addr).chain(self.staging.iter().map(|s| s.memory.addr));
+        if internal.into_iter().any(|base| base == guard.addr) {
+            tracing::debug!(ptr, len, "range lies in the client's own segment or staging buffer");
+            return Err(ErrorCode::InvalidParams);
+        }
+        Ok(guard)
+    }
+
+    /// True when a replica at (`endpoint`, `addr`, `len`) is in our own segment (copy it with memcpy).
+    pub(crate) fn is_own(&self, endpoint: &str, addr: u64, len: u64) -> bool {
+        endpoint == self.endpoint && self.segment.as_ref().is_some_and(|s| s.contains(addr, len))
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// How the client allocates its segment and staging memory: ordinary pages. (Transparent huge pages cut
+/// first-touch faults but, with the kernel's default synchronous defragmentation, made first writes several
+/// times slower on a loaded host; hugetlbfs pools are opt-in through the device elsewhere.)
+pub(crate) fn memory_options() -> AllocOptions {
+    AllocOptions::default()
+}
+
+fn mount(master: &Master, client: ClientId, segment: &Segment) -> Result<()> {
+    match master.call(&Request::MountSegment { client, segment: segment.clone() })? {
+        Response::Done(r) => r,
+        other => Err(wrong_kind("mount_segment", &other)),
+    }
+}
+
+fn ping_loop(weak: Weak<Inner>, control: Arc<PingControl>, interval: Duration) {
+    loop {
+        {
+            let stop = lock(&control.stop);
+            let (stop, _) = control.wake.wait_timeout_while(stop, interval, |s| !*s).unwrap_or_else(|p| p.into_inner());
+            if *stop {
+                return;
+            }
+        }
+        let Some(inner) = weak.upgrade() else { return };
+        let timeout = inner.config.rpc_timeout.min(interval.max(Duration::from_millis(500)));
+        if let Ok(_open) = inner.op() {
+            inner.ping_once(timeout);
+        }
+        // If the user dropped the last client meanwhile, this drop closes it here (close skips joining us).
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

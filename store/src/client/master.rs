@@ -1,0 +1,115 @@
+//! The client's link to the master: one multiplexed RPC connection driven by the client runtime, called
+//! synchronously from user threads.
+
+use std::time::{Duration, Instant};
+
+use mooncake_store_rpc::{ClientOptions, RpcClient, RpcError};
+use tokio::runtime::Handle;
+
+use super::{errors, exec};
+use crate::master::PingOutcome;
+use crate::protocol::{Request, Response, service_id};
+use crate::types::{ClientId, ErrorCode, Result};
+
+/// The master's RPC client plus the runtime its connection lives on.
+pub(crate) struct Master {
+    rpc: RpcClient<Request, Response>,
+    handle: Handle,
+    timeout: Duration,
+}
+
+impl Master {
+    /// Connects to `addr`, retrying refused or failed connections until `setup_timeout` has passed. A master
+    /// that never answers gives `RpcFail` (or `RpcTimeout`) within `setup_timeout`.
+    pub(crate) fn connect(
+        handle: &Handle,
+        addr: &str,
+        client: ClientId,
+        setup_timeout: Duration,
+        rpc_timeout: Duration,
+    ) -> Result<Master> {
+        let options = ClientOptions {
+            connect_timeout: rpc_timeout.min(Duration::from_secs(1)),
+            request_timeout: rpc_timeout,
+            ..Default::default()
+        };
+        let rpc = RpcClient::new_lazy(addr, service_id(), options);
+        let deadline = Instant::now() + setup_timeout;
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let left = deadline.saturating_duration_since(Instant::now());
+            let probe = async {
+                match tokio::time::timeout(left, rpc.call_with_timeout(&Request::Ping { client }, left)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(RpcError::Timeout { after: left }),
+                }
+            };
+            let error = match exec::block_on(handle, probe) {
+                Ok(Response::Ping(_)) => {
+                    return Ok(Master { rpc, handle: handle.clone(), timeout: rpc_timeout });
+                }
+                Ok(other) => {
+                    tracing::warn!(addr, reply = ?other, "the master answered a ping with the wrong kind");
+                    return Err(ErrorCode::RpcFail);
+                }
+                Err(e @ (RpcError::VersionMismatch { .. } | RpcError::Rejected(_))) => {
+                    return Err(errors::rpc("connect", &e));
+                }
+                Err(e) => e,
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::warn!(addr, attempts, error = %error, ?setup_timeout, "cannot reach the store master");
+                return Err(ErrorCode::RpcFail);
+            }
+            tracing::debug!(addr, error = %error, "master not reachable yet; retrying");
+            std::thread::sleep(left.min(Duration::from_millis(100)));
+        }
+    }
+
+    /// One request with the default timeout.
+    pub(crate) fn call(&self, req: &Request) -> Result<Response> {
+        self.call_with(req, self.timeout)
+    }
+
+    /// One request with `timeout`.
+    pub(crate) fn call_with(&self, req: &Request, timeout: Duration) -> Result<Response> {
+        exec::block_on(&self.handle, self.rpc.call_with_timeout(req, timeout)).map_err(|e| errors::rpc(req.name(), &e))
+    }
+
+    /// Sends `req` without waiting for the answer (failures are logged at debug level).
+    pub(crate) fn fire_and_forget(&self, req: Request) {
+        let rpc = self.rpc.clone();
+        let timeout = self.timeout;
+        self.handle.spawn(async move {
+            if let Err(e) = rpc.call_with_timeout(&req, timeout).await {
+                tracing::debug!(request = req.name(), error = %e, "fire-and-forget master RPC failed");
+            }
+        });
+    }
+
+    /// Pings the master with `timeout`.
+    pub(crate) fn ping(&self, client: ClientId, timeout: Duration) -> Result<PingOutcome> {
+        match self.call_with(&Request::Ping { client }, timeout)? {
+            Response::Ping(outcome) => Ok(outcome),
+            other => Err(wrong_kind("ping", &other)),
+        }
+    }
+}
+
+/// The master answered with a response kind that does not belong to the request: `Internal`.
+pub(crate) fn wrong_kind(request: &str, response: &Response) -> ErrorCode {
+    tracing::error!(request, ?response, "the master answered with the wrong response kind");
+    ErrorCode::Internal
+}
+
+/// Checks that a per-key answer has one entry per key; `Internal` (logged) otherwise.
+pub(crate) fn per_key<T>(request: &str, expected: usize, v: Vec<Result<T>>) -> Vec<Result<T>> {
+    if v.len() == expected {
+        v
+    } else {
+        tracing::error!(request, expected, got = v.len(), "the master answered with the wrong number of results");
+        (0..expected).map(|_| Err(ErrorCode::Internal)).collect()
+    }
+}

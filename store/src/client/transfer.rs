@@ -1,0 +1,137 @@
+//! Runs the transfers of one call as one engine batch, with one result per transfer.
+//!
+//! Requests are grouped by target segment (one submission per segment, so the transports see runs of requests
+//! to the same peer). A segment that cannot be opened, or a submission the engine rejects, fails only its own
+//! requests; a rejected group of several requests is retried one request at a time unless the peer is
+//! unreachable, so one bad request does not fail its neighbours. Waiting is bounded by the engine's sync
+//! timeout (`MC_TRANSFER_TIMEOUT` plus 1 ns per byte); unfinished requests then fail with a timeout. A call
+//! with a single request uses the engine's blocking path, which small requests run on the calling thread.
+
+use std::sync::Arc;
+
+use mooncake_core::{Batch, Error, Opcode, TransferEngine, TransferRequest, TransferState};
+
+use super::errors::is_connection_level;
+
+/// One transfer between local registered memory and a replica.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Xfer {
+    /// Index into the call's endpoint list.
+    pub(crate) endpoint: usize,
+    /// Read (replica to local) or write (local to replica).
+    pub(crate) opcode: Opcode,
+    /// Local address.
+    pub(crate) local: u64,
+    /// Address in the replica owner's process.
+    pub(crate) remote: u64,
+    /// Bytes.
+    pub(crate) len: u64,
+}
+
+enum Slot {
+    Batch(usize),
+    Failed(Error),
+}
+
+/// Transfers submitted and not yet waited for.
+pub(crate) struct InFlight {
+    batch: Option<Arc<Batch>>,
+    slots: Vec<Slot>,
+    /// A lone request, run at `wait` through the engine's blocking path.
+    single: Option<(String, Xfer)>,
+    bytes: u64,
+}
+
+/// Submits `reqs` (targets named by `endpoints`). Nothing blocks on the transfers themselves.
+pub(crate) fn submit(engine: &TransferEngine, endpoints: &[String], reqs: &[Xfer]) -> InFlight {
+    let bytes = reqs.iter().fold(0u64, |acc, r| acc.saturating_add(r.len));
+    if let [only] = reqs {
+        if let Some(name) = endpoints.get(only.endpoint) {
+            return InFlight { batch: None, slots: Vec::new(), single: Some((name.clone(), *only)), bytes };
+        }
+    }
+    let mut slots: Vec<Slot> = (0..reqs.len()).map(|_| Slot::Failed(Error::Canceled)).collect();
+    if reqs.is_empty() {
+        return InFlight { batch: None, slots, single: None, bytes };
+    }
+    let batch = Batch::new(reqs.len());
+    let mut order: Vec<usize> = (0..reqs.len()).collect();
+    order.sort_by_key(|&i| reqs[i].endpoint);
+    for group in order.chunk_by(|&a, &b| reqs[a].endpoint == reqs[b].endpoint) {
+        let Some(name) = endpoints.get(reqs[group[0]].endpoint) else {
+            for &i in group {
+                slots[i] = Slot::Failed(Error::InvalidArgument("transfer names no endpoint".into()));
+            }
+            continue;
+        };
+        let handle = match engine.open_segment(name) {
+            Ok(h) => h,
+            Err(e) => {
+                for &i in group {
+                    slots[i] = Slot::Failed(e.clone());
+                }
+                continue;
+            }
+        };
+        let request = |i: usize| TransferRequest {
+            opcode: reqs[i].opcode,
+            source: reqs[i].local,
+            target_id: handle,
+            target_offset: reqs[i].remote,
+            length: reqs[i].len,
+        };
+        let all: Vec<TransferRequest> = group.iter().map(|&i| request(i)).collect();
+        let start = batch.len();
+        match engine.submit_into(&batch, &all) {
+            Ok(()) => {
+                for (k, &i) in group.iter().enumerate() {
+                    slots[i] = Slot::Batch(start + k);
+                }
+            }
+            Err(e) if group.len() > 1 && !is_connection_level(&e) => {
+                for &i in group {
+                    let start = batch.len();
+                    slots[i] = match engine.submit_into(&batch, &[request(i)]) {
+                        Ok(()) => Slot::Batch(start),
+                        Err(e) => Slot::Failed(e),
+                    };
+                }
+            }
+            Err(e) => {
+                for &i in group {
+                    slots[i] = Slot::Failed(e.clone());
+                }
+            }
+        }
+    }
+    InFlight { batch: Some(batch), slots, single: None, bytes }
+}
+
+impl InFlight {
+    /// Waits for every transfer (bounded by the engine's sync timeout); one result per request, in order.
+    pub(crate) fn wait(self, engine: &TransferEngine) -> Vec<Result<(), Error>> {
+        if let Some((name, x)) = self.single {
+            return vec![engine.batch_transfer_sync(&name, x.opcode, &[x.local], &[x.remote], &[x.len])];
+        }
+        if let Some(batch) = &self.batch {
+            if !batch.is_empty() {
+                // A timeout marks the unfinished requests; their statuses say so below.
+                let _ = batch.wait_blocking(engine.sync_timeout(self.bytes));
+            }
+        }
+        self.slots
+            .into_iter()
+            .map(|slot| match slot {
+                Slot::Failed(e) => Err(e),
+                Slot::Batch(i) => match self.batch.as_ref().map(|b| b.status(i)) {
+                    Some(Ok(s)) if s.state == TransferState::Completed => Ok(()),
+                    Some(Ok(s)) => {
+                        Err(s.error.unwrap_or_else(|| Error::Protocol(format!("transfer ended {:?}", s.state))))
+                    }
+                    Some(Err(e)) => Err(e),
+                    None => Err(Error::Canceled),
+                },
+            })
+            .collect()
+    }
+}
