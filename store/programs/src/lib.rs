@@ -2,5 +2,6 @@
 //! they share: gflags-style command lines with upstream's flag names.
 #![forbid(unsafe_code)]
 
+pub mod client_node;
 pub mod flags;
 pub mod master;
