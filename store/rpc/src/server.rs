@@ -225,7 +225,12 @@ where
             return; // the writer finishes the responses still being computed, then closes
         }
         Some(Err(violation)) => violation,
-        None => "server shutting down or write failed".to_string(),
+        None => {
+            // Shutdown, or the writer failed (already logged): nothing the operator must act on.
+            closed.cancel();
+            debug!(peer = %peer.addr, "closing connection: server shutting down or write failed");
+            return;
+        }
     };
     // Dropping the read half here and the write half in the cancelled writer closes the socket.
     closed.cancel();
