@@ -20,6 +20,12 @@ cargo fmt --all -- --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 
+step "the store and the EP buffer see only mooncake-core (no transport, device or metadata crate)"
+if cargo tree -p mooncake-store -e normal --prefix none | grep -E '^mooncake-(transport|device|metadata)'; then
+    echo "mooncake-store must not depend on a backend crate (DESIGN.md)" >&2
+    exit 1
+fi
+
 step "cargo test --workspace"
 cargo test --workspace
 
