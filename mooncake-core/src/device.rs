@@ -89,6 +89,15 @@ pub trait MemoryDevice: Send + Sync + 'static {
         Err(Error::unsupported("import_handle", self.name()))
     }
 
+    /// Faults in every page of `allocation` now, so that first writes into it (by this process or
+    /// by peers through a transport) run at memory speed instead of paying a page fault each. A
+    /// hint: contents are unchanged and it is safe while the memory is in use; devices for which it
+    /// means nothing do nothing. May take about a second per GiB: call it off the hot path.
+    /// Implementations keep the memory valid for the whole call even if `free` runs concurrently.
+    fn prefault(&self, _allocation: &Allocation) -> Result<()> {
+        Ok(())
+    }
+
     /// A dmabuf covering `[addr, addr+len)` of this device's memory (any range the device
     /// classifies, not only whole allocations), for NICs that register device memory through
     /// dmabuf (GPUDirect RDMA with `ibv_reg_dmabuf_mr`). Devices without dmabuf support return

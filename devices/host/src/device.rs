@@ -299,6 +299,20 @@ impl MemoryDevice for HostDevice {
         }
     }
 
+    fn prefault(&self, allocation: &Allocation) -> Result<()> {
+        // The Arc keeps the mapping alive even if `free` runs meanwhile.
+        let m = self.lookup(allocation, "prefault")?;
+        match sys::populate_write(&m.raw) {
+            Ok(()) => Ok(()),
+            // Old kernel, or memory the kernel cannot populate (e.g. an imported read-only file):
+            // pages then fault in on first use, as without the hint.
+            Err(e) => {
+                tracing::debug!(addr = allocation.addr, len = allocation.len, error = %e, "prefault not done");
+                Ok(())
+            }
+        }
+    }
+
     fn copy_to_host(&self, allocation: &Allocation, offset: u64, dst: &mut [u8]) -> Result<()> {
         let m = self.lookup(allocation, "copy_to_host")?;
         check_bounds(allocation, offset, dst.len() as u64)?;

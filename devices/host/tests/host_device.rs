@@ -205,3 +205,40 @@ fn concurrent_allocate_copy_free() {
     }
     assert_eq!(dev.live_allocations(), 0);
 }
+
+/// Resident set size of this process in bytes.
+fn rss() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
+
+#[test]
+fn prefault_makes_pages_resident_and_keeps_contents() {
+    let dev = device();
+    let len = 64u64 << 20;
+    let a = dev.allocate(len, &AllocOptions::default()).expect("allocate");
+    dev.copy_from_host(b"kept", &a, 4096).unwrap();
+    let before = rss();
+    dev.prefault(&a).expect("prefault");
+    let grown = rss().saturating_sub(before);
+    // MADV_POPULATE_WRITE needs Linux 5.14; on older kernels the hint does nothing.
+    let modern = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .ok()
+        .and_then(|r| {
+            let mut v = r.trim().split(['.', '-']).map(|x| x.parse::<u32>().unwrap_or(0));
+            Some((v.next()?, v.next()?))
+        })
+        .is_some_and(|v| v >= (5, 14));
+    if modern {
+        assert!(grown >= len - (4 << 20), "only {grown} bytes became resident");
+    }
+    let mut back = [0u8; 4];
+    dev.copy_to_host(&a, 4096, &mut back).unwrap();
+    assert_eq!(&back, b"kept");
+    let mut zero = [1u8; 16];
+    dev.copy_to_host(&a, len - 16, &mut zero).unwrap();
+    assert_eq!(zero, [0u8; 16], "fresh memory stays zero");
+    dev.free(&a).unwrap();
+    assert!(matches!(dev.prefault(&a), Err(Error::NotFound(_))), "a freed allocation is a typed error");
+}

@@ -74,6 +74,23 @@ pub(crate) struct Inner {
     reported: Mutex<HashMap<String, Instant>>,
 }
 
+/// Faults the segment's pages in on a background thread, so that the first objects written into it
+/// (by peers, or by this process) do not pay a page fault per page. The device keeps the memory
+/// valid during the call even if `close` frees it meanwhile; a failure only costs speed.
+fn prefault_in_background(device: &Arc<dyn MemoryDevice>, memory: &DeviceAllocation) {
+    let (device, memory) = (device.clone(), memory.clone());
+    let spawned = std::thread::Builder::new().name("mooncake-store-prefault".into()).spawn(move || {
+        let started = Instant::now();
+        match device.prefault(&memory) {
+            Ok(()) => tracing::debug!(len = memory.len, took = ?started.elapsed(), "segment pages faulted in"),
+            Err(e) => tracing::debug!(error = %e, "segment not prefaulted; pages fault in on first use"),
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::debug!(error = %e, "no prefault thread; pages fault in on first use");
+    }
+}
+
 /// What `setup` built so far; torn down on drop unless taken.
 #[derive(Default)]
 struct Partial {
@@ -179,6 +196,7 @@ impl Inner {
         };
         if let Some(seg) = &segment {
             mount(&master, id, &seg.info)?;
+            prefault_in_background(&device, &seg.memory);
         }
 
         let runtime = partial.runtime.take();
