@@ -29,6 +29,9 @@ pub struct ClientConfig {
     pub setup_timeout: Duration,
     /// Bound on every master RPC (default 5 s).
     pub rpc_timeout: Duration,
+    /// Bound on one read or write of object bytes, plus 1 ns per byte as the engine adds (default 5 s, or
+    /// `MC_STORE_TRANSFER_TIMEOUT_MS`): a frozen peer fails the call after this instead of the engine's 30 s.
+    pub transfer_timeout: Duration,
     /// How often the client pings the master (default 1 s; the master drops clients silent for 10 s).
     pub ping_interval: Duration,
     /// Keep the engine's automatic same-host transports (`shm`, `MC_AUTO_PROTOCOLS`) next to `protocol`
@@ -49,6 +52,9 @@ impl Default for ClientConfig {
             setup_timeout: Duration::from_secs(10),
             rpc_timeout: Duration::from_secs(5),
             ping_interval: Duration::from_secs(1),
+            transfer_timeout: Duration::from_millis(
+                std::env::var("MC_STORE_TRANSFER_TIMEOUT_MS").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(5000),
+            ),
             same_host_transports: true,
         }
     }
@@ -65,6 +71,7 @@ impl ClientConfig {
             && !self.setup_timeout.is_zero()
             && !self.rpc_timeout.is_zero()
             && !self.ping_interval.is_zero()
+            && !self.transfer_timeout.is_zero()
             && (self.global_segment_size == 0 || self.global_segment_size >= crate::allocator::ALIGNMENT)
             && self.global_segment_size <= isize::MAX as u64
             && self.local_buffer_size <= isize::MAX as u64;

@@ -159,6 +159,7 @@ impl Inner {
             Master::connect(&handle, &config.master_server_addr, id, config.setup_timeout, config.rpc_timeout)?;
 
         let mut engine_config = EngineConfig::new(config.local_hostname.clone(), config.metadata_server.clone());
+        engine_config.transfer_timeout = config.transfer_timeout;
         let auto = engine_config.auto_protocols.clone();
         engine_config = engine_config.with_protocols([config.protocol.clone()]);
         if config.same_host_transports {
