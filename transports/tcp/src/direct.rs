@@ -70,6 +70,8 @@ impl DirectPool {
     ) -> Result<u64> {
         let len = req.len;
         let deadline = Instant::now() + timeout;
+        // Timeouts below report the remaining time (zero); callers want the bound that ran out.
+        let bound = |e: Error| if matches!(e, Error::Timeout(_)) { Error::Timeout(timeout) } else { e };
         if let Some(s) = self.take(info) {
             match exchange(&s, info, req, deadline) {
                 Ok(()) => {
@@ -78,7 +80,7 @@ impl DirectPool {
                 }
                 Err(Failure::BeforeAnswer(_)) => {} // stale pooled connection: try a fresh one
                 Err(Failure::Rejected(e)) => return Err(e),
-                Err(Failure::After(e)) => return Err(e),
+                Err(Failure::After(e)) => return Err(bound(e)),
             }
         }
         let s = connect(info, connect_timeout.min(timeout))?;
@@ -87,7 +89,7 @@ impl DirectPool {
                 self.put(info, s);
                 Ok(len)
             }
-            Err(Failure::BeforeAnswer(e) | Failure::After(e) | Failure::Rejected(e)) => Err(e),
+            Err(Failure::BeforeAnswer(e) | Failure::After(e) | Failure::Rejected(e)) => Err(bound(e)),
         }
     }
 }

@@ -1,10 +1,20 @@
 //! `mooncake_store_bench`: store benchmarks that print their configuration.
 //!
+//! `--mode client`: the store client's data path (put, get, put_from, get_into, batch_put_from,
+//! batch_get_into) over `--sizes` and `--batches`, with the data in another store node (a
+//! `mooncake_client` child process; `--transport` tcp and/or the default same-host choice) and/or
+//! in this process's own segment; prints ops/s (keys/s for batches), GB/s and p50/p99 per call. See
+//! the `client` module. `tests/interop/store_bench_upstream.py` measures the same on upstream and
+//! `scripts/bench_store.sh` runs both.
+//!
 //! `--mode master`: the master alone, through its RPC: populates `--objects` objects with batched
 //! put_start/put_end, then measures single `exist` calls (latency) and batched `exist` calls of
 //! `--batch` keys with `--in_flight` calls outstanding on one connection (keys per second). It
 //! starts a master in this process (on its own runtime and threads) unless
 //! `--master_server_address` names a running one.
+
+#[path = "mooncake_store_bench/client.rs"]
+mod client;
 
 use std::time::{Duration, Instant};
 
@@ -15,7 +25,7 @@ use mooncake_store_programs::flags::{FlagError, Flags, Kind, Spec};
 use mooncake_store_rpc::{ClientOptions, RpcClient};
 
 const FLAGS: &[Spec] = &[
-    Spec { name: "mode", kind: Kind::Text, default: "master", help: "master" },
+    Spec { name: "mode", kind: Kind::Text, default: "master", help: "master | client" },
     Spec {
         name: "master_server_address",
         kind: Kind::Text,
@@ -25,10 +35,73 @@ const FLAGS: &[Spec] = &[
     Spec { name: "objects", kind: Kind::Int, default: "1000000", help: "objects to create before measuring" },
     Spec { name: "batch", kind: Kind::Int, default: "128", help: "keys per batched call" },
     Spec { name: "in_flight", kind: Kind::Int, default: "8", help: "batched calls outstanding at once" },
-    Spec { name: "duration", kind: Kind::Float, default: "3", help: "seconds per measurement" },
+    Spec {
+        name: "duration",
+        kind: Kind::Float,
+        default: "3",
+        help: "seconds per measurement (--mode client: per point, 1 unless given)",
+    },
+    // --mode client
+    Spec {
+        name: "placement",
+        kind: Kind::Text,
+        default: "both",
+        help: "client: remote (data in a mooncake_client child) | local (this process) | both",
+    },
+    Spec {
+        name: "transport",
+        kind: Kind::Text,
+        default: "both",
+        help: "client, remote placement: tcp (same_host_transports off) | default (same-host shm allowed) | both",
+    },
+    Spec { name: "sizes", kind: Kind::Text, default: "4KiB,64KiB,1MiB,8MiB,32MiB", help: "client: object sizes" },
+    Spec { name: "batches", kind: Kind::Text, default: "32,128", help: "client: keys per batch_* call" },
+    Spec {
+        name: "ops",
+        kind: Kind::Text,
+        default: "put,get,put_from,get_into,batch_put_from,batch_get_into",
+        help: "client: operations to measure",
+    },
+    Spec { name: "min_calls", kind: Kind::Int, default: "3", help: "client: calls per point at least" },
+    Spec {
+        name: "read_keys",
+        kind: Kind::Int,
+        default: "0",
+        help: "client: keys a read point populates and cycles through (0: max(batch, min(1024, 256 MiB / size)))",
+    },
+    Spec {
+        name: "segment_size",
+        kind: Kind::Size,
+        default: "2GiB",
+        help: "client: memory of the node holding the data (half of it is used per point)",
+    },
+    Spec {
+        name: "max_batch_bytes",
+        kind: Kind::Size,
+        default: "1GiB",
+        help: "client: skip batch points moving more bytes per call; the registered buffer is twice the largest call",
+    },
+    Spec {
+        name: "local_buffer_size",
+        kind: Kind::Size,
+        default: "128MiB",
+        help: "client: staging buffer of the bench's client (bytes API)",
+    },
+    Spec {
+        name: "node_program",
+        kind: Kind::Text,
+        default: "",
+        help: "client: the store node program (default: mooncake_client next to this program)",
+    },
 ];
 
 type Client = RpcClient<Request, Response>;
+
+/// Resident set size of this process in bytes (0 where /proc is missing).
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    statm.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()).map_or(0, |pages| pages * 4096)
+}
 
 fn key(i: u64) -> String {
     format!("key-{i:010}")
@@ -52,11 +125,68 @@ fn main() {
     };
     let result = match flags.text("mode") {
         "master" => master_bench(&flags),
-        other => Err(format!("unknown --mode {other:?}: use master")),
+        "client" => client::client_bench(&flags),
+        other => Err(format!("unknown --mode {other:?}: use master or client")),
     };
     if let Err(e) = result {
         eprintln!("mooncake_store_bench: {e}");
         std::process::exit(1);
+    }
+}
+
+/// The master the bench talks to: started in this process (on its own runtime and threads, as it would run as
+/// a separate program) unless `--master_server_address` names a running one.
+struct BenchMaster {
+    address: String,
+    service: Option<MasterService>,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl BenchMaster {
+    fn start(flags: &Flags) -> Result<BenchMaster, String> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let (address, service) = match flags.text("master_server_address") {
+            "" => {
+                let config = ServiceConfig { rpc_addr: "127.0.0.1:0".into(), admin_addr: None, ..Default::default() };
+                let service = runtime.block_on(MasterService::start(config)).map_err(|e| e.to_string())?;
+                (service.rpc_addr().to_string(), Some(service))
+            }
+            a => (a.to_string(), None),
+        };
+        Ok(BenchMaster { address, service, runtime })
+    }
+
+    fn in_process(&self) -> bool {
+        self.service.is_some()
+    }
+
+    /// Bytes allocated (including removed objects whose lease still protects their space) and the capacity of
+    /// all segments, when the master runs in this process.
+    fn usage(&self) -> Option<(u64, u64)> {
+        let service = self.service.as_ref()?;
+        let stats = service.with_core(|core| core.stats());
+        Some((stats.allocated_bytes, stats.total_capacity_bytes))
+    }
+
+    /// Objects evicted since the start, when the master runs in this process.
+    fn evicted(&self) -> Option<u64> {
+        Some(self.service.as_ref()?.with_core(|core| core.stats().evicted_key_count))
+    }
+
+    fn describe(&self) -> &'static str {
+        if self.in_process() { "in this process, 2 worker threads" } else { "external" }
+    }
+}
+
+impl Drop for BenchMaster {
+    fn drop(&mut self) {
+        if let Some(service) = self.service.take() {
+            self.runtime.block_on(service.shutdown());
+        }
     }
 }
 
@@ -65,24 +195,13 @@ fn master_bench(flags: &Flags) -> Result<(), String> {
     let batch = flags.int("batch").max(1) as usize;
     let in_flight = flags.int("in_flight").max(1) as usize;
     let duration = Duration::from_secs_f64(flags.float("duration").max(0.1));
-    // The master runs on its own runtime (threads) as it would as a separate program.
-    let server_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    let (address, _service) = match flags.text("master_server_address") {
-        "" => {
-            let config = ServiceConfig { rpc_addr: "127.0.0.1:0".into(), admin_addr: None, ..Default::default() };
-            let service = server_rt.block_on(MasterService::start(config)).map_err(|e| e.to_string())?;
-            (service.rpc_addr().to_string(), Some(service))
-        }
-        a => (a.to_string(), None),
-    };
+    let master = BenchMaster::start(flags)?;
+    let address = master.address.clone();
+    let in_process = master.service.is_some();
     println!("# mooncake_store_bench --mode master");
     println!(
         "# master {address} ({}), objects {objects}, batch {batch}, in_flight {in_flight}, duration {:.1}s/phase, client: one connection, current_thread runtime",
-        if _service.is_some() { "in this process, 2 worker threads" } else { "external" },
+        master.describe(),
         duration.as_secs_f64()
     );
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
@@ -106,6 +225,7 @@ fn master_bench(flags: &Flags) -> Result<(), String> {
                 let _ = pinger.call(&Request::Ping { client: owner }).await;
             }
         });
+        let rss_before = rss_bytes();
         let t = Instant::now();
         let mut next = 0u64;
         while next < objects {
@@ -128,6 +248,14 @@ fn master_bench(flags: &Flags) -> Result<(), String> {
             next += n;
         }
         println!("populate (batched put_start + put_end): {:.0} objects/s", objects as f64 / t.elapsed().as_secs_f64());
+        if in_process {
+            let grown = rss_bytes().saturating_sub(rss_before);
+            println!(
+                "memory: process RSS grew {:.1} MiB while populating, {:.1} bytes per object (master and client together)",
+                grown as f64 / f64::from(1 << 20),
+                grown as f64 / objects as f64
+            );
+        }
 
         // Single exist calls, one at a time.
         let mut samples = Vec::new();
