@@ -242,17 +242,23 @@ async fn open(addr: String, service: ServiceId, options: ClientOptions) -> Resul
             writer_shared.close(&format!("write failed: {e}"));
         }
     });
-    tokio::spawn(read_loop(reader, shared.clone(), options.max_frame));
+    tokio::spawn(read_loop(reader, shared.clone(), options.max_frame, options.poll_for_reply));
     debug!(%addr, %service, "connected");
     let max_send = options.max_frame.min(usize::try_from(server_max).unwrap_or(usize::MAX));
     Ok(Arc::new(Conn { queue, shared, max_send }))
 }
 
 /// Hands replies to their callers until the connection ends, then fails whatever is still pending.
-async fn read_loop(mut reader: FramedRead<OwnedReadHalf, LengthDelimitedCodec>, shared: Arc<ConnShared>, max: usize) {
+async fn read_loop(
+    mut reader: FramedRead<OwnedReadHalf, LengthDelimitedCodec>,
+    shared: Arc<ConnShared>,
+    max: usize,
+    poll_for_reply: Duration,
+) {
     let work = async {
         loop {
-            match reader.next().await {
+            let waiting = || lock(&shared.pending).as_ref().is_some_and(|p| !p.is_empty());
+            match wire::next_frame(&mut reader, poll_for_reply, waiting).await {
                 None => return "the server closed the connection".to_string(),
                 Some(Err(e)) => return wire::describe_read_error(&e, max),
                 Some(Ok(frame)) => {

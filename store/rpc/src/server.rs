@@ -291,7 +291,7 @@ where
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             return Ok("in-flight limiter closed".into());
         };
-        let frame = match reader.next().await {
+        let frame = match wire::next_frame(&mut reader, context.options.poll_after_request, || true).await {
             None => return Ok("the client closed the connection".into()),
             Some(Err(e)) => return Err(wire::describe_read_error(&e, context.options.max_frame)),
             Some(Ok(frame)) => wire::decode(frame)?,

@@ -3,7 +3,7 @@
 use std::io;
 
 use bytes::{Buf, Bytes, BytesMut};
-use futures::SinkExt;
+use futures::{FutureExt, SinkExt, StreamExt};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWrite;
@@ -103,6 +103,35 @@ pub(crate) fn framed<R, W>(
 }
 
 /// A frame limit as sent in the hello.
+/// The next frame of `reader`, polled without sleeping for up to `spin` first while `keep_polling()`
+/// holds (yielding to the runtime between polls, which keeps polling the socket), then awaited.
+///
+/// A thread that sleeps in epoll is woken by the kernel when a frame arrives; on virtual machines that
+/// wake-up of an idle vCPU costs tens of microseconds each way (measured here: 118 us per round trip
+/// across vCPUs against 12-15 us on one). Polling briefly where a frame is expected soon avoids it.
+pub(crate) async fn next_frame<R>(
+    reader: &mut FramedRead<R, LengthDelimitedCodec>,
+    spin: std::time::Duration,
+    keep_polling: impl Fn() -> bool,
+) -> Option<io::Result<BytesMut>>
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    if !spin.is_zero() && keep_polling() {
+        let until = std::time::Instant::now() + spin;
+        loop {
+            if let Some(item) = reader.next().now_or_never() {
+                return item;
+            }
+            if std::time::Instant::now() >= until || !keep_polling() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+    reader.next().await
+}
+
 pub(crate) fn max_frame_on_wire(max_frame: usize) -> u32 {
     u32::try_from(max_frame).unwrap_or(u32::MAX)
 }
