@@ -211,7 +211,7 @@ impl MasterCore {
             self.groups.release(&up.protection.groups);
             self.release_replicas(up.replicas, 0);
         }
-        self.release_replicas(o.replicas, o.lease_until);
+        self.release_replicas(o.replicas, o.read_until);
     }
 
     fn release_deferred(&mut self, now: u64) -> u64 {

@@ -66,8 +66,11 @@ pub(crate) struct Object {
     pub(crate) size: u64,
     pub(crate) replicas: Replicas,
     pub(crate) state: ObjectState,
-    /// Readers may be reading until then; 0 for never leased.
+    /// Leased (by exist or get) until then: not evicted, not removed without force; 0 for never leased.
     pub(crate) lease_until: u64,
+    /// Readers holding replica addresses (get_replica_list) may be reading until then, so the bytes are not
+    /// reused before; an `exist` lease does not extend it (it hands out no addresses).
+    pub(crate) read_until: u64,
     /// Last read or admission; while `Processing`, the time of `put_start`.
     pub(crate) last_access: u64,
     pub(crate) soft_pin_until: u64,
@@ -91,6 +94,13 @@ impl Object {
 
     pub(crate) fn is_soft_pinned(&self, now: u64) -> bool {
         self.soft_pin_until > now
+    }
+
+    /// A read that hands out replica addresses: [`Object::grant_lease`], and the bytes stay in place until
+    /// the lease ends even if the object is removed or replaced.
+    pub(crate) fn grant_read_lease(&mut self, now: u64, lease_ttl: u64) {
+        self.grant_lease(now, lease_ttl);
+        self.read_until = self.read_until.max(now.saturating_add(lease_ttl));
     }
 
     /// A read: extends the lease and the soft pin, and marks the object recently used.
@@ -202,6 +212,7 @@ mod tests {
             replicas: smallvec::smallvec![Replica { segment: 0, alloc }],
             state: ObjectState::Processing,
             lease_until: 0,
+            read_until: 0,
             last_access: 0,
             soft_pin_until: 0,
             soft_pin_ttl: 0,

@@ -1,6 +1,8 @@
 //! Reads: `exist`, `get_replica_list`, `get_size`. A successful read grants the object a lease of
-//! `default_kv_lease_ttl_ms` (which blocks removal without force and eviction, and keeps replaced or removed
-//! bytes from being reused until it runs out), extends its soft pin, and marks it recently used.
+//! `default_kv_lease_ttl_ms` (which blocks removal without force and eviction), extends its soft pin, and marks
+//! it recently used. Only `get_replica_list`, which hands out replica addresses, also keeps replaced or removed
+//! bytes from being reused until the lease runs out; an `exist` lease does not (SGLang checks existence before
+//! every put, and a forced `remove_all` must then free space at once).
 //!
 //! Only complete replicas on healthy segments are served. Replicas on suspect segments (owner missed pings or
 //! was reported unreachable) are hidden: `exist` answers `false` when no replica is healthy, and
@@ -82,7 +84,7 @@ impl MasterCore {
         }
         let lease_ttl = self.config.default_kv_lease_ttl_ms;
         if let Some(o) = self.objects.get_mut(idx) {
-            o.grant_lease(now, lease_ttl);
+            o.grant_read_lease(now, lease_ttl);
         }
         Ok((replicas, lease_ttl))
     }

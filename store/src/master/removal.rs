@@ -1,6 +1,7 @@
 //! Explicit removal. Without `force`, an object being written gives `ReplicaNotReady` and a leased object
-//! gives `ObjectHasLease`. With `force` both are removed; bytes of a leased object are still not reused until
-//! its lease runs out (the allocation is freed by `tick` then), so a reader in flight never sees them change.
+//! gives `ObjectHasLease`. With `force` both are removed; bytes whose addresses a reader got from
+//! `get_replica_list` are still not reused until that lease runs out (the allocation is freed by `tick` then),
+//! so a reader in flight never sees them change. An object only checked with `exist` is freed at once.
 
 use regex::RegexBuilder;
 
@@ -77,11 +78,18 @@ mod tests {
         assert_eq!(h.core.remove("w", true), Ok(()));
         assert_eq!(h.core.remove("w", true), Err(ErrorCode::ObjectNotFound));
         assert_eq!(h.core.remove("", true), Err(ErrorCode::InvalidKey));
+        // An `exist` lease blocks removal without force, but hands out no addresses: forced removal frees at once.
+        h.put("e", 100).unwrap();
+        h.core.exist("e").unwrap();
+        assert_eq!(h.core.remove("e", false), Err(ErrorCode::ObjectHasLease));
+        h.core.remove("e", true).unwrap();
+        assert_eq!(h.core.stats().allocated_bytes, 0);
+        h.check();
         h.put("r", 100).unwrap();
-        h.core.exist("r").unwrap();
+        h.core.get_replica_list("r").unwrap();
         assert_eq!(h.core.remove("r", false), Err(ErrorCode::ObjectHasLease));
         h.core.remove("r", true).unwrap();
-        // Forced removal hides the key at once but keeps the bytes until the lease ends.
+        // A reader holds the addresses: forced removal hides the key at once but keeps the bytes until the lease ends.
         assert_eq!(h.core.exist("r"), Ok(false));
         assert_eq!(h.core.stats().allocated_bytes, 104);
         h.check();

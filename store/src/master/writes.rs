@@ -63,7 +63,7 @@ impl MasterCore {
             o.hard_pin = protection.hard_pin;
             o.soft_pin_ttl = protection.soft_pin_ttl;
             o.admit(now, epoch);
-            let lease_until = o.lease_until;
+            let lease_until = o.read_until;
             self.groups.release(&old_groups);
             self.release_replicas(old_replicas, lease_until);
         } else if o.state == ObjectState::Processing {
@@ -193,6 +193,7 @@ impl MasterCore {
             replicas,
             state: ObjectState::Processing,
             lease_until: 0,
+            read_until: 0,
             last_access: now,
             soft_pin_until: 0,
             soft_pin_ttl: pins.soft_pin_ttl,
