@@ -5,3 +5,4 @@
 pub mod client_node;
 pub mod flags;
 pub mod master;
+pub mod process;

@@ -4,12 +4,10 @@
 use mooncake_store::client::StoreClient;
 use mooncake_store_programs::client_node::{FLAGS, client_config};
 use mooncake_store_programs::flags::{FlagError, Flags};
+use mooncake_store_programs::process::{self, init_logging, shutdown_signal};
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging("info");
     mooncake::link_all();
     let about = "Mooncake Store node: contributes memory to the store";
     let flags = match Flags::parse("mooncake_client", about, FLAGS, std::env::args().skip(1)) {
@@ -30,29 +28,13 @@ fn main() {
         .enable_all()
         .build()
         .unwrap_or_else(|e| exit(1, &format!("cannot start the signal runtime: {e}")));
-    runtime.block_on(wait_for_signal());
+    runtime.block_on(shutdown_signal());
     tracing::info!("shutting down: unmounting the segment");
     if let Err(e) = client.close() {
         exit(1, &format!("close: {e}"));
     }
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
-
 fn exit(code: i32, message: &str) -> ! {
-    eprintln!("mooncake_client: {message}");
-    std::process::exit(code)
+    process::exit("mooncake_client", code, message)
 }

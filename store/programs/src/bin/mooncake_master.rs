@@ -4,12 +4,10 @@
 use mooncake_store::service::MasterService;
 use mooncake_store_programs::flags::{FlagError, Flags};
 use mooncake_store_programs::master::{FLAGS, settings};
+use mooncake_store_programs::process::{self, init_logging, shutdown_signal};
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging("info");
     let about = "Mooncake Store master: keeps object metadata; clients hold the data";
     let mut flags = match Flags::parse("mooncake_master", about, FLAGS, std::env::args().skip(1)) {
         Ok(f) => f,
@@ -49,28 +47,12 @@ fn main() {
             service.rpc_addr(),
             service.admin_addr().map(|a| a.to_string()).unwrap_or_default()
         );
-        wait_for_signal().await;
+        shutdown_signal().await;
         tracing::info!("shutting down");
         service.shutdown().await;
     });
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
-
 fn exit(code: i32, message: &str) -> ! {
-    eprintln!("mooncake_master: {message}");
-    std::process::exit(code)
+    process::exit("mooncake_master", code, message)
 }

@@ -9,9 +9,7 @@ use mooncake_store::service::{MasterService, ServiceConfig};
 use mooncake_store::types::{ErrorCode, ReplicateConfig};
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
-        .init();
+    mooncake_store_programs::process::init_logging("warn");
     if let Err(e) = run() {
         eprintln!("store demo failed: {e}");
         std::process::exit(1);

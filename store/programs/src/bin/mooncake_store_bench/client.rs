@@ -33,7 +33,7 @@ use mooncake_store::client::{ClientConfig, StoreClient};
 use mooncake_store::types::{ErrorCode, ReplicateConfig};
 use mooncake_store_programs::flags::{Flags, parse_size};
 
-use crate::BenchMaster;
+use crate::{BenchMaster, percentile};
 
 /// The operations, in the table's order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -293,20 +293,7 @@ impl Drop for Node {
 fn watch_signals() {
     std::thread::spawn(|| {
         let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
-        rt.block_on(async {
-            use tokio::signal::unix::{SignalKind, signal};
-            match signal(SignalKind::terminate()) {
-                Ok(mut term) => {
-                    tokio::select! {
-                        _ = tokio::signal::ctrl_c() => {}
-                        _ = term.recv() => {}
-                    }
-                }
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
-                }
-            }
-        });
+        rt.block_on(mooncake_store_programs::process::shutdown_signal());
         if let Some(pid) = *NODE.lock().unwrap_or_else(|e| e.into_inner()) {
             terminate(pid);
         }
@@ -317,10 +304,7 @@ fn watch_signals() {
 
 /// Runs the client benchmark.
 pub(crate) fn client_bench(flags: &Flags) -> Result<(), String> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    mooncake_store_programs::process::init_logging("warn");
     mooncake::link_all();
     watch_signals();
     let plan = Plan::from_flags(flags)?;
@@ -484,13 +468,6 @@ struct Stats {
     waited: Duration,
     /// Objects the master evicted during the point (in-process master only).
     evicted: u64,
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 struct Bench<'a> {
