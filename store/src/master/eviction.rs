@@ -8,7 +8,7 @@
 //! Rules, in order:
 //! 1. Never evicted: objects being written (first put or upsert in flight), leased objects (a reader got them
 //!    via exist/get within `default_kv_lease_ttl_ms`), hard-pinned objects, soft-pinned objects when
-//!    `allow_evict_soft_pinned_objects` is false, and objects admitted (`put_end`/`upsert_end`) since the
+//!    `allow_evict_soft_pinned_objects` is false, and objects admitted (`put_end`) since the
 //!    previous pass started (tracked with an epoch counter bumped at the start of each pass). The last rule fixes
 //!    an upstream bug where the pass right after an object's admission could evict it before any reader saw it:
 //!    every object survives at least the first pass after its admission. The core starts as if a pass had just

@@ -1,15 +1,16 @@
-//! Writes: put (put-if-absent) and upsert, each in two phases. `*_start` reserves replicas (status
-//! `Processing`) for the client to write into; `*_end` makes them readable; `*_revoke` gives them back.
+//! Writes: put (put-if-absent) and upsert, each in two phases. `put_start` / `upsert_start` reserve replicas
+//! (status `Processing`) for the client to write into; `put_end` makes them readable; `put_revoke` gives them
+//! back.
 //!
 //! - `put_start` on an existing key fails with `ObjectAlreadyExists`, except when the existing object is a
 //!   zombie: a put still unfinished after `put_start_discard_timeout_ms`, which is reclaimed and replaced.
 //! - `upsert_start` on a missing key is a put. On a complete object it reserves *fresh* replicas (never the
-//!   bytes readers may be reading); readers keep getting the old replicas until `upsert_end` swaps them in. The
+//!   bytes readers may be reading); readers keep getting the old replicas until `put_end` swaps them in. The
 //!   old allocations are freed then, or when the readers' lease runs out if one is active. On an object whose
 //!   put or upsert is still in flight it fails with `ReplicaNotReady` (unless that write is a zombie).
-//! - `put_end` and `upsert_end` are the same operation: they complete whichever write is in flight, and are
-//!   no-ops on a complete object. `put_revoke` and `upsert_revoke` likewise abandon whichever write is in flight;
-//!   revoking a complete object with nothing in flight is `InvalidWrite`.
+//! - `put_end` completes whichever write (put or upsert) is in flight, and is a no-op on a complete object.
+//!   `put_revoke` likewise abandons whichever write is in flight; revoking a complete object with nothing in
+//!   flight is `InvalidWrite`.
 //! - Writes are not tied to the client that started them: any client may end or revoke them.
 //! - Batch forms return one result per key, in order, and run at most one eviction pass per batch.
 
@@ -100,7 +101,7 @@ impl MasterCore {
     }
 
     /// Puts `key`, or, if it exists and is complete, reserves fresh replicas that replace the old ones at
-    /// `upsert_end` (see the module docs). `ReplicaNotReady` while another write on `key` is in flight.
+    /// `put_end` (see the module docs). `ReplicaNotReady` while another write on `key` is in flight.
     pub fn upsert_start(
         &mut self,
         client: ClientId,
@@ -120,26 +121,6 @@ impl MasterCore {
     ) -> Vec<Result<Vec<ReplicaDescriptor>>> {
         let mut may_evict = true;
         items.iter().map(|(key, len)| self.upsert_start_once(client, key.as_ref(), *len, cfg, &mut may_evict)).collect()
-    }
-
-    /// Completes an upsert (same as [`MasterCore::put_end`]).
-    pub fn upsert_end(&mut self, client: ClientId, key: &str) -> Result<()> {
-        self.put_end(client, key)
-    }
-
-    /// [`MasterCore::upsert_end`] for many keys.
-    pub fn batch_upsert_end<S: AsRef<str>>(&mut self, client: ClientId, keys: &[S]) -> Vec<Result<()>> {
-        self.batch_put_end(client, keys)
-    }
-
-    /// Abandons an upsert (same as [`MasterCore::put_revoke`]).
-    pub fn upsert_revoke(&mut self, client: ClientId, key: &str) -> Result<()> {
-        self.put_revoke(client, key)
-    }
-
-    /// [`MasterCore::upsert_revoke`] for many keys.
-    pub fn batch_upsert_revoke<S: AsRef<str>>(&mut self, client: ClientId, keys: &[S]) -> Vec<Result<()>> {
-        self.batch_put_revoke(client, keys)
     }
 
     fn validate_write(&self, key: &str, len: u64, cfg: &ReplicateConfig) -> Result<Pins> {
@@ -429,16 +410,16 @@ mod tests {
         // Upsert of a missing key is a put.
         let first = h.core.upsert_start(C, "k", 1000, &cfg(1)).unwrap();
         assert_eq!(h.core.upsert_start(C, "k", 1000, &cfg(1)), Err(ErrorCode::ReplicaNotReady));
-        h.core.upsert_end(C, "k").unwrap();
+        h.core.put_end(C, "k").unwrap();
         let (old, _) = h.core.get_replica_list("k").unwrap(); // a reader holds a lease now
         assert_eq!(old[0].addr, first[0].addr);
         let new = h.core.upsert_start(C, "k", 2000, &cfg(1)).unwrap();
         assert_ne!(new[0].addr, old[0].addr);
         assert_eq!(h.core.upsert_start(C, "k", 10, &cfg(1)), Err(ErrorCode::ReplicaNotReady));
-        // Readers still get the old bytes until upsert_end.
+        // Readers still get the old bytes until put_end.
         assert_eq!(h.core.get_replica_list("k").unwrap().0, old);
         h.advance(1_000);
-        h.core.upsert_end(C, "k").unwrap();
+        h.core.put_end(C, "k").unwrap();
         let (now_served, _) = h.core.get_replica_list("k").unwrap();
         assert_eq!((now_served[0].addr, now_served[0].len), (new[0].addr, 2000));
         // The old allocation stays reserved while the lease it was read under lasts.
@@ -458,12 +439,12 @@ mod tests {
         h.mount(1, "a", "h", MIB);
         h.put("k", 1000).unwrap();
         h.core.upsert_start(C, "k", 500, &cfg(1)).unwrap();
-        h.core.upsert_revoke(C, "k").unwrap();
+        h.core.put_revoke(C, "k").unwrap();
         assert_eq!(h.core.get_size("k"), Ok(1000));
-        assert_eq!(h.core.upsert_revoke(C, "k"), Err(ErrorCode::InvalidWrite));
+        assert_eq!(h.core.put_revoke(C, "k"), Err(ErrorCode::InvalidWrite));
         let pinned = ReplicateConfig { with_hard_pin: true, group_ids: vec!["g".into()], ..cfg(1) };
         h.core.upsert_start(C, "k", 500, &pinned).unwrap();
-        h.core.upsert_end(C, "k").unwrap();
+        h.core.put_end(C, "k").unwrap();
         assert_eq!(h.core.stats().allocated_bytes, 504);
         let info = h.core.query_key("k").unwrap();
         assert!(info.hard_pinned && info.group_ids == ["g"]);
@@ -484,7 +465,7 @@ mod tests {
         h.core.upsert_start(C, "k", 500, &cfg(1)).unwrap();
         h.advance(30_000);
         h.core.upsert_start(C, "k", 700, &cfg(1)).unwrap();
-        h.core.upsert_end(C, "k").unwrap();
+        h.core.put_end(C, "k").unwrap();
         assert_eq!(h.core.get_size("k"), Ok(700));
         h.check();
     }
