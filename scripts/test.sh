@@ -13,7 +13,7 @@ export CARGO_INCREMENTAL=0
 
 step() { printf '\n==> %s\n' "$*"; }
 
-step "disk (a full run needs about 12 GiB under target/)"
+step "disk (a full run needs about 4 GiB under target/, 12 GiB free to be safe)"
 df -h . || true
 
 step "system packages"

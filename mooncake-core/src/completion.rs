@@ -170,6 +170,26 @@ impl Batch {
         Ok(())
     }
 
+    /// Blocks the calling thread for at most `timeout` and tells whether every submitted request is final.
+    /// Unlike [`Batch::wait_blocking`] it marks nothing on expiry, so a caller can wait in slices (and
+    /// check for a Ctrl-C between them).
+    pub fn wait_done_for(&self, timeout: Duration) -> bool {
+        self.spin_until_done(spin_budget().min(timeout));
+        let deadline = Instant::now().checked_add(timeout);
+        let mut guard = self.blocking_lock.lock().unwrap_or_else(|p| p.into_inner());
+        while !self.is_done() {
+            let left = match deadline {
+                Some(d) => d.saturating_duration_since(Instant::now()),
+                None => Duration::from_secs(3600),
+            };
+            if left.is_zero() {
+                return false;
+            }
+            guard = self.blocking_done.wait_timeout(guard, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        true
+    }
+
     /// Polls for completion for up to `budget` before the caller goes to sleep. Waking a sleeping
     /// thread costs tens of microseconds on virtual machines; small transfers finish sooner
     /// (upstream's sync calls poll the same way).
@@ -300,6 +320,22 @@ mod tests {
         assert!(c.is_final());
         c.finish(Ok(1));
         assert_eq!(b.status(0).unwrap().state, TransferState::Timeout);
+    }
+
+    #[test]
+    fn sliced_wait_marks_nothing_and_sees_completion() {
+        let b = Batch::new(1);
+        b.reserve(1).unwrap();
+        assert!(!b.wait_done_for(Duration::from_millis(5)));
+        assert_eq!(b.status(0).unwrap().state, TransferState::Pending);
+        let c = b.completion(0);
+        let h = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(5));
+            c.finish(Ok(3));
+        });
+        assert!(b.wait_done_for(Duration::from_secs(10)));
+        h.join().unwrap();
+        assert_eq!(b.status(0).unwrap().state, TransferState::Completed);
     }
 
     #[test]

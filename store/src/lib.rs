@@ -16,5 +16,6 @@ pub mod protocol;
 mod rng;
 pub mod service;
 pub mod types;
+pub mod units;
 
 pub use types::{ErrorCode, Result};

@@ -1,0 +1,1036 @@
+//! `mooncake.engine`: `TransferEngine`, `TransferOpcode`, `TransferNotify` and `available_transports()`.
+//!
+//! Return conventions follow upstream: 0 or a negative code (WIRE.md section 6) for calls that act, a batch
+//! id (0 = failure) for async submissions. Failures are logged to stderr with the reason. Calls made before
+//! `initialize()` return the not-initialised code (-202) instead of crashing.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use mooncake::registry::{self, Availability};
+use mooncake::{
+    AllocOptions, Allocation, Batch, EngineConfig, Error, MemoryDevice, MemoryKind, Notification, Opcode,
+    TransferEngine, TransferRequest, TransferState,
+};
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyInt, PyList, PyType};
+
+use crate::buffers::{ValueView, length, type_name};
+use crate::wait::{run_interruptibly, wait_batch};
+
+/// Code returned by calls made before `initialize()`.
+const NOT_INITIALIZED: i32 = -202;
+/// Code for malformed arguments (upstream `ERR_INVALID_ARGUMENT`).
+const INVALID_ARGUMENT: i32 = -1;
+
+/// Direction of a transfer, seen from the caller: `Read` pulls remote bytes into local memory, `Write` pushes.
+#[pyclass(module = "mooncake.engine", eq, eq_int, from_py_object)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum TransferOpcode {
+    /// Remote to local.
+    Read = 0,
+    /// Local to remote.
+    Write = 1,
+}
+
+impl From<TransferOpcode> for Opcode {
+    fn from(op: TransferOpcode) -> Opcode {
+        match op {
+            TransferOpcode::Read => Opcode::Read,
+            TransferOpcode::Write => Opcode::Write,
+        }
+    }
+}
+
+/// Reads an opcode argument: a `TransferOpcode` or its int value (0 read, 1 write).
+fn opcode_arg(obj: &Bound<'_, PyAny>) -> PyResult<Opcode> {
+    if let Ok(op) = obj.extract::<TransferOpcode>() {
+        return Ok(op.into());
+    }
+    if obj.is_instance_of::<PyInt>() {
+        return match obj.extract::<i64>() {
+            Ok(0) => Ok(Opcode::Read),
+            Ok(1) => Ok(Opcode::Write),
+            _ => {
+                Err(PyValueError::new_err(format!("opcode: expected TransferOpcode.Read (0) or .Write (1), got {obj}")))
+            }
+        };
+    }
+    Err(PyTypeError::new_err(format!("opcode: expected a TransferOpcode, got {}", type_name(obj))))
+}
+
+/// A notification between engines: a sender-chosen `name` and a `msg` payload.
+#[pyclass(module = "mooncake.engine", get_all, set_all, from_py_object)]
+#[derive(Clone, Debug, Default)]
+pub struct TransferNotify {
+    /// Sender-chosen name (usually the sender's segment name).
+    pub name: String,
+    /// Payload.
+    pub msg: String,
+}
+
+#[pymethods]
+impl TransferNotify {
+    #[new]
+    #[pyo3(signature = (name = String::new(), msg = String::new()))]
+    fn new(name: String, msg: String) -> Self {
+        TransferNotify { name, msg }
+    }
+
+    fn __repr__(&self) -> String {
+        format!("TransferNotify(name={:?}, msg={:?})", self.name, self.msg)
+    }
+}
+
+/// A buffer from `allocate_managed_buffer` and the device it came from.
+type ManagedBuffer = (Arc<dyn MemoryDevice>, Allocation);
+
+/// Local addresses, remote addresses and lengths of a batch call.
+type BatchLists = (Vec<u64>, Vec<u64>, Vec<u64>);
+
+/// An async batch the caller polls or waits for by id.
+struct AsyncBatch {
+    batch: Arc<Batch>,
+    started: Instant,
+    timeout: Duration,
+}
+
+/// Upstream's `TransferEngine`: create it empty, then `initialize()`.
+#[pyclass(module = "mooncake.engine", name = "TransferEngine", subclass)]
+pub struct PyTransferEngine {
+    engine: OnceLock<TransferEngine>,
+    managed: Mutex<HashMap<u64, ManagedBuffer>>,
+    batches: Mutex<HashMap<u64, AsyncBatch>>,
+}
+
+/// Logs a failed call and returns its upstream code.
+fn fail(what: &str, e: &Error) -> i32 {
+    tracing::warn!("TransferEngine.{what}: {e}");
+    e.code()
+}
+
+/// Reads parallel address/length lists of a batch call (ints; negative lengths are an argument error).
+fn batch_lists(
+    buffers: &Bound<'_, PyAny>,
+    peer_addrs: &Bound<'_, PyAny>,
+    lengths: &Bound<'_, PyAny>,
+) -> PyResult<Result<BatchLists, String>> {
+    let locals: Vec<u64> = int_list(buffers, "buffers")?;
+    let remotes: Vec<u64> = int_list(peer_addrs, "peer_buffer_addresses")?;
+    let lens_obj = list_items(lengths, "lengths")?;
+    let mut lens = Vec::with_capacity(lens_obj.len());
+    for l in &lens_obj {
+        match length(l, "lengths")? {
+            Some(v) => lens.push(v),
+            None => return Ok(Err(format!("lengths: {l} is not a valid length"))),
+        }
+    }
+    if locals.len() != remotes.len() || locals.len() != lens.len() {
+        return Ok(Err(format!(
+            "{} buffers, {} peer addresses and {} lengths: the lists must have the same length",
+            locals.len(),
+            remotes.len(),
+            lens.len()
+        )));
+    }
+    Ok(Ok((locals, remotes, lens)))
+}
+
+/// The items of a list or tuple argument (TypeError otherwise, naming the argument).
+pub fn list_items<'py>(obj: &Bound<'py, PyAny>, arg: &str) -> PyResult<Vec<Bound<'py, PyAny>>> {
+    if obj.is_instance_of::<pyo3::types::PyString>() || obj.is_instance_of::<PyBytes>() {
+        return Err(PyTypeError::new_err(format!("{arg}: expected a list, got {}", type_name(obj))));
+    }
+    let iter =
+        obj.try_iter().map_err(|_| PyTypeError::new_err(format!("{arg}: expected a list, got {}", type_name(obj))))?;
+    iter.collect()
+}
+
+/// A list of non-negative ints (addresses).
+pub fn int_list(obj: &Bound<'_, PyAny>, arg: &str) -> PyResult<Vec<u64>> {
+    list_items(obj, arg)?
+        .iter()
+        .map(|v| {
+            if !v.is_instance_of::<PyInt>() {
+                return Err(PyTypeError::new_err(format!("{arg}: expected ints, got {}", type_name(v))));
+            }
+            v.extract::<u64>().map_err(|_| PyValueError::new_err(format!("{arg}: {v} is not an address in [0, 2**64)")))
+        })
+        .collect()
+}
+
+impl PyTransferEngine {
+    fn get(&self, what: &str) -> Result<&TransferEngine, i32> {
+        self.engine.get().ok_or_else(|| {
+            tracing::warn!("TransferEngine.{what} called before initialize()");
+            NOT_INITIALIZED
+        })
+    }
+
+    fn get_or_raise(&self, what: &str) -> PyResult<&TransferEngine> {
+        self.engine
+            .get()
+            .ok_or_else(|| PyRuntimeError::new_err(format!("TransferEngine.{what}: call initialize() first")))
+    }
+
+    /// Runs a sync transfer of one or more ranges to `target`. One range runs on the calling thread (the
+    /// latency path); more go through a batch whose wait a Ctrl-C interrupts.
+    #[allow(clippy::too_many_arguments)]
+    fn sync_transfer(
+        &self,
+        py: Python<'_>,
+        what: &str,
+        target: &str,
+        opcode: Opcode,
+        locals: &[u64],
+        remotes: &[u64],
+        lens: &[u64],
+        notify: Option<TransferNotify>,
+    ) -> PyResult<i32> {
+        let engine = match self.get(what) {
+            Ok(e) => e,
+            Err(code) => return Ok(code),
+        };
+        let result = if locals.len() <= 1 {
+            py.detach(|| engine.batch_transfer_sync(target, opcode, locals, remotes, lens))
+        } else {
+            self.sync_batch(py, engine, target, opcode, locals, remotes, lens)?
+        };
+        if let Err(e) = result {
+            return Ok(fail(what, &e));
+        }
+        if let Some(n) = notify {
+            let note = Notification { name: n.name, message: n.msg };
+            if let Err(e) = py.detach(|| engine.send_notify(target, note)) {
+                return Ok(fail(what, &e));
+            }
+        }
+        Ok(0)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn sync_batch(
+        &self,
+        py: Python<'_>,
+        engine: &TransferEngine,
+        target: &str,
+        opcode: Opcode,
+        locals: &[u64],
+        remotes: &[u64],
+        lens: &[u64],
+    ) -> PyResult<mooncake::Result<()>> {
+        let submitted = py.detach(|| -> mooncake::Result<Arc<Batch>> {
+            let target_id = engine.open_segment(target)?;
+            let requests: Vec<TransferRequest> = (0..locals.len())
+                .map(|i| TransferRequest {
+                    opcode,
+                    source: locals[i],
+                    target_id,
+                    target_offset: remotes[i],
+                    length: lens[i],
+                })
+                .collect();
+            let batch = Batch::new(requests.len());
+            engine.submit_into(&batch, &requests)?;
+            Ok(batch)
+        });
+        let batch = match submitted {
+            Ok(b) => b,
+            Err(e) => return Ok(Err(e)),
+        };
+        let timeout = engine.sync_timeout(lens.iter().sum());
+        if !wait_batch(py, &batch, timeout)? {
+            batch.abort(TransferState::Timeout, Error::Timeout(timeout));
+            return Ok(Err(Error::Timeout(timeout)));
+        }
+        Ok(batch.overall().error.map_or(Ok(()), Err))
+    }
+
+    /// Submits an async batch; its id, or 0 on failure.
+    #[allow(clippy::too_many_arguments)]
+    fn submit_async(
+        &self,
+        py: Python<'_>,
+        what: &str,
+        target: &str,
+        opcode: Opcode,
+        locals: &[u64],
+        remotes: &[u64],
+        lens: &[u64],
+    ) -> u64 {
+        let Ok(engine) = self.get(what) else { return 0 };
+        if locals.is_empty() {
+            tracing::warn!("TransferEngine.{what}: empty batch");
+            return 0;
+        }
+        let submitted = py.detach(|| -> mooncake::Result<u64> {
+            let target_id = engine.open_segment(target)?;
+            let requests: Vec<TransferRequest> = (0..locals.len())
+                .map(|i| TransferRequest {
+                    opcode,
+                    source: locals[i],
+                    target_id,
+                    target_offset: remotes[i],
+                    length: lens[i],
+                })
+                .collect();
+            let id = engine.allocate_batch(requests.len())?;
+            if let Err(e) = engine.submit_transfer(id, &requests) {
+                let _ = engine.free_batch(id);
+                return Err(e);
+            }
+            Ok(id)
+        });
+        match submitted {
+            Ok(id) => {
+                let entry = AsyncBatch {
+                    batch: engine.batch(id).expect("batch just allocated"),
+                    started: Instant::now(),
+                    timeout: engine.sync_timeout(lens.iter().sum()),
+                };
+                self.batches.lock().unwrap_or_else(|p| p.into_inner()).insert(id, entry);
+                id
+            }
+            Err(e) => {
+                fail(what, &e);
+                0
+            }
+        }
+    }
+
+    /// Forgets an async batch (the engine frees it once nothing is in flight).
+    fn release_batch(&self, engine: &TransferEngine, id: u64) {
+        self.batches.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        let _ = engine.free_batch(id);
+    }
+
+    /// Checks `[addr, addr+len)` lies in memory registered with this engine (managed buffers included).
+    fn check_local(&self, engine: &TransferEngine, addr: u64, len: u64) -> mooncake::Result<()> {
+        engine.regions().check(addr, len, "local").map(|_| ())
+    }
+}
+
+#[pymethods]
+impl PyTransferEngine {
+    #[new]
+    fn new() -> Self {
+        PyTransferEngine {
+            engine: OnceLock::new(),
+            managed: Mutex::new(HashMap::new()),
+            batches: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The opcode enum, also reachable as `TransferEngine.TransferOpcode` as upstream.
+    #[classattr]
+    #[pyo3(name = "TransferOpcode")]
+    fn opcode_type(py: Python<'_>) -> Py<PyType> {
+        py.get_type::<TransferOpcode>().unbind()
+    }
+
+    /// Starts the engine. `protocol` picks a linked transport (`MC_FORCE_TCP=1` forces tcp); an unknown or
+    /// unusable one fails with a message naming those that work here. 0 or a negative code.
+    #[pyo3(signature = (local_hostname, metadata_server, protocol = "tcp", device_name = ""))]
+    fn initialize(
+        &self,
+        py: Python<'_>,
+        local_hostname: &str,
+        metadata_server: &str,
+        protocol: &str,
+        device_name: &str,
+    ) -> PyResult<i32> {
+        self.initialize_ext(py, local_hostname, metadata_server, protocol, device_name, "")
+    }
+
+    /// `initialize` with an explicit metadata type (`etcd`, `redis`, `http`, `p2p`) for a server given
+    /// without a scheme.
+    #[pyo3(signature = (local_hostname, metadata_server, protocol, device_name, metadata_type))]
+    fn initialize_ext(
+        &self,
+        py: Python<'_>,
+        local_hostname: &str,
+        metadata_server: &str,
+        protocol: &str,
+        device_name: &str,
+        metadata_type: &str,
+    ) -> PyResult<i32> {
+        if self.engine.get().is_some() {
+            tracing::warn!("TransferEngine.initialize: already initialized");
+            return Ok(INVALID_ARGUMENT);
+        }
+        let protocol = if env_flag("MC_FORCE_TCP") { "tcp".to_string() } else { protocol.trim().to_string() };
+        let protocol = if protocol.is_empty() { "tcp".to_string() } else { protocol };
+        if let Err(message) = check_protocol(&protocol) {
+            tracing::error!("TransferEngine.initialize: {message}");
+            return Ok(Error::unavailable("").code());
+        }
+        let metadata = metadata_conn(metadata_server, metadata_type);
+        let mut config = EngineConfig::new(local_hostname, metadata);
+        let auto = config.auto_protocols.clone();
+        config = config.with_protocols([protocol]).with_auto_protocols(auto);
+        if !device_name.trim().is_empty() {
+            config.backend.options.insert("devices".into(), device_name.to_string());
+        }
+        match run_interruptibly(py, "engine-start", move || TransferEngine::new(config))? {
+            Ok(engine) => {
+                let _ = self.engine.set(engine);
+                Ok(0)
+            }
+            Err(e) => Ok(fail("initialize", &e)),
+        }
+    }
+
+    /// The handshake port; in P2P mode this engine's segment name is `f"{host}:{port}"`. -202 before
+    /// `initialize()`.
+    fn get_rpc_port(&self) -> i32 {
+        match self.get("get_rpc_port") {
+            Ok(e) => i32::from(e.rpc_port()),
+            Err(code) => code,
+        }
+    }
+
+    /// This engine's segment name (our addition; upstream users build it from host and rpc port).
+    fn get_local_segment_name(&self) -> PyResult<String> {
+        Ok(self.get_or_raise("get_local_segment_name")?.local_segment_name().to_string())
+    }
+
+    /// Registers `[buffer_addr, +capacity)` so peers can read and write it. 0 or a negative code.
+    #[pyo3(signature = (buffer_addr, capacity, location = "*"))]
+    fn register_memory(
+        &self,
+        py: Python<'_>,
+        buffer_addr: u64,
+        capacity: &Bound<'_, PyAny>,
+        location: &str,
+    ) -> PyResult<i32> {
+        let engine = match self.get("register_memory") {
+            Ok(e) => e,
+            Err(code) => return Ok(code),
+        };
+        let Some(len) = length(capacity, "capacity")? else { return Ok(INVALID_ARGUMENT) };
+        Ok(py
+            .detach(|| engine.register_memory(buffer_addr, len, location))
+            .map_or_else(|e| fail("register_memory", &e), |_| 0))
+    }
+
+    /// Unregisters a buffer registered at `buffer_addr`. 0 or a negative code.
+    fn unregister_memory(&self, py: Python<'_>, buffer_addr: u64) -> i32 {
+        let engine = match self.get("unregister_memory") {
+            Ok(e) => e,
+            Err(code) => return code,
+        };
+        py.detach(|| engine.unregister_memory(buffer_addr)).map_or_else(|e| fail("unregister_memory", &e), |_| 0)
+    }
+
+    /// Registers several buffers at once (all or none). 0 or a negative code.
+    #[pyo3(signature = (buffer_addresses, capacities, location = "*"))]
+    fn batch_register_memory(
+        &self,
+        py: Python<'_>,
+        buffer_addresses: &Bound<'_, PyAny>,
+        capacities: &Bound<'_, PyAny>,
+        location: &str,
+    ) -> PyResult<i32> {
+        let addrs = int_list(buffer_addresses, "buffer_addresses")?;
+        let lens = int_list(capacities, "capacities")?;
+        let engine = match self.get("batch_register_memory") {
+            Ok(e) => e,
+            Err(code) => return Ok(code),
+        };
+        if addrs.len() != lens.len() {
+            tracing::warn!(
+                "TransferEngine.batch_register_memory: {} addresses but {} capacities",
+                addrs.len(),
+                lens.len()
+            );
+            return Ok(INVALID_ARGUMENT);
+        }
+        let buffers: Vec<(u64, u64)> = addrs.into_iter().zip(lens).collect();
+        Ok(py
+            .detach(|| engine.register_memory_batch(&buffers, location))
+            .map_or_else(|e| fail("batch_register_memory", &e), |_| 0))
+    }
+
+    /// Unregisters several buffers. 0 or a negative code.
+    fn batch_unregister_memory(&self, py: Python<'_>, buffer_addresses: &Bound<'_, PyAny>) -> PyResult<i32> {
+        let addrs = int_list(buffer_addresses, "buffer_addresses")?;
+        let engine = match self.get("batch_unregister_memory") {
+            Ok(e) => e,
+            Err(code) => return Ok(code),
+        };
+        Ok(py
+            .detach(|| engine.unregister_memory_batch(&addrs))
+            .map_or_else(|e| fail("batch_unregister_memory", &e), |_| 0))
+    }
+
+    /// Allocates and registers `length` bytes of host memory; its address, or 0 on failure.
+    fn allocate_managed_buffer(&self, py: Python<'_>, length_: &Bound<'_, PyAny>) -> PyResult<u64> {
+        let Some(len) = length(length_, "length")?.filter(|l| *l > 0) else { return Ok(0) };
+        let Ok(engine) = self.get("allocate_managed_buffer") else { return Ok(0) };
+        let Some(device) = engine.devices().iter().find(|d| d.kind() == MemoryKind::Host).cloned() else {
+            tracing::warn!("TransferEngine.allocate_managed_buffer: no host memory device is linked");
+            return Ok(0);
+        };
+        let allocated = py.detach(|| -> mooncake::Result<Allocation> {
+            let a = device.allocate(len, &AllocOptions::default())?;
+            if let Err(e) = engine.register_memory(a.addr, a.len, "*") {
+                let _ = device.free(&a);
+                return Err(e);
+            }
+            Ok(a)
+        });
+        match allocated {
+            Ok(a) => {
+                let addr = a.addr;
+                self.managed.lock().unwrap_or_else(|p| p.into_inner()).insert(addr, (device, a));
+                Ok(addr)
+            }
+            Err(e) => {
+                fail("allocate_managed_buffer", &e);
+                Ok(0)
+            }
+        }
+    }
+
+    /// Unregisters and frees a buffer from `allocate_managed_buffer`. 0 or a negative code.
+    fn free_managed_buffer(&self, py: Python<'_>, buffer_addr: u64, length_: &Bound<'_, PyAny>) -> PyResult<i32> {
+        let _ = length(length_, "length")?;
+        let engine = match self.get("free_managed_buffer") {
+            Ok(e) => e,
+            Err(code) => return Ok(code),
+        };
+        let Some((device, a)) = self.managed.lock().unwrap_or_else(|p| p.into_inner()).remove(&buffer_addr) else {
+            tracing::warn!(
+                "TransferEngine.free_managed_buffer: {buffer_addr:#x} is not a managed buffer of this engine"
+            );
+            return Ok(INVALID_ARGUMENT);
+        };
+        Ok(py
+            .detach(|| engine.unregister_memory(a.addr).and_then(|_| device.free(&a)))
+            .map_or_else(|e| fail("free_managed_buffer", &e), |_| 0))
+    }
+
+    /// Blocking write of `length` bytes at `buffer` to `peer_buffer_address` of segment `target_hostname`.
+    #[pyo3(signature = (target_hostname, buffer, peer_buffer_address, length, transport_hint = ""))]
+    fn transfer_sync_write(
+        &self,
+        py: Python<'_>,
+        target_hostname: &str,
+        buffer: u64,
+        peer_buffer_address: u64,
+        length: &Bound<'_, PyAny>,
+        transport_hint: &str,
+    ) -> PyResult<i32> {
+        let _ = transport_hint;
+        let Some(len) = crate::buffers::length(length, "length")? else { return Ok(INVALID_ARGUMENT) };
+        self.sync_transfer(
+            py,
+            "transfer_sync_write",
+            target_hostname,
+            Opcode::Write,
+            &[buffer],
+            &[peer_buffer_address],
+            &[len],
+            None,
+        )
+    }
+
+    /// Blocking read of `length` bytes from `peer_buffer_address` of `target_hostname` into `buffer`.
+    #[pyo3(signature = (target_hostname, buffer, peer_buffer_address, length, transport_hint = ""))]
+    fn transfer_sync_read(
+        &self,
+        py: Python<'_>,
+        target_hostname: &str,
+        buffer: u64,
+        peer_buffer_address: u64,
+        length: &Bound<'_, PyAny>,
+        transport_hint: &str,
+    ) -> PyResult<i32> {
+        let _ = transport_hint;
+        let Some(len) = crate::buffers::length(length, "length")? else { return Ok(INVALID_ARGUMENT) };
+        self.sync_transfer(
+            py,
+            "transfer_sync_read",
+            target_hostname,
+            Opcode::Read,
+            &[buffer],
+            &[peer_buffer_address],
+            &[len],
+            None,
+        )
+    }
+
+    /// Blocking transfer in either direction; `notify` is sent to the peer after the bytes land.
+    #[pyo3(signature = (target_hostname, buffer, peer_buffer_address, length, opcode, notify = None, transport_hint = ""))]
+    #[allow(clippy::too_many_arguments)]
+    fn transfer_sync(
+        &self,
+        py: Python<'_>,
+        target_hostname: &str,
+        buffer: u64,
+        peer_buffer_address: u64,
+        length: &Bound<'_, PyAny>,
+        opcode: &Bound<'_, PyAny>,
+        notify: Option<TransferNotify>,
+        transport_hint: &str,
+    ) -> PyResult<i32> {
+        let _ = transport_hint;
+        let op = opcode_arg(opcode)?;
+        let Some(len) = crate::buffers::length(length, "length")? else { return Ok(INVALID_ARGUMENT) };
+        self.sync_transfer(py, "transfer_sync", target_hostname, op, &[buffer], &[peer_buffer_address], &[len], notify)
+    }
+
+    /// Blocking batch of writes to one segment. 0 or the first failure's code.
+    #[pyo3(signature = (target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint = ""))]
+    fn batch_transfer_sync_write(
+        &self,
+        py: Python<'_>,
+        target_hostname: &str,
+        buffers: &Bound<'_, PyAny>,
+        peer_buffer_addresses: &Bound<'_, PyAny>,
+        lengths: &Bound<'_, PyAny>,
+        transport_hint: &str,
+    ) -> PyResult<i32> {
+        let _ = transport_hint;
+        self.batch_sync(
+            py,
+            "batch_transfer_sync_write",
+            target_hostname,
+            buffers,
+            peer_buffer_addresses,
+            lengths,
+            Opcode::Write,
+            None,
+        )
+    }
+
+    /// Blocking batch of reads from one segment. 0 or the first failure's code.
+    #[pyo3(signature = (target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint = ""))]
+    fn batch_transfer_sync_read(
+        &self,
+        py: Python<'_>,
+        target_hostname: &str,
+        buffers: &Bound<'_, PyAny>,
+        peer_buffer_addresses: &Bound<'_, PyAny>,
+        lengths: &Bound<'_, PyAny>,
+        transport_hint: &str,
+    ) -> PyResult<i32> {
+        let _ = transport_hint;
+        self.batch_sync(
+            py,
+            "batch_transfer_sync_read",
+            target_hostname,
+            buffers,
+            peer_buffer_addresses,
+            lengths,
+            Opcode::Read,
+            None,
+        )
+    }
+
+    /// Blocking batch in either direction, with an optional notification after it.
+    #[pyo3(signature = (target_hostname, buffers, peer_buffer_addresses, lengths, opcode, notify = None, transport_hint = ""))]
+    #[allow(clippy::too_many_arguments)]
+    fn batch_transfer_sync(
+        &self,
+        py: Python<'_>,
+        target_hostname: &str,
+        buffers: &Bound<'_, PyAny>,
+        peer_buffer_addresses: &Bound<'_, PyAny>,
+        lengths: &Bound<'_, PyAny>,
+        opcode: &Bound<'_, PyAny>,
+        notify: Option<TransferNotify>,
+        transport_hint: &str,
+    ) -> PyResult<i32> {
+        let _ = transport_hint;
+        let op = opcode_arg(opcode)?;
+        self.batch_sync(py, "batch_transfer_sync", target_hostname, buffers, peer_buffer_addresses, lengths, op, notify)
+    }
+
+    /// Submits a batch of writes; its id (0 on failure). Wait with `get_batch_transfer_status`.
+    #[pyo3(signature = (target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint = ""))]
+    fn batch_transfer_async_write(
+        &self,
+        py: Python<'_>,
+        target_hostname: &str,
+        buffers: &Bound<'_, PyAny>,
+        peer_buffer_addresses: &Bound<'_, PyAny>,
+        lengths: &Bound<'_, PyAny>,
+        transport_hint: &str,
+    ) -> PyResult<u64> {
+        let _ = transport_hint;
+        self.batch_async(
+            py,
+            "batch_transfer_async_write",
+            target_hostname,
+            buffers,
+            peer_buffer_addresses,
+            lengths,
+            Opcode::Write,
+        )
+    }
+
+    /// Submits a batch of reads; its id (0 on failure).
+    #[pyo3(signature = (target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint = ""))]
+    fn batch_transfer_async_read(
+        &self,
+        py: Python<'_>,
+        target_hostname: &str,
+        buffers: &Bound<'_, PyAny>,
+        peer_buffer_addresses: &Bound<'_, PyAny>,
+        lengths: &Bound<'_, PyAny>,
+        transport_hint: &str,
+    ) -> PyResult<u64> {
+        let _ = transport_hint;
+        self.batch_async(
+            py,
+            "batch_transfer_async_read",
+            target_hostname,
+            buffers,
+            peer_buffer_addresses,
+            lengths,
+            Opcode::Read,
+        )
+    }
+
+    /// Submits a batch in either direction; its id (0 on failure).
+    #[pyo3(signature = (target_hostname, buffers, peer_buffer_addresses, lengths, opcode, transport_hint = ""))]
+    #[allow(clippy::too_many_arguments)]
+    fn batch_transfer_async(
+        &self,
+        py: Python<'_>,
+        target_hostname: &str,
+        buffers: &Bound<'_, PyAny>,
+        peer_buffer_addresses: &Bound<'_, PyAny>,
+        lengths: &Bound<'_, PyAny>,
+        opcode: &Bound<'_, PyAny>,
+        transport_hint: &str,
+    ) -> PyResult<u64> {
+        let _ = transport_hint;
+        let op = opcode_arg(opcode)?;
+        self.batch_async(py, "batch_transfer_async", target_hostname, buffers, peer_buffer_addresses, lengths, op)
+    }
+
+    /// Submits one write; its batch id (0 on failure). Poll with `transfer_check_status`.
+    #[pyo3(signature = (target_hostname, buffer, peer_buffer_address, length, transport_hint = ""))]
+    fn transfer_submit_write(
+        &self,
+        py: Python<'_>,
+        target_hostname: &str,
+        buffer: u64,
+        peer_buffer_address: u64,
+        length: &Bound<'_, PyAny>,
+        transport_hint: &str,
+    ) -> PyResult<u64> {
+        let _ = transport_hint;
+        let Some(len) = crate::buffers::length(length, "length")? else { return Ok(0) };
+        Ok(self.submit_async(
+            py,
+            "transfer_submit_write",
+            target_hostname,
+            Opcode::Write,
+            &[buffer],
+            &[peer_buffer_address],
+            &[len],
+        ))
+    }
+
+    /// Waits for every batch in `batch_ids` and frees them: 0 when all completed, else the first failure's
+    /// code (-301 on timeout). A Ctrl-C interrupts the wait.
+    fn get_batch_transfer_status(&self, py: Python<'_>, batch_ids: &Bound<'_, PyAny>) -> PyResult<i32> {
+        let ids = int_list(batch_ids, "batch_ids")?;
+        let engine = match self.get("get_batch_transfer_status") {
+            Ok(e) => e,
+            Err(code) => return Ok(code),
+        };
+        let mut result = 0;
+        for id in ids {
+            let entry = self
+                .batches
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&id)
+                .map(|b| (b.batch.clone(), b.started, b.timeout));
+            let Some((batch, started, timeout)) = entry else {
+                tracing::warn!("TransferEngine.get_batch_transfer_status: unknown batch id {id}");
+                if result == 0 {
+                    result = Error::UnknownBatch(id).code();
+                }
+                continue;
+            };
+            let left = timeout.saturating_sub(started.elapsed());
+            if !wait_batch(py, &batch, left)? {
+                batch.abort(TransferState::Timeout, Error::Timeout(timeout));
+            }
+            if let Some(e) = batch.overall().error
+                && result == 0
+            {
+                result = fail("get_batch_transfer_status", &e);
+            }
+            self.release_batch(engine, id);
+        }
+        Ok(result)
+    }
+
+    /// Polls a batch: 1 done (freed), 0 pending, -1 failed (freed), -2 timed out (freed).
+    fn transfer_check_status(&self, batch_id: u64) -> i32 {
+        let Ok(engine) = self.get("transfer_check_status") else { return -1 };
+        let entry = self
+            .batches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&batch_id)
+            .map(|b| (b.batch.clone(), b.started, b.timeout));
+        let Some((batch, started, timeout)) = entry else { return -1 };
+        if !batch.is_done() {
+            if started.elapsed() < timeout {
+                return 0;
+            }
+            batch.abort(TransferState::Timeout, Error::Timeout(timeout));
+            self.release_batch(engine, batch_id);
+            return -2;
+        }
+        let status = batch.overall();
+        self.release_batch(engine, batch_id);
+        match status.state {
+            TransferState::Completed => 1,
+            TransferState::Timeout => -2,
+            _ => -1,
+        }
+    }
+
+    /// Copies `length` bytes of `src_bytes` into local memory at `dest` (inside memory registered with this
+    /// engine). 0 or a negative code.
+    fn write_bytes_to_buffer(
+        &self,
+        dest: u64,
+        src_bytes: &Bound<'_, PyAny>,
+        length: &Bound<'_, PyAny>,
+    ) -> PyResult<i32> {
+        let view = ValueView::new(src_bytes, "src_bytes")?;
+        let engine = match self.get("write_bytes_to_buffer") {
+            Ok(e) => e,
+            Err(code) => return Ok(code),
+        };
+        let Some(len) = crate::buffers::length(length, "length")? else { return Ok(INVALID_ARGUMENT) };
+        let src = view.as_slice();
+        if len as usize > src.len() {
+            tracing::warn!("TransferEngine.write_bytes_to_buffer: length {len} exceeds the {} source bytes", src.len());
+            return Ok(INVALID_ARGUMENT);
+        }
+        if let Err(e) = self.check_local(engine, dest, len) {
+            return Ok(fail("write_bytes_to_buffer", &e));
+        }
+        // SAFETY: `[dest, dest+len)` lies inside a buffer registered with this engine (checked just above;
+        // registrants promise the memory stays valid until unregistered), and `src` has at least `len` bytes.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dest as *mut u8, len as usize) };
+        Ok(0)
+    }
+
+    /// Returns `length` bytes of local memory at `src` (inside memory registered with this engine).
+    fn read_bytes_from_buffer<'py>(
+        &self,
+        py: Python<'py>,
+        src: u64,
+        length: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let engine = self.get_or_raise("read_bytes_from_buffer")?;
+        let len = crate::buffers::length(length, "length")?
+            .ok_or_else(|| PyValueError::new_err("read_bytes_from_buffer: length must be a non-negative int"))?;
+        self.check_local(engine, src, len)
+            .map_err(|e| PyValueError::new_err(format!("read_bytes_from_buffer: {e}")))?;
+        PyBytes::new_with(py, len as usize, |out| {
+            // SAFETY: `[src, src+len)` lies inside a registered buffer (checked above) and `out` has `len` bytes.
+            unsafe { std::ptr::copy_nonoverlapping(src as *const u8, out.as_mut_ptr(), out.len()) };
+            Ok(())
+        })
+    }
+
+    /// Address of the first registered buffer of segment `segment_name`, 0 if it has none or is unknown.
+    fn get_first_buffer_address(&self, py: Python<'_>, segment_name: &str) -> u64 {
+        let Ok(engine) = self.get("get_first_buffer_address") else { return 0 };
+        py.detach(|| engine.first_buffer_address(segment_name)).unwrap_or_else(|e| {
+            fail("get_first_buffer_address", &e);
+            0
+        })
+    }
+
+    /// This host's topology as upstream's JSON matrix: `{"cpu:N": [[preferred NICs], [other NICs]]}`.
+    #[pyo3(signature = (device_name = None))]
+    fn get_local_topology(&self, device_name: Option<&str>) -> String {
+        let _ = device_name;
+        local_topology_json()
+    }
+
+    /// Notifications received so far (oldest first), each a `TransferNotify`.
+    fn get_notifies(&self) -> Vec<TransferNotify> {
+        let Ok(engine) = self.get("get_notifies") else { return Vec::new() };
+        engine.drain_notifications().into_iter().map(|n| TransferNotify { name: n.name, msg: n.message }).collect()
+    }
+
+    /// Checks that `peer_server_name` answers on its handshake socket: 0 reachable, else a negative code.
+    fn send_probe(&self, py: Python<'_>, peer_server_name: &str) -> i32 {
+        let engine = match self.get("send_probe") {
+            Ok(e) => e,
+            Err(code) => return code,
+        };
+        py.detach(|| engine.probe_peer(peer_server_name)).map_or_else(|e| fail("send_probe", &e), |_| 0)
+    }
+
+    /// Stops the engine (our addition; also done when the object is collected). Idempotent.
+    fn shutdown(&self, py: Python<'_>) {
+        if let Some(engine) = self.engine.get() {
+            py.detach(|| engine.shutdown());
+        }
+    }
+}
+
+impl PyTransferEngine {
+    #[allow(clippy::too_many_arguments)]
+    fn batch_sync(
+        &self,
+        py: Python<'_>,
+        what: &str,
+        target: &str,
+        buffers: &Bound<'_, PyAny>,
+        peers: &Bound<'_, PyAny>,
+        lengths: &Bound<'_, PyAny>,
+        opcode: Opcode,
+        notify: Option<TransferNotify>,
+    ) -> PyResult<i32> {
+        match batch_lists(buffers, peers, lengths)? {
+            Ok((l, r, n)) => self.sync_transfer(py, what, target, opcode, &l, &r, &n, notify),
+            Err(message) => {
+                tracing::warn!("TransferEngine.{what}: {message}");
+                Ok(INVALID_ARGUMENT)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn batch_async(
+        &self,
+        py: Python<'_>,
+        what: &str,
+        target: &str,
+        buffers: &Bound<'_, PyAny>,
+        peers: &Bound<'_, PyAny>,
+        lengths: &Bound<'_, PyAny>,
+        opcode: Opcode,
+    ) -> PyResult<u64> {
+        match batch_lists(buffers, peers, lengths)? {
+            Ok((l, r, n)) => Ok(self.submit_async(py, what, target, opcode, &l, &r, &n)),
+            Err(message) => {
+                tracing::warn!("TransferEngine.{what}: {message}");
+                Ok(0)
+            }
+        }
+    }
+}
+
+impl Drop for PyTransferEngine {
+    fn drop(&mut self) {
+        if let Some(engine) = self.engine.get() {
+            for (_, (device, a)) in self.managed.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+                let _ = engine.unregister_memory(a.addr);
+                let _ = device.free(&a);
+            }
+            engine.shutdown();
+        }
+    }
+}
+
+/// True when the environment variable is set to something other than empty, `0` or `false`.
+pub fn env_flag(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| {
+        let v = v.trim();
+        !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false")
+    })
+}
+
+/// The metadata connection string: `P2PHANDSHAKE` and URLs as given; a bare `host:port` gets the scheme of
+/// `metadata_type` (default `etcd`, as upstream).
+fn metadata_conn(server: &str, metadata_type: &str) -> String {
+    let s = server.trim();
+    if s.eq_ignore_ascii_case("P2PHANDSHAKE") || s.contains("://") {
+        return s.to_string();
+    }
+    match metadata_type.trim().to_ascii_lowercase().as_str() {
+        "" | "etcd" => format!("etcd://{s}"),
+        "p2p" | "p2phandshake" => "P2PHANDSHAKE".to_string(),
+        "http" => format!("http://{s}"),
+        other => format!("{other}://{s}"),
+    }
+}
+
+/// Ok when `protocol` is linked and its probe passes; else a message naming what works here.
+pub fn check_protocol(protocol: &str) -> Result<(), String> {
+    let linked = registry::transports();
+    let usable: Vec<&str> = linked.iter().filter(|f| (f.probe)().is_available()).map(|f| f.name).collect();
+    let why = match linked.iter().find(|f| f.name == protocol) {
+        None => "it is not linked into this build".to_string(),
+        Some(f) => match (f.probe)() {
+            Availability::Available => return Ok(()),
+            Availability::Unavailable(reason) => format!("it is linked but unusable here: {reason}"),
+        },
+    };
+    Err(format!(
+        "protocol {protocol:?} cannot be used: {why}. Usable here: {}; linked: {} (see mooncake.engine.available_transports())",
+        usable.join(", "),
+        linked.iter().map(|f| f.name).collect::<Vec<_>>().join(", ")
+    ))
+}
+
+/// Every transport linked into this build: `{"name", "available", "reason", "summary"}` each.
+#[pyfunction]
+fn available_transports(py: Python<'_>) -> PyResult<Bound<'_, PyList>> {
+    let list = PyList::empty(py);
+    for f in registry::transports() {
+        let d = PyDict::new(py);
+        d.set_item("name", f.name)?;
+        d.set_item("summary", f.summary)?;
+        match (f.probe)() {
+            Availability::Available => {
+                d.set_item("available", true)?;
+                d.set_item("reason", py.None())?;
+            }
+            Availability::Unavailable(reason) => {
+                d.set_item("available", false)?;
+                d.set_item("reason", reason)?;
+            }
+        }
+        list.append(d)?;
+    }
+    Ok(list)
+}
+
+/// NUMA nodes of this host (from sysfs) as upstream's topology JSON; no NIC lists without an RDMA build.
+fn local_topology_json() -> String {
+    let mut nodes: Vec<u32> = std::fs::read_dir("/sys/devices/system/node")
+        .map(|dir| {
+            dir.filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    e.file_name().to_str().and_then(|n| n.strip_prefix("node")).and_then(|n| n.parse().ok())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if nodes.is_empty() {
+        nodes.push(0);
+    }
+    nodes.sort_unstable();
+    let map: serde_json::Map<String, serde_json::Value> =
+        nodes.into_iter().map(|n| (format!("cpu:{n}"), serde_json::json!([[], []]))).collect();
+    serde_json::Value::Object(map).to_string()
+}
+
+/// Adds the engine's classes and functions to the extension module.
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<TransferOpcode>()?;
+    m.add_class::<TransferNotify>()?;
+    m.add_class::<PyTransferEngine>()?;
+    m.add_function(wrap_pyfunction!(available_transports, m)?)?;
+    Ok(())
+}
