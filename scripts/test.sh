@@ -42,5 +42,13 @@ tests/interop/setup_upstream_venv.sh target/upstream-venv
 MOONCAKE_UPSTREAM_PYTHON="$PWD/target/upstream-venv/bin/python" \
     cargo test -p mooncake --test upstream_interop -- --ignored --test-threads=1
 
+step "Python wheel: build, install into a fresh venv, pytest (with upstream's wheel for interop)"
+scripts/build_wheel.sh
+rm -rf target/py-test-venv
+python3 -m venv target/py-test-venv
+target/py-test-venv/bin/pip install -q target/wheels/mooncake_rs-*.whl pytest numpy pyzmq mypy
+MOONCAKE_UPSTREAM_PYTHON="$PWD/target/upstream-venv/bin/python" \
+    target/py-test-venv/bin/python -m pytest -q -p no:cacheprovider bindings/python/tests
+
 du -sh target 2>/dev/null || true
 step "all tests passed"

@@ -1034,3 +1034,41 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(available_transports, m)?)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bare_metadata_servers_get_the_type_as_scheme() {
+        assert_eq!(metadata_conn("P2PHANDSHAKE", ""), "P2PHANDSHAKE");
+        assert_eq!(metadata_conn("http://h:8080/metadata", "etcd"), "http://h:8080/metadata");
+        assert_eq!(metadata_conn("10.0.0.1:2379", ""), "etcd://10.0.0.1:2379");
+        assert_eq!(metadata_conn("10.0.0.1:6379", "redis"), "redis://10.0.0.1:6379");
+        assert_eq!(metadata_conn("h:8080/metadata", "http"), "http://h:8080/metadata");
+        assert_eq!(metadata_conn("anything", "p2p"), "P2PHANDSHAKE");
+    }
+
+    #[test]
+    fn unknown_protocols_are_refused_naming_what_works() {
+        mooncake::link_all();
+        assert!(check_protocol("tcp").is_ok());
+        let message = check_protocol("carrier-pigeon").unwrap_err();
+        assert!(message.contains("not linked"), "{message}");
+        assert!(message.contains("Usable here: ") && message.contains("tcp"), "{message}");
+    }
+
+    #[test]
+    fn topology_lists_at_least_one_numa_node() {
+        let v: serde_json::Value = serde_json::from_str(&local_topology_json()).unwrap();
+        let map = v.as_object().unwrap();
+        assert!(map.keys().any(|k| k.starts_with("cpu:")));
+        assert!(map.values().all(|lists| lists.as_array().is_some_and(|l| l.len() == 2)));
+    }
+
+    #[test]
+    fn env_flags_read_like_upstream() {
+        // Setting variables is unsafe in edition 2024 (other threads may read them); read an unset one.
+        assert!(!env_flag("MOONCAKE_RS_TEST_UNSET_FLAG"));
+    }
+}
