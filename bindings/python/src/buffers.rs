@@ -88,6 +88,13 @@ impl AddrArg {
     }
 }
 
+impl AddrArg {
+    /// False when a buffer object was given and `len` runs past its end.
+    pub fn fits(&self, len: u64) -> bool {
+        self.buffer_len.is_none_or(|cap| len <= cap)
+    }
+}
+
 /// Reads a length argument: ints only; negative lengths give `None` (callers turn that into their error code).
 pub fn length(obj: &Bound<'_, PyAny>, arg: &str) -> PyResult<Option<u64>> {
     if !obj.is_instance_of::<PyInt>() {

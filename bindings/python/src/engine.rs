@@ -193,6 +193,9 @@ impl PyTransferEngine {
             Ok(e) => e,
             Err(code) => return Ok(code),
         };
+        if let Err(e) = Self::check_local_ranges(engine, locals, lens) {
+            return Ok(fail(what, &e));
+        }
         let result = if locals.len() <= 1 {
             py.detach(|| engine.batch_transfer_sync(target, opcode, locals, remotes, lens))
         } else {
@@ -265,6 +268,10 @@ impl PyTransferEngine {
             tracing::warn!("TransferEngine.{what}: empty batch");
             return 0;
         }
+        if let Err(e) = Self::check_local_ranges(engine, locals, lens) {
+            fail(what, &e);
+            return 0;
+        }
         let submitted = py.detach(|| -> mooncake::Result<u64> {
             let target_id = engine.open_segment(target)?;
             let requests: Vec<TransferRequest> = (0..locals.len())
@@ -304,6 +311,32 @@ impl PyTransferEngine {
     fn release_batch(&self, engine: &TransferEngine, id: u64) {
         self.batches.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
         let _ = engine.free_batch(id);
+    }
+
+    /// Checks local ranges outside registered memory are at least mapped (TCP lets the initiator use
+    /// unregistered buffers; a stray int must give an error code, not a segfault).
+    fn check_local_ranges(engine: &TransferEngine, locals: &[u64], lens: &[u64]) -> mooncake::Result<()> {
+        for (&addr, &len) in locals.iter().zip(lens) {
+            if engine.regions().lookup(addr, len).is_none() {
+                crate::mapped::check_mapped(addr, len).map_err(|why| Error::AddressNotRegistered {
+                    addr,
+                    len,
+                    context: format!("local: {why}"),
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks a range to register is mapped host memory (device memory is checked by its device).
+    fn check_registrable(engine: &TransferEngine, addr: u64, len: u64, location: &str) -> mooncake::Result<()> {
+        let host = location.trim().is_empty()
+            || location.starts_with("cpu")
+            || (location.trim() == "*" && engine.devices().iter().all(|d| d.kind() == MemoryKind::Host));
+        if !host {
+            return Ok(());
+        }
+        crate::mapped::check_mapped(addr, len).map_err(|why| Error::InvalidArgument(format!("cannot register: {why}")))
     }
 
     /// Checks `[addr, addr+len)` lies in memory registered with this engine (managed buffers included).
@@ -410,6 +443,9 @@ impl PyTransferEngine {
             Err(code) => return Ok(code),
         };
         let Some(len) = length(capacity, "capacity")? else { return Ok(INVALID_ARGUMENT) };
+        if let Err(e) = Self::check_registrable(engine, buffer_addr, len, location) {
+            return Ok(fail("register_memory", &e));
+        }
         Ok(py
             .detach(|| engine.register_memory(buffer_addr, len, location))
             .map_or_else(|e| fail("register_memory", &e), |_| 0))
@@ -448,6 +484,11 @@ impl PyTransferEngine {
             return Ok(INVALID_ARGUMENT);
         }
         let buffers: Vec<(u64, u64)> = addrs.into_iter().zip(lens).collect();
+        for &(addr, len) in &buffers {
+            if let Err(e) = Self::check_registrable(engine, addr, len, location) {
+                return Ok(fail("batch_register_memory", &e));
+            }
+        }
         Ok(py
             .detach(|| engine.register_memory_batch(&buffers, location))
             .map_or_else(|e| fail("batch_register_memory", &e), |_| 0))

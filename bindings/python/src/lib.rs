@@ -9,6 +9,7 @@
 
 mod buffers;
 mod engine;
+mod mapped;
 mod metadata_server;
 mod store;
 mod wait;

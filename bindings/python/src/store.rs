@@ -424,18 +424,32 @@ fn sizes_arg(obj: &Bound<'_, PyAny>, arg: &str) -> PyResult<Vec<u64>> {
 }
 
 /// Addresses of a zero-copy batch (ints, or buffer-protocol objects kept exported in `guards`).
-fn addrs_arg(obj: &Bound<'_, PyAny>, arg: &str, writable: bool, guards: &mut Vec<AddrArg>) -> PyResult<Vec<u64>> {
-    list_items(obj, arg)?
-        .iter()
-        .map(|v| {
-            let a = AddrArg::new(v, arg, writable)?;
-            let addr = a.addr;
-            if a.buffer_len.is_some() {
-                guards.push(a);
-            }
-            Ok(addr)
-        })
-        .collect()
+fn addrs_arg(
+    obj: &Bound<'_, PyAny>,
+    arg: &str,
+    writable: bool,
+    guards: &mut Vec<AddrArg>,
+) -> PyResult<(Vec<u64>, Vec<Option<u64>>)> {
+    let mut addrs = Vec::new();
+    let mut caps = Vec::new();
+    for v in list_items(obj, arg)? {
+        let a = AddrArg::new(&v, arg, writable)?;
+        addrs.push(a.addr);
+        caps.push(a.buffer_len);
+        if a.buffer_len.is_some() {
+            guards.push(a);
+        }
+    }
+    Ok((addrs, caps))
+}
+
+/// Marks sizes larger than the buffer object given for them as invalid (the client refuses them per key).
+fn cap_sizes(lens: &mut [u64], caps: &[Option<u64>]) {
+    for (len, cap) in lens.iter_mut().zip(caps) {
+        if cap.is_some_and(|c| *len > c) {
+            *len = u64::MAX;
+        }
+    }
 }
 
 impl PyStore {
@@ -691,12 +705,16 @@ impl PyStore {
     ) -> PyResult<i32> {
         let a = AddrArg::new(buffer_ptr, "buffer_ptr", false)?;
         let len = match (size, a.buffer_len) {
-            (Some(s), _) => length(s, "size")?,
+            (Some(s), _) => length(s, "size")?.filter(|l| a.fits(*l)),
             (None, Some(l)) => Some(l),
             (None, None) => return Err(PyTypeError::new_err("register_buffer: size is required with an int address")),
         };
         let Some(len) = len else { return Ok(ErrorCode::InvalidParams.code()) };
         let Some(c) = self.client() else { return Ok(UNAVAILABLE) };
+        if let Err(why) = crate::mapped::check_mapped(a.addr, len) {
+            tracing::warn!("MooncakeDistributedStore.register_buffer: {why}");
+            return Ok(ErrorCode::InvalidParams.code());
+        }
         Ok(code(&py.detach(|| c.register_buffer(a.addr, len))))
     }
 
@@ -743,7 +761,9 @@ impl PyStore {
         size: &Bound<'_, PyAny>,
     ) -> PyResult<i64> {
         let a = AddrArg::new(buffer_ptr, "buffer_ptr", true)?;
-        let Some(len) = length(size, "size")? else { return Ok(ErrorCode::InvalidParams.code().into()) };
+        let Some(len) = length(size, "size")?.filter(|l| a.fits(*l)) else {
+            return Ok(ErrorCode::InvalidParams.code().into());
+        };
         let Some(c) = self.client() else { return Ok(UNAVAILABLE.into()) };
         Ok(match py.detach(|| c.get_into(key, a.addr, len)) {
             Ok(n) => n as i64,
@@ -787,8 +807,9 @@ impl PyStore {
     ) -> PyResult<Vec<i64>> {
         let keys = keys_arg(keys)?;
         let mut guards = Vec::new();
-        let ptrs = addrs_arg(buffer_ptrs, "buffer_ptrs", true, &mut guards)?;
-        let lens = sizes_arg(sizes, "sizes")?;
+        let (ptrs, caps) = addrs_arg(buffer_ptrs, "buffer_ptrs", true, &mut guards)?;
+        let mut lens = sizes_arg(sizes, "sizes")?;
+        cap_sizes(&mut lens, &caps);
         let Some(c) = self.client() else { return Ok(vec![UNAVAILABLE.into(); keys.len()]) };
         if ptrs.len() != keys.len() || lens.len() != keys.len() {
             return Ok(vec![ErrorCode::InvalidParams.code().into(); keys.len()]);
@@ -1061,7 +1082,9 @@ impl PyStore {
         upsert: bool,
     ) -> PyResult<i32> {
         let a = AddrArg::new(buffer_ptr, "buffer_ptr", false)?;
-        let Some(len) = length(size, "size")? else { return Ok(ErrorCode::InvalidParams.code()) };
+        let Some(len) = length(size, "size")?.filter(|l| a.fits(*l)) else {
+            return Ok(ErrorCode::InvalidParams.code());
+        };
         let cfg = config_of(config);
         let Some(c) = self.client() else { return Ok(UNAVAILABLE) };
         Ok(code(&py.detach(|| {
@@ -1080,8 +1103,9 @@ impl PyStore {
     ) -> PyResult<Vec<i32>> {
         let keys = keys_arg(keys)?;
         let mut guards = Vec::new();
-        let ptrs = addrs_arg(buffer_ptrs, "buffer_ptrs", false, &mut guards)?;
-        let lens = sizes_arg(sizes, "sizes")?;
+        let (ptrs, caps) = addrs_arg(buffer_ptrs, "buffer_ptrs", false, &mut guards)?;
+        let mut lens = sizes_arg(sizes, "sizes")?;
+        cap_sizes(&mut lens, &caps);
         let cfg = config_of(config);
         let Some(c) = self.client() else { return Ok(vec![UNAVAILABLE; keys.len()]) };
         if ptrs.len() != keys.len() || lens.len() != keys.len() {
