@@ -152,22 +152,11 @@ impl Batch {
     /// Blocks the calling thread until every request is final or `timeout` passes.
     /// On timeout the unfinished requests are marked [`TransferState::Timeout`].
     pub fn wait_blocking(&self, timeout: Duration) -> Result<()> {
-        self.spin_until_done(spin_budget());
-        let deadline = Instant::now().checked_add(timeout);
-        let mut guard = self.blocking_lock.lock().unwrap_or_else(|p| p.into_inner());
-        while !self.is_done() {
-            let left = match deadline {
-                Some(d) => d.saturating_duration_since(Instant::now()),
-                None => Duration::from_secs(3600),
-            };
-            if left.is_zero() {
-                drop(guard);
-                self.abort(TransferState::Timeout, Error::Timeout(timeout));
-                return Err(Error::Timeout(timeout));
-            }
-            guard = self.blocking_done.wait_timeout(guard, left).unwrap_or_else(|p| p.into_inner()).0;
+        if self.wait_done_for(timeout) {
+            return Ok(());
         }
-        Ok(())
+        self.abort(TransferState::Timeout, Error::Timeout(timeout));
+        Err(Error::Timeout(timeout))
     }
 
     /// Blocks the calling thread for at most `timeout` and tells whether every submitted request is final.

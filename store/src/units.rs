@@ -32,11 +32,16 @@ mod tests {
 
     #[test]
     fn units_are_binary_and_case_insensitive() {
-        assert_eq!(parse_size("4096"), Some(4096));
         assert_eq!(parse_size("512MB"), Some(512 << 20));
-        assert_eq!(parse_size("4 gib"), Some(4 << 30));
-        assert_eq!(parse_size("1.5K"), Some(1536));
-        assert_eq!(parse_size("12 parsecs"), None);
+        assert_eq!(parse_size("4 GB"), Some(4 << 30));
+        assert_eq!(parse_size("1GiB"), Some(1 << 30));
+        assert_eq!(parse_size("1.5 KB"), Some(1536));
+        assert_eq!(parse_size("65536"), Some(65536));
+        assert_eq!(parse_size("16m"), Some(16 << 20));
+        assert_eq!(parse_size(""), None);
+        assert_eq!(parse_size("GB"), None);
         assert_eq!(parse_size("-1"), None);
+        assert_eq!(parse_size("99999999999 TB"), None);
+        assert_eq!(parse_size("12 parsecs"), None);
     }
 }

@@ -226,15 +226,7 @@ impl PyTransferEngine {
     ) -> PyResult<mooncake::Result<()>> {
         let submitted = py.detach(|| -> mooncake::Result<Arc<Batch>> {
             let target_id = engine.open_segment(target)?;
-            let requests: Vec<TransferRequest> = (0..locals.len())
-                .map(|i| TransferRequest {
-                    opcode,
-                    source: locals[i],
-                    target_id,
-                    target_offset: remotes[i],
-                    length: lens[i],
-                })
-                .collect();
+            let requests = requests_to(target_id, opcode, locals, remotes, lens);
             let batch = Batch::new(requests.len());
             engine.submit_into(&batch, &requests)?;
             Ok(batch)
@@ -274,15 +266,7 @@ impl PyTransferEngine {
         }
         let submitted = py.detach(|| -> mooncake::Result<u64> {
             let target_id = engine.open_segment(target)?;
-            let requests: Vec<TransferRequest> = (0..locals.len())
-                .map(|i| TransferRequest {
-                    opcode,
-                    source: locals[i],
-                    target_id,
-                    target_offset: remotes[i],
-                    length: lens[i],
-                })
-                .collect();
+            let requests = requests_to(target_id, opcode, locals, remotes, lens);
             let id = engine.allocate_batch(requests.len())?;
             if let Err(e) = engine.submit_transfer(id, &requests) {
                 let _ = engine.free_batch(id);
@@ -981,6 +965,19 @@ impl Drop for PyTransferEngine {
             engine.shutdown();
         }
     }
+}
+
+/// One request per (local, remote, length) triple, all to segment `target_id`.
+fn requests_to(
+    target_id: mooncake::SegmentHandle,
+    opcode: Opcode,
+    locals: &[u64],
+    remotes: &[u64],
+    lens: &[u64],
+) -> Vec<TransferRequest> {
+    (0..locals.len())
+        .map(|i| TransferRequest { opcode, source: locals[i], target_id, target_offset: remotes[i], length: lens[i] })
+        .collect()
 }
 
 /// True when the environment variable is set to something other than empty, `0` or `false`.

@@ -298,17 +298,7 @@ mod tests {
     }
 
     #[test]
-    fn sizes_and_durations() {
-        assert_eq!(parse_size("512MB"), Some(512 << 20));
-        assert_eq!(parse_size("4 GB"), Some(4 << 30));
-        assert_eq!(parse_size("1GiB"), Some(1 << 30));
-        assert_eq!(parse_size("1.5 KB"), Some(1536));
-        assert_eq!(parse_size("65536"), Some(65536));
-        assert_eq!(parse_size("16m"), Some(16 << 20));
-        assert_eq!(parse_size(""), None);
-        assert_eq!(parse_size("GB"), None);
-        assert_eq!(parse_size("-1"), None);
-        assert_eq!(parse_size("99999999999 TB"), None);
+    fn durations() {
         assert_eq!(parse_millis("1800000"), Some(1_800_000));
         assert_eq!(parse_millis("24h"), Some(86_400_000));
         assert_eq!(parse_millis("500ms"), Some(500));
