@@ -8,14 +8,27 @@ upstream's, one after the other, each with MC_FORCE_TCP=1 and MC_AUTO_PROTOCOLS=
 upstream ignores it), each starting its own mooncake_master and mooncake_client data node from its own venv's bin
 directory on free ports (see bench_worker.py for the points). Full: 3 runs per side (--quick: 2, shorter points),
 alternating ours/upstream, best value of each metric kept (the host may be busy with other work). Prints the
-configuration and a table ours / upstream. Full run about 2 minutes, --quick about 30 s.
+configuration and a table ours / upstream. Full run about 2.5 minutes, --quick about 45 s.
+
+"GIL release under threads" (after the ratio table; --no-threads skips it): per side a separate worker run
+(`bench_worker.py --parts threads`, own master, data node and target engine) measures 1, 2 and 4 Python threads
+calling at once, one store client and one engine shared by the threads as users do, each thread on its own keys and
+buffer offsets: store get 4 KiB (objects on the other node), store batch_get_into 32 x 4 KiB, engine
+transfer_sync_write 4 KiB. Prints ops/s (keys/s for the batch), each side's scaling N threads / 1 thread and ours /
+upstream per thread count. A binding holding the GIL during a call serializes the threads, so its scaling stays near
+1.0 (ours releases it around every call). Full: 2 runs per side, alternating, 0.5 s per cell, best kept (about 35 s);
+--quick: 1 run, 0.3 s (about 12 s). A worker that crashes or hangs (no line within cell time + 20 s; the worker
+itself gives up on threads not back after cell time + 10 s) is stopped by PID and what is left of its process group
+(its master, node, target engine) by the group's id; the cell is marked failed with the reason and a fresh worker
+runs the remaining cells; a cell that failed is not retried in later runs. Upstream's failures here are reported,
+not counted in the exit status; ours are.
 
 "Python overhead" then runs our Rust benches for the same operations on the same host and prints Python p50 minus
 Rust p50: `transfer_engine_bench` (target child + initiator, 4 KiB, batch 1, 1 thread, write; its batch latency p50)
 and `mooncake_store_bench --mode client --placement remote --transport tcp --sizes 4KiB --ops get` (its p50). Binaries
 come from $CARGO_TARGET_DIR (default <repo>/target)/release, transfer_engine_bench also from our venv's bin; build the
 store bench with `cargo build --release -p mooncake-store-programs --bin mooncake_store_bench`. A missing binary
-prints a note. Nothing here asserts on speed; every process started is stopped by PID.
+prints a note. Nothing here asserts on speed; every process started is stopped by PID (or process group).
 """
 import argparse
 import json
@@ -171,6 +184,180 @@ def print_table(ours, ups):
         else:
             rs, better = "n/a", ""
         print(f"{section:<7} {label:<42} {fa:>12} {fb:>12} {rs:>7}  {better}")
+
+
+# (op in the worker, label, items per call)
+THREAD_OPS = [
+    ("get_4KiB", "store get 4 KiB  ops/s", 1),
+    ("batch_get_into_32x4KiB", "store batch_get_into 32x4 KiB  keys/s", 32),
+    ("transfer_sync_write_4KiB", "engine transfer_sync_write 4 KiB  ops/s", 1),
+]
+THREAD_COUNTS = (1, 2, 4)
+
+
+class LineReader:
+    """Lines of a binary pipe with a timeout per line."""
+
+    def __init__(self, stream):
+        self.fd, self.buf = stream.fileno(), b""
+
+    def next(self, timeout):
+        """A line (str), "" at EOF, None after `timeout` s without a whole line."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            ready, _, _ = select.select([self.fd], [], [], min(left, 0.5))
+            if not ready:
+                continue
+            chunk = os.read(self.fd, 65536)
+            if not chunk:
+                return ""
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line.decode(errors="replace") + "\n"
+
+
+def run_threads(name, python, args, log_dir, skip=()):
+    """One threads run of a side: {"cells": {(op, n): worker's cell dict or {"error": ...}}, "info": ..., "stderr":
+    [...]}. Crashes and hangs fail the current cell; a fresh worker then runs the cells still to do."""
+    pending = [(op, n) for op, _, _ in THREAD_OPS for n in THREAD_COUNTS if (op, n) not in skip]
+    cells = {(op, n): {"error": "skipped: failed in an earlier run"} for op, n in skip}
+    out = {"cells": cells, "stderr": []}
+    cell_timeout = args.thread_duration + 20
+    attempt = 0
+    while pending:
+        err_path = os.path.join(log_dir, f"threads-{name}-{attempt}.err")
+        out["stderr"].append(err_path)
+        attempt += 1
+        argv = [python, WORKER, "--bin-dir", os.path.dirname(os.path.abspath(python)), "--parts", "threads",
+                "--duration", str(args.thread_duration), "--thread-cells", ",".join(f"{op}:{n}" for op, n in pending)]
+        proc = None
+        try:
+            with open(err_path, "w") as err:
+                # Own process group, so that what a crashed or killed worker leaves (its master, node, target
+                # engine) is stopped by that group's id.
+                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
+                                        env=bench_env(), start_new_session=True)
+            reader = LineReader(proc.stdout)
+            timeout, hung_reported, final = 90.0, False, None  # the first line comes after the setup
+            out.pop("info", None)
+            while pending:
+                line = reader.next(timeout)
+                if line is None:
+                    stop(proc)
+                    reason = f"hang: no result within {timeout:.0f} s; worker killed (stderr: {err_path})"
+                    if "info" not in out:  # during the setup: no cell can run
+                        final = {"error": f"setup {reason}"}
+                        break
+                    cells[pending.pop(0)] = {"error": reason}
+                    break
+                if line == "":
+                    rc = proc.wait()
+                    try:
+                        how = f"signal {signal.Signals(-rc).name}" if rc < 0 else f"exit {rc}"
+                    except ValueError:
+                        how = f"signal {-rc}"
+                    if "info" not in out:
+                        final = {"error": f"worker crashed ({how}) during the setup (stderr: {err_path})"}
+                    elif not hung_reported:
+                        cells[pending.pop(0)] = {"error": f"worker crashed ({how}) during this cell (stderr: "
+                                                          f"{err_path})"}
+                    break
+                if not line.startswith("{"):
+                    continue
+                d = json.loads(line)
+                if "setup" in d:
+                    out["info"] = d.get("info")
+                    timeout = cell_timeout
+                elif "op" in d:
+                    key = (d["op"], d["threads"])
+                    cells[key] = d
+                    if key in pending:
+                        pending.remove(key)
+                    hung_reported = "hang" in d.get("error", "")
+                elif "python" in d:
+                    final = d
+                    break
+            if final is not None:
+                for key in pending:  # only when the worker gave up before its cells (setup error)
+                    cells[key] = {"error": final.get("error", "no result from the worker")}
+                pending = []
+        finally:
+            stop_group(proc)
+    return out
+
+
+def stop_group(proc):
+    """stop(proc), then SIGTERM (SIGKILL 1 s later) to what is left of the process group it leads."""
+    stop(proc)
+    if proc is None:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        time.sleep(1.0)
+
+
+def best_threads(runs):
+    """Per cell the highest rate over the runs; a cell that no run measured keeps the first run's error."""
+    best = {}
+    for op, _, _ in THREAD_OPS:
+        for n in THREAD_COUNTS:
+            got = [r["cells"].get((op, n)) or {"error": "no result"} for r in runs]
+            ok = [c for c in got if "ops_s" in c]
+            if ok:
+                best[(op, n)] = dict(max(ok, key=lambda c: c["ops_s"]), runs=[c.get("ops_s") for c in got])
+            else:
+                best[(op, n)] = next(c for c in got if "error" in c)
+    return best
+
+
+def print_threads(args, t_ours, t_ups, seconds):
+    print()
+    print("GIL release under threads: throughput with 1, 2 and 4 Python threads calling at once")
+    print("# one store client and one engine per process shared by the threads (as users do), each thread on its own "
+          "keys and buffer offsets;")
+    print("# a binding that holds the GIL during a call serializes the threads, so its scaling (N threads / 1 thread) "
+          "stays near 1.0x or below;")
+    print("# ours releases the GIL around every call. store: 256 x 4 KiB objects per thread on the other node (tcp); "
+          "engine: 4 KiB writes to the target engine child")
+    print(f"# host: {os.cpu_count()} cpus, shared with the data node / target engine process and any other work, "
+          "which caps the scaling")
+    print(f"# per op: 0.4 s of untimed single-thread calls first; per cell: untimed warm-up calls per thread, then all "
+          f"threads start together and call for {args.thread_duration} "
+          f"s; rate = calls finished / wall time; {args.thread_rounds} separate worker run(s) per side, alternating, "
+          "best kept")
+    head = (f"{'metric':<40} {'thr':>3} {'ours':>10} {'scale':>6} {'upstream':>10} {'scale':>6} {'ratio':>6}  better")
+    print(head)
+    print("-" * len(head))
+    notes = []
+
+    def cell(res, op, n):
+        c = res.get((op, n)) or {"error": "no result"}
+        if "ops_s" in c:
+            one = (res.get((op, 1)) or {}).get("ops_s")
+            return c["ops_s"], f"{c['ops_s']:.0f}", f"{c['ops_s'] / one:.2f}x" if one else "n/a"
+        notes.append(c["error"])
+        return None, f"FAILED[{len(notes)}]", ""
+
+    for op, label, _ in THREAD_OPS:
+        for n in THREAD_COUNTS:
+            a, fa, sa = cell(t_ours, op, n)
+            b, fb, sb = cell(t_ups, op, n)
+            if a is not None and b:
+                ratio = a / b
+                rs, better = f"{ratio:.2f}", ("~same" if abs(ratio - 1) < 0.05 else "ours" if ratio > 1 else "upstream")
+            else:
+                rs, better = "n/a", ""
+            print(f"{label if n == THREAD_COUNTS[0] else '':<40} {n:>3} {fa:>10} {sa:>6} {fb:>10} {sb:>6} {rs:>6}  "
+                  f"{better}")
+    for i, note in enumerate(notes, 1):
+        print(f"  [{i}] {note}")
+    print(f"# threads section: {seconds:.0f} s")
 
 
 def target_dir():
@@ -331,12 +518,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--upstream-python", required=True, help="upstream venv's python (target/upstream-venv/bin/python)")
     ap.add_argument("--ours-python", default=sys.executable, help="our venv's python (default: this interpreter)")
-    ap.add_argument("--quick", action="store_true", help="short points (whole run under ~1 minute)")
+    ap.add_argument("--quick", action="store_true", help="short points (whole run about 45 s)")
     ap.add_argument("--duration", type=float, default=None, help="seconds of timed calls per point (1.0; quick 0.3)")
     ap.add_argument("--min-calls", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=None,
                     help="worker runs per side, alternating, best value of each metric kept (3; quick 2)")
     ap.add_argument("--no-overhead", action="store_true", help="skip the Python overhead section")
+    ap.add_argument("--no-threads", action="store_true", help="skip the GIL release under threads section")
+    ap.add_argument("--thread-duration", type=float, default=None, help="seconds per threads cell (0.5; quick 0.3)")
+    ap.add_argument("--thread-rounds", type=int, default=None, help="threads runs per side, best kept (2; quick 1)")
     args = ap.parse_args()
     if args.duration is None:
         args.duration = 0.3 if args.quick else 1.0
@@ -345,6 +535,10 @@ def main():
     if args.rounds is None:
         args.rounds = 2 if args.quick else 3
     args.worker_timeout = 60 if args.quick else 150
+    if args.thread_duration is None:
+        args.thread_duration = 0.3 if args.quick else 0.5
+    if args.thread_rounds is None:
+        args.thread_rounds = 1 if args.quick else 2
     for p in (args.upstream_python, args.ours_python):
         if not (os.path.isfile(p) and os.access(p, os.X_OK)):
             ap.error(f"{p} is not an executable python")
@@ -361,12 +555,24 @@ def main():
         for name, python in (("ours", args.ours_python), ("upstream", args.upstream_python)):
             runs[name].append(run_worker(f"{name}-{n}", python, args, log_dir))
     ours, ups = best_of(runs["ours"]), best_of(runs["upstream"])
+    threads = {"ours": [], "upstream": []}
+    t1 = time.monotonic()
+    if not args.no_threads:
+        for n in range(args.thread_rounds):
+            for name, python in (("ours", args.ours_python), ("upstream", args.upstream_python)):
+                failed = {k for r in threads[name] for k, c in r["cells"].items() if "error" in c}
+                threads[name].append(run_threads(f"{name}-{n}", python, args, log_dir, failed))
+    t_threads = time.monotonic() - t1
     print_config(args, ours, ups)
     print_table(ours, ups)
+    if not args.no_threads:
+        print_threads(args, best_threads(threads["ours"]), best_threads(threads["upstream"]), t_threads)
     if not args.no_overhead:
         print_overhead(args, ours, log_dir)
     print(f"\n# total {time.monotonic() - t0:.0f} s; logs in {log_dir}")
-    return 1 if any("error" in r for rs in runs.values() for r in rs) else 0
+    ours_thread_failed = any("error" in c and not c["error"].startswith("skipped")
+                             for r in threads["ours"] for c in r["cells"].values())
+    return 1 if ours_thread_failed or any("error" in r for rs in runs.values() for r in rs) else 0
 
 
 if __name__ == "__main__":

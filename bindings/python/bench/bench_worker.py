@@ -2,6 +2,7 @@
 """One side of bench_compare.py: measures the `mooncake` package of the python running it (ours or upstream's wheel).
 
     PYTHON bench_worker.py --bin-dir DIR [--duration S]        -> one JSON object on stdout
+    PYTHON bench_worker.py --bin-dir DIR --parts threads [--thread-cells OP:N,...]   -> a JSON line per cell, then one
     PYTHON bench_worker.py --role engine-target --size N       (child: "@@ READY <session> <addr>", serves until EOF)
 
 Main role, in this order:
@@ -12,12 +13,22 @@ Main role, in this order:
           data node; this process's MooncakeDistributedStore contributes global_segment_size=0, so every object
           lives in the node and every read/write crosses processes over TCP. Points: put 4 KiB, get 4 KiB,
           batch_get_into 32 x 4 KiB, get_into 1 MiB, batch_put_from 32 x 64 KiB, batch_is_exist 128 keys.
+  threads (--parts threads, run alone by bench_compare.py) The same store and engine setups, one store client and one
+          engine shared by all threads; for each OP:N of --thread-cells, N Python threads call at once, each on its
+          own keys (256 x 4 KiB objects per thread, on the node) and its own buffer offsets (1 MiB apart for the
+          engine, 128 KiB for batch_get_into): get 4 KiB, batch_get_into 32 x 4 KiB, transfer_sync_write 4 KiB.
+          Each op first runs 0.4 s single-threaded, untimed; in each cell every thread does untimed warm-up calls,
+          then all start together and call for --duration s of wall time; rate = calls finished / wall time. One
+          JSON line per cell as it finishes (the parent keeps them if a later cell crashes or hangs); a cell whose
+          threads are not back --duration + 10 s after start is reported as a hang and the process exits 3 after
+          stopping its children.
 Each point: warm-up calls, then at least --duration seconds and --min-calls calls; only the calls are timed.
 Reads cycle over populated keys; writes use fresh keys with an untimed remove_all(force) when the ring is used up
 (and an untimed wait when the store answers -200, no room, for space still leased).
 The environment (MC_FORCE_TCP, MC_AUTO_PROTOCOLS, ...) is inherited by every child. All children are stopped by PID.
 """
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -25,6 +36,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -135,10 +147,12 @@ def engine_target(size):
     return 0
 
 
-def bench_engine(args, children):
+@contextlib.contextmanager
+def engine_pair(children, size=64 * MIB):
+    """A target engine child (registered `size` bytes) and this process's engine (local buffer of `size` bytes,
+    registered); yields (engine, target session, local address, remote address)."""
     from mooncake.engine import TransferEngine
 
-    size = 64 * MIB
     child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--role", "engine-target", "--size", str(size)],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=children.log("engine-target"),
                              text=True)
@@ -165,6 +179,20 @@ def bench_engine(args, children):
     ptr = local.ctypes.data
     if eng.register_memory(ptr, size) != 0:
         raise RuntimeError("register_memory failed")
+    yield eng, session, ptr, raddr
+    eng.unregister_memory(ptr)
+    if hasattr(eng, "shutdown"):
+        eng.shutdown()
+    child.stdin.close()
+    stop(child)
+
+
+def bench_engine(args, children):
+    with engine_pair(children) as (eng, session, ptr, raddr):
+        return engine_points(args, eng, session, ptr, raddr)
+
+
+def engine_points(args, eng, session, ptr, raddr):
     res = {}
 
     def ok(what, rc):
@@ -183,11 +211,6 @@ def bench_engine(args, children):
     res["batch_transfer_sync_write_32x4KiB"] = measure(
         lambda: ok("batch_transfer_sync_write", eng.batch_transfer_sync_write(session, srcs, dsts, lens)),
         d, m, 20, 32, 32 * 4 * KIB)
-    eng.unregister_memory(ptr)
-    if hasattr(eng, "shutdown"):
-        eng.shutdown()
-    child.stdin.close()
-    stop(child)
     return res
 
 
@@ -318,7 +341,10 @@ class StoreBench:
         return res
 
 
-def bench_store(args, children):
+@contextlib.contextmanager
+def store_pair(args, children):
+    """DIR/mooncake_master and a DIR/mooncake_client data node, and this process's MooncakeDistributedStore with
+    global_segment_size=0 and a registered 8 MiB buffer; yields (store, buffer address, half, node segment, info)."""
     from mooncake.store import MooncakeDistributedStore
 
     rpc, metrics = free_port(), free_port()
@@ -362,7 +388,7 @@ def bench_store(args, children):
         if r != 0:
             raise RuntimeError(f"register_buffer: {r}")
         try:
-            res = StoreBench(store, ptr, half, seg).run(args)
+            yield store, ptr, half, seg, info
         finally:
             try:
                 store.remove_all(True)
@@ -371,6 +397,11 @@ def bench_store(args, children):
             store.unregister_buffer(ptr)
     finally:
         store.close()
+
+
+def bench_store(args, children):
+    with store_pair(args, children) as (store, ptr, half, seg, info):
+        res = StoreBench(store, ptr, half, seg).run(args)
     res["info"] = info
     return res
 
@@ -388,6 +419,156 @@ def replica_endpoints(store, key):
         except Exception:  # noqa: BLE001 - ours exposes .endpoint
             out.append(str(getattr(r, "endpoint", r)))
     return out
+
+
+# ---------------------------------------------------------------------------------------------------- threads
+THREAD_OPS = ("get_4KiB", "batch_get_into_32x4KiB", "transfer_sync_write_4KiB")
+THREAD_KEYS = 256  # 4 KiB objects per thread, held by the data node
+THREAD_SLOT = MIB  # each thread's own slice of the registered buffers
+THREAD_WARM_S = 0.4  # untimed single-thread calls of an op before its first cell
+
+
+def measure_threads(calls, duration, warmup, items_per_call, join_timeout):
+    """Runs calls[t]() in len(calls) threads at once for `duration` s of wall time after a common start (each thread
+    does `warmup` untimed calls first); rate = all calls finished / (last thread's finish - start). Returns a dict,
+    or raises RuntimeError naming the first failure; a thread not back within `join_timeout` s is a hang."""
+    n = len(calls)
+    counts, ends, errors = [0] * n, [0.0] * n, []
+    clock = {}
+    perf = time.perf_counter
+
+    def start():  # runs once, in the last thread to arrive, before any is released
+        clock["t0"] = perf()
+        clock["deadline"] = clock["t0"] + duration
+
+    barrier = threading.Barrier(n, action=start)
+
+    def body(t):
+        call = calls[t]
+        try:
+            for _ in range(warmup):
+                call()
+            barrier.wait()
+            deadline, k = clock["deadline"], 0
+            while perf() < deadline:
+                call()
+                k += 1
+            counts[t], ends[t] = k, perf()
+        except threading.BrokenBarrierError:
+            pass
+        except Exception as e:  # noqa: BLE001 - reported for the cell
+            errors.append(f"thread {t}: {type(e).__name__}: {e}")
+            barrier.abort()
+
+    threads = [threading.Thread(target=body, args=(t,), daemon=True, name=f"bench-{t}") for t in range(n)]
+    for th in threads:
+        th.start()
+    give_up = time.monotonic() + join_timeout
+    for th in threads:
+        th.join(max(0.0, give_up - time.monotonic()))
+    stuck = [th.name for th in threads if th.is_alive()]
+    if stuck:
+        raise Hung(f"{len(stuck)} of {n} threads not back {join_timeout:.0f} s after start (hang)")
+    if errors:
+        raise RuntimeError(errors[0])
+    wall = max(ends) - clock["t0"]
+    total = sum(counts)
+    return {"threads": n, "calls": total, "wall_s": wall, "ops_s": total * items_per_call / wall,
+            "per_thread_calls": counts}
+
+
+class Hung(RuntimeError):
+    pass
+
+
+def thread_calls(op, n, ctx):
+    """One callable per thread for `op`, each on its own keys / buffer offsets, sharing the process's client."""
+    if op == "transfer_sync_write_4KiB":
+        eng, session, ptr, raddr = ctx["engine"]
+
+        def one(t):
+            src, dst = ptr + t * THREAD_SLOT, raddr + t * THREAD_SLOT
+
+            def call():
+                rc = eng.transfer_sync_write(session, src, dst, 4 * KIB)
+                if rc != 0:
+                    raise RuntimeError(f"transfer_sync_write: {rc}")
+            return call
+        return [one(t) for t in range(n)], 1, 20
+    store, keys, dst0 = ctx["store"], ctx["keys"], ctx["dst"]
+    if op == "get_4KiB":
+        def one(t):
+            mine, cur = keys[t], [0]
+
+            def call():
+                i = cur[0]
+                cur[0] = (i + 1) % len(mine)
+                v = store.get(mine[i])
+                if len(v) != 4 * KIB:
+                    raise RuntimeError(f"get returned {len(v)} bytes")
+            return call
+        return [one(t) for t in range(n)], 1, 20
+    if op == "batch_get_into_32x4KiB":
+        def one(t):
+            mine, cur = keys[t], [0]
+            dsts = [dst0 + t * 32 * 4 * KIB + i * 4 * KIB for i in range(32)]
+            lens = [4 * KIB] * 32
+
+            def call():
+                i = cur[0]
+                cur[0] = (i + 32) % len(mine)
+                r = store.batch_get_into(mine[i:i + 32], dsts, lens)
+                if any(x != 4 * KIB for x in r):
+                    raise RuntimeError(f"batch_get_into: {[x for x in r if x != 4 * KIB][:3]}")
+            return call
+        return [one(t) for t in range(n)], 32, 10
+    raise ValueError(f"unknown op {op}")
+
+
+def bench_threads(args, children, out):
+    """--parts threads: one JSON line per cell of --thread-cells (OP:N,...), as each finishes, so that the parent keeps
+    the cells done before a crash or hang; first a {"setup": ...} line."""
+    cells = [(c.rsplit(":", 1)[0], int(c.rsplit(":", 1)[1])) for c in args.thread_cells.split(",") if c]
+    for op, _ in cells:
+        if op not in THREAD_OPS:
+            raise ValueError(f"unknown op {op}")
+    most = max(n for _, n in cells)
+    join_timeout = args.duration + 10
+    with contextlib.ExitStack() as stack:
+        ctx = {}
+        if any(op != "transfer_sync_write_4KiB" for op, _ in cells):
+            store, ptr, half, _seg, info = stack.enter_context(store_pair(args, children))
+            sb = StoreBench(store, ptr, half, args.segment_size)
+            ctx.update(store=store, dst=ptr + half, info=info,
+                       keys=[sb.populate(f"t{t}", THREAD_KEYS, 4 * KIB) for t in range(most)])
+        if any(op == "transfer_sync_write_4KiB" for op, _ in cells):
+            ctx["engine"] = stack.enter_context(engine_pair(children, max(most, 1) * THREAD_SLOT))
+        out.write(json.dumps({"setup": "ok", "info": ctx.get("info")}) + "\n")
+        out.flush()
+        warmed = set()
+        for op, n in cells:
+            line = {"op": op, "threads": n}
+            try:
+                if op not in warmed:
+                    # Some paths run slower for their first fraction of a second (seen: ~4x for batch_get_into), so
+                    # each op first runs single-threaded, untimed, for THREAD_WARM_S; the 1-thread cell is then a
+                    # steady-state baseline.
+                    warm_calls, _, _ = thread_calls(op, 1, ctx)
+                    measure_threads(warm_calls, THREAD_WARM_S, 0, 1, join_timeout)
+                    warmed.add(op)
+                calls, items, warmup = thread_calls(op, n, ctx)
+                line.update(measure_threads(calls, args.duration, warmup, items, join_timeout))
+            except Hung as e:
+                line["error"] = str(e)
+                out.write(json.dumps(line) + "\n")
+                out.flush()
+                # Threads stuck in native code cannot be stopped; the children are, then this process ends.
+                children.stop_all()
+                os._exit(3)
+            except Exception as e:  # noqa: BLE001 - reported for the cell; the next cell still runs
+                line["error"] = f"{type(e).__name__}: {e}"
+            out.write(json.dumps(line) + "\n")
+            out.flush()
 
 
 # ------------------------------------------------------------------------------------------------------- main
@@ -433,7 +614,10 @@ def main():
     ap.add_argument("--duration", type=float, default=1.5, help="seconds of timed calls per point at least")
     ap.add_argument("--min-calls", type=int, default=20)
     ap.add_argument("--segment-size", type=int, default=GIB, help="bytes of the data node's segment")
-    ap.add_argument("--parts", default="engine,store")
+    ap.add_argument("--parts", default="engine,store",
+                    help="comma list of engine, store, threads (threads: one JSON line per cell, then the result)")
+    ap.add_argument("--thread-cells", default=",".join(f"{op}:{n}" for op in THREAD_OPS for n in (1, 2, 4)),
+                    help="OP:THREADS,... for --parts threads (ops: " + ", ".join(THREAD_OPS) + ")")
     args = ap.parse_args()
     if args.role == "engine-target":
         return engine_target(args.size)
@@ -455,6 +639,8 @@ def main():
             result["engine"] = bench_engine(args, children)
         if "store" in parts:
             result["store"] = bench_store(args, children)
+        if "threads" in parts:
+            bench_threads(args, children, out)
     except Exception as e:  # noqa: BLE001 - reported in the JSON, exit 1
         result["error"] = f"{type(e).__name__}: {e}"
     finally:
