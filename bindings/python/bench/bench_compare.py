@@ -36,11 +36,12 @@ import os
 import re
 import select
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
+
+from procs import free_port, stop, wait_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.abspath(os.path.join(HERE, "..", "..", ".."))
@@ -61,21 +62,6 @@ ROWS = [
     ("store", "batch_put_from_32x64KiB", "GB_s", "batch_put_from 32x64 KiB  GB/s", True, "{:.3f}"),
     ("store", "batch_is_exist_128", "ops_s", "batch_is_exist 128 keys  keys/s", True, "{:.0f}"),
 ]
-
-
-def stop(proc, timeout=10.0):
-    """SIGTERM by PID, SIGKILL after `timeout`."""
-    if proc is None or proc.poll() is not None:
-        return
-    try:
-        os.kill(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def bench_env():
@@ -139,7 +125,7 @@ def get(res, section, key, metric):
 def print_config(args, ours, ups):
     print("# bench_compare.py: Python bindings, ours (mooncake-rs) vs upstream's wheel")
     print(f"# host: {os.cpu_count()} cpus; both sides run one after the other, one call at a time, one thread")
-    print(f"# env for every process of both sides: MC_FORCE_TCP=1 MC_AUTO_PROTOCOLS='' (tcp only; no same-host shm)")
+    print("# env for every process of both sides: MC_FORCE_TCP=1 MC_AUTO_PROTOCOLS='' (tcp only; no same-host shm)")
     print(f"# per point: >= {args.duration} s of timed calls and >= {args.min_calls} calls, after untimed warm-up "
           "calls; only calls are timed")
     print(f"# {args.rounds} worker run(s) per side, alternating ours/upstream; each metric: best over the runs "
@@ -471,25 +457,6 @@ def rust_store_p50(args, log_dir):
     finally:
         stop(proc)
         stop(master)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port, proc, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port} after {timeout} s")
 
 
 def print_overhead(args, ours, log_dir):

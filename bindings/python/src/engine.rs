@@ -264,23 +264,23 @@ impl PyTransferEngine {
             fail(what, &e);
             return 0;
         }
-        let submitted = py.detach(|| -> mooncake::Result<u64> {
+        let submitted = py.detach(|| -> mooncake::Result<(u64, Arc<Batch>)> {
             let target_id = engine.open_segment(target)?;
             let requests = requests_to(target_id, opcode, locals, remotes, lens);
             let id = engine.allocate_batch(requests.len())?;
-            if let Err(e) = engine.submit_transfer(id, &requests) {
-                let _ = engine.free_batch(id);
-                return Err(e);
+            let submitted = engine.batch(id).and_then(|batch| engine.submit_into(&batch, &requests).map(|_| batch));
+            match submitted {
+                Ok(batch) => Ok((id, batch)),
+                Err(e) => {
+                    let _ = engine.free_batch(id);
+                    Err(e)
+                }
             }
-            Ok(id)
         });
         match submitted {
-            Ok(id) => {
-                let entry = AsyncBatch {
-                    batch: engine.batch(id).expect("batch just allocated"),
-                    started: Instant::now(),
-                    timeout: engine.sync_timeout(lens.iter().sum()),
-                };
+            Ok((id, batch)) => {
+                let entry =
+                    AsyncBatch { batch, started: Instant::now(), timeout: engine.sync_timeout(lens.iter().sum()) };
                 self.batches.lock().unwrap_or_else(|p| p.into_inner()).insert(id, entry);
                 id
             }
