@@ -39,6 +39,7 @@
 //! `Vec<u8>` is encoded element by element, which is much slower for large payloads.
 #![forbid(unsafe_code)]
 
+mod blocking;
 mod client;
 mod error;
 mod server;
@@ -49,6 +50,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use blocking::BlockingClient;
 pub use client::RpcClient;
 pub use error::RpcError;
 pub use server::{Handler, PeerInfo, RpcServer};

@@ -311,18 +311,32 @@ where
                 continue;
             }
         };
-        let handler = context.handler.clone();
+        // Run the handler here first: most finish without waiting (the store master's all do), and answering
+        // from this task saves spawning one per request. A handler that has to wait continues in its own task.
+        let mut handling = Box::pin(AssertUnwindSafe(context.handler.clone().handle(req, peer)).catch_unwind());
+        if let Some(outcome) = (&mut handling).now_or_never() {
+            if queue.send(reply_frame(id, outcome, max_send)).is_err() {
+                return Ok("writer stopped".into());
+            }
+            drop(permit);
+            continue;
+        }
         let queue = queue.clone();
         tokio::spawn(async move {
-            let reply = match AssertUnwindSafe(handler.handle(req, peer)).catch_unwind().await {
-                Ok(resp) => wire::encode(Kind::Response, id, &resp, max_send)
-                    .unwrap_or_else(|e| wire::encode_error(id, &format!("cannot send the response: {e}"))),
-                Err(_) => wire::encode_error(id, "the request handler panicked"),
-            };
+            let outcome = handling.await;
             // The connection may be gone; then the response is dropped.
-            let _ = queue.send(reply);
+            let _ = queue.send(reply_frame(id, outcome, max_send));
             drop(permit);
         });
+    }
+}
+
+/// The frame answering request `id` with a handler's outcome (a response, or the handler's panic).
+fn reply_frame<Resp: Serialize>(id: u64, outcome: std::thread::Result<Resp>, max_send: usize) -> Bytes {
+    match outcome {
+        Ok(resp) => wire::encode(Kind::Response, id, &resp, max_send)
+            .unwrap_or_else(|e| wire::encode_error(id, &format!("cannot send the response: {e}"))),
+        Err(_) => wire::encode_error(id, "the request handler panicked"),
     }
 }
 

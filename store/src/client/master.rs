@@ -1,20 +1,18 @@
-//! The client's link to the master: one multiplexed RPC connection driven by the client runtime, called
-//! synchronously from user threads.
+//! The client's link to the master, called synchronously from user threads: each call runs on the calling
+//! thread over a pooled connection ([`BlockingClient`]), so no runtime thread is woken to send or to receive.
 
 use std::time::{Duration, Instant};
 
-use mooncake_store_rpc::{ClientOptions, RpcClient, RpcError};
-use tokio::runtime::Handle;
+use mooncake_store_rpc::{BlockingClient, ClientOptions, RpcError};
 
-use super::{errors, exec};
+use super::errors;
 use crate::master::PingOutcome;
 use crate::protocol::{Request, Response, service_id};
 use crate::types::{ClientId, ErrorCode, Result};
 
-/// The master's RPC client plus the runtime its connection lives on.
+/// The master's RPC client.
 pub(crate) struct Master {
-    rpc: RpcClient<Request, Response>,
-    handle: Handle,
+    rpc: BlockingClient<Request, Response>,
     timeout: Duration,
 }
 
@@ -22,33 +20,24 @@ impl Master {
     /// Connects to `addr`, retrying refused or failed connections until `setup_timeout` has passed. A master
     /// that never answers gives `RpcFail` (or `RpcTimeout`) within `setup_timeout`.
     pub(crate) fn connect(
-        handle: &Handle,
         addr: &str,
         client: ClientId,
         setup_timeout: Duration,
         rpc_timeout: Duration,
     ) -> Result<Master> {
+        let deadline = Instant::now() + setup_timeout;
         let options = ClientOptions {
-            connect_timeout: rpc_timeout.min(Duration::from_secs(1)),
+            connect_timeout: rpc_timeout.min(Duration::from_secs(1)).min(setup_timeout),
             request_timeout: rpc_timeout,
             ..Default::default()
         };
-        let rpc = RpcClient::new_lazy(addr, service_id(), options);
-        let deadline = Instant::now() + setup_timeout;
+        let rpc = BlockingClient::new(addr, service_id(), options);
         let mut attempts = 0u32;
         loop {
             attempts += 1;
             let left = deadline.saturating_duration_since(Instant::now());
-            let probe = async {
-                match tokio::time::timeout(left, rpc.call_with_timeout(&Request::Ping { client }, left)).await {
-                    Ok(r) => r,
-                    Err(_) => Err(RpcError::Timeout { after: left }),
-                }
-            };
-            let error = match exec::block_on(handle, probe) {
-                Ok(Response::Ping(_)) => {
-                    return Ok(Master { rpc, handle: handle.clone(), timeout: rpc_timeout });
-                }
+            let error = match rpc.call_with_timeout(&Request::Ping { client }, left.max(Duration::from_millis(1))) {
+                Ok(Response::Ping(_)) => return Ok(Master { rpc, timeout: rpc_timeout }),
                 Ok(other) => {
                     tracing::warn!(addr, reply = ?other, "the master answered a ping with the wrong kind");
                     return Err(ErrorCode::RpcFail);
@@ -75,18 +64,21 @@ impl Master {
 
     /// One request with `timeout`.
     pub(crate) fn call_with(&self, req: &Request, timeout: Duration) -> Result<Response> {
-        exec::block_on(&self.handle, self.rpc.call_with_timeout(req, timeout)).map_err(|e| errors::rpc(req.name(), &e))
+        self.rpc.call_with_timeout(req, timeout).map_err(|e| errors::rpc(req.name(), &e))
     }
 
-    /// Sends `req` without waiting for the answer (failures are logged at debug level).
+    /// Sends `req` from a short-lived thread without waiting for the answer (failures are logged at debug level).
     pub(crate) fn fire_and_forget(&self, req: Request) {
         let rpc = self.rpc.clone();
         let timeout = self.timeout;
-        self.handle.spawn(async move {
-            if let Err(e) = rpc.call_with_timeout(&req, timeout).await {
+        let spawned = std::thread::Builder::new().name("mooncake-store-report".into()).spawn(move || {
+            if let Err(e) = rpc.call_with_timeout(&req, timeout) {
                 tracing::debug!(request = req.name(), error = %e, "fire-and-forget master RPC failed");
             }
         });
+        if let Err(e) = spawned {
+            tracing::debug!(error = %e, "cannot start a thread for a fire-and-forget master RPC");
+        }
     }
 
     /// Pings the master with `timeout`.
