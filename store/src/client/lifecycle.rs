@@ -65,7 +65,7 @@ pub(crate) struct Inner {
     pub(crate) master: Master,
     pub(crate) segment: Option<OwnedSegment>,
     pub(crate) staging: Option<Staging>,
-    runtime: Mutex<Option<tokio::runtime::Runtime>>,
+    pub(crate) prefault: Arc<Prefault>,
     /// True while the client is usable; every operation holds a read guard, `close` takes the write lock.
     open: RwLock<bool>,
     ping: Mutex<PingState>,
@@ -74,27 +74,50 @@ pub(crate) struct Inner {
     reported: Mutex<HashMap<String, Instant>>,
 }
 
+/// Whether the background prefault of the segment has ended (or there was none to do).
+#[derive(Default)]
+pub(crate) struct Prefault {
+    done: Mutex<bool>,
+    ended: Condvar,
+}
+
+impl Prefault {
+    fn finish(&self) {
+        *lock(&self.done) = true;
+        self.ended.notify_all();
+    }
+
+    /// Waits up to `timeout` for the prefault to end; true when it has.
+    pub(crate) fn wait(&self, timeout: Duration) -> bool {
+        let done = lock(&self.done);
+        let (done, _) = self.ended.wait_timeout_while(done, timeout, |d| !*d).unwrap_or_else(|p| p.into_inner());
+        *done
+    }
+}
+
 /// Faults the segment's pages in on a background thread, so that the first objects written into it
 /// (by peers, or by this process) do not pay a page fault per page. The device keeps the memory
-/// valid during the call even if `close` frees it meanwhile; a failure only costs speed.
-fn prefault_in_background(device: &Arc<dyn MemoryDevice>, memory: &DeviceAllocation) {
-    let (device, memory) = (device.clone(), memory.clone());
+/// valid during the call even if `close` frees it meanwhile; a failure only costs speed. `state` is
+/// finished when the thread ends (or could not start).
+fn prefault_in_background(device: &Arc<dyn MemoryDevice>, memory: &DeviceAllocation, state: &Arc<Prefault>) {
+    let (device, memory, done) = (device.clone(), memory.clone(), state.clone());
     let spawned = std::thread::Builder::new().name("mooncake-store-prefault".into()).spawn(move || {
         let started = Instant::now();
         match device.prefault(&memory) {
             Ok(()) => tracing::debug!(len = memory.len, took = ?started.elapsed(), "segment pages faulted in"),
             Err(e) => tracing::debug!(error = %e, "segment not prefaulted; pages fault in on first use"),
         }
+        done.finish();
     });
     if let Err(e) = spawned {
         tracing::debug!(error = %e, "no prefault thread; pages fault in on first use");
+        state.finish();
     }
 }
 
 /// What `setup` built so far; torn down on drop unless taken.
 #[derive(Default)]
 struct Partial {
-    runtime: Option<tokio::runtime::Runtime>,
     engine: Option<TransferEngine>,
     device: Option<Arc<dyn MemoryDevice>>,
     /// Allocated (and maybe registered) memory: `(allocation, registered)`.
@@ -127,9 +150,6 @@ impl Drop for Partial {
         if let Some(engine) = self.engine.take() {
             engine.shutdown();
         }
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
-        }
     }
 }
 
@@ -143,20 +163,8 @@ impl Inner {
             ErrorCode::InvalidParams
         })?;
         let mut partial = Partial::default();
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("mooncake-store-client")
-            .enable_all()
-            .build()
-            .map_err(|e| {
-                tracing::warn!(error = %e, "cannot start the store client runtime");
-                ErrorCode::Internal
-            })?;
-        let handle = runtime.handle().clone();
-        partial.runtime = Some(runtime);
         let id = ClientId::random();
-        let master =
-            Master::connect(&handle, &config.master_server_addr, id, config.setup_timeout, config.rpc_timeout)?;
+        let master = Master::connect(&config.master_server_addr, id, config.setup_timeout, config.rpc_timeout)?;
 
         let mut engine_config = EngineConfig::new(config.local_hostname.clone(), config.metadata_server.clone());
         engine_config.transfer_timeout = config.transfer_timeout;
@@ -195,12 +203,15 @@ impl Inner {
             0 => None,
             size => Some(Staging::new(partial.allocate_registered(size, "cannot allocate the staging buffer")?)),
         };
-        if let Some(seg) = &segment {
-            mount(&master, id, &seg.info)?;
-            prefault_in_background(&device, &seg.memory);
+        let prefault = Arc::new(Prefault::default());
+        match &segment {
+            Some(seg) => {
+                mount(&master, id, &seg.info)?;
+                prefault_in_background(&device, &seg.memory, &prefault);
+            }
+            None => prefault.finish(),
         }
 
-        let runtime = partial.runtime.take();
         partial.memory.clear();
         partial.engine = None;
         drop(partial);
@@ -214,7 +225,7 @@ impl Inner {
             master,
             segment,
             staging,
-            runtime: Mutex::new(runtime),
+            prefault,
             open: RwLock::new(true),
             ping: Mutex::new(PingState { last: Some(Instant::now()), reachable: true }),
             control: Arc::new(PingControl::default()),
@@ -244,7 +255,7 @@ impl Inner {
         if *g { Ok(g) } else { Err(ErrorCode::UnavailableInCurrentStatus) }
     }
 
-    /// Unmounts, unregisters and frees, stops the ping thread, the engine and the runtime. Idempotent.
+    /// Unmounts, unregisters and frees, stops the ping thread and the engine. Idempotent.
     pub(crate) fn close(&self) {
         {
             let mut open = self.open.write().unwrap_or_else(|p| p.into_inner());
@@ -283,9 +294,6 @@ impl Inner {
             }
         }
         self.engine.shutdown();
-        if let Some(rt) = lock(&self.runtime).take() {
-            rt.shutdown_background();
-        }
         tracing::info!(client = %self.id, "store client closed");
     }
 

@@ -31,11 +31,10 @@
 //! memcpy. After [`StoreClient::close`] every call fails with `UnavailableInCurrentStatus`.
 //!
 //! Calls block the calling thread (polling the master's reply on it, then waiting for the engine batch); make
-//! them from ordinary threads, never from the engine's or the client's own runtime threads.
+//! them from ordinary threads, never from async runtime threads (the engine's, or a tokio worker).
 
 mod config;
 mod errors;
-mod exec;
 mod lifecycle;
 mod local_copy;
 mod master;
@@ -45,6 +44,7 @@ mod transfer;
 mod write;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use mooncake_core::TransferEngine;
 
@@ -107,6 +107,13 @@ impl StoreClient {
     /// This client's transfer-engine segment name (`host:port` in P2P mode), also the name of its segment.
     pub fn hostname(&self) -> &str {
         &self.inner.endpoint
+    }
+
+    /// Waits up to `timeout` until this client's segment is faulted in (setup starts that on a background
+    /// thread; until it ends, the first writes into the segment pay page faults and the thread takes a core).
+    /// True when it has ended, or when the client contributes no segment.
+    pub fn wait_segment_prefaulted(&self, timeout: Duration) -> bool {
+        self.inner.prefault.wait(timeout)
     }
 
     /// The client's id at the master.

@@ -5,7 +5,9 @@
 //! requests; a rejected group of several requests is retried one request at a time unless the peer is
 //! unreachable, so one bad request does not fail its neighbours. Waiting is bounded by the engine's sync
 //! timeout (`MC_TRANSFER_TIMEOUT` plus 1 ns per byte); unfinished requests then fail with a timeout. A call
-//! with a single request uses the engine's blocking path, which small requests run on the calling thread.
+//! whose requests all go to one segment with one opcode (a single get or put, or a batch from one node) uses
+//! the engine's blocking path instead, which transports may run on the calling thread (TCP does for small
+//! requests, pipelining a batch on one connection).
 
 use std::sync::Arc;
 
@@ -37,22 +39,23 @@ enum Slot {
 pub(crate) struct InFlight {
     batch: Option<Arc<Batch>>,
     slots: Vec<Slot>,
-    /// A lone request, run at `wait` through the engine's blocking path.
-    single: Option<(String, Xfer)>,
+    /// Requests to one segment with one opcode, run at `wait` through the engine's blocking path.
+    sync: Option<(String, Vec<Xfer>)>,
     bytes: u64,
 }
 
 /// Submits `reqs` (targets named by `endpoints`). Nothing blocks on the transfers themselves.
 pub(crate) fn submit(engine: &TransferEngine, endpoints: &[String], reqs: &[Xfer]) -> InFlight {
     let bytes = reqs.iter().fold(0u64, |acc, r| acc.saturating_add(r.len));
-    if let [only] = reqs {
-        if let Some(name) = endpoints.get(only.endpoint) {
-            return InFlight { batch: None, slots: Vec::new(), single: Some((name.clone(), *only)), bytes };
+    if let Some(first) = reqs.first() {
+        let alike = reqs.iter().all(|r| r.endpoint == first.endpoint && r.opcode == first.opcode);
+        if let (true, Some(name)) = (alike, endpoints.get(first.endpoint)) {
+            return InFlight { batch: None, slots: Vec::new(), sync: Some((name.clone(), reqs.to_vec())), bytes };
         }
     }
     let mut slots: Vec<Slot> = (0..reqs.len()).map(|_| Slot::Failed(Error::Canceled)).collect();
     if reqs.is_empty() {
-        return InFlight { batch: None, slots, single: None, bytes };
+        return InFlight { batch: None, slots, sync: None, bytes };
     }
     let batch = Batch::new(reqs.len());
     let mut order: Vec<usize> = (0..reqs.len()).collect();
@@ -104,14 +107,14 @@ pub(crate) fn submit(engine: &TransferEngine, endpoints: &[String], reqs: &[Xfer
             }
         }
     }
-    InFlight { batch: Some(batch), slots, single: None, bytes }
+    InFlight { batch: Some(batch), slots, sync: None, bytes }
 }
 
 impl InFlight {
     /// Waits for every transfer (bounded by the engine's sync timeout); one result per request, in order.
     pub(crate) fn wait(self, engine: &TransferEngine) -> Vec<Result<(), Error>> {
-        if let Some((name, x)) = self.single {
-            return vec![engine.batch_transfer_sync(&name, x.opcode, &[x.local], &[x.remote], &[x.len])];
+        if let Some((name, reqs)) = self.sync {
+            return run_sync(engine, &name, &reqs);
         }
         if let Some(batch) = &self.batch {
             if !batch.is_empty() {
@@ -133,5 +136,22 @@ impl InFlight {
                 },
             })
             .collect()
+    }
+}
+
+/// Runs requests to one segment with one opcode through the engine's blocking path. When the engine rejects
+/// the group as a whole (say one bad range), each request is run alone so that only the bad one fails, unless
+/// the peer itself is unreachable.
+fn run_sync(engine: &TransferEngine, name: &str, reqs: &[Xfer]) -> Vec<Result<(), Error>> {
+    let opcode = reqs[0].opcode;
+    let locals: Vec<u64> = reqs.iter().map(|r| r.local).collect();
+    let remotes: Vec<u64> = reqs.iter().map(|r| r.remote).collect();
+    let lens: Vec<u64> = reqs.iter().map(|r| r.len).collect();
+    match engine.batch_transfer_sync_each(name, opcode, &locals, &remotes, &lens) {
+        Ok(results) => results,
+        Err(e) if reqs.len() > 1 && !is_connection_level(&e) => {
+            reqs.iter().map(|r| engine.batch_transfer_sync(name, opcode, &[r.local], &[r.remote], &[r.len])).collect()
+        }
+        Err(e) => vec![Err(e); reqs.len()],
     }
 }

@@ -24,6 +24,14 @@ fn main() {
     let client = StoreClient::setup(config)
         .unwrap_or_else(|e| exit(1, &format!("setup against master {master} failed: {e} (code {})", e.code())));
     println!("mooncake_client segment {} size {size} master {master}", client.hostname());
+    // Serving starts now; the segment's pages are faulted in meanwhile. Say when that ends (benchmarks wait
+    // for it, so that they do not measure a node whose other core is busy faulting pages).
+    let (watcher, started) = (client.clone(), std::time::Instant::now());
+    std::thread::spawn(move || {
+        if watcher.wait_segment_prefaulted(std::time::Duration::from_secs(600)) {
+            println!("mooncake_client segment prefaulted after {:.2} s", started.elapsed().as_secs_f64());
+        }
+    });
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -220,6 +220,8 @@ fn terminate(pid: u32) {
 struct Node {
     child: Child,
     segment: String,
+    /// Seconds the child took to fault its segment in after reporting it (`None`: not reported within 120 s).
+    prefaulted_after: Option<f64>,
 }
 
 impl Node {
@@ -241,13 +243,16 @@ impl Node {
         *NODE.lock().unwrap_or_else(|e| e.into_inner()) = Some(child.id());
         let stdout = child.stdout.take();
         // From here on, dropping `node` terminates the child.
-        let mut node = Node { child, segment: String::new() };
+        let mut node = Node { child, segment: String::new(), prefaulted_after: None };
         let (tx, rx) = mpsc::channel();
+        let (prefaulted_tx, prefaulted_rx) = mpsc::channel();
         if let Some(out) = stdout {
             std::thread::spawn(move || {
                 let mut tx = Some(tx);
                 for line in BufReader::new(out).lines().map_while(Result::ok) {
-                    if let Some(rest) = line.strip_prefix("mooncake_client segment ") {
+                    if let Some(secs) = line.strip_prefix("mooncake_client segment prefaulted after ") {
+                        let _ = prefaulted_tx.send(secs.trim_end_matches(" s").trim().parse::<f64>().unwrap_or(0.0));
+                    } else if let Some(rest) = line.strip_prefix("mooncake_client segment ") {
                         if let Some(tx) = tx.take() {
                             let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_string());
                         }
@@ -258,6 +263,8 @@ impl Node {
         match rx.recv_timeout(Duration::from_secs(30)) {
             Ok(segment) if !segment.is_empty() => {
                 node.segment = segment;
+                // Measure only once the node's background prefault no longer takes a core.
+                node.prefaulted_after = prefaulted_rx.recv_timeout(Duration::from_secs(120)).ok();
                 Ok(node)
             }
             _ => {
@@ -351,11 +358,15 @@ pub(crate) fn client_bench(flags: &Flags) -> Result<(), String> {
     if !remote.is_empty() {
         let node = Node::spawn(&program, &master.address, plan.segment_size)?;
         println!(
-            "# data node: {} pid {} segment {} ({}); this client contributes 0 bytes",
+            "# data node: {} pid {} segment {} ({}, {}); this client contributes 0 bytes",
             program.display(),
             node.pid(),
             node.segment,
-            size_label(plan.segment_size)
+            size_label(plan.segment_size),
+            node.prefaulted_after.map_or_else(
+                || "its prefault did not report its end within 120 s".to_string(),
+                |s| format!("pages faulted in {s:.2} s after it started serving; measuring since")
+            ),
         );
         let replicate = if master.in_process() {
             ReplicateConfig::default()
@@ -372,6 +383,10 @@ pub(crate) fn client_bench(flags: &Flags) -> Result<(), String> {
     }
     if plan.setups.contains(&Setup::Local) {
         let client = connect(&master.address, plan.segment_size, plan.local_buffer_size, true)?;
+        // Measure only once the background prefault of our own segment no longer takes a core.
+        if !client.wait_segment_prefaulted(Duration::from_secs(120)) {
+            println!("# local: the segment's prefault did not end within 120 s");
+        }
         let replicate = if master.in_process() {
             ReplicateConfig::default()
         } else {
