@@ -151,6 +151,7 @@ pub fn transport_suite(protocol: &str, opts: &SuiteOptions) -> Vec<Trial> {
         case("self_segment_write_read", read_write, self_segment),
         case("large_batch_1024x4KiB", read_write, large_batch),
         case("mixed_size_batch", read_write, mixed_batch),
+        case("sync_batch_per_request_results", read_write, sync_batch_each),
         case("concurrent_submitters", read_write, concurrent),
         case("async_transfer", read_or_write, async_transfer),
         case("async_transfer_without_tokio", read_or_write, async_without_tokio),
@@ -468,6 +469,73 @@ fn large_batch(t: &Target) -> TestResult {
         let local = (total + (N - 1 - i) * CHUNK) as usize;
         check_pattern(&p.abuf.bytes()[local..local + CHUNK as usize], 41, i * CHUNK, &format!("read {i}"))?;
     }
+    Ok(Outcome::Passed)
+}
+
+/// `batch_transfer_sync_each` (the blocking batch, which transports may run on the calling thread): 32 writes
+/// and 32 reads of 1 KiB give one result each and the right bytes; a read of a range the peer unregistered fails
+/// alone while its neighbours are read.
+fn sync_batch_each(t: &Target) -> TestResult {
+    const N: u64 = 32;
+    const CHUNK: u64 = 1024;
+    let total = N * CHUNK;
+    let extra = HostBuf::with_pattern(9, CHUNK as usize);
+    let mut p = Pair::new(t, 2 * total, total)?;
+    p.abuf.bytes_mut()[..total as usize].copy_from_slice(&pattern(43, total as usize));
+    p.b.register_memory(extra.addr(), extra.len(), "cpu:0").or_fail("registering B's extra buffer")?;
+    p.a.refresh_segment(p.seg).or_fail("A refreshing B")?;
+    let (a, name) = (p.a.clone(), p.b.local_segment_name().to_string());
+    let (abuf, bbuf) = (p.abuf.addr(), p.bbuf.addr());
+    let sync = move |op: Opcode, locals: Vec<u64>, remotes: Vec<u64>| {
+        let (a, name, lens) = (a.clone(), name.clone(), vec![CHUNK; locals.len()]);
+        bounded(LIMIT, "batch_transfer_sync_each", move || {
+            a.batch_transfer_sync_each(&name, op, &locals, &remotes, &lens)
+        })
+    };
+    let offsets: Vec<u64> = (0..N).map(|i| i * CHUNK).collect();
+    let results =
+        sync(Opcode::Write, offsets.iter().map(|o| abuf + o).collect(), offsets.iter().map(|o| bbuf + o).collect())?
+            .or_fail("32 writes")?;
+    ensure!(results.len() == N as usize, "{} results for {N} writes", results.len());
+    ensure!(results.iter().all(Result::is_ok), "writes failed: {results:?}");
+    check_pattern(p.bbuf.bytes(), 43, 0, "remote bytes after 32 writes")?;
+    // Reads into the second half, in reverse chunk order.
+    let read_locals = |i: u64| abuf + total + (N - 1 - i) * CHUNK;
+    let results = sync(Opcode::Read, (0..N).map(read_locals).collect(), offsets.iter().map(|o| bbuf + o).collect())?
+        .or_fail("32 reads")?;
+    ensure!(results.len() == N as usize && results.iter().all(Result::is_ok), "reads failed: {results:?}");
+    for i in 0..N {
+        let local = (total + (N - 1 - i) * CHUNK) as usize;
+        check_pattern(&p.abuf.bytes()[local..local + CHUNK as usize], 43, i * CHUNK, &format!("read {i}"))?;
+    }
+    // The peer unregisters a buffer A still sees: that one read fails, the rest are read.
+    p.b.unregister_memory(extra.addr()).or_fail("B unregistering the extra buffer")?;
+    p.abuf.bytes_mut()[total as usize..].fill(0);
+    let mut remotes: Vec<u64> = offsets.iter().map(|o| bbuf + o).collect();
+    remotes[3] = extra.addr();
+    match sync(Opcode::Read, (0..N).map(read_locals).collect(), remotes)? {
+        // Refusing the whole call up front is allowed too.
+        Err(e) => ensure!(is_address_error(&e), "a batch with one stale range failed with {e:?}"),
+        Ok(results) => {
+            ensure!(results.len() == N as usize, "{} results for {N} reads", results.len());
+            for (i, r) in results.iter().enumerate() {
+                let local = (total + (N - 1 - i as u64) * CHUNK) as usize;
+                match (i, r) {
+                    (3, Err(e)) => ensure!(is_address_error(e), "read of the stale range: {e:?}"),
+                    (3, Ok(_)) => return Err("a read of a range the peer unregistered succeeded".into()),
+                    (_, Ok(_)) => check_pattern(
+                        &p.abuf.bytes()[local..local + CHUNK as usize],
+                        43,
+                        i as u64 * CHUNK,
+                        &format!("read {i} next to the stale one"),
+                    )?,
+                    (_, Err(e)) => return Err(format!("read {i} failed next to the stale one: {e}")),
+                }
+            }
+        }
+    }
+    drop(p);
+    drop(extra);
     Ok(Outcome::Passed)
 }
 

@@ -41,7 +41,8 @@ pub use memory::{Region, RegionGuard, RegionTable};
 pub use metadata::{MetadataCapabilities, MetadataKeys, MetadataStore, RpcMeta, WatchEvent};
 pub use rpc::{PeerRpc, RpcHandler};
 pub use transport::{
-    BackendConfig, NoPeerHandshake, PeerEvents, PeerHandshake, RemoteSegment, TransferTask, Transport, TransportContext,
+    BackendConfig, BlockingRequest, NoPeerHandshake, PeerEvents, PeerHandshake, RemoteSegment, TransferTask, Transport,
+    TransportContext,
 };
 pub use types::{
     BatchId, Location, MemoryKind, MemoryKinds, Notification, Opcode, SegmentHandle, TransferRequest, TransferState,

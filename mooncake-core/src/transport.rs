@@ -125,6 +125,18 @@ pub struct TransferTask {
     pub completion: Completion,
 }
 
+/// One request of [`Transport::transfer_blocking_batch`]: addresses absolute and validated as for
+/// [`TransferTask`]; the opcode is the batch's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockingRequest {
+    /// Address in this process.
+    pub local_addr: u64,
+    /// Absolute address in the target process.
+    pub remote_addr: u64,
+    /// Bytes to move (> 0).
+    pub length: u64,
+}
+
 impl TransferTask {
     /// Finishes every task with `error` (a submit that cannot start any of them).
     pub fn fail_all(tasks: Vec<TransferTask>, error: &Error) {
@@ -193,6 +205,20 @@ pub trait Transport: Send + Sync + 'static {
         _length: u64,
         _timeout: std::time::Duration,
     ) -> Option<Result<u64>> {
+        None
+    }
+
+    /// Runs several requests with one opcode to one target on the calling thread and blocks until all are done,
+    /// when the transport has a faster path for that than [`Transport::submit`] (e.g. pipelining small requests
+    /// on one connection the caller drives itself). One result per request, in order: the bytes moved, or that
+    /// request's error. `None` = no such path for these requests: the engine submits them normally.
+    fn transfer_blocking_batch(
+        &self,
+        _target: &Arc<RemoteSegment>,
+        _opcode: Opcode,
+        _requests: &[BlockingRequest],
+        _timeout: std::time::Duration,
+    ) -> Option<Vec<Result<u64>>> {
         None
     }
 

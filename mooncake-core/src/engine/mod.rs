@@ -23,9 +23,9 @@ use crate::memory::RegionTable;
 use crate::metadata::{MetadataKeys, MetadataStore, RpcMeta};
 use crate::registry;
 use crate::rpc::{PeerRpc, RpcHandler};
-use crate::transport::{PeerEvents, RemoteSegment, TransferTask, Transport, TransportContext};
+use crate::transport::{BlockingRequest, PeerEvents, RemoteSegment, TransferTask, Transport, TransportContext};
 use crate::types::{
-    BatchId, Location, MemoryKind, Notification, Opcode, SegmentHandle, TransferRequest, TransferStatus,
+    BatchId, Location, MemoryKind, Notification, Opcode, SegmentHandle, TransferRequest, TransferState, TransferStatus,
 };
 use peers::PeerDirectory;
 use segments::SegmentCache;
@@ -421,6 +421,22 @@ impl TransferEngine {
         remotes: &[u64],
         lengths: &[u64],
     ) -> Result<()> {
+        self.batch_transfer_sync_each(target, opcode, locals, remotes, lengths)?.into_iter().collect()
+    }
+
+    /// Blocking batch to one segment with one result per request, in order. `Err` is for the whole call
+    /// (mismatched lists, unknown segment, a request that fails validation); a request that fails while moving
+    /// data fails only its own entry, and entries still unfinished at [`TransferEngine::sync_timeout`] fail with
+    /// `Timeout`. Transports with a caller-thread path run the requests on this thread
+    /// ([`Transport::transfer_blocking`], [`Transport::transfer_blocking_batch`]).
+    pub fn batch_transfer_sync_each(
+        &self,
+        target: &str,
+        opcode: Opcode,
+        locals: &[u64],
+        remotes: &[u64],
+        lengths: &[u64],
+    ) -> Result<Vec<Result<()>>> {
         if locals.len() != remotes.len() || locals.len() != lengths.len() {
             return Err(Error::InvalidArgument(format!(
                 "{} local addresses, {} remote addresses and {} lengths",
@@ -430,7 +446,7 @@ impl TransferEngine {
             )));
         }
         if locals.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let target_id = self.open_segment(target)?;
         let requests: Vec<TransferRequest> = (0..locals.len())
@@ -444,29 +460,36 @@ impl TransferEngine {
             .collect();
         let plan = self.plan_blocking(&requests)?;
         let timeout = self.sync_timeout(lengths.iter().sum());
-        if let [r] = requests.as_slice() {
-            // A single request may run on the calling thread (no hand-off to the runtime).
-            let (t, seg) = &plan.routes[0];
-            let direct = self.inner.transports[*t].transfer_blocking(
-                seg,
-                r.opcode,
-                r.source,
-                r.target_offset,
-                r.length,
-                timeout,
-            );
-            if let Some(result) = direct {
-                return result.map(|_| ());
+        let (first, seg) = &plan.routes[0];
+        if plan.routes.iter().all(|(t, _)| t == first) {
+            // The calling thread may run them itself (no hand-off to the runtime and back).
+            let transport = &self.inner.transports[*first];
+            let direct = if let [r] = requests.as_slice() {
+                transport
+                    .transfer_blocking(seg, opcode, r.source, r.target_offset, r.length, timeout)
+                    .map(|result| vec![result])
+            } else {
+                let pieces: Vec<BlockingRequest> = requests
+                    .iter()
+                    .map(|r| BlockingRequest { local_addr: r.source, remote_addr: r.target_offset, length: r.length })
+                    .collect();
+                transport.transfer_blocking_batch(seg, opcode, &pieces, timeout)
+            };
+            if let Some(results) = direct.filter(|r| r.len() == requests.len()) {
+                return Ok(results.into_iter().map(|r| r.map(|_| ())).collect());
             }
         }
         let batch = Batch::new(requests.len());
         self.inner.launch(&batch, &requests, plan)?;
-        batch.wait_blocking(timeout)?;
-        let status = batch.overall();
-        match status.error {
-            None => Ok(()),
-            Some(e) => Err(e),
-        }
+        // A timeout marks the unfinished requests; their statuses say so.
+        let _ = batch.wait_blocking(timeout);
+        Ok((0..requests.len())
+            .map(|i| match batch.status(i) {
+                Ok(s) if s.state == TransferState::Completed => Ok(()),
+                Ok(s) => Err(s.error.unwrap_or_else(|| Error::Protocol(format!("transfer ended {:?}", s.state)))),
+                Err(e) => Err(e),
+            })
+            .collect())
     }
 
     // ---- notifications and probes ------------------------------------------------------------

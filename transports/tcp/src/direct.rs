@@ -1,6 +1,9 @@
-//! The caller-thread path for a single small blocking request: the calling thread writes the
-//! request and polls for the answer itself on a pooled blocking connection, so a sync 4 KiB
-//! transfer costs one wake-up (the server's) instead of three.
+//! The caller-thread path for small blocking requests: the calling thread writes the requests
+//! and polls for the answers itself on a pooled blocking connection, so a sync 4 KiB transfer
+//! costs one wake-up (the server's) instead of three. A batch of small requests with one opcode
+//! is pipelined on one connection: every request is written at once, then the answers are read
+//! in order (one opcode, so one side only ever sends small frames: requests for reads, status
+//! words for writes, and neither can fill the socket buffers while the other waits).
 
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
@@ -16,6 +19,10 @@ use crate::wire::{self, Header};
 
 /// Largest request that takes this path; larger ones are striped over lanes instead.
 pub(crate) const DIRECT_MAX: u64 = 64 << 10;
+/// Most requests one pipelined batch may hold.
+pub(crate) const BATCH_MAX_REQUESTS: usize = 256;
+/// Most bytes one pipelined batch may move; larger batches go over the lanes (several connections).
+pub(crate) const BATCH_MAX_BYTES: u64 = 1 << 20;
 /// Idle connections kept per peer.
 const IDLE_PER_PEER: usize = 8;
 /// How long the caller polls the socket before sleeping in the kernel.
@@ -92,6 +99,124 @@ impl DirectPool {
             Err(Failure::BeforeAnswer(e) | Failure::After(e) | Failure::Rejected(e)) => Err(bound(e)),
         }
     }
+}
+
+impl DirectPool {
+    /// Runs `requests` (one opcode, each at most [`DIRECT_MAX`]) pipelined on one connection; one
+    /// result per request. Requests left unanswered when a pooled connection turns out dead, or
+    /// when the connection fails part-way, are sent again once on a fresh connection (a transfer
+    /// moves the same bytes when repeated).
+    pub(crate) fn transfer_many(
+        &self,
+        info: &PeerInfo,
+        op: Opcode,
+        requests: &[(u64, u64, u64)],
+        timeout: Duration,
+        connect_timeout: Duration,
+    ) -> Vec<Result<u64>> {
+        let deadline = Instant::now() + timeout;
+        let bound = |e: Error| if matches!(e, Error::Timeout(_)) { Error::Timeout(timeout) } else { e };
+        let mut results: Vec<Option<Result<u64>>> = vec![None; requests.len()];
+        let mut retried = false;
+        let mut conn = self.take(info);
+        loop {
+            let s = match conn.take() {
+                Some(s) => s,
+                None => match connect(info, connect_timeout.min(deadline.saturating_duration_since(Instant::now()))) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        fill_unanswered(&mut results, &e);
+                        break;
+                    }
+                },
+            };
+            let open: Vec<usize> = (0..requests.len()).filter(|&i| results[i].is_none()).collect();
+            let pending: Vec<(u64, u64, u64)> = open.iter().map(|&i| requests[i]).collect();
+            let mut answers = Vec::with_capacity(pending.len());
+            let outcome = exchange_many(&s, info, op, &pending, deadline, &mut answers);
+            let clean = answers.iter().all(Result::is_ok);
+            for (k, answer) in answers.into_iter().enumerate() {
+                results[open[k]] = Some(answer.map_err(bound));
+            }
+            match outcome {
+                Ok(()) => {
+                    if clean {
+                        self.put(info, s);
+                    }
+                    break;
+                }
+                Err(e) if retried || matches!(e, Error::Timeout(_)) => {
+                    fill_unanswered(&mut results, &bound(e));
+                    break;
+                }
+                Err(_) => retried = true, // dead pooled connection, or it broke part-way: once more, fresh
+            }
+        }
+        let missing = || Error::Protocol("pipelined request got no answer".into());
+        results.into_iter().map(|r| r.unwrap_or_else(|| Err(missing()))).collect()
+    }
+}
+
+fn fill_unanswered(results: &mut [Option<Result<u64>>], e: &Error) {
+    for r in results.iter_mut().filter(|r| r.is_none()) {
+        *r = Some(Err(e.clone()));
+    }
+}
+
+/// Writes every request, then reads the answers in order, pushing one entry per answered request
+/// onto `answers` (a refused range is that request's error; the rest go on). `Err` when the
+/// connection failed: requests without an entry then have no answer.
+fn exchange_many(
+    mut s: &TcpStream,
+    info: &PeerInfo,
+    op: Opcode,
+    requests: &[(u64, u64, u64)],
+    deadline: Instant,
+    answers: &mut Vec<Result<u64>>,
+) -> Result<()> {
+    let io = |e: std::io::Error| Error::disconnected(&info.name, e);
+    s.set_nonblocking(false).map_err(io)?;
+    s.set_write_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1))))
+        .map_err(io)?;
+    OUT.with(|out| {
+        let mut out = out.borrow_mut();
+        out.clear();
+        for &(local, remote, len) in requests {
+            out.extend_from_slice(&Header { size: len, addr: remote, opcode: op, v2: info.v2 }.encode());
+            if op == Opcode::Write {
+                // SAFETY: the engine validated every local range; the call blocks until the bytes are
+                // copied out.
+                out.extend_from_slice(unsafe { memory::bytes(local, len) });
+            }
+        }
+        s.write_all(&out)
+    })
+    .map_err(io)?;
+    let unwrap = |f: Failure| match f {
+        Failure::BeforeAnswer(e) | Failure::Rejected(e) | Failure::After(e) => e,
+    };
+    let mut got_any = false;
+    for &(local, remote, len) in requests {
+        if !info.v2 && op == Opcode::Write {
+            answers.push(Ok(len)); // v1 writes have no answer
+            continue;
+        }
+        if info.v2 {
+            let mut word = [0u8; 8];
+            read_polling(s, &mut word, deadline, &mut got_any, info).map_err(unwrap)?;
+            if wire::decode_status(word)? != wire::STATUS_OK {
+                answers.push(Err(Error::RemoteRejected { peer: info.name.clone(), addr: remote, len }));
+                continue;
+            }
+        }
+        if op == Opcode::Read {
+            // SAFETY: as above, for the destination; it is written only during this call.
+            let dst = unsafe { memory::bytes_mut(local, len) };
+            read_polling(s, dst, deadline, &mut got_any, info).map_err(unwrap)?;
+        }
+        answers.push(Ok(len));
+    }
+    Ok(())
 }
 
 enum Failure {

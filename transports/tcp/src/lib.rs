@@ -9,8 +9,8 @@
 //! Settings (engine options or environment): `lanes` / `MC_TCP_LANES` (default 2),
 //! `stripe_min` / `MC_TCP_STRIPE_MIN` (smallest stripe, default 256 KiB), `MC_TCP_PROTO=1`
 //! (publish and speak v1 framing), `MC_TCP_CONNECT_TIMEOUT_MS` (default 5000), `MC_TCP_DIRECT=0` (no
-//! caller-thread path for single requests up to 64 KiB), `MC_TCP_SERVER_SPIN_US` (server polls a
-//! connection this long after answering before parking; default 50).
+//! caller-thread path for single requests up to 64 KiB and batches up to 256 such requests and 1 MiB), `MC_TCP_SERVER_SPIN_US` (server polls a
+//! connection this long after answering before parking; default 200).
 //!
 //! ```no_run
 //! // Link it (the `mooncake` facade does this for the `tcp` feature) and pick it by name:
@@ -31,8 +31,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use mooncake_core::registry::{Availability, TransportFactory};
 use mooncake_core::{
-    BackendConfig, Capabilities, Error, MemoryKinds, Opcode, PeerEvents, PerfModel, RemoteSegment, Result,
-    SegmentDescriptor, TransferTask, Transport, TransportContext,
+    BackendConfig, BlockingRequest, Capabilities, Error, MemoryKinds, Opcode, PeerEvents, PerfModel, RemoteSegment,
+    Result, SegmentDescriptor, TransferTask, Transport, TransportContext,
 };
 
 use client::{Done, LaneConfig, PeerInfo, PeerPool, Piece, Stripe};
@@ -262,6 +262,34 @@ impl Transport for TcpTransport {
             started.events.peer_failed(&target.name);
         }
         Some(r)
+    }
+
+    fn transfer_blocking_batch(
+        &self,
+        target: &Arc<RemoteSegment>,
+        opcode: Opcode,
+        requests: &[BlockingRequest],
+        timeout: Duration,
+    ) -> Option<Vec<Result<u64>>> {
+        let total = requests.iter().fold(0u64, |acc, r| acc.saturating_add(r.length));
+        if !self.config.direct
+            || requests.len() > direct::BATCH_MAX_REQUESTS
+            || total > direct::BATCH_MAX_BYTES
+            || requests.iter().any(|r| r.length > direct::DIRECT_MAX)
+        {
+            return None;
+        }
+        let started = self.started.get()?;
+        let info = match self.peer_info(target) {
+            Ok(i) => i,
+            Err(e) => return Some(vec![Err(e); requests.len()]),
+        };
+        let pieces: Vec<(u64, u64, u64)> = requests.iter().map(|r| (r.local_addr, r.remote_addr, r.length)).collect();
+        let results = self.direct.transfer_many(&info, opcode, &pieces, timeout, self.config.connect_timeout);
+        if results.iter().any(|r| matches!(r, Err(Error::RemoteDisconnected { .. }))) {
+            started.events.peer_failed(&target.name);
+        }
+        Some(results)
     }
 
     fn forget_peer(&self, segment_name: &str) {

@@ -84,9 +84,9 @@ async fn linger(stream: &TcpStream, spin: Duration) {
     }
 }
 
-/// Server-side polling budget (`MC_TCP_SERVER_SPIN_US`, default 50 us; 0 disables).
+/// Server-side polling budget (`MC_TCP_SERVER_SPIN_US`, default 200 us; 0 disables).
 pub(crate) fn server_spin() -> Duration {
-    let us = std::env::var("MC_TCP_SERVER_SPIN_US").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(50);
+    let us = std::env::var("MC_TCP_SERVER_SPIN_US").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(200);
     Duration::from_micros(us)
 }
 
