@@ -25,6 +25,11 @@ const NOT_INITIALIZED: i32 = -202;
 /// Code for malformed arguments (upstream `ERR_INVALID_ARGUMENT`).
 const INVALID_ARGUMENT: i32 = -1;
 
+/// Most ranges of a sync batch run as one blocking engine call (see `sync_transfer`).
+const INLINE_BATCH_RANGES: usize = 256;
+/// Most bytes of a sync batch run as one blocking engine call: at TCP's 1-4 GB/s, a few milliseconds.
+const INLINE_BATCH_BYTES: u64 = 1 << 20;
+
 /// Direction of a transfer, seen from the caller: `Read` pulls remote bytes into local memory, `Write` pushes.
 #[pyclass(module = "mooncake.engine", eq, eq_int, from_py_object)]
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -175,8 +180,10 @@ impl PyTransferEngine {
             .ok_or_else(|| PyRuntimeError::new_err(format!("TransferEngine.{what}: call initialize() first")))
     }
 
-    /// Runs a sync transfer of one or more ranges to `target`. One range runs on the calling thread (the
-    /// latency path); more go through a batch whose wait a Ctrl-C interrupts.
+    /// Runs a sync transfer of one or more ranges to `target`. One range, or a small batch (at most
+    /// [`INLINE_BATCH_RANGES`] ranges and [`INLINE_BATCH_BYTES`]), runs as one blocking engine call (the latency
+    /// path: transports may run it on this thread; a Ctrl-C is seen when it ends, within the transfer timeout);
+    /// larger batches are submitted and waited for in slices that a Ctrl-C interrupts.
     #[allow(clippy::too_many_arguments)]
     fn sync_transfer(
         &self,
@@ -196,7 +203,8 @@ impl PyTransferEngine {
         if let Err(e) = Self::check_local_ranges(engine, locals, lens) {
             return Ok(fail(what, &e));
         }
-        let result = if locals.len() <= 1 {
+        let small = locals.len() <= INLINE_BATCH_RANGES && lens.iter().sum::<u64>() <= INLINE_BATCH_BYTES;
+        let result = if small {
             py.detach(|| engine.batch_transfer_sync(target, opcode, locals, remotes, lens))
         } else {
             self.sync_batch(py, engine, target, opcode, locals, remotes, lens)?

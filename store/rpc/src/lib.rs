@@ -1,6 +1,10 @@
 //! Multiplexed request/response RPC over TCP for the store master.
 //!
-//! One TCP connection per client carries many concurrent calls, matched by request id. The crate is generic:
+//! One TCP connection per client carries many concurrent calls, matched by request id ([`RpcClient`], async).
+//! Plain threads that wait for each reply use [`BlockingClient`] instead: each call runs on the calling thread
+//! over a pooled connection that carries one call at a time, which saves two thread wake-ups per call. The
+//! server serves both kinds of connection alike, and answers handlers that finish without waiting from the task
+//! that read the request. The crate is generic:
 //! a service picks its own `Req` and `Resp` types (any serde types, encoded with postcard) and a [`ServiceId`]
 //! that both sides must agree on.
 //!
@@ -90,7 +94,8 @@ pub struct ClientOptions {
     /// Largest frame this client sends or accepts (default [`DEFAULT_MAX_FRAME`]).
     pub max_frame: usize,
     /// While calls are pending, poll the socket this long before sleeping (default 200 us; zero = never):
-    /// a reply that arrives meanwhile skips a thread wake-up, which costs tens of microseconds on VMs.
+    /// a reply that arrives meanwhile skips a thread wake-up, which costs tens of microseconds on VMs. The
+    /// blocking client yields the CPU between polls, so a server woken on the same CPU runs first.
     pub poll_for_reply: Duration,
 }
 
