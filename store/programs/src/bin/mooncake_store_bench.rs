@@ -8,7 +8,8 @@
 //! `scripts/bench_store.sh` runs both.
 //!
 //! `--mode master`: the master alone, through its RPC: populates `--objects` objects with batched
-//! put_start/put_end, then measures single `exist` calls (latency) and batched `exist` calls of
+//! put_start/put_end, then measures single `exist` calls (latency; through the async client, then through
+//! the blocking client the store client uses) and batched `exist` calls of
 //! `--batch` keys with `--in_flight` calls outstanding on one connection (keys per second). It
 //! starts a master in this process (on its own runtime and threads) unless
 //! `--master_server_address` names a running one.
@@ -22,7 +23,7 @@ use mooncake_store::protocol::{Request, Response, service_id};
 use mooncake_store::service::{MasterService, ServiceConfig};
 use mooncake_store::types::{ClientId, ReplicateConfig, Segment};
 use mooncake_store_programs::flags::{FlagError, Flags, Kind, Spec};
-use mooncake_store_rpc::{ClientOptions, RpcClient};
+use mooncake_store_rpc::{BlockingClient, ClientOptions, RpcClient};
 
 const FLAGS: &[Spec] = &[
     Spec { name: "mode", kind: Kind::Text, default: "master", help: "master | client" },
@@ -258,26 +259,35 @@ fn master_bench(flags: &Flags) -> Result<(), String> {
         }
 
         // Single exist calls, one at a time.
+        let mut i = 0u64;
         let mut samples = Vec::new();
         let start = Instant::now();
-        let mut i = 0u64;
         while start.elapsed() < duration {
             let t = Instant::now();
             let r = client.call(&Request::Exist { keys: vec![key(i % objects)] }).await.map_err(|e| e.to_string())?;
             samples.push(t.elapsed().as_secs_f64() * 1e6);
-            if r != Response::Exist(vec![Ok(true)]) {
-                return Err(format!("exist answered {r:?}"));
-            }
-            i = i.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            check_exist(&r)?;
+            i = next_index(i);
         }
-        let secs = start.elapsed().as_secs_f64();
-        samples.sort_by(f64::total_cmp);
-        println!(
-            "exist, single key, 1 in flight: {:.0} calls/s, p50 {:.1} us, p99 {:.1} us",
-            samples.len() as f64 / secs,
-            percentile(&samples, 0.5),
-            percentile(&samples, 0.99)
-        );
+        print_single("async client on this thread's runtime", samples, start.elapsed());
+
+        // The same through the blocking client, as the store client calls the master.
+        let blocking: BlockingClient<Request, Response> =
+            BlockingClient::new(&address, service_id(), ClientOptions::default());
+        let blocking = tokio::task::spawn_blocking(move || {
+            let mut samples = Vec::new();
+            let start = Instant::now();
+            while start.elapsed() < duration {
+                let t = Instant::now();
+                let r = blocking.call(&Request::Exist { keys: vec![key(i % objects)] }).map_err(|e| e.to_string())?;
+                samples.push(t.elapsed().as_secs_f64() * 1e6);
+                check_exist(&r)?;
+                i = next_index(i);
+            }
+            Ok::<_, String>((samples, start.elapsed()))
+        });
+        let (samples, took) = blocking.await.map_err(|e| e.to_string())??;
+        print_single("blocking client, as the store client calls", samples, took);
 
         // Batched exist calls, `in_flight` at once on the one connection.
         let start = Instant::now();
@@ -313,6 +323,26 @@ fn master_bench(flags: &Flags) -> Result<(), String> {
         pings.abort();
         Ok::<(), String>(())
     })
+}
+
+fn check_exist(r: &Response) -> Result<(), String> {
+    if *r == Response::Exist(vec![Ok(true)]) { Ok(()) } else { Err(format!("exist answered {r:?}")) }
+}
+
+/// The next key index of the single-key phases (a pseudo-random walk).
+fn next_index(i: u64) -> u64 {
+    i.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407)
+}
+
+/// Prints one single-key phase: calls/s, p50 and p99.
+fn print_single(client: &str, mut samples: Vec<f64>, took: Duration) {
+    samples.sort_by(f64::total_cmp);
+    println!(
+        "exist, single key, 1 in flight, {client}: {:.0} calls/s, p50 {:.1} us, p99 {:.1} us",
+        samples.len() as f64 / took.as_secs_f64(),
+        percentile(&samples, 0.5),
+        percentile(&samples, 0.99)
+    );
 }
 
 fn expect_done(r: Result<Response, mooncake_store_rpc::RpcError>) -> Result<(), String> {
