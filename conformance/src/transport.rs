@@ -12,7 +12,7 @@ use mooncake_core::{
 
 use crate::peer::{PeerArgs, PeerProcess};
 use crate::util::{
-    HostBuf, OrFail, block_on_plain, block_on_timeout, check_pattern, ensure, human, pattern, wait_until,
+    HostBuf, OrFail, block_on_plain, block_on_timeout, check_equal, check_pattern, ensure, human, pattern, wait_until,
 };
 use crate::{Outcome, SuiteOptions, TestResult, Trial};
 
@@ -152,6 +152,7 @@ pub fn transport_suite(protocol: &str, opts: &SuiteOptions) -> Vec<Trial> {
         case("large_batch_1024x4KiB", read_write, large_batch),
         case("mixed_size_batch", read_write, mixed_batch),
         case("sync_batch_per_request_results", read_write, sync_batch_each),
+        case("sync_batch_stale_range_fails_alone", read_or_write, sync_batch_stale_range),
         case("concurrent_submitters", read_write, concurrent),
         case("async_transfer", read_or_write, async_transfer),
         case("async_transfer_without_tokio", read_or_write, async_without_tokio),
@@ -473,70 +474,103 @@ fn large_batch(t: &Target) -> TestResult {
 }
 
 /// `batch_transfer_sync_each` (the blocking batch, which transports may run on the calling thread): 32 writes
-/// and 32 reads of 1 KiB give one result each and the right bytes; a read of a range the peer unregistered fails
-/// alone while its neighbours are read.
+/// and 32 reads of 1 KiB give one result each and the right bytes.
 fn sync_batch_each(t: &Target) -> TestResult {
     const N: u64 = 32;
     const CHUNK: u64 = 1024;
     let total = N * CHUNK;
-    let extra = HostBuf::with_pattern(9, CHUNK as usize);
     let mut p = Pair::new(t, 2 * total, total)?;
     p.abuf.bytes_mut()[..total as usize].copy_from_slice(&pattern(43, total as usize));
-    p.b.register_memory(extra.addr(), extra.len(), "cpu:0").or_fail("registering B's extra buffer")?;
-    p.a.refresh_segment(p.seg).or_fail("A refreshing B")?;
     let (a, name) = (p.a.clone(), p.b.local_segment_name().to_string());
     let (abuf, bbuf) = (p.abuf.addr(), p.bbuf.addr());
-    let sync = move |op: Opcode, locals: Vec<u64>, remotes: Vec<u64>| {
-        let (a, name, lens) = (a.clone(), name.clone(), vec![CHUNK; locals.len()]);
-        bounded(LIMIT, "batch_transfer_sync_each", move || {
-            a.batch_transfer_sync_each(&name, op, &locals, &remotes, &lens)
-        })
-    };
     let offsets: Vec<u64> = (0..N).map(|i| i * CHUNK).collect();
-    let results =
-        sync(Opcode::Write, offsets.iter().map(|o| abuf + o).collect(), offsets.iter().map(|o| bbuf + o).collect())?
+    let writes =
+        sync_each(&a, &name, Opcode::Write, offsets.iter().map(|o| abuf + o), offsets.iter().map(|o| bbuf + o), CHUNK)?
             .or_fail("32 writes")?;
-    ensure!(results.len() == N as usize, "{} results for {N} writes", results.len());
-    ensure!(results.iter().all(Result::is_ok), "writes failed: {results:?}");
+    ensure!(writes.len() == N as usize, "{} results for {N} writes", writes.len());
+    ensure!(writes.iter().all(Result::is_ok), "writes failed: {writes:?}");
     check_pattern(p.bbuf.bytes(), 43, 0, "remote bytes after 32 writes")?;
     // Reads into the second half, in reverse chunk order.
-    let read_locals = |i: u64| abuf + total + (N - 1 - i) * CHUNK;
-    let results = sync(Opcode::Read, (0..N).map(read_locals).collect(), offsets.iter().map(|o| bbuf + o).collect())?
-        .or_fail("32 reads")?;
-    ensure!(results.len() == N as usize && results.iter().all(Result::is_ok), "reads failed: {results:?}");
+    let locals = (0..N).map(|i| abuf + total + (N - 1 - i) * CHUNK);
+    let reads =
+        sync_each(&a, &name, Opcode::Read, locals, offsets.iter().map(|o| bbuf + o), CHUNK)?.or_fail("32 reads")?;
+    ensure!(reads.len() == N as usize && reads.iter().all(Result::is_ok), "reads failed: {reads:?}");
     for i in 0..N {
         let local = (total + (N - 1 - i) * CHUNK) as usize;
         check_pattern(&p.abuf.bytes()[local..local + CHUNK as usize], 43, i * CHUNK, &format!("read {i}"))?;
     }
-    // The peer unregisters a buffer A still sees: that one read fails, the rest are read.
+    drop(p);
+    Ok(Outcome::Passed)
+}
+
+/// `batch_transfer_sync_each` with one range the peer unregistered (A's cached descriptor still lists it) among
+/// 32: that request fails with an address error while its neighbours move their bytes. Refusing the whole call up
+/// front is allowed too.
+fn sync_batch_stale_range(t: &Target) -> TestResult {
+    const N: u64 = 32;
+    const CHUNK: u64 = 1024;
+    let total = N * CHUNK;
+    let extra = HostBuf::with_pattern(9, CHUNK as usize);
+    let mut p = Pair::new(t, total, total)?;
+    p.abuf.bytes_mut().copy_from_slice(&pattern(44, total as usize));
+    p.bbuf.bytes_mut().copy_from_slice(&pattern(45, total as usize));
+    p.b.register_memory(extra.addr(), extra.len(), "cpu:0").or_fail("registering B's extra buffer")?;
+    let seg = p.a.refresh_segment(p.seg).or_fail("A refreshing B")?;
+    ensure!(seg.descriptor.find_buffer(extra.addr(), CHUNK).is_some(), "A does not see B's extra buffer");
     p.b.unregister_memory(extra.addr()).or_fail("B unregistering the extra buffer")?;
-    p.abuf.bytes_mut()[total as usize..].fill(0);
-    let mut remotes: Vec<u64> = offsets.iter().map(|o| bbuf + o).collect();
+    let (a, name) = (p.a.clone(), p.b.local_segment_name().to_string());
+    let (abuf, bbuf) = (p.abuf.addr(), p.bbuf.addr());
+    let op = if t.caps.read { Opcode::Read } else { Opcode::Write };
+    let mut remotes: Vec<u64> = (0..N).map(|i| bbuf + i * CHUNK).collect();
     remotes[3] = extra.addr();
-    match sync(Opcode::Read, (0..N).map(read_locals).collect(), remotes)? {
-        // Refusing the whole call up front is allowed too.
-        Err(e) => ensure!(is_address_error(&e), "a batch with one stale range failed with {e:?}"),
-        Ok(results) => {
-            ensure!(results.len() == N as usize, "{} results for {N} reads", results.len());
-            for (i, r) in results.iter().enumerate() {
-                let local = (total + (N - 1 - i as u64) * CHUNK) as usize;
-                match (i, r) {
-                    (3, Err(e)) => ensure!(is_address_error(e), "read of the stale range: {e:?}"),
-                    (3, Ok(_)) => return Err("a read of a range the peer unregistered succeeded".into()),
-                    (_, Ok(_)) => check_pattern(
-                        &p.abuf.bytes()[local..local + CHUNK as usize],
-                        43,
-                        i as u64 * CHUNK,
-                        &format!("read {i} next to the stale one"),
-                    )?,
-                    (_, Err(e)) => return Err(format!("read {i} failed next to the stale one: {e}")),
-                }
-            }
+    let outcome = sync_each(&a, &name, op, (0..N).map(|i| abuf + i * CHUNK), remotes, CHUNK)?;
+    let results = match outcome {
+        Err(e) => {
+            ensure!(is_address_error(&e), "a batch with one stale range failed with {e:?}");
+            return Ok(Outcome::Passed);
+        }
+        Ok(results) => results,
+    };
+    ensure!(results.len() == N as usize, "{} results for {N} requests", results.len());
+    for (i, r) in results.iter().enumerate() {
+        match (i, r) {
+            (3, Err(e)) => ensure!(is_address_error(e), "{op:?} of the stale range: {e:?}"),
+            (3, Ok(_)) => return Err(format!("{op:?} of a range the peer unregistered succeeded")),
+            (_, Err(e)) => return Err(format!("{op:?} {i} failed next to the stale one: {e}")),
+            (_, Ok(_)) => {}
         }
     }
+    // The neighbours moved their bytes (request 3's local chunk stays as it was).
+    let (moved, want_seed, stays) = match op {
+        Opcode::Read => (p.abuf.bytes(), 45, pattern(44, total as usize)),
+        Opcode::Write => (p.bbuf.bytes(), 44, pattern(45, total as usize)),
+    };
+    for i in (0..N as usize).filter(|&i| i != 3) {
+        let range = i * CHUNK as usize..(i + 1) * CHUNK as usize;
+        check_pattern(&moved[range], want_seed, (i as u64) * CHUNK, &format!("{op:?} {i} next to the stale one"))?;
+    }
+    let range = 3 * CHUNK as usize..4 * CHUNK as usize;
+    check_equal(&moved[range.clone()], &stays[range], "the chunk of the refused request")?;
+    check_pattern(extra.bytes(), 9, 0, "unregistered remote buffer (must be untouched)")?;
     drop(p);
     drop(extra);
     Ok(Outcome::Passed)
+}
+
+/// `batch_transfer_sync_each` of `CHUNK`-byte requests from A to segment `name`, on its own thread, bounded.
+fn sync_each(
+    a: &TransferEngine,
+    name: &str,
+    op: Opcode,
+    locals: impl Iterator<Item = u64>,
+    remotes: impl IntoIterator<Item = u64>,
+    chunk: u64,
+) -> Result<mooncake_core::Result<Vec<mooncake_core::Result<()>>>, String> {
+    let locals: Vec<u64> = locals.collect();
+    let remotes: Vec<u64> = remotes.into_iter().collect();
+    let lens = vec![chunk; locals.len()];
+    let (a, name) = (a.clone(), name.to_string());
+    bounded(LIMIT, "batch_transfer_sync_each", move || a.batch_transfer_sync_each(&name, op, &locals, &remotes, &lens))
 }
 
 fn mixed_batch(t: &Target) -> TestResult {
