@@ -23,6 +23,8 @@ use crate::{ClientOptions, RpcError, ServiceId};
 
 /// Idle connections kept for reuse; more may be open while more threads call at once.
 const MAX_IDLE: usize = 16;
+/// Largest receive buffer an idle connection keeps.
+const RETAINED_BUFFER: usize = 1 << 20;
 
 /// A synchronous RPC client for one server address. Cheap to clone; clones share the connection pool and may
 /// be called from many threads at once.
@@ -109,17 +111,16 @@ where
             |what: String| RpcError::Disconnected { reason: format!("protocol violation by the server: {what}") };
         // A reply that breaks the protocol closes the connection (dropped here); a good one leaves it clean
         // (one request, its whole reply) for the next call.
-        let frame = wire::decode(bytes::BytesMut::from(&reply[..])).map_err(violation)?;
-        if frame.id != id {
-            return Err(violation(format!("reply id {} to request {id}", frame.id)));
+        let (reply_id, kind, body) = wire::split(reply).map_err(violation)?;
+        if reply_id != id {
+            return Err(violation(format!("reply id {reply_id} to request {id}")));
         }
-        let result = match frame.kind {
-            Kind::Response => wire::decode_body(&frame.body).map_err(RpcError::Decode),
+        let result = match kind {
+            Kind::Response => wire::decode_body(body).map_err(RpcError::Decode),
             Kind::Error => Err(RpcError::Remote(
-                wire::decode_body::<String>(&frame.body)
-                    .unwrap_or_else(|e| format!("(undecodable error message: {e})")),
+                wire::decode_body::<String>(body).unwrap_or_else(|e| format!("(undecodable error message: {e})")),
             )),
-            Kind::Request => return Err(violation(format!("a request frame (id {})", frame.id))),
+            Kind::Request => return Err(violation(format!("a request frame (id {reply_id})"))),
         };
         inner.checkin(conn);
         result
@@ -151,7 +152,10 @@ impl Inner {
         }
     }
 
-    fn checkin(&self, conn: Conn) {
+    fn checkin(&self, mut conn: Conn) {
+        if conn.buf.len() > RETAINED_BUFFER {
+            conn.buf = Vec::new(); // an idle connection keeps no large reply buffer
+        }
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         if idle.len() < MAX_IDLE {
             idle.push(conn);
@@ -190,7 +194,7 @@ impl Inner {
             Failure::Timeout => handshake(format!("no handshake reply within {limit:?}")),
             Failure::Broken(reason) => handshake(reason),
         })?;
-        let server_max = match wire::decode_hello::<HelloReply>(&reply) {
+        let server_max = match wire::decode_hello::<HelloReply>(reply) {
             Ok(HelloReply::Accept { max_frame }) => max_frame,
             Ok(HelloReply::Mismatch { theirs }) => {
                 return Err(RpcError::VersionMismatch { ours: self.service.clone(), theirs });
@@ -233,7 +237,7 @@ impl Conn {
 
     /// Sends `frame` (length prefix added here) and returns the body of the next frame received, before
     /// `deadline`.
-    fn exchange(&mut self, frame: &[u8], deadline: Instant, options: &ClientOptions) -> Result<Vec<u8>, Failure> {
+    fn exchange(&mut self, frame: &[u8], deadline: Instant, options: &ClientOptions) -> Result<&[u8], Failure> {
         let broken = |what: &str, e: io::Error| Failure::Broken(format!("{what} failed: {e}"));
         let len = u32::try_from(frame.len()).map_err(|_| Failure::Broken("frame too long".into()))?;
         self.stream.set_nonblocking(false).map_err(|e| broken("set_nonblocking", e))?;
@@ -275,7 +279,7 @@ impl Conn {
                     Some(_) if filled > want => {
                         return Err(Failure::Broken("protocol violation by the server: bytes after the reply".into()));
                     }
-                    Some(_) => return Ok(self.buf[4..want].to_vec()),
+                    Some(_) => return Ok(&self.buf[4..want]),
                 }
             }
             if blocking {

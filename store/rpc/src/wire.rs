@@ -168,14 +168,21 @@ pub(crate) fn encode_error(id: u64, message: &str) -> Bytes {
 
 /// Splits a received frame into header and body.
 pub(crate) fn decode(frame: BytesMut) -> Result<Frame, String> {
+    let (id, kind, _) = split(&frame)?;
+    let mut body = frame.freeze();
+    body.advance(HEADER_LEN);
+    Ok(Frame { id, kind, body })
+}
+
+/// The request id, kind and body of a received frame, borrowed.
+pub(crate) fn split(frame: &[u8]) -> Result<(u64, Kind, &[u8]), String> {
     if frame.len() < HEADER_LEN {
         return Err(format!("frame of {} bytes is shorter than the {HEADER_LEN}-byte header", frame.len()));
     }
-    let mut frame = frame.freeze();
-    let id = frame.get_u64();
-    let kind_byte = frame.get_u8();
-    let kind = Kind::from_byte(kind_byte).ok_or_else(|| format!("unknown frame kind {kind_byte}"))?;
-    Ok(Frame { id, kind, body: frame })
+    let (header, body) = frame.split_at(HEADER_LEN);
+    let id = u64::from_be_bytes(header[..8].try_into().map_err(|_| "short header".to_string())?);
+    let kind = Kind::from_byte(header[8]).ok_or_else(|| format!("unknown frame kind {}", header[8]))?;
+    Ok((id, kind, body))
 }
 
 /// Decodes a postcard body that must be consumed exactly (trailing bytes mean the two sides disagree on the type).

@@ -26,13 +26,6 @@ fn link() {
 /// Tests a provider cannot pass, with the reason (printed in the table as disabled).
 fn disabled(provider: &str) -> Vec<(String, String)> {
     let mut v = checked_in_disabled("libfabric");
-    v.push((
-        "sync_batch_stale_range_fails_alone".into(),
-        "a refused RMA is not isolated to its own request yet: with shm nothing refuses it (no completion within \
-         the timeout, as for unregistered_remote_range_rejected), and with tcp;ofi_rxm a clean-clone run once saw a \
-         neighbouring request fail with the refusal (not reproduced locally)"
-            .into(),
-    ));
     if provider == "shm" {
         v.push((
             "unregistered_remote_range_rejected".into(),
