@@ -65,13 +65,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         if cfg!(debug_assertions) { "debug" } else { "release" }
     );
 
-    // `MC_BENCH_CLOCK=manual` uses a clock read with a plain atomic load (what a service with a coarse clock
-    // refreshed by a timer would see) instead of `Instant::now()` per call, whose ordered TSC read stops the CPU
-    // from overlapping the cache misses of consecutive lookups.
+    // `MC_BENCH_CLOCK=manual` uses a clock read with a plain atomic load instead of the service's clock
+    // (`SystemClock`: CLOCK_MONOTONIC_COARSE on Linux, `Instant::now()` elsewhere).
     let manual = std::env::var("MC_BENCH_CLOCK").is_ok_and(|v| v == "manual");
     let clock: Box<dyn Clock> =
         if manual { Box::new(ManualClock::new(SystemClock::new().now_ms())) } else { Box::new(SystemClock::new()) };
-    println!("  clock {}", if manual { "manual (atomic load)" } else { "system (Instant::now per call)" });
+    println!("  clock {}", if manual { "manual (atomic load)" } else { "system (SystemClock, as the service)" });
     let client = ClientId(1);
     let mut core = MasterCore::new(config, clock, 42)?;
     for s in 0..SEGMENTS {
