@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::wire::{self, Hello, HelloError, HelloReply, Kind};
+use crate::wire::{self, Hello, Kind};
 use crate::{ClientOptions, RpcError, ServiceId};
 
 /// Idle connections kept for reuse; more may be open while more threads call at once.
@@ -194,18 +194,7 @@ impl Inner {
             Failure::Timeout => handshake(format!("no handshake reply within {limit:?}")),
             Failure::Broken(reason) => handshake(reason),
         })?;
-        let server_max = match wire::decode_hello::<HelloReply>(reply) {
-            Ok(HelloReply::Accept { max_frame }) => max_frame,
-            Ok(HelloReply::Mismatch { theirs }) => {
-                return Err(RpcError::VersionMismatch { ours: self.service.clone(), theirs });
-            }
-            Ok(HelloReply::Reject { reason }) => return Err(RpcError::Rejected(reason)),
-            Err(HelloError::NotRpc) => return Err(handshake("the reply is not a mooncake RPC hello".into())),
-            Err(HelloError::WireVersion(v)) => {
-                return Err(handshake(format!("the server speaks wire version {v}, we speak {}", wire::WIRE_VERSION)));
-            }
-            Err(HelloError::Body(e)) => return Err(handshake(format!("malformed hello reply: {e}"))),
-        };
+        let server_max = wire::accepted_limit(wire::read_hello_reply(reply).map_err(handshake)?, &self.service)?;
         conn.max_send = self.options.max_frame.min(usize::try_from(server_max).unwrap_or(usize::MAX));
         tracing::debug!(addr = %self.addr, service = %self.service, "connected (blocking)");
         Ok(conn)

@@ -20,7 +20,7 @@ use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, trace};
 
-use crate::wire::{self, Hello, HelloError, HelloReply, Kind};
+use crate::wire::{self, Hello, Kind};
 use crate::{ClientOptions, RpcError, ServiceId};
 
 /// An RPC client for one server address. Cheap to clone; clones share the connection and may call from many
@@ -211,13 +211,7 @@ async fn open(addr: String, service: ServiceId, options: ClientOptions) -> Resul
         match reader.next().await {
             None => Err("the peer closed the connection without answering".to_string()),
             Some(Err(e)) => Err(wire::describe_read_error(&e, options.max_frame)),
-            Some(Ok(frame)) => wire::decode_hello::<HelloReply>(&frame).map_err(|e| match e {
-                HelloError::NotRpc => "the reply is not a mooncake RPC hello".to_string(),
-                HelloError::WireVersion(v) => {
-                    format!("the server speaks wire version {v}, we speak {}", wire::WIRE_VERSION)
-                }
-                HelloError::Body(e) => format!("malformed hello reply: {e}"),
-            }),
+            Some(Ok(frame)) => wire::read_hello_reply(&frame),
         }
     };
     let reply = match timeout_at(deadline, handshake).await {
@@ -228,11 +222,7 @@ async fn open(addr: String, service: ServiceId, options: ClientOptions) -> Resul
             return Err(RpcError::Handshake { addr, reason });
         }
     };
-    let server_max = match reply {
-        HelloReply::Accept { max_frame } => max_frame,
-        HelloReply::Mismatch { theirs } => return Err(RpcError::VersionMismatch { ours: service, theirs }),
-        HelloReply::Reject { reason } => return Err(RpcError::Rejected(reason)),
-    };
+    let server_max = wire::accepted_limit(reply, &service)?;
 
     let shared = Arc::new(ConnShared { pending: Mutex::new(Some(HashMap::new())), closed: CancellationToken::new() });
     let (queue, queue_rx) = mpsc::unbounded_channel();

@@ -216,6 +216,25 @@ pub(crate) fn decode_hello<T: DeserializeOwned>(frame: &[u8]) -> Result<T, Hello
     decode_body(&frame[HELLO_PREFIX_LEN..]).map_err(HelloError::Body)
 }
 
+/// The server's hello reply read by a client: `Ok` holds the reply, `Err` why the frame is not one (for a
+/// `Handshake` error).
+pub(crate) fn read_hello_reply(frame: &[u8]) -> Result<HelloReply, String> {
+    decode_hello::<HelloReply>(frame).map_err(|e| match e {
+        HelloError::NotRpc => "the reply is not a mooncake RPC hello".to_string(),
+        HelloError::WireVersion(v) => format!("the server speaks wire version {v}, we speak {WIRE_VERSION}"),
+        HelloError::Body(e) => format!("malformed hello reply: {e}"),
+    })
+}
+
+/// The server's frame limit from its hello reply, or why this client cannot use the connection.
+pub(crate) fn accepted_limit(reply: HelloReply, ours: &ServiceId) -> Result<u32, RpcError> {
+    match reply {
+        HelloReply::Accept { max_frame } => Ok(max_frame),
+        HelloReply::Mismatch { theirs } => Err(RpcError::VersionMismatch { ours: ours.clone(), theirs }),
+        HelloReply::Reject { reason } => Err(RpcError::Rejected(reason)),
+    }
+}
+
 /// Human-readable reason for a failed frame read.
 pub(crate) fn describe_read_error(error: &io::Error, max_frame: usize) -> String {
     let too_big = error.get_ref().is_some_and(|inner| inner.is::<LengthDelimitedCodecError>());
