@@ -5,15 +5,21 @@
 //! requests; a rejected group of several requests is retried one request at a time unless the peer is
 //! unreachable, so one bad request does not fail its neighbours. Waiting is bounded by the engine's sync
 //! timeout (`MC_TRANSFER_TIMEOUT` plus 1 ns per byte); unfinished requests then fail with a timeout. A call
-//! whose requests all go to one segment with one opcode (a single get or put, or a batch from one node) uses
-//! the engine's blocking path instead, which transports may run on the calling thread (TCP does for small
-//! requests, pipelining a batch on one connection).
+//! whose requests all go to one segment with one opcode and move at most [`SYNC_MAX_BYTES`] (a small get or put,
+//! or a small batch from one node) uses the engine's blocking path instead, run at `wait`, which transports may
+//! run on the calling thread (TCP does, pipelining a batch on one connection). Larger calls are submitted at
+//! once, so their transfers overlap the memcpy of replicas in this process that the caller does before `wait`.
 
 use std::sync::Arc;
 
 use mooncake_core::{Batch, Error, Opcode, TransferEngine, TransferRequest, TransferState};
 
 use super::errors::is_connection_level;
+
+/// Most bytes a call may move through the engine's blocking path (run at `wait`, after the caller's local
+/// copies): small calls gain from the caller-thread path, large ones from overlapping the transfers with those
+/// copies.
+const SYNC_MAX_BYTES: u64 = 1 << 20;
 
 /// One transfer between local registered memory and a replica.
 #[derive(Debug, Clone, Copy)]
@@ -49,7 +55,7 @@ pub(crate) fn submit(engine: &TransferEngine, endpoints: &[String], reqs: &[Xfer
     let bytes = reqs.iter().fold(0u64, |acc, r| acc.saturating_add(r.len));
     if let Some(first) = reqs.first() {
         let alike = reqs.iter().all(|r| r.endpoint == first.endpoint && r.opcode == first.opcode);
-        if let (true, Some(name)) = (alike, endpoints.get(first.endpoint)) {
+        if let (true, true, Some(name)) = (alike, bytes <= SYNC_MAX_BYTES, endpoints.get(first.endpoint)) {
             return InFlight { batch: None, slots: Vec::new(), sync: Some((name.clone(), reqs.to_vec())), bytes };
         }
     }

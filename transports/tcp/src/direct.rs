@@ -11,7 +11,7 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use mooncake_core::{Error, Opcode, Result};
+use mooncake_core::{BlockingRequest, Error, Opcode, Result};
 
 use crate::client::PeerInfo;
 use crate::memory;
@@ -110,7 +110,7 @@ impl DirectPool {
         &self,
         info: &PeerInfo,
         op: Opcode,
-        requests: &[(u64, u64, u64)],
+        requests: &[BlockingRequest],
         timeout: Duration,
         connect_timeout: Duration,
     ) -> Vec<Result<u64>> {
@@ -131,7 +131,7 @@ impl DirectPool {
                 },
             };
             let open: Vec<usize> = (0..requests.len()).filter(|&i| results[i].is_none()).collect();
-            let pending: Vec<(u64, u64, u64)> = open.iter().map(|&i| requests[i]).collect();
+            let pending: Vec<BlockingRequest> = open.iter().map(|&i| requests[i]).collect();
             let mut answers = Vec::with_capacity(pending.len());
             let outcome = exchange_many(&s, info, op, &pending, deadline, &mut answers);
             let clean = answers.iter().all(Result::is_ok);
@@ -170,7 +170,7 @@ fn exchange_many(
     mut s: &TcpStream,
     info: &PeerInfo,
     op: Opcode,
-    requests: &[(u64, u64, u64)],
+    requests: &[BlockingRequest],
     deadline: Instant,
     answers: &mut Vec<Result<u64>>,
 ) -> Result<()> {
@@ -181,7 +181,7 @@ fn exchange_many(
     OUT.with(|out| {
         let mut out = out.borrow_mut();
         out.clear();
-        for &(local, remote, len) in requests {
+        for &BlockingRequest { local_addr: local, remote_addr: remote, length: len } in requests {
             out.extend_from_slice(&Header { size: len, addr: remote, opcode: op, v2: info.v2 }.encode());
             if op == Opcode::Write {
                 // SAFETY: the engine validated every local range; the call blocks until the bytes are
@@ -196,7 +196,7 @@ fn exchange_many(
         Failure::BeforeAnswer(e) | Failure::Rejected(e) | Failure::After(e) => e,
     };
     let mut got_any = false;
-    for &(local, remote, len) in requests {
+    for &BlockingRequest { local_addr: local, remote_addr: remote, length: len } in requests {
         if !info.v2 && op == Opcode::Write {
             answers.push(Ok(len)); // v1 writes have no answer
             continue;

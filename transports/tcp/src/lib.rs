@@ -284,8 +284,7 @@ impl Transport for TcpTransport {
             Ok(i) => i,
             Err(e) => return Some(vec![Err(e); requests.len()]),
         };
-        let pieces: Vec<(u64, u64, u64)> = requests.iter().map(|r| (r.local_addr, r.remote_addr, r.length)).collect();
-        let results = self.direct.transfer_many(&info, opcode, &pieces, timeout, self.config.connect_timeout);
+        let results = self.direct.transfer_many(&info, opcode, requests, timeout, self.config.connect_timeout);
         if results.iter().any(|r| matches!(r, Err(Error::RemoteDisconnected { .. }))) {
             started.events.peer_failed(&target.name);
         }

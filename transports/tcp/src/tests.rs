@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use mooncake_core::{Batch, Error, Location, Opcode, PeerEvents, RegionTable, TransferState};
+use mooncake_core::{Batch, BlockingRequest, Error, Location, Opcode, PeerEvents, RegionTable, TransferState};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -341,6 +341,10 @@ async fn many(
     op: Opcode,
     requests: Vec<(u64, u64, u64)>,
 ) -> Vec<mooncake_core::Result<u64>> {
+    let requests: Vec<BlockingRequest> = requests
+        .into_iter()
+        .map(|(local_addr, remote_addr, length)| BlockingRequest { local_addr, remote_addr, length })
+        .collect();
     let (pool, info) = (pool.clone(), info.clone());
     let t = Duration::from_secs(5);
     tokio::task::spawn_blocking(move || pool.transfer_many(&info, op, &requests, t, t)).await.unwrap()
