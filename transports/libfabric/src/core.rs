@@ -157,7 +157,7 @@ pub(crate) struct Peer {
     pub info: RemotePeer,
     /// Remote rail addresses.
     pub addrs: Vec<Arc<[u8]>>,
-    /// The peer's endpoints live in this process.
+    /// The peer's endpoints live (or lived) in this process: posts first check they are open.
     pub local: bool,
     /// The peer's pid, when it runs on this host in this pid namespace (liveness checks).
     pub pid: Option<i32>,
@@ -172,9 +172,18 @@ pub(crate) struct Peer {
 }
 
 impl Peer {
-    pub(crate) fn new(segment: Arc<RemoteSegment>, info: RemotePeer, provider: &str, pid: Option<i32>) -> Peer {
+    /// `other_process`: the peer's published identity says it is not this process (see
+    /// [`crate::desc::is_other_process`]); otherwise it is ours when one of its addresses is or
+    /// was an endpoint of this process.
+    pub(crate) fn new(
+        segment: Arc<RemoteSegment>,
+        info: RemotePeer,
+        provider: &str,
+        pid: Option<i32>,
+        other_process: bool,
+    ) -> Peer {
         let addrs: Vec<Arc<[u8]>> = info.addrs.iter().map(|a| Arc::from(a.as_slice())).collect();
-        let local = addrs.iter().any(|a| local::is_local(provider, a));
+        let local = !other_process && addrs.iter().any(|a| local::is_local(provider, a));
         Peer {
             name: segment.name.clone(),
             segment,

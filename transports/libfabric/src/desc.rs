@@ -212,6 +212,16 @@ pub fn process_id() -> String {
     format!("{ns}/{}", std::process::id())
 }
 
+/// True when the peer publishes a process identity that is not this process's (another pid, or
+/// the same pid string on another host). Such a peer never runs in this process, even when its
+/// endpoint address equals one this process used: socket providers' addresses are `ip:port`,
+/// and a port an endpoint of ours had before it closed is free for any process to take.
+/// False when the peer publishes no identity (engines that predate it): then only the
+/// addresses can tell.
+pub fn is_other_process(remote: &RemotePeer, local_node: &str, local_pid: &str) -> bool {
+    !remote.pid.is_empty() && (remote.pid != local_pid || remote.node != local_node)
+}
+
 /// The pid of a peer process that shares this process's host and pid namespace, if any: only
 /// then does the pid name the same process here.
 pub fn same_namespace_pid(remote: &RemotePeer, local_node: &str, local_pid: &str) -> Option<i32> {
@@ -292,6 +302,11 @@ mod tests {
         assert_eq!(same_namespace_pid(&p, "host-b", "pid:[4026531836]/1"), None, "other host");
         assert_eq!(same_namespace_pid(&p, "host-a", "pid:[4026532000]/1"), None, "other pid namespace");
         assert_eq!(same_namespace_pid(&p, "host-a", "/1"), None, "unknown namespace");
+        assert!(!is_other_process(&p, "host-a", "pid:[4026531836]/4242"), "this very process");
+        assert!(is_other_process(&p, "host-a", "pid:[4026531836]/1"), "another pid");
+        assert!(is_other_process(&p, "host-b", "pid:[4026531836]/4242"), "the same pid on another host");
+        let anonymous = RemotePeer { pid: String::new(), ..p.clone() };
+        assert!(!is_other_process(&anonymous, "host-a", "pid:[4026531836]/1"), "no identity: unknown");
         assert_eq!(p.buffers.len(), 2, "the keyless buffer is left out");
         assert_eq!(p.buffers[0].addr, 0x1000, "sorted");
         assert_eq!(p.find(0x1000, 0x1000).map(|b| b.keys.clone()), Some(vec![5, 6]));

@@ -187,7 +187,8 @@ impl LibfabricTransport {
         }
         let info = self.parse_peer(core, target)?;
         let pid = desc::same_namespace_pid(&info, &self.node, &core.publication.pid);
-        let peer = Arc::new(Peer::new(target.clone(), info, &self.config.provider, pid));
+        let other_process = desc::is_other_process(&info, &self.node, &core.publication.pid);
+        let peer = Arc::new(Peer::new(target.clone(), info, &self.config.provider, pid, other_process));
         self.peers.write().unwrap_or_else(|p| p.into_inner()).insert(target.name.clone(), peer.clone());
         Ok(peer)
     }
@@ -306,6 +307,13 @@ impl Transport for LibfabricTransport {
                 Error::unavailable(format!("cannot start the libfabric progress thread: {e}"))
             })?;
         *self.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(thread);
+        if self.config.provider == "shm" {
+            tracing::warn!(
+                "libfabric's shm provider posts under a spinlock in the target's shared region: a peer killed \
+                 while holding it stalls this process's libfabric transport for good (docs/testing.md); the \
+                 `shm` protocol is the same-host transport that survives killed peers"
+            );
+        }
         tracing::debug!(
             protocol = self.protocol,
             provider = %self.config.provider,
