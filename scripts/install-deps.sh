@@ -15,7 +15,9 @@ command -v protoc >/dev/null || need+=(protobuf-compiler)
 command -v cmake >/dev/null || need+=(cmake)
 pkg-config --exists libfabric 2>/dev/null || need+=(libfabric-dev)
 command -v pkg-config >/dev/null || need+=(pkg-config)
-ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
+# bindgen loads libclang itself (libclang.so from libclang-dev); libclang-cpp.so, which LLVM's
+# packages bring, is another library and does not do.
+ls /usr/lib/llvm-*/lib/libclang.so >/dev/null 2>&1 || need+=(libclang-dev)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "missing system packages: ${need[*]} (run as root or: sudo apt-get install ${need[*]})" >&2
