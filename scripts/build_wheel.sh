@@ -25,6 +25,14 @@ if [ ! -x "$tools/bin/maturin" ]; then
     "$python" -m venv "$tools"
     "$tools/bin/pip" install -q 'maturin>=1.16,<2'
 fi
+# A build with libfabric links the host's libfabric (the extension and the bundled programs alike), as
+# the fabric's own stack must be the one installed with its drivers (EFA's, say). Such a wheel gets the
+# plain `linux` tag: maturin neither copies libfabric and its provider libraries into it (that would
+# need patchelf, and load a second, older libfabric beside the host's) nor claims manylinux.
+tag_args=()
+case ",$features," in
+    *,all,* | *,libfabric,* | *,efa,*) tag_args=(--compatibility linux) ;;
+esac
 
 programs="mooncake_master mooncake_client transfer_engine_bench mooncake_http_metadata_server"
 cargo build --release --features "mooncake/$features" \
@@ -40,7 +48,7 @@ for p in $programs; do
 done
 
 rm -f target/wheels/mooncake_rs-*.whl
-"$tools/bin/maturin" build --release --features "mooncake/$features" \
+"$tools/bin/maturin" build --release --features "mooncake/$features" "${tag_args[@]}" \
     -m bindings/python/Cargo.toml -o target/wheels
 wheel=$(ls target/wheels/mooncake_rs-*.whl)
 echo "built $wheel"

@@ -11,7 +11,19 @@ export IPATH_NO_BACKTRACE=1
 # A one-shot run gains nothing from incremental state, which costs gigabytes of disk.
 export CARGO_INCREMENTAL=0
 
-step() { printf '\n==> %s\n' "$*"; }
+# Each step's wall time is kept and printed at the end: where the time of a run goes.
+suite_start=$(date +%s)
+step_start=$suite_start
+step_name=""
+timings=()
+step() {
+    local now
+    now=$(date +%s)
+    [ -z "$step_name" ] || timings+=("$(printf '%5ds  %s' $((now - step_start)) "$step_name")")
+    step_start=$now
+    step_name="$*"
+    printf '\n==> %s\n' "$*"
+}
 
 step "disk (a full run needs about 4 GiB under target/, 12 GiB free to be safe)"
 df -h . || true
@@ -50,5 +62,14 @@ target/py-test-venv/bin/pip install -q target/wheels/mooncake_rs-*.whl pytest nu
 MOONCAKE_UPSTREAM_PYTHON="$PWD/target/upstream-venv/bin/python" \
     target/py-test-venv/bin/python -m pytest -q -p no:cacheprovider bindings/python/tests
 
+step "Python wheel with every backend (FEATURES=all, as the README documents): build, install, its tests"
+FEATURES=all scripts/build_wheel.sh
+target/py-test-venv/bin/pip install -q --force-reinstall --no-deps target/wheels/mooncake_rs-*.whl
+MOONCAKE_WHEEL_FEATURES=all target/py-test-venv/bin/python -m pytest -q -p no:cacheprovider \
+    bindings/python/tests/test_all_backends.py
+
 du -sh target 2>/dev/null || true
 step "all tests passed"
+printf 'wall time per step:\n'
+printf '%s\n' "${timings[@]}"
+printf '%5ds  total\n' $(($(date +%s) - suite_start))
