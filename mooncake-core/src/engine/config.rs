@@ -40,6 +40,11 @@ pub struct EngineConfig {
     /// publish them too (same-host engines of ours) are then reached through them when the cost
     /// model says so; everyone else keeps using the primary protocol.
     pub auto_protocols: Vec<String>,
+    /// Name the segment `host:<rpc port>` in metadata mode too when `local_server_name` has no port
+    /// (default false: the name is used as given, as upstream's engine does). Upstream's store
+    /// client names its engine this way, so several clients set up with the same `"localhost"`
+    /// get segments of their own.
+    pub name_with_rpc_port: bool,
 }
 
 fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
@@ -68,6 +73,7 @@ impl EngineConfig {
             protocol_priority: split_list(&std::env::var("MC_PROTOCOL_PRIORITY").unwrap_or_default()),
             republish_interval: Duration::from_millis(env("MC_METADATA_REPUBLISH_MS").unwrap_or(2000)),
             auto_protocols: split_list(&std::env::var("MC_AUTO_PROTOCOLS").unwrap_or_else(|_| "shm".into())),
+            name_with_rpc_port: false,
         }
     }
 

@@ -594,8 +594,9 @@ impl Inner {
         let bind_host = config.bind_host.clone().unwrap_or_else(|| host.clone());
         let shared = Arc::new(Shared::default());
         let rpc_port = rpc.serve(&bind_host, port.unwrap_or(0), config.rpc_port_range, shared.clone()).await?;
+        let name_from_port = config.is_p2p() || (config.name_with_rpc_port && port.is_none());
         let local_name =
-            if config.is_p2p() { join_host_port(&host, rpc_port) } else { config.local_server_name.clone() };
+            if name_from_port { join_host_port(&host, rpc_port) } else { config.local_server_name.clone() };
 
         if config.protocols.is_empty() {
             return Err(Error::InvalidArgument("at least one protocol is required".into()));

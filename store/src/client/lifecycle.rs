@@ -167,6 +167,9 @@ impl Inner {
         let master = Master::connect(&config.master_server_addr, id, config.setup_timeout, config.rpc_timeout)?;
 
         let mut engine_config = EngineConfig::new(config.local_hostname.clone(), config.metadata_server.clone());
+        // As upstream's store: a host without a port gets one (the engine's), so clients that share a host
+        // name ("localhost") each own a segment.
+        engine_config.name_with_rpc_port = true;
         engine_config.transfer_timeout = config.transfer_timeout;
         let auto = engine_config.auto_protocols.clone();
         engine_config = engine_config.with_protocols([config.protocol.clone()]);
