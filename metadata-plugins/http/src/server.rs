@@ -215,7 +215,13 @@ fn text(status: StatusCode, body: impl Into<String>) -> Response {
     (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body.into()).into_response()
 }
 
-/// The `key` query parameter, form-decoded (`+` is a space, as aiohttp and curl clients expect).
+/// Whitespace as Python's `str.isspace` sees it (Unicode white space plus the separators U+001C..U+001F).
+fn python_space(c: char) -> bool {
+    c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
+}
+
+/// The `key` query parameter, form-decoded (`+` is a space, as aiohttp and curl clients expect), with
+/// surrounding white space removed as upstream's server does (`key.strip()`): `" a "` and `"a"` are one key.
 pub(crate) fn key_param(query: Option<&str>) -> Result<String, &'static str> {
     let raw = query
         .unwrap_or_default()
@@ -225,10 +231,11 @@ pub(crate) fn key_param(query: Option<&str>) -> Result<String, &'static str> {
     let plus_decoded = raw.replace('+', " ");
     let bytes: Vec<u8> = percent_encoding::percent_decode_str(&plus_decoded).collect();
     let key = String::from_utf8(bytes).map_err(|_| "metadata key is not valid UTF-8")?;
-    if key.trim().is_empty() {
+    let key = key.trim_matches(python_space);
+    if key.is_empty() {
         return Err("metadata key is required");
     }
-    Ok(key)
+    Ok(key.to_string())
 }
 
 async fn metadata(
@@ -290,6 +297,8 @@ mod tests {
         assert_eq!(key_param(None), Err("metadata key is required"));
         assert_eq!(key_param(Some("key=")), Err("metadata key is required"));
         assert_eq!(key_param(Some("key=%20")), Err("metadata key is required"));
+        assert_eq!(key_param(Some("key=%09%1F+")), Err("metadata key is required"), "tab, U+001F, space");
+        assert_eq!(key_param(Some("key=+a+b%0A")).unwrap(), "a b", "stripped as upstream's key.strip()");
         assert_eq!(key_param(Some("key=%ff%fe")), Err("metadata key is not valid UTF-8"));
     }
 
