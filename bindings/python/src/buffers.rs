@@ -4,7 +4,17 @@
 use pyo3::buffer::PyUntypedBuffer;
 use pyo3::exceptions::{PyBufferError, PyTypeError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyInt};
+use pyo3::types::{PyBytes, PyInt, PyMemoryView};
+
+/// Exports `obj`'s buffer. Objects that leave `strides` out of their export (ctypes arrays do, meaning
+/// C-contiguous) are read through a `memoryview`, which fills them in; `None` when `obj` has no buffer.
+fn export(obj: &Bound<'_, PyAny>) -> Option<PyUntypedBuffer> {
+    if let Ok(buf) = PyUntypedBuffer::get(obj) {
+        return Some(buf);
+    }
+    let view = PyMemoryView::from(obj).ok()?;
+    PyUntypedBuffer::get(view.as_any()).ok()
+}
 
 /// The bytes of a value argument (`put(key, value)`): a `bytes` object is read in place, anything else
 /// through the buffer protocol (which must be C-contiguous). The view holds the exporter until dropped.
@@ -29,7 +39,7 @@ impl ValueView {
                 _bytes: Some(b.clone().unbind()),
             });
         }
-        let buf = PyUntypedBuffer::get(obj).map_err(|_| {
+        let buf = export(obj).ok_or_else(|| {
             PyTypeError::new_err(format!(
                 "{arg}: expected bytes, bytearray, memoryview or another object with the buffer protocol, got {}",
                 type_name(obj)
@@ -72,7 +82,7 @@ impl AddrArg {
             })?;
             return Ok(AddrArg { addr, buffer_len: None, _export: None });
         }
-        let buf = PyUntypedBuffer::get(obj).map_err(|_| {
+        let buf = export(obj).ok_or_else(|| {
             PyTypeError::new_err(format!(
                 "{arg}: expected an int address or an object with the buffer protocol, got {}",
                 type_name(obj)

@@ -40,6 +40,8 @@ pub enum TransferOpcode {
     Write = 1,
 }
 
+crate::convert::name_and_value!(TransferOpcode { Read, Write });
+
 impl From<TransferOpcode> for Opcode {
     fn from(op: TransferOpcode) -> Opcode {
         match op {

@@ -8,6 +8,7 @@
 //! single sync transfers run on the calling thread for latency and end within their own timeouts.
 
 mod buffers;
+mod convert;
 mod engine;
 mod mapped;
 mod metadata_server;

@@ -45,6 +45,48 @@ pub enum ReplicaStatus {
     FAILED = 5,
 }
 
+crate::convert::name_and_value!(ReplicaStatus { UNDEFINED, INITIALIZED, PROCESSING, COMPLETE, REMOVED, FAILED });
+
+/// What kind of data an object holds (upstream's values; exported at module level as upstream does).
+#[pyclass(module = "mooncake.store", eq, eq_int, from_py_object)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[allow(clippy::upper_case_acronyms, non_camel_case_types)]
+pub enum ObjectDataType {
+    /// Not said.
+    UNKNOWN = 0,
+    /// Attention KV cache.
+    KVCACHE = 1,
+    /// A tensor.
+    TENSOR = 2,
+    /// Model weights.
+    WEIGHT = 3,
+    /// Training samples.
+    SAMPLE = 4,
+    /// Activations.
+    ACTIVATION = 5,
+    /// Gradients.
+    GRADIENT = 6,
+    /// Optimizer state.
+    OPTIMIZER_STATE = 7,
+    /// Metadata.
+    METADATA = 8,
+    /// Anything else.
+    GENERAL = 9,
+}
+
+crate::convert::name_and_value!(ObjectDataType {
+    UNKNOWN,
+    KVCACHE,
+    TENSOR,
+    WEIGHT,
+    SAMPLE,
+    ACTIVATION,
+    GRADIENT,
+    OPTIMIZER_STATE,
+    METADATA,
+    GENERAL
+});
+
 impl From<RustStatus> for ReplicaStatus {
     fn from(s: RustStatus) -> Self {
         match s {
@@ -71,25 +113,33 @@ pub enum SoftPinAction {
     DISABLE = 2,
 }
 
+crate::convert::name_and_value!(SoftPinAction { PRESERVE, ENABLE, DISABLE });
+
 /// Placement and pinning of a write (upstream's fields and defaults).
-#[pyclass(module = "mooncake.store", get_all, set_all, from_py_object)]
+///
+/// The integer and bool fields convert as upstream's do (`crate::convert`): a negative ttl is a `TypeError`.
+#[pyclass(module = "mooncake.store", get_all, from_py_object)]
 #[derive(Clone, Debug)]
 pub struct ReplicateConfig {
     /// Number of replicas, each on a distinct segment (default 1).
     pub replica_num: usize,
     /// What to do with the soft pin (default PRESERVE: not pinned).
+    #[pyo3(set)]
     pub soft_pin_action: SoftPinAction,
     /// Soft pin ttl in ms; None uses the master's default.
     pub soft_pin_ttl_ms: Option<u64>,
     /// Never evict the object.
     pub with_hard_pin: bool,
     /// Segments to place replicas on first.
+    #[pyo3(set)]
     pub preferred_segments: Vec<String>,
     /// Deprecated single preferred segment (used when `preferred_segments` is empty).
+    #[pyo3(set)]
     pub preferred_segment: String,
     /// Prefer segments on this host.
     pub prefer_alloc_in_same_node: bool,
     /// Objects sharing a group id are evicted together.
+    #[pyo3(set)]
     pub group_ids: Option<Vec<String>>,
 }
 
@@ -113,6 +163,31 @@ impl ReplicateConfig {
     #[getter]
     fn get_with_soft_pin(&self) -> bool {
         self.soft_pin_action == SoftPinAction::ENABLE
+    }
+
+    #[setter]
+    fn set_replica_num(&mut self, v: &Bound<'_, PyAny>) -> PyResult<()> {
+        let n = crate::convert::unsigned(v, "replica_num")?;
+        self.replica_num = usize::try_from(n).map_err(|_| PyTypeError::new_err("replica_num: too large"))?;
+        Ok(())
+    }
+
+    #[setter]
+    fn set_soft_pin_ttl_ms(&mut self, v: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.soft_pin_ttl_ms = if v.is_none() { None } else { Some(crate::convert::unsigned(v, "soft_pin_ttl_ms")?) };
+        Ok(())
+    }
+
+    #[setter]
+    fn set_with_hard_pin(&mut self, v: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.with_hard_pin = crate::convert::truth(v, "with_hard_pin")?;
+        Ok(())
+    }
+
+    #[setter]
+    fn set_prefer_alloc_in_same_node(&mut self, v: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.prefer_alloc_in_same_node = crate::convert::truth(v, "prefer_alloc_in_same_node")?;
+        Ok(())
     }
 
     #[setter]
@@ -456,6 +531,20 @@ impl PyStore {
     fn client(&self) -> Option<StoreClient> {
         self.client.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
+
+    /// The client, for the calls that copy bytes through the local buffer (`put`, `get` and their forms):
+    /// `Err(code)` before setup (-1010), and, as upstream, for a client set up with `local_buffer_size=0`
+    /// (-600: it has no buffer to copy through; the zero-copy calls still work).
+    fn bytes_client(&self) -> Result<StoreClient, i32> {
+        let c = self.client().ok_or(UNAVAILABLE)?;
+        if c.config().local_buffer_size == 0 {
+            tracing::error!(
+                "MooncakeDistributedStore: this client was set up with local_buffer_size=0; use the zero-copy calls"
+            );
+            return Err(ErrorCode::InvalidParams.code());
+        }
+        Ok(c)
+    }
 }
 
 #[pymethods]
@@ -502,7 +591,11 @@ impl PyStore {
         }
         let mut config = ClientConfig::default();
         if let Ok(d) = local_hostname.cast::<PyDict>() {
-            apply_config_dict(&mut config, d)?;
+            // As upstream: a config it cannot use is a return code, not an exception.
+            if let Err(e) = apply_config_dict(&mut config, d) {
+                tracing::error!("MooncakeDistributedStore.setup: {e}");
+                return Ok(ErrorCode::InvalidParams.code());
+            }
         } else {
             config.local_hostname = local_hostname
                 .extract::<String>()
@@ -593,7 +686,10 @@ impl PyStore {
     ) -> PyResult<i32> {
         let view = ValueView::new(value, "value")?;
         let cfg = config_of(config);
-        let Some(c) = self.client() else { return Ok(UNAVAILABLE) };
+        let c = match self.bytes_client() {
+            Ok(c) => c,
+            Err(rc) => return Ok(rc),
+        };
         let bytes = view.as_slice();
         Ok(code(&py.detach(|| c.put(key, bytes, &cfg))))
     }
@@ -645,7 +741,10 @@ impl PyStore {
     ) -> PyResult<i32> {
         let view = ValueView::new(value, "value")?;
         let cfg = config_of(config);
-        let Some(c) = self.client() else { return Ok(UNAVAILABLE) };
+        let c = match self.bytes_client() {
+            Ok(c) => c,
+            Err(rc) => return Ok(rc),
+        };
         let bytes = view.as_slice();
         Ok(code(&py.detach(|| c.upsert(key, bytes, &cfg))))
     }
@@ -664,7 +763,7 @@ impl PyStore {
 
     /// The object's bytes, or `b""` when it is missing or unreadable.
     fn get<'py>(&self, py: Python<'py>, key: &str) -> Bound<'py, PyBytes> {
-        let Some(c) = self.client() else { return PyBytes::new(py, b"") };
+        let Ok(c) = self.bytes_client() else { return PyBytes::new(py, b"") };
         match py.detach(|| c.get(key)) {
             Ok(v) => PyBytes::new(py, &v),
             Err(_) => PyBytes::new(py, b""),
@@ -674,21 +773,21 @@ impl PyStore {
     /// One `bytes` per key (`b""` for misses).
     fn get_batch<'py>(&self, py: Python<'py>, keys: &Bound<'py, PyAny>) -> PyResult<Vec<Bound<'py, PyBytes>>> {
         let keys = keys_arg(keys)?;
-        let Some(c) = self.client() else { return Ok(keys.iter().map(|_| PyBytes::new(py, b"")).collect()) };
+        let Ok(c) = self.bytes_client() else { return Ok(keys.iter().map(|_| PyBytes::new(py, b"")).collect()) };
         let results = py.detach(|| c.get_batch(&keys));
         Ok(results.into_iter().map(|r| PyBytes::new(py, r.as_deref().unwrap_or(b""))).collect())
     }
 
     /// The object's bytes as a `BufferHandle` (no copy into a Python bytes object), or None on a miss.
     fn get_buffer(&self, py: Python<'_>, key: &str) -> Option<BufferHandle> {
-        let c = self.client()?;
+        let c = self.bytes_client().ok()?;
         py.detach(|| c.get(key)).ok().map(BufferHandle::new)
     }
 
     /// One `BufferHandle` (or None) per key.
     fn batch_get_buffer(&self, py: Python<'_>, keys: &Bound<'_, PyAny>) -> PyResult<Vec<Option<BufferHandle>>> {
         let keys = keys_arg(keys)?;
-        let Some(c) = self.client() else { return Ok(keys.iter().map(|_| None).collect()) };
+        let Ok(c) = self.bytes_client() else { return Ok(keys.iter().map(|_| None).collect()) };
         Ok(py.detach(|| c.get_batch(&keys)).into_iter().map(|r| r.ok().map(BufferHandle::new)).collect())
     }
 
@@ -1038,7 +1137,10 @@ impl PyStore {
     ) -> PyResult<i32> {
         let views: Vec<ValueView> = parts.iter().map(|p| ValueView::new(&p, "parts")).collect::<PyResult<_>>()?;
         let cfg = config_of(config);
-        let Some(c) = self.client() else { return Ok(UNAVAILABLE) };
+        let c = match self.bytes_client() {
+            Ok(c) => c,
+            Err(rc) => return Ok(rc),
+        };
         let slices: Vec<&[u8]> = views.iter().map(ValueView::as_slice).collect();
         Ok(code(&py.detach(|| {
             if upsert {
@@ -1062,7 +1164,10 @@ impl PyStore {
         let views: Vec<ValueView> =
             list_items(values, "values")?.iter().map(|v| ValueView::new(v, "values")).collect::<PyResult<_>>()?;
         let cfg = config_of(config);
-        let Some(c) = self.client() else { return Ok(UNAVAILABLE) };
+        let c = match self.bytes_client() {
+            Ok(c) => c,
+            Err(rc) => return Ok(rc),
+        };
         if views.len() != keys.len() {
             return Ok(ErrorCode::InvalidParams.code());
         }
@@ -1167,6 +1272,7 @@ fn apply_config_dict(config: &mut ClientConfig, d: &Bound<'_, PyDict>) -> PyResu
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ReplicaStatus>()?;
     m.add_class::<SoftPinAction>()?;
+    m.add_class::<ObjectDataType>()?;
     m.add_class::<ReplicateConfig>()?;
     m.add_class::<Descriptor>()?;
     m.add_class::<MemoryDescriptor>()?;

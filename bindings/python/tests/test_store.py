@@ -783,20 +783,32 @@ def test_config_from_file_defaults_and_missing(tmp_path):
     from mooncake.mooncake_config import MooncakeConfig
 
     p = tmp_path / "min.json"
-    p.write_text(json.dumps({"metadata_server": "P2PHANDSHAKE", "master_server_address": "10.0.0.1:50051"}))
+    minimal = {"local_hostname": "h1", "metadata_server": "P2PHANDSHAKE", "master_server_address": "10.0.0.1:50051"}
+    p.write_text(json.dumps(minimal))
     cfg = MooncakeConfig.from_file(str(p))
-    assert cfg.local_hostname == "localhost"
+    assert cfg.local_hostname == "h1"
     assert cfg.protocol == "tcp"
+    assert (cfg.enable_ssd_offload, cfg.ssd_offload_path, cfg.tenant_id) == (False, "", "default")
+    assert (cfg.enable_client_http_server, cfg.client_http_port) == (False, 9300)
     assert cfg.global_segment_size > 0 and cfg.local_buffer_size > 0
-    for missing in ("master_server_address", "metadata_server"):
-        d = {"metadata_server": "P2PHANDSHAKE", "master_server_address": "10.0.0.1:50051"}
+    # Upstream requires all three.
+    for missing in ("local_hostname", "master_server_address", "metadata_server"):
+        d = dict(minimal)
         del d[missing]
         p.write_text(json.dumps(d))
         with pytest.raises(ValueError):
             MooncakeConfig.from_file(str(p))
-    p.write_text(json.dumps({"metadata_server": "P2PHANDSHAKE", "master_server_address": "x:1", "global_segment_size": "lots"}))
-    with pytest.raises(ValueError):
-        MooncakeConfig.from_file(str(p))
+    for bad in ({"global_segment_size": "lots"}, {"protocol": ""}, {"local_buffer_size": -1}, {"metadata_server": " "},
+                {"enable_ssd_offload": "maybe"}):
+        p.write_text(json.dumps(dict(minimal, **bad)))
+        with pytest.raises(ValueError):
+            MooncakeConfig.from_file(str(p))
+    # Upstream's grammar: floats and exponents, units with or without "b"; the protocol is lower-cased; bools as words.
+    p.write_text(json.dumps(dict(minimal, global_segment_size="1.5g", local_buffer_size="1e6", protocol=" RDMA ",
+                                 enable_ssd_offload="on", tenant_id=7)))
+    cfg = MooncakeConfig.from_file(str(p))
+    assert (cfg.global_segment_size, cfg.local_buffer_size) == (3 << 29, 1_000_000)
+    assert (cfg.protocol, cfg.enable_ssd_offload, cfg.tenant_id) == ("rdma", True, "7")
 
 
 def test_config_load_from_env(monkeypatch, tmp_path):
@@ -837,7 +849,8 @@ def test_config_load_from_env(monkeypatch, tmp_path):
     assert cfg.local_buffer_size == 1 << 30
     # MOONCAKE_CONFIG_PATH wins over the variables.
     p = tmp_path / "c.json"
-    p.write_text(json.dumps({"metadata_server": "P2PHANDSHAKE", "master_server_address": "1.2.3.4:5", "global_segment_size": 4096}))
+    p.write_text(json.dumps({"local_hostname": "h", "metadata_server": "P2PHANDSHAKE", "master_server_address": "1.2.3.4:5",
+                             "global_segment_size": 4096}))
     monkeypatch.setenv("MOONCAKE_CONFIG_PATH", str(p))
     cfg = MooncakeConfig.load_from_env()
     assert cfg.master_server_address == "1.2.3.4:5"

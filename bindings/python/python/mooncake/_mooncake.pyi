@@ -10,6 +10,7 @@ from .store import MemoryDescriptor as MemoryDescriptor
 from .store import MooncakeDistributedStore as MooncakeDistributedStore
 from .store import MooncakeHostMemAllocator as MooncakeHostMemAllocator
 from .store import ReplicaDescriptor as ReplicaDescriptor
+from .store import ObjectDataType as ObjectDataType
 from .store import ReplicaStatus as ReplicaStatus
 from .store import ReplicateConfig as ReplicateConfig
 from .store import SoftPinAction as SoftPinAction

@@ -2,8 +2,36 @@
 
 Same names, signatures and return codes as upstream's ``mooncake.engine`` (0 or a negative code; batch ids,
 0 on failure). ``available_transports()`` tells which transports this build links and whether each works here.
+
+``SUPPORT_*`` say, as upstream's do, whether this build carries a backend: ``SUPPORT_EFA`` is true when the ``efa``
+transport is linked (``FEATURES=all``); the GPU ones (CUDA, HIP, MUSA, NVLink) are false until those backends exist.
 """
 
 from ._mooncake import TransferEngine, TransferNotify, TransferOpcode, available_transports
 
-__all__ = ["TransferEngine", "TransferNotify", "TransferOpcode", "available_transports"]
+__all__ = [
+    "TransferEngine",
+    "TransferNotify",
+    "TransferOpcode",
+    "available_transports",
+    "Read",
+    "Write",
+    "SUPPORT_CUDA",
+    "SUPPORT_EFA",
+    "SUPPORT_HIP",
+    "SUPPORT_INTRA_NVLINK",
+    "SUPPORT_MNNVL",
+    "SUPPORT_MUSA",
+]
+
+# Upstream exports the opcode's members at module level.
+Read = TransferOpcode.Read
+Write = TransferOpcode.Write
+
+_LINKED = frozenset(t["name"] for t in available_transports())
+SUPPORT_EFA = "efa" in _LINKED
+SUPPORT_CUDA = False
+SUPPORT_HIP = False
+SUPPORT_MUSA = False
+SUPPORT_INTRA_NVLINK = False
+SUPPORT_MNNVL = False

@@ -7,6 +7,15 @@ class TransferOpcode(IntEnum):
     Read = 0
     Write = 1
 
+Read: TransferOpcode
+Write: TransferOpcode
+SUPPORT_CUDA: bool
+SUPPORT_EFA: bool
+SUPPORT_HIP: bool
+SUPPORT_INTRA_NVLINK: bool
+SUPPORT_MNNVL: bool
+SUPPORT_MUSA: bool
+
 class TransferNotify:
     name: str
     msg: str

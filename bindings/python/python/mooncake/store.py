@@ -16,6 +16,7 @@ from ._mooncake import (
     MemoryDescriptor,
     MooncakeDistributedStore as _NativeStore,
     MooncakeHostMemAllocator,
+    ObjectDataType,
     ReplicaDescriptor,
     ReplicaStatus,
     ReplicateConfig,
@@ -28,11 +29,29 @@ __all__ = [
     "MemoryDescriptor",
     "MooncakeDistributedStore",
     "MooncakeHostMemAllocator",
+    "ObjectDataType",
     "ReplicaDescriptor",
     "ReplicaStatus",
     "ReplicateConfig",
     "SoftPinAction",
 ]
+
+# Upstream exports enum members at module level. PROCESSING and FAILED are left out: in upstream's module they
+# are TaskStatus members (copy and move tasks), which this package does not have yet.
+UNDEFINED = ReplicaStatus.UNDEFINED
+INITIALIZED = ReplicaStatus.INITIALIZED
+COMPLETE = ReplicaStatus.COMPLETE
+REMOVED = ReplicaStatus.REMOVED
+UNKNOWN = ObjectDataType.UNKNOWN
+KVCACHE = ObjectDataType.KVCACHE
+TENSOR = ObjectDataType.TENSOR
+WEIGHT = ObjectDataType.WEIGHT
+SAMPLE = ObjectDataType.SAMPLE
+ACTIVATION = ObjectDataType.ACTIVATION
+GRADIENT = ObjectDataType.GRADIENT
+OPTIMIZER_STATE = ObjectDataType.OPTIMIZER_STATE
+METADATA = ObjectDataType.METADATA
+GENERAL = ObjectDataType.GENERAL
 
 _MAGIC = b"MCT1"
 _HEAD = struct.Struct("<4sHH")

@@ -20,6 +20,33 @@ class SoftPinAction(IntEnum):
     ENABLE = 1
     DISABLE = 2
 
+class ObjectDataType(IntEnum):
+    UNKNOWN = 0
+    KVCACHE = 1
+    TENSOR = 2
+    WEIGHT = 3
+    SAMPLE = 4
+    ACTIVATION = 5
+    GRADIENT = 6
+    OPTIMIZER_STATE = 7
+    METADATA = 8
+    GENERAL = 9
+
+UNDEFINED: ReplicaStatus
+INITIALIZED: ReplicaStatus
+COMPLETE: ReplicaStatus
+REMOVED: ReplicaStatus
+UNKNOWN: ObjectDataType
+KVCACHE: ObjectDataType
+TENSOR: ObjectDataType
+WEIGHT: ObjectDataType
+SAMPLE: ObjectDataType
+ACTIVATION: ObjectDataType
+GRADIENT: ObjectDataType
+OPTIMIZER_STATE: ObjectDataType
+METADATA: ObjectDataType
+GENERAL: ObjectDataType
+
 class ReplicateConfig:
     replica_num: int
     soft_pin_action: SoftPinAction
