@@ -1,0 +1,319 @@
+"""Scenarios run under both wheels (ours and upstream's) by test_differential.py, which compares what they report.
+
+    python scenarios.py NAME      # prints one JSON object per line: {"case": ..., "result": ...}
+
+Only the public API both packages share is used. A result is what a call returned (ints, bools, str, None, lists,
+bytes as {"bytes": hex}) or the type name of what it raised ({"exc": "TypeError"}). Store scenarios start their own
+`mooncake_master` (the one installed next to this interpreter) with its HTTP metadata server, on free 127.0.0.1
+ports, and stop it by PID. Native code that prints to fd 1 is sent to stderr, so stdout carries only results.
+"""
+
+import ctypes
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+_fd = os.dup(1)
+os.dup2(2, 1)
+_out = os.fdopen(_fd, "w", buffering=1)
+sys.stdout = sys.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def normalize(v):
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return {"bytes": bytes(v).hex()}
+    if isinstance(v, (list, tuple)):
+        return [normalize(x) for x in v]
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    return {"type": type(v).__name__}
+
+
+def case(name: str, fn) -> object:
+    """Runs `fn`, reports its result (or the type of what it raised) under `name`, returns the value."""
+    try:
+        value = fn()
+        result = normalize(value)
+    except Exception as e:  # noqa: BLE001 - the exception type is the result
+        value = None
+        result = {"exc": type(e).__name__}
+    _out.write(json.dumps({"case": name, "result": result}) + "\n")
+    return value
+
+
+class Master:
+    """This interpreter's mooncake_master with its HTTP metadata server."""
+
+    def __init__(self):
+        bindir = os.path.dirname(sys.executable)
+        self.rpc, self.http, self.admin = free_port(), free_port(), free_port()
+        self.proc = subprocess.Popen(
+            [
+                os.path.join(bindir, "mooncake_master"),
+                f"--rpc_port={self.rpc}",
+                "--enable_http_metadata_server=true",
+                f"--http_metadata_server_port={self.http}",
+                f"--metrics_port={self.admin}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_port(self.rpc, self.proc)
+        wait_port(self.http, self.proc)
+        self.metadata = f"http://127.0.0.1:{self.http}/metadata"
+        self.address = f"127.0.0.1:{self.rpc}"
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def with_master(fn):
+    master = Master()
+    try:
+        fn(master)
+    finally:
+        master.stop()
+
+
+# ---- scenarios -------------------------------------------------------------------------------------------------
+
+
+def replicate_config_fields():
+    """Every ReplicateConfig field: defaults, and what each kind of value does when assigned."""
+    from mooncake.store import ReplicateConfig
+
+    fields = ["replica_num", "soft_pin_ttl_ms", "with_hard_pin", "preferred_segments", "preferred_segment",
+              "prefer_alloc_in_same_node", "group_ids"]
+    for f in fields:
+        case(f"default {f}", lambda f=f: getattr(ReplicateConfig(), f))
+    values = [-1, 0, 3, 2**64, 2**63, True, 2.0, "2", None, ["a"], ("a", "b"), "ab"]
+    for f in fields:
+        for v in values:
+            def assign(f=f, v=v):
+                r = ReplicateConfig()
+                setattr(r, f, v)
+                return getattr(r, f)
+
+            case(f"{f} = {v!r}", assign)
+
+
+def store_same_hostname():
+    """Two stores set up with the same host name and no port: each gets a segment of its own and both work."""
+    from mooncake.store import MooncakeDistributedStore
+
+    def run(m):
+        a, b = MooncakeDistributedStore(), MooncakeDistributedStore()
+        case("a.setup", lambda: a.setup("localhost", m.metadata, 64 << 20, 16 << 20, "tcp", "", m.address))
+        case("b.setup", lambda: b.setup("localhost", m.metadata, 64 << 20, 16 << 20, "tcp", "", m.address))
+        case("names differ", lambda: a.get_hostname() != b.get_hostname())
+        case("a name is host:port", lambda: a.get_hostname().startswith("localhost:"))
+        case("a.put", lambda: a.put("k1", b"hello"))
+        case("b.get", lambda: b.get("k1"))
+        case("b.put", lambda: b.put("k2", b"x" * 1000))
+        case("a.get size", lambda: len(a.get("k2")))
+        case("a.close", lambda: a.close())
+        case("b.close", lambda: b.close())
+
+    with_master(run)
+
+
+def store_setup_dict_bad_values():
+    """setup(config dict) with values it cannot use returns a code instead of raising."""
+    from mooncake.store import MooncakeDistributedStore
+
+    def run(m):
+        base = {
+            "local_hostname": "localhost",
+            "metadata_server": m.metadata,
+            "global_segment_size": "64MB",
+            "local_buffer_size": "16MB",
+            "protocol": "tcp",
+            "master_server_address": m.address,
+        }
+        for label, key, value in [("50%", "global_segment_size", "50%"), ("-1", "global_segment_size", -1)]:
+            s = MooncakeDistributedStore()
+            cfg = dict(base, **{key: value})
+            case(f"setup {key}={label}", lambda: s.setup(cfg))
+
+    with_master(run)
+
+
+def store_ctypes_values():
+    """Values given as ctypes arrays (buffer protocol, format 'c')."""
+    from mooncake.store import MooncakeDistributedStore
+
+    def run(m):
+        s = MooncakeDistributedStore()
+        case("setup", lambda: s.setup("localhost", m.metadata, 64 << 20, 16 << 20, "tcp", "", m.address))
+        arr = (ctypes.c_char * 5)(*b"abcde")
+        case("put ctypes", lambda: s.put("c1", arr))
+        case("get c1", lambda: s.get("c1"))
+        case("put_parts ctypes", lambda: s.put_parts("c2", arr, b"xyz"))
+        case("get c2", lambda: s.get("c2"))
+        words = (ctypes.c_uint32 * 2)(1, 2)
+        case("put uint32 array", lambda: s.put("c3", words))
+        case("get c3", lambda: s.get("c3"))
+        case("close", lambda: s.close())
+
+    with_master(run)
+
+
+def store_without_local_buffer():
+    """A client set up with local_buffer_size=0: calls that need the local buffer fail with a code."""
+    from mooncake.store import MooncakeDistributedStore
+
+    def run(m):
+        holder = MooncakeDistributedStore()
+        case("holder.setup", lambda: holder.setup("localhost", m.metadata, 64 << 20, 16 << 20, "tcp", "", m.address))
+        case("holder.put", lambda: holder.put("held", b"held bytes"))
+        s = MooncakeDistributedStore()
+        case("setup", lambda: s.setup("localhost", m.metadata, 64 << 20, 0, "tcp", "", m.address))
+        case("put", lambda: s.put("k", b"hello"))
+        case("is_exist k", lambda: s.is_exist("k"))
+        case("put_parts", lambda: s.put_parts("k2", b"a", b"b"))
+        case("put_batch", lambda: s.put_batch(["k3", "k4"], [b"x", b"y"]))
+        case("get held", lambda: s.get("held"))
+        case("get_batch", lambda: s.get_batch(["held", "missing"]))
+        case("get_buffer held", lambda: s.get_buffer("held") is None)
+        case("get_size held", lambda: s.get_size("held"))
+        buf = ctypes.create_string_buffer(b"zero-copy!", 64)
+        addr = ctypes.addressof(buf)
+        case("register_buffer", lambda: s.register_buffer(addr, 64))
+        case("put_from", lambda: s.put_from("zc", addr, 10))
+        case("get_into held", lambda: s.get_into("held", addr, 64))
+        case("buffer after get_into", lambda: buf.raw[:10])
+        case("holder.get zc", lambda: holder.get("zc"))
+        case("unregister_buffer", lambda: s.unregister_buffer(addr))
+        case("close", lambda: s.close())
+        case("holder.close", lambda: holder.close())
+
+    with_master(run)
+
+
+def kv_bootstrap_keys():
+    """The Python HTTP metadata server: keys are stripped; blank keys are refused; poll() reports the state."""
+    from mooncake.http_metadata_server import KVBootstrapServer
+
+    port = free_port()
+    server = KVBootstrapServer(port, "127.0.0.1")
+    case("poll before run", lambda: server.poll().name)
+    server.run()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+        except OSError:
+            time.sleep(0.05)
+    base = f"http://127.0.0.1:{port}/metadata"
+
+    def http(method, query, body=None):
+        req = urllib.request.Request(base + query, data=body, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return [r.status, r.read().decode()]
+        except urllib.error.HTTPError as e:
+            return [e.code, None]
+
+    try:
+        case("poll while serving", lambda: server.poll().name)
+        case("put ' k '", lambda: http("PUT", "?key=%20k%20", b"v1")[0])
+        case("get 'k'", lambda: http("GET", "?key=k"))
+        case("get '\\tk\\n'", lambda: http("GET", "?key=%09k%0A"))
+        case("put blank", lambda: http("PUT", "?key=%20%20", b"v")[0])
+        case("get blank", lambda: http("GET", "?key=")[0])
+        case("get no key", lambda: http("GET", "")[0])
+        case("delete ' k'", lambda: http("DELETE", "?key=%20k")[0])
+        case("get 'k' after delete", lambda: http("GET", "?key=k")[0])
+    finally:
+        server.close()
+
+
+def mooncake_config():
+    """MooncakeConfig from files and environment variables: sizes, booleans, protocols, required fields."""
+    import tempfile
+
+    from mooncake.mooncake_config import MooncakeConfig
+
+    fields = ["local_hostname", "metadata_server", "global_segment_size", "local_buffer_size", "protocol",
+              "device_name", "master_server_address", "enable_ssd_offload", "ssd_offload_path", "tenant_id",
+              "enable_client_http_server", "client_http_port"]
+    minimal = {"local_hostname": "h1", "metadata_server": "P2PHANDSHAKE", "master_server_address": "10.0.0.1:50051"}
+
+    def from_file(doc):
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(doc, f)
+        try:
+            cfg = MooncakeConfig.from_file(f.name)
+            return [getattr(cfg, k) for k in fields]
+        finally:
+            os.unlink(f.name)
+
+    case("minimal file", lambda: from_file(minimal))
+    for key in ("local_hostname", "metadata_server", "master_server_address"):
+        case(f"file without {key}", lambda key=key: from_file({k: v for k, v in minimal.items() if k != key}))
+        case(f"file with blank {key}", lambda key=key: from_file(dict(minimal, **{key: "  "})))
+    for size in ["1.5g", "1e6", "512MB", "512 mb", "4096", "2t", "7b", "", "lots", "mb", -1, 0, 1.5e9, None]:
+        case(f"global_segment_size {size!r}", lambda size=size: from_file(dict(minimal, global_segment_size=size)))
+    for proto in ["tcp", " RDMA ", "Efa", "", "  ", "warp", 5]:
+        case(f"protocol {proto!r}", lambda proto=proto: from_file(dict(minimal, protocol=proto)))
+    for flag in [True, False, "on", "OFF", "yes", "0", "enable", "", "maybe", 2, None]:
+        case(f"enable_ssd_offload {flag!r}", lambda flag=flag: from_file(dict(minimal, enable_ssd_offload=flag)))
+    case("tenant_id 7", lambda: from_file(dict(minimal, tenant_id=7)))
+    case("client_http_port '9400'", lambda: from_file(dict(minimal, client_http_port="9400")))
+    case("client_http_port 'x'", lambda: from_file(dict(minimal, client_http_port="x")))
+
+    saved = {k: v for k, v in os.environ.items() if k.startswith("MOONCAKE_")}
+    try:
+        for k in saved:
+            del os.environ[k]
+        case("env without master", lambda: MooncakeConfig.load_from_env())
+        os.environ["MOONCAKE_MASTER"] = "127.0.0.1:50051"
+        case("env master only", lambda: [getattr(MooncakeConfig.load_from_env(), k) for k in fields])
+        os.environ.update({
+            "MOONCAKE_PROTOCOL": "RDMA", "MOONCAKE_GLOBAL_SEGMENT_SIZE": "2gb", "MOONCAKE_OFFLOAD_ENABLED": "true",
+            "MOONCAKE_TENANT_ID": "t1", "MOONCAKE_CLIENT_HTTP_PORT": "9500",
+        })
+        case("env full", lambda: [getattr(MooncakeConfig.load_from_env(), k) for k in fields])
+        os.environ["MOONCAKE_LOCAL_BUFFER_SIZE"] = "-5"
+        case("env negative size", lambda: MooncakeConfig.load_from_env())
+    finally:
+        for k in [k for k in os.environ if k.startswith("MOONCAKE_")]:
+            del os.environ[k]
+        os.environ.update(saved)
+
+
+SCENARIOS = {
+    f.__name__: f
+    for f in (replicate_config_fields, store_same_hostname, store_setup_dict_bad_values, store_ctypes_values,
+              kv_bootstrap_keys, mooncake_config, store_without_local_buffer)
+}
+
+if __name__ == "__main__":
+    SCENARIOS[sys.argv[1]]()
