@@ -820,9 +820,10 @@ def test_gil_released_during_long_batch_transfer(peer64):
 
 CTRL_C_CLIENT = textwrap.dedent(
     """
-    import os, signal, sys
+    import faulthandler, os, signal, sys
     import numpy as np
     from mooncake.engine import TransferEngine
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for stacks if exiting takes too long
     seg, raddr, peer_pid, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     e = TransferEngine()
     assert e.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0
@@ -847,6 +848,22 @@ CTRL_C_CLIENT = textwrap.dedent(
 )
 
 
+def native_stacks(pid: int) -> str:
+    """Every thread's native stack of process `pid` (gdb, when installed), for a failure message."""
+    import shutil
+
+    gdb = shutil.which("gdb")
+    if not gdb:
+        return "(gdb is not installed)"
+    try:
+        out = subprocess.run(
+            [gdb, "-p", str(pid), "-batch", "-ex", "thread apply all bt"], capture_output=True, text=True, timeout=30
+        )
+        return out.stdout
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"(gdb failed: {e})"
+
+
 @pytest.mark.parametrize("mode", ["status", "batch_sync"])
 def test_ctrl_c_interrupts_batch_wait(peer64, mode):
     client = subprocess.Popen(
@@ -864,7 +881,15 @@ def test_ctrl_c_interrupts_batch_wait(peer64, mode):
         try:
             out, err = client.communicate(timeout=5)
         except subprocess.TimeoutExpired:
-            pytest.fail("the process did not exit within 5 s of SIGINT")
+            native = native_stacks(client.pid)
+            client.send_signal(signal.SIGUSR1)
+            time.sleep(0.5)
+            client.kill()
+            out, err = client.communicate()
+            pytest.fail(
+                f"the process did not exit within 5 s of SIGINT\nstdout: {out!r}\nstderr and Python stacks:\n"
+                f"{err[-6000:]}\nnative stacks:\n{native[-12000:]}"
+            )
         assert client.returncode != 0
         assert "KeyboardInterrupt" in err, err[-2000:]
         assert "returned" not in out
