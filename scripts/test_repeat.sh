@@ -42,7 +42,7 @@ for k in $(seq 1 "$runs"); do
     line=$(printf 'run %d: %s in %dm%02ds (log %s)' "$k" "$result" $((secs / 60)) $((secs % 60)) "$log")
     if [ "$result" = FAIL ]; then
         # The first failing test, for the summary; the whole story is in the log.
-        first=$(grep -m1 -E 'FAILED|FAIL |panicked|error(\[|:)' "$log" || true)
+        first=$(grep -m1 -E '^FAILED |^FAIL  |panicked at|^error(\[E[0-9]+\])?: |test result: FAILED' "$log" || true)
         line="$line: ${first:-see log}"
     fi
     echo "$line" | tee -a "$summary"
