@@ -29,6 +29,7 @@ SCENARIOS = [
     "kv_bootstrap_keys",
     "mooncake_config",
     "store_without_local_buffer",
+    "store_async",
 ]
 
 # (scenario, case) -> (ours, upstream's, why ours differs)

@@ -1036,3 +1036,54 @@ def test_buffer_objects_bound_the_size_they_are_given_with(store):
         assert store.register_buffer(np.zeros(16, dtype=np.uint8), 4096) == -600
     finally:
         store.unregister_buffer(pool)
+
+
+# ---- asyncio (mooncake.async_store) ------------------------------------------------------------------
+
+
+def test_async_store_keeps_the_event_loop_running(master):
+    import asyncio
+
+    from mooncake.async_store import MooncakeDistributedStoreAsync
+
+    s = MooncakeDistributedStoreAsync()
+    absent = {
+        "local_hostname": "127.0.0.1",
+        "metadata_server": "P2PHANDSHAKE",
+        "global_segment_size": 0,
+        "local_buffer_size": "1MB",
+        "protocol": "tcp",
+        "master_server_addr": f"127.0.0.1:{free_port()}",
+        "setup_timeout_ms": 1500,
+    }
+
+    async def setup_against_nothing():
+        # setup waits for a master that is not there; the loop must keep running meanwhile.
+        task = asyncio.ensure_future(s.async_setup(absent))
+        ticks = 0
+        while not task.done():
+            ticks += 1
+            await asyncio.sleep(0.01)
+        return task.result(), ticks
+
+    rc, ticks = asyncio.run(setup_against_nothing())
+    assert rc < 0
+    assert ticks >= 10, f"the event loop ran only {ticks} times while setup waited"
+
+    async def use_it():
+        assert await s.async_setup("127.0.0.1", "P2PHANDSHAKE", 32 * MiB, 16 * MiB, "tcp", "", master.address) == 0
+        codes = await asyncio.gather(*[s.async_put(f"async-{i}", bytes([i]) * 1000) for i in range(16)])
+        values = await asyncio.gather(*[s.async_get(f"async-{i}") for i in range(16)])
+        return codes, values
+
+    try:
+        codes, values = asyncio.run(use_it())
+        assert codes == [0] * 16
+        assert values == [bytes([i]) * 1000 for i in range(16)]
+        assert s.get("async-3") == bytes([3]) * 1000  # the sync methods are still there
+        with pytest.raises(AttributeError):
+            s.async_not_a_method
+        with pytest.raises(AttributeError):
+            s.not_a_method
+    finally:
+        s.close()

@@ -216,6 +216,35 @@ def store_without_local_buffer():
     with_master(run)
 
 
+def store_async():
+    """MooncakeDistributedStoreAsync: async_<method> twins of the store's methods, awaited on asyncio."""
+    import asyncio
+
+    from mooncake.async_store import MooncakeDistributedStoreAsync
+
+    def run(m):
+        s = MooncakeDistributedStoreAsync()
+        case("not-async attribute", lambda: s.no_such_thing)
+        case("async_ of nothing", lambda: s.async_no_such_thing)
+        case("async_setup", lambda: asyncio.run(
+            s.async_setup("localhost", m.metadata, 64 << 20, 16 << 20, "tcp", "", m.address)))
+
+        async def work():
+            puts = await asyncio.gather(*[s.async_put(f"a{i}", bytes([i]) * 100) for i in range(8)])
+            got = await asyncio.gather(*[s.async_get(f"a{i}") for i in range(8)])
+            exist = await s.async_batch_is_exist(["a0", "nope"])
+            removed = await s.async_remove("a0")
+            after = await s.async_is_exist("a0")
+            return [puts, [len(g) for g in got], exist, removed, after]
+
+        case("async calls", lambda: asyncio.run(work()))
+        case("sync get still there", lambda: s.get("a1"))
+        case("same coroutine function twice", lambda: s.async_get is s.async_get)
+        case("close", lambda: s.close())
+
+    with_master(run)
+
+
 def kv_bootstrap_keys():
     """The Python HTTP metadata server: keys are stripped; blank keys are refused; poll() reports the state."""
     from mooncake.http_metadata_server import KVBootstrapServer
@@ -312,7 +341,7 @@ def mooncake_config():
 SCENARIOS = {
     f.__name__: f
     for f in (replicate_config_fields, store_same_hostname, store_setup_dict_bad_values, store_ctypes_values,
-              kv_bootstrap_keys, mooncake_config, store_without_local_buffer)
+              kv_bootstrap_keys, mooncake_config, store_without_local_buffer, store_async)
 }
 
 if __name__ == "__main__":
