@@ -668,6 +668,11 @@ impl PyStore {
         }
     }
 
+    /// The `local_buffer_size` this client was set up with (0 before setup); `BufferPool` sizes itself by it.
+    fn _local_buffer_size(&self) -> u64 {
+        self.client().map_or(0, |c| c.config().local_buffer_size)
+    }
+
     /// This client's segment name (`host:port`); "" before setup.
     fn get_hostname(&self) -> String {
         self.client().map(|c| c.hostname().to_string()).unwrap_or_default()

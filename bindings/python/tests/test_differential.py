@@ -30,6 +30,7 @@ SCENARIOS = [
     "mooncake_config",
     "store_without_local_buffer",
     "store_async",
+    "store_buffer_pool",
 ]
 
 # (scenario, case) -> (ours, upstream's, why ours differs)

@@ -1087,3 +1087,41 @@ def test_async_store_keeps_the_event_loop_running(master):
             s.not_a_method
     finally:
         s.close()
+
+
+# ---- BufferPool (mooncake.buffer_pool) ---------------------------------------------------------------
+
+
+def test_buffer_pool_waiter_wakes_when_a_lease_is_released(master):
+    from mooncake.buffer_pool import BufferPool
+
+    s = MooncakeDistributedStore()
+    assert s.setup("127.0.0.1", "P2PHANDSHAKE", 32 * MiB, 4 * MiB, "tcp", "", master.address) == 0
+    try:
+        pool = BufferPool(s, max_bytes=8 * MiB)
+        held = pool.acquire(6 * MiB)
+        released = threading.Event()
+
+        def release_later():
+            time.sleep(0.2)
+            released.set()
+            held.release()
+
+        t = threading.Thread(target=release_later)
+        t.start()
+        lease = pool.acquire(4 * MiB, timeout=30)  # waits for the release, not for the timeout
+        assert released.is_set()
+        t.join()
+        # The lease is registered memory: zero-copy calls take it as is.
+        lease.buffer[:4] = b"pool"
+        assert s.put_from("from-pool", lease.ptr, 4) == 0
+        assert s.get("from-pool") == b"pool"
+        lease.release()
+        # Many small leases and releases in any order leave the whole capacity free again.
+        leases = [pool.acquire(256 * 1024) for _ in range(32)]
+        for lease in leases[::2] + leases[1::2]:
+            lease.release()
+        assert pool.acquire(8 * MiB, block=False).size == 8 * MiB
+        pool.close()
+    finally:
+        s.close()

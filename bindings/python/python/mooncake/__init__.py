@@ -6,5 +6,6 @@ A drop-in for upstream's ``mooncake`` package: ``mooncake.engine`` (TransferEngi
 """
 
 from ._mooncake import __version__
+from .buffer_pool import BufferPool, RegisteredBufferPool
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "BufferPool", "RegisteredBufferPool"]

@@ -10,6 +10,8 @@ import ctypes
 import struct
 from typing import Any, List, Optional, Sequence
 
+# Upstream's store module carries the pool classes too.
+from .buffer_pool import BufferLease, BufferPool, RegisteredBufferLease, RegisteredBufferPool
 from ._mooncake import (
     BufferHandle,
     Descriptor,
@@ -25,6 +27,10 @@ from ._mooncake import (
 
 __all__ = [
     "BufferHandle",
+    "BufferLease",
+    "BufferPool",
+    "RegisteredBufferLease",
+    "RegisteredBufferPool",
     "Descriptor",
     "MemoryDescriptor",
     "MooncakeDistributedStore",

@@ -5,6 +5,11 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 from typing_extensions import Buffer
 
+from .buffer_pool import BufferLease as BufferLease
+from .buffer_pool import BufferPool as BufferPool
+from .buffer_pool import RegisteredBufferLease as RegisteredBufferLease
+from .buffer_pool import RegisteredBufferPool as RegisteredBufferPool
+
 Address = Union[int, Buffer]
 
 class ReplicaStatus(IntEnum):

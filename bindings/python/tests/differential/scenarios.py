@@ -245,6 +245,82 @@ def store_async():
     with_master(run)
 
 
+def store_buffer_pool():
+    """BufferPool and its leases: capacity from the store's local buffer, exhaustion, release, close."""
+    import gc
+
+    from mooncake.store import BufferPool, MooncakeDistributedStore
+
+    MiB = 1 << 20
+
+    def run(m):
+        s = MooncakeDistributedStore()
+        case("pool of None", lambda: BufferPool(None))
+        case("pool of a str", lambda: BufferPool("x"))
+        case("pool of a store not set up", lambda: BufferPool(s))
+        case("setup", lambda: s.setup("localhost", m.metadata, 64 * MiB, 4 * MiB, "tcp", "", m.address))
+        case("alignment 0", lambda: BufferPool(s, alignment=0))
+        case("alignment 3", lambda: BufferPool(s, alignment=3))
+        case("max_bytes -1", lambda: BufferPool(s, max_bytes=-1))
+        p = BufferPool(s)
+        case("default pool holds 2x local buffer", lambda: p.acquire(8 * MiB).size)
+        case("default pool: one page more", lambda: p.acquire(8 * MiB + 4096))
+        small = BufferPool(s, max_bytes=1)
+        case("max_bytes below local buffer", lambda: small.acquire(4 * MiB).size)
+        case("max_bytes below local buffer: one page more", lambda: small.acquire(4 * MiB + 4096))
+        case("acquire -1", lambda: p.acquire(-1))
+        case("acquire 0", lambda: p.acquire(0).size)
+        lease = p.acquire(65536)
+        case("lease size", lambda: lease.size)
+        case("lease buffer", lambda: [type(lease.buffer).__name__, len(lease.buffer), lease.buffer.readonly])
+
+        def write_and_put():
+            lease.buffer[:5] = b"hello"
+            return s.put_from("pooled", lease.ptr, 5)
+
+        case("put_from a lease", write_and_put)
+        case("get", lambda: s.get("pooled"))
+        case("get_into a lease", lambda: s.get_into("pooled", lease.ptr + 4096, 5))
+        case("bytes read into the lease", lambda: bytes(lease.buffer[4096:4101]))
+        case("close with a lease out", lambda: p.close())
+        case("release", lambda: lease.release())
+        case("release again", lambda: lease.release())
+        case("ptr after release", lambda: lease.ptr)
+        case("buffer after release", lambda: lease.buffer)
+        case("size after release", lambda: lease.size)
+
+        def in_with():
+            with p.acquire(4096) as inner:
+                size = inner.size
+            try:
+                inner.ptr
+                after = "open"
+            except RuntimeError:
+                after = "closed"
+            return [size, after]
+
+        case("with block", in_with)
+        q = BufferPool(s, max_bytes=8 * MiB)
+        held = q.acquire(6 * MiB)
+        case("exhausted, no wait", lambda: q.acquire(4 * MiB, block=False))
+        case("exhausted, wait 0.2 s", lambda: q.acquire(4 * MiB, timeout=0.2))
+        case("release frees room", lambda: [held.release(), q.acquire(4 * MiB, block=False).size][1])
+
+        def dropped_lease_frees_room():
+            q.acquire(6 * MiB)  # not kept: collected at once
+            gc.collect()
+            return q.acquire(6 * MiB, block=False).size
+
+        case("a dropped lease frees room", dropped_lease_frees_room)
+        case("buffer()", lambda: q.buffer(5000).size)
+        case("prewarm", lambda: q.prewarm(65536, 4))
+        case("close", lambda: q.close())
+        case("close again", lambda: q.close())
+        case("s.close", lambda: s.close())
+
+    with_master(run)
+
+
 def kv_bootstrap_keys():
     """The Python HTTP metadata server: keys are stripped; blank keys are refused; poll() reports the state."""
     from mooncake.http_metadata_server import KVBootstrapServer
@@ -341,7 +417,7 @@ def mooncake_config():
 SCENARIOS = {
     f.__name__: f
     for f in (replicate_config_fields, store_same_hostname, store_setup_dict_bad_values, store_ctypes_values,
-              kv_bootstrap_keys, mooncake_config, store_without_local_buffer, store_async)
+              kv_bootstrap_keys, mooncake_config, store_without_local_buffer, store_async, store_buffer_pool)
 }
 
 if __name__ == "__main__":
