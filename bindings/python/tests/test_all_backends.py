@@ -65,43 +65,37 @@ def test_libfabric_moves_bytes():
     transfer_between_two_engines("P2PHANDSHAKE", "libfabric")
 
 
+def serve_and_transfer(args, port: int, metadata: str) -> None:
+    """Starts a metadata server (`args`, listening on `port`), moves bytes with it as the metadata, stops it."""
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, proc=proc)
+        transfer_between_two_engines(metadata, "tcp")
+    finally:
+        stop(proc)
+
+
 def test_etcd_metadata():
     etcd = shutil.which("etcd")
     assert etcd, "etcd is not installed (scripts/install-deps.sh installs etcd-server)"
     client, peer = free_port(), free_port()
     with tempfile.TemporaryDirectory() as data:
-        proc = subprocess.Popen(
-            [
-                etcd,
-                "--data-dir", data,
-                "--listen-client-urls", f"http://127.0.0.1:{client}",
-                "--advertise-client-urls", f"http://127.0.0.1:{client}",
-                "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            wait_port(client, proc=proc)
-            transfer_between_two_engines(f"etcd://127.0.0.1:{client}", "tcp")
-        finally:
-            stop(proc)
+        args = [
+            etcd,
+            "--data-dir", data,
+            "--listen-client-urls", f"http://127.0.0.1:{client}",
+            "--advertise-client-urls", f"http://127.0.0.1:{client}",
+            "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+        ]
+        serve_and_transfer(args, client, f"etcd://127.0.0.1:{client}")
 
 
 def test_redis_metadata():
     redis = shutil.which("redis-server")
     assert redis, "redis-server is not installed (scripts/install-deps.sh installs it)"
     port = free_port()
-    proc = subprocess.Popen(
-        [redis, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_port(port, proc=proc)
-        transfer_between_two_engines(f"redis://127.0.0.1:{port}", "tcp")
-    finally:
-        stop(proc)
+    args = [redis, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    serve_and_transfer(args, port, f"redis://127.0.0.1:{port}")
 
 
 def test_bundled_programs_start():

@@ -18,29 +18,14 @@ import time
 import urllib.error
 import urllib.request
 
+# Process helpers that run under either wheel's python (bindings/python/bench/procs.py).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "bench"))
+from procs import free_port, wait_port  # noqa: E402
+
 _fd = os.dup(1)
 os.dup2(2, 1)
 _out = os.fdopen(_fd, "w", buffering=1)
 sys.stdout = sys.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited with {proc.returncode} before listening on {port}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
 
 
 def normalize(v):
