@@ -849,19 +849,25 @@ CTRL_C_CLIENT = textwrap.dedent(
 
 
 def native_stacks(pid: int) -> str:
-    """Every thread's native stack of process `pid` (gdb, when installed), for a failure message."""
+    """The state of process `pid` (running, sleeping, stopped) and every thread's native stack (gdb, when
+    installed), for a failure message."""
     import shutil
 
+    try:
+        with open(f"/proc/{pid}/status", encoding="utf-8") as f:
+            state = next((line.strip() for line in f if line.startswith("State:")), "State: ?")
+    except OSError as e:
+        state = f"State: unreadable ({e})"
     gdb = shutil.which("gdb")
     if not gdb:
-        return "(gdb is not installed)"
+        return f"{state}\n(gdb is not installed)"
     try:
         out = subprocess.run(
             [gdb, "-p", str(pid), "-batch", "-ex", "thread apply all bt"], capture_output=True, text=True, timeout=30
         )
-        return out.stdout
+        return f"{state}\n{out.stdout}"
     except (OSError, subprocess.TimeoutExpired) as e:
-        return f"(gdb failed: {e})"
+        return f"{state}\n(gdb failed: {e})"
 
 
 @pytest.mark.parametrize("mode", ["status", "batch_sync"])
