@@ -824,6 +824,9 @@ CTRL_C_CLIENT = textwrap.dedent(
     import numpy as np
     from mooncake.engine import TransferEngine
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for stacks if exiting takes too long
+    # A process started in the background by a shell without job control (`cmd &` in a script, nohup) inherits
+    # SIGINT ignored, and Python then installs no KeyboardInterrupt handler: put it back, as a terminal would have.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     seg, raddr, peer_pid, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     e = TransferEngine()
     assert e.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0
