@@ -19,9 +19,49 @@ use std::time::{Duration, Instant};
 /// How long a server may take to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// A port that was free on 127.0.0.1 a moment ago (the OS picks it).
+/// Where [`free_port`] looks: above the engines' handshake ports (`MC_MIN_RPC_PORT`..`MC_MAX_RPC_PORT`,
+/// 15000..17000 by default) and below the kernel's ephemeral range (`ip_local_port_range`, from 32768 by
+/// default), so that nothing else takes the port on its own between the test choosing it and its server
+/// binding it.
+const QUIET_PORTS: std::ops::Range<u16> = 20000..32768;
+
+/// Ports [`free_port`] has handed out in this process (never handed out twice).
+static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+
+/// The first port of the kernel's ephemeral range (32768 when it cannot be read).
+fn ephemeral_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse().ok()))
+        .unwrap_or(32768)
+}
+
+/// A port on 127.0.0.1 that nothing listens on, for a server a test is about to start.
+///
+/// A port the OS picks (`bind(0)`) comes from the ephemeral range, where any outgoing connection of any
+/// process may take it as its local port before the server binds it: etcd then exits at start-up with
+/// "address already in use". This one comes from [`QUIET_PORTS`] instead (below the ephemeral range), is
+/// checked bindable, and is not handed out twice by this process.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("binding 127.0.0.1:0")
+    let end = QUIET_PORTS.end.min(ephemeral_start());
+    if end <= QUIET_PORTS.start + 100 {
+        // A machine whose ephemeral range covers the quiet ports: let the OS pick.
+        return TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("bind 127.0.0.1:0");
+    }
+    let span = u32::from(end - QUIET_PORTS.start);
+    let seed = std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), std::process::id());
+    let mut handed = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+    for i in 0..span {
+        let port = QUIET_PORTS.start + ((seed as u32).wrapping_add(i.wrapping_mul(7919)) % span) as u16;
+        if !handed.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed.push(port);
+            return port;
+        }
+    }
+    panic!("no free port on 127.0.0.1 in {}..{end}", QUIET_PORTS.start);
 }
 
 /// Full path of `program` on `PATH`, if it is installed.
@@ -249,9 +289,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn free_ports_are_bindable() {
-        let p = free_port();
-        assert!(TcpListener::bind(("127.0.0.1", p)).is_ok());
+    fn free_ports_are_bindable_outside_the_ephemeral_range_and_never_repeat() {
+        let ports: Vec<u16> = (0..200).map(|_| free_port()).collect();
+        for &p in &ports {
+            assert!(TcpListener::bind(("127.0.0.1", p)).is_ok());
+            assert!(p < ephemeral_start() || ephemeral_start() <= QUIET_PORTS.start + 100, "{p} is an ephemeral port");
+        }
+        let mut unique = ports.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), ports.len(), "a port was handed out twice");
     }
 
     #[test]

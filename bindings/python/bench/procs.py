@@ -2,17 +2,45 @@
 wheel's python): free ports, waiting for a listener, and stopping children by PID."""
 
 import os
+import random
 import signal
 import socket
 import subprocess
 import time
 
 
+# Ports free_port() has handed out in this process.
+_HANDED_OUT: set = set()
+
+
 def free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port on 127.0.0.1 that nothing listens on, for a server about to be started.
+
+    Chosen below the kernel's ephemeral range (20000 up to ip_local_port_range's start), not where bind(0)
+    picks: an outgoing connection of any process may take an ephemeral port as its local port before the
+    server binds it. Checked bindable, and never handed out twice by this process.
+    """
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as f:
+            end = min(32768, int(f.read().split()[0]))
+    except (OSError, ValueError, IndexError):
+        end = 32768
+    if end <= 20100:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    for _ in range(1000):
+        port = random.randrange(20000, end)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free port on 127.0.0.1 in 20000..{end}")
 
 
 def wait_port(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:

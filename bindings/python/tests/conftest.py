@@ -16,11 +16,9 @@ import pytest
 BIN_DIR = os.path.dirname(sys.executable)
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# free_port() is shared with the benches (bindings/python/bench/procs.py), which run under either wheel's python.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+from procs import free_port  # noqa: E402
 
 
 def program(name: str) -> str:
