@@ -44,11 +44,12 @@ DELIBERATE = {
 }
 
 
-def run(python: str, scenario: str) -> dict:
+def run(python: str, scenario: str, script: str = SCRIPT) -> dict:
+    """Runs one scenario of `script` (a file in differential/) under `python`; its results by case name."""
     env = dict(os.environ)
     if python == UPSTREAM_PYTHON:
         env["MC_FORCE_TCP"] = "1"
-    out = subprocess.run([python, SCRIPT, scenario], capture_output=True, timeout=300, env=env)
+    out = subprocess.run([python, script, scenario], capture_output=True, timeout=300, env=env)
     assert out.returncode == 0, f"{scenario} under {python}: exit {out.returncode}\n{out.stderr.decode()[-3000:]}"
     results = {}
     for line in out.stdout.decode().splitlines():
