@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::master::{KeyInfo, MasterStats, PingOutcome, SegmentInfo};
+use crate::master::{KeyInfo, MasterStats, PingOutcome, SegmentInfo, TaskAssignment, TaskId, TaskInfo};
 use crate::types::{ClientId, ReplicaDescriptor, ReplicateConfig, Result, Segment};
 
 /// Service name both sides check in the RPC hello.
@@ -116,6 +116,75 @@ pub enum Request {
     },
     /// Totals.
     Stats,
+    // Later additions go last, so the variant numbers of the earlier ones stay what older peers send.
+    /// Clears replicas of keys whose lease has run out (on one segment, or whole objects when `segment` is
+    /// empty); answered with the keys cleared.
+    ReplicaClear {
+        /// Keys.
+        keys: Vec<String>,
+        /// Segment name, or empty for every replica.
+        segment: String,
+    },
+    /// Queues a copy of an object to more segments; answered with [`Response::Task`].
+    CreateCopyTask {
+        /// Key.
+        key: String,
+        /// Segment names.
+        targets: Vec<String>,
+    },
+    /// Queues a move of an object's replica; answered with [`Response::Task`].
+    CreateMoveTask {
+        /// Key.
+        key: String,
+        /// Segment holding the replica to move.
+        source: String,
+        /// Segment to move it to.
+        target: String,
+    },
+    /// A task's state; answered with [`Response::TaskInfo`] (times in epoch milliseconds).
+    QueryTask {
+        /// The task.
+        id: TaskId,
+    },
+    /// Hands the calling client up to `max` of its pending tasks; answered with [`Response::Tasks`].
+    FetchTasks {
+        /// The calling client.
+        client: ClientId,
+        /// Most tasks wanted.
+        max: u32,
+    },
+    /// How a fetched task ended; answered with `Done`.
+    CompleteTask {
+        /// The calling client.
+        client: ClientId,
+        /// The task.
+        id: TaskId,
+        /// Whether it succeeded.
+        ok: bool,
+        /// What happened.
+        message: String,
+    },
+    /// Reserves a task's new replicas; answered with [`Response::CopyPlan`].
+    CopyStart {
+        /// The calling client.
+        client: ClientId,
+        /// The task.
+        id: TaskId,
+    },
+    /// The task's bytes are copied: make the new replicas part of the object; answered with `Done`.
+    CopyEnd {
+        /// The calling client.
+        client: ClientId,
+        /// The task.
+        id: TaskId,
+    },
+    /// The copy failed: free what `CopyStart` reserved; answered with `Done`.
+    CopyRevoke {
+        /// The calling client.
+        client: ClientId,
+        /// The task.
+        id: TaskId,
+    },
 }
 
 /// The master's answer; each request kind has one response kind.
@@ -143,6 +212,17 @@ pub enum Response {
     Key(Result<KeyInfo>),
     /// To `Stats`.
     Stats(MasterStats),
+    // Later additions go last (see `Request`).
+    /// To `ReplicaClear`.
+    Keys(Vec<String>),
+    /// To `CreateCopyTask`, `CreateMoveTask`.
+    Task(Result<TaskId>),
+    /// To `QueryTask`.
+    TaskInfo(Result<TaskInfo>),
+    /// To `FetchTasks`.
+    Tasks(Vec<TaskAssignment>),
+    /// To `CopyStart`: the replica to read and the new replicas to write.
+    CopyPlan(Result<(ReplicaDescriptor, Vec<ReplicaDescriptor>)>),
 }
 
 impl Request {
@@ -167,6 +247,15 @@ impl Request {
             Request::Remove { .. } => "remove",
             Request::RemoveByRegex { .. } => "remove_by_regex",
             Request::RemoveAll { .. } => "remove_all",
+            Request::ReplicaClear { .. } => "batch_replica_clear",
+            Request::CreateCopyTask { .. } => "create_copy_task",
+            Request::CreateMoveTask { .. } => "create_move_task",
+            Request::QueryTask { .. } => "query_task",
+            Request::FetchTasks { .. } => "fetch_tasks",
+            Request::CompleteTask { .. } => "complete_task",
+            Request::CopyStart { .. } => "copy_start",
+            Request::CopyEnd { .. } => "copy_end",
+            Request::CopyRevoke { .. } => "copy_revoke",
             Request::GetAllSegments => "get_all_segments",
             Request::QueryKey { .. } => "query_key",
             Request::Stats => "stats",
@@ -181,12 +270,17 @@ impl Response {
             Response::Done(r) => r.is_err(),
             Response::Count(r) => r.is_err(),
             Response::Key(r) => r.is_err(),
+            Response::Task(r) => r.is_err(),
+            Response::TaskInfo(r) => r.is_err(),
+            Response::CopyPlan(r) => r.is_err(),
             Response::Exist(v) => !v.is_empty() && v.iter().all(|r| r.is_err()),
             Response::Replicas(v) => !v.is_empty() && v.iter().all(|r| r.is_err()),
             Response::Sizes(v) => !v.is_empty() && v.iter().all(|r| r.is_err()),
             Response::Placed(v) => !v.is_empty() && v.iter().all(|r| r.is_err()),
             Response::PerKey(v) => !v.is_empty() && v.iter().all(|r| r.is_err()),
-            Response::Ping(_) | Response::Segments(_) | Response::Stats(_) => false,
+            Response::Ping(_) | Response::Segments(_) | Response::Stats(_) | Response::Keys(_) | Response::Tasks(_) => {
+                false
+            }
         }
     }
 }

@@ -76,11 +76,17 @@ pub enum ErrorCode {
     /// The operation is not supported by this master or client.
     #[error("operation not supported")]
     NotSupported,
+    /// No task with that id (never created, or finished long enough ago to be forgotten).
+    #[error("task not found")]
+    TaskNotFound,
+    /// The master's queue of pending tasks is full; retry later.
+    #[error("too many pending tasks; retry later")]
+    TaskPendingLimitExceeded,
 }
 
 impl ErrorCode {
     /// Every variant, for iteration in tests and tables.
-    pub const ALL: [ErrorCode; 20] = [
+    pub const ALL: [ErrorCode; 22] = [
         ErrorCode::Internal,
         ErrorCode::BufferOverflow,
         ErrorCode::SegmentNotFound,
@@ -101,6 +107,8 @@ impl ErrorCode {
         ErrorCode::RpcTimeout,
         ErrorCode::UnavailableInCurrentStatus,
         ErrorCode::NotSupported,
+        ErrorCode::TaskNotFound,
+        ErrorCode::TaskPendingLimitExceeded,
     ];
 
     /// The upstream integer code (negative; 0 means success and has no variant).
@@ -126,6 +134,8 @@ impl ErrorCode {
             ErrorCode::RpcTimeout => -901,
             ErrorCode::UnavailableInCurrentStatus => -1010,
             ErrorCode::NotSupported => -1012,
+            ErrorCode::TaskNotFound => -1400,
+            ErrorCode::TaskPendingLimitExceeded => -1401,
         }
     }
 
@@ -328,6 +338,8 @@ pub struct MasterConfig {
     pub allocation_strategy: AllocationStrategy,
     /// Name of the cluster (used by the service for metadata prefixes).
     pub cluster_id: String,
+    /// Limits and timeouts of copy and move tasks.
+    pub tasks: crate::master::TaskConfig,
 }
 
 impl Default for MasterConfig {
@@ -344,6 +356,7 @@ impl Default for MasterConfig {
             put_start_discard_timeout_ms: 30_000,
             allocation_strategy: AllocationStrategy::Random,
             cluster_id: "mooncake_cluster".to_string(),
+            tasks: Default::default(),
         }
     }
 }

@@ -630,3 +630,98 @@ fn many_threads_share_one_client_and_close_races_with_calls() {
     }
     a.close().unwrap();
 }
+
+#[test]
+fn put_and_get_sessions_move_ranges_across_clients() {
+    let master = Master::start();
+    let a = client(&master);
+    let b = client(&master);
+    let len = 300 << 10;
+    let mut src = Registered::new(&a, 2 * len, 0);
+    src.write(0, &pattern(2 * len, 7));
+    let keys = vec!["s-remote".to_string(), "s-own".to_string()];
+    // One object on B (remote writes), one on A (memcpy), two replicas each where possible.
+    assert_eq!(a.put_session_start(&keys[..1], &[len as u64], &on(&[&b], 1)), vec![Ok(())]);
+    assert_eq!(a.put_session_start(&keys[1..], &[len as u64], &on(&[&a], 1)), vec![Ok(())]);
+    assert_eq!(a.is_exist("s-remote"), Err(ErrorCode::ReplicaNotReady));
+    // Starting an open session again, or a zero size, is refused.
+    assert_eq!(a.put_session_start(&keys[..1], &[len as u64], &on(&[&b], 1)), vec![Err(ErrorCode::InvalidParams)]);
+    assert_eq!(a.put_session_start(&["z".to_string()], &[0], &on(&[&b], 1)), vec![Err(ErrorCode::InvalidParams)]);
+    // Written in two halves, the second first.
+    let half = (len / 2) as u64;
+    let ranges = vec![(src.at(len / 2), half, half), (src.at(0), half, 0)];
+    assert_eq!(a.put_session_write(&keys, &[ranges.clone(), ranges.clone()]), vec![Ok(len as u64); 2]);
+    // Past the end, or outside registered memory: refused per key.
+    let bad = vec![vec![(src.at(0), 10, len as u64 - 5)], vec![(4096, 10, 0)]];
+    assert_eq!(a.put_session_write(&keys, &bad), vec![Err(ErrorCode::InvalidParams); 2]);
+    assert_eq!(a.put_session_end(&keys), vec![Ok(()); 2]);
+    assert_eq!(a.put_session_end(&keys), vec![Err(ErrorCode::InvalidParams); 2]);
+    for k in &keys {
+        assert_eq!(b.get(k).unwrap(), src.read(0, len));
+    }
+
+    // Get session on B: ranges of both objects (one on A, read through the engine; one on B, by memcpy).
+    let dst = Registered::new(&b, len, 0);
+    assert_eq!(b.get_session_start(&keys), vec![Ok(()); 2]);
+    assert_eq!(b.get_session_start(&["nope".to_string()]), vec![Err(ErrorCode::ObjectNotFound)]);
+    let reads = vec![vec![(dst.at(0), 100, 1000)], vec![(dst.at(100), 50, len as u64 - 50), (dst.at(150), 10, 0)]];
+    assert_eq!(b.get_session_read(&keys, &reads), vec![Ok(100), Ok(60)]);
+    assert_eq!(dst.read(0, 100), src.read(1000, 100));
+    assert_eq!(dst.read(100, 50), src.read(len - 50, 50));
+    assert_eq!(dst.read(150, 10), src.read(0, 10));
+    b.get_session_end(&keys).unwrap();
+    assert_eq!(b.get_session_read(&keys[..1], &reads[..1]), vec![Err(ErrorCode::InvalidParams)]);
+
+    // A revoked session leaves nothing behind.
+    assert_eq!(a.put_session_start(&["r".to_string()], &[4096], &on(&[&b], 1)), vec![Ok(())]);
+    assert_eq!(a.put_session_revoke(&["r".to_string()]), vec![Ok(())]);
+    assert_eq!(a.is_exist("r"), Ok(false));
+}
+
+#[test]
+fn copy_and_move_tasks_run_on_the_holder_and_replica_clear_drops_one_segment() {
+    use mooncake_store::master::TaskStatus;
+    let master = Master::start();
+    let a = client(&master);
+    let b = client(&master);
+    let value = pattern(1 << 20, 3);
+    a.put("t", &value, &on(&[&a], 1)).unwrap();
+    let finished = |id| {
+        let mut info = None;
+        wait_until("the task to end", Duration::from_secs(20), || {
+            let i = a.query_task(id).unwrap();
+            let done = matches!(i.status, TaskStatus::Success | TaskStatus::Failed);
+            info = Some(i);
+            done
+        });
+        info.unwrap()
+    };
+    let segments = |key: &str| {
+        let mut s: Vec<String> = a.get_replica_desc(key).unwrap().into_iter().map(|r| r.segment).collect();
+        s.sort();
+        s
+    };
+    let mut both = vec![a.hostname().to_string(), b.hostname().to_string()];
+    both.sort();
+
+    let copy = a.create_copy_task("t", &[b.hostname().to_string()]).unwrap();
+    let info = finished(copy);
+    assert_eq!(info.status, TaskStatus::Success, "{}", info.message);
+    assert_eq!(info.assigned_client, a.client_id());
+    assert_eq!(segments("t"), both);
+    // The copy on B holds the same bytes: read it with A's replica gone.
+    let mv = b.create_move_task("t", a.hostname(), b.hostname()).unwrap();
+    assert_eq!(finished(mv).status, TaskStatus::Success);
+    assert_eq!(segments("t"), vec![b.hostname().to_string()]);
+    assert_eq!(a.get("t").unwrap(), value);
+
+    assert_eq!(a.create_copy_task("missing", &[b.hostname().to_string()]), Err(ErrorCode::ObjectNotFound));
+    assert_eq!(a.create_copy_task("t", &["nosuch:1".to_string()]), Err(ErrorCode::InvalidParams));
+    assert_eq!(a.query_task(mooncake_store::master::TaskId(1, 2)), Err(ErrorCode::TaskNotFound));
+
+    // replica_clear: an object read a moment ago keeps its replicas; one never read goes.
+    a.put("c", b"clear me", &on(&[&a, &b], 2)).unwrap();
+    assert_eq!(a.replica_clear(&["c".to_string(), "t".to_string()], b.hostname()), Ok(vec!["c".to_string()]));
+    assert_eq!(segments("c"), vec![a.hostname().to_string()]);
+    assert_eq!(a.replica_clear(&["c".to_string()], ""), Ok(vec![]));
+}

@@ -100,6 +100,111 @@ impl From<RustStatus> for ReplicaStatus {
     }
 }
 
+/// What a copy or move task does (upstream values).
+#[pyclass(module = "mooncake.store", eq, eq_int, from_py_object)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[allow(clippy::upper_case_acronyms, non_camel_case_types)]
+pub enum TaskType {
+    /// Add replicas on more segments.
+    REPLICA_COPY = 0,
+    /// Move a replica to another segment.
+    REPLICA_MOVE = 1,
+}
+
+crate::convert::name_and_value!(TaskType { REPLICA_COPY, REPLICA_MOVE });
+
+/// Where a copy or move task stands (upstream values).
+#[pyclass(module = "mooncake.store", eq, eq_int, from_py_object)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[allow(clippy::upper_case_acronyms)]
+pub enum TaskStatus {
+    /// Queued for the client that runs it.
+    PENDING = 0,
+    /// Being run.
+    PROCESSING = 1,
+    /// Given up; `message` says why.
+    FAILED = 2,
+    /// Done.
+    SUCCESS = 3,
+}
+
+crate::convert::name_and_value!(TaskStatus { PENDING, PROCESSING, FAILED, SUCCESS });
+
+/// What `query_task` reports about a task. Ids are `(high, low)` pairs of 64-bit ints, as upstream's UUIDs.
+#[pyclass(module = "mooncake.store", get_all, set_all, from_py_object)]
+#[derive(Clone, Debug)]
+pub struct QueryTaskResponse {
+    /// The task.
+    pub id: (u64, u64),
+    /// Copy or move.
+    #[pyo3(name = "type")]
+    pub kind: TaskType,
+    /// Current state.
+    pub status: TaskStatus,
+    /// When it was created, in milliseconds since the Unix epoch.
+    pub created_at_ms_epoch: u64,
+    /// When its state last changed, in milliseconds since the Unix epoch.
+    pub last_updated_at_ms_epoch: u64,
+    /// Why it failed, or what it did.
+    pub message: String,
+    /// The client that runs it.
+    pub assigned_client: (u64, u64),
+}
+
+#[pymethods]
+impl QueryTaskResponse {
+    #[new]
+    fn new() -> Self {
+        QueryTaskResponse {
+            id: (0, 0),
+            kind: TaskType::REPLICA_COPY,
+            status: TaskStatus::PENDING,
+            created_at_ms_epoch: 0,
+            last_updated_at_ms_epoch: 0,
+            message: String::new(),
+            assigned_client: (0, 0),
+        }
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "QueryTaskResponse(id={:?}, type={:?}, status={:?}, message={:?}, assigned_client={:?})",
+            self.id, self.kind, self.status, self.message, self.assigned_client
+        )
+    }
+}
+
+impl From<mooncake_store::master::TaskInfo> for QueryTaskResponse {
+    fn from(t: mooncake_store::master::TaskInfo) -> Self {
+        use mooncake_store::master::{TaskKind, TaskStatus as S};
+        QueryTaskResponse {
+            id: (t.id.0, t.id.1),
+            kind: match t.kind {
+                TaskKind::ReplicaCopy => TaskType::REPLICA_COPY,
+                TaskKind::ReplicaMove => TaskType::REPLICA_MOVE,
+            },
+            status: match t.status {
+                S::Pending => TaskStatus::PENDING,
+                S::Processing => TaskStatus::PROCESSING,
+                S::Success => TaskStatus::SUCCESS,
+                S::Failed => TaskStatus::FAILED,
+            },
+            created_at_ms_epoch: t.created_at_ms,
+            last_updated_at_ms_epoch: t.updated_at_ms,
+            message: t.message,
+            assigned_client: ((t.assigned_client.0 >> 64) as u64, t.assigned_client.0 as u64),
+        }
+    }
+}
+
+/// A task id as `create_*_task` returns it: `((high, low), code)`, `(0, 0)` on failure.
+fn task_answer(r: Result<mooncake_store::master::TaskId, ErrorCode>) -> ((u64, u64), i32) {
+    match r {
+        Ok(id) => ((id.0, id.1), 0),
+        Err(e) => ((0, 0), e.code()),
+    }
+}
+
 /// What a write does with the object's soft pin (upstream values).
 #[pyclass(module = "mooncake.store", eq, eq_int, from_py_object)]
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -141,6 +246,9 @@ pub struct ReplicateConfig {
     /// Objects sharing a group id are evicted together.
     #[pyo3(set)]
     pub group_ids: Option<Vec<String>>,
+    /// What the object holds (informational, as upstream; default UNKNOWN).
+    #[pyo3(set)]
+    pub data_type: ObjectDataType,
 }
 
 #[pymethods]
@@ -156,6 +264,7 @@ impl ReplicateConfig {
             preferred_segment: String::new(),
             prefer_alloc_in_same_node: false,
             group_ids: None,
+            data_type: ObjectDataType::UNKNOWN,
         }
     }
 
@@ -197,14 +306,15 @@ impl ReplicateConfig {
 
     fn __repr__(&self) -> String {
         format!(
-            "ReplicateConfig(replica_num={}, soft_pin_action={:?}, soft_pin_ttl_ms={:?}, with_hard_pin={}, preferred_segments={:?}, prefer_alloc_in_same_node={}, group_ids={:?})",
+            "ReplicateConfig(replica_num={}, soft_pin_action={:?}, soft_pin_ttl_ms={:?}, with_hard_pin={}, preferred_segments={:?}, prefer_alloc_in_same_node={}, group_ids={:?}, data_type={:?})",
             self.replica_num,
             self.soft_pin_action,
             self.soft_pin_ttl_ms,
             self.with_hard_pin,
             self.preferred_segments,
             self.prefer_alloc_in_same_node,
-            self.group_ids
+            self.group_ids,
+            self.data_type
         )
     }
 }
@@ -458,9 +568,24 @@ fn codes(rs: Vec<Result<(), ErrorCode>>) -> Vec<i32> {
     rs.iter().map(code).collect()
 }
 
-/// First failure of a batch (0 when all passed), for calls whose upstream form returns one int.
-fn first_error(rs: &[Result<(), ErrorCode>]) -> i32 {
-    rs.iter().find_map(|r| r.err()).map_or(0, |e| e.code())
+/// A put's code: as upstream, a key that already exists is not a failure of `put` (the stored value stays;
+/// `upsert` replaces it), so `ObjectAlreadyExists` reads 0.
+fn put_code(r: &Result<(), ErrorCode>) -> i32 {
+    match r {
+        Err(ErrorCode::ObjectAlreadyExists) => 0,
+        r => code(r),
+    }
+}
+
+/// [`put_code`] per key.
+fn put_codes(rs: Vec<Result<(), ErrorCode>>) -> Vec<i32> {
+    rs.iter().map(put_code).collect()
+}
+
+/// First failure of a put batch ([`put_code`] per key; 0 when all passed), for calls whose upstream form
+/// returns one int.
+fn first_put_error(rs: &[Result<(), ErrorCode>]) -> i32 {
+    rs.iter().map(put_code).find(|c| *c != 0).unwrap_or(0)
 }
 
 fn config_of(config: Option<PyRef<'_, ReplicateConfig>>) -> RustConfig {
@@ -481,16 +606,21 @@ fn size_arg(obj: &Bound<'_, PyAny>, arg: &str) -> PyResult<u64> {
     Err(PyTypeError::new_err(format!("{arg}: expected an int or a size string, got {}", type_name(obj))))
 }
 
-/// Reads keys: a list of str (TypeError for anything else).
-fn keys_arg(obj: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
-    list_items(obj, "keys")?
+/// A list of str (TypeError for anything else).
+fn str_list(obj: &Bound<'_, PyAny>, arg: &str) -> PyResult<Vec<String>> {
+    list_items(obj, arg)?
         .iter()
         .map(|k| {
             k.cast::<PyString>()
-                .map_err(|_| PyTypeError::new_err(format!("keys: expected str, got {}", type_name(k))))
+                .map_err(|_| PyTypeError::new_err(format!("{arg}: expected str, got {}", type_name(k))))
                 .and_then(|s| Ok(s.to_str()?.to_string()))
         })
         .collect()
+}
+
+/// Reads keys: a list of str (TypeError for anything else).
+fn keys_arg(obj: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
+    str_list(obj, "keys")
 }
 
 /// Lengths of a zero-copy batch: negative ones become `u64::MAX`, which the client refuses per key.
@@ -696,7 +826,7 @@ impl PyStore {
             Err(rc) => return Ok(rc),
         };
         let bytes = view.as_slice();
-        Ok(code(&py.detach(|| c.put(key, bytes, &cfg))))
+        Ok(put_code(&py.detach(|| c.put(key, bytes, &cfg))))
     }
 
     /// Stores the concatenation of `parts` under `key`. 0 or a negative code.
@@ -940,7 +1070,7 @@ impl PyStore {
         if ptrs.len() != keys.len() || lens.len() != keys.len() {
             return Ok(vec![ErrorCode::InvalidParams.code(); keys.len()]);
         }
-        Ok(codes(py.detach(|| c.batch_put_from_multi_buffers(&keys, &ptrs, &lens, &cfg))))
+        Ok(put_codes(py.detach(|| c.batch_put_from_multi_buffers(&keys, &ptrs, &lens, &cfg))))
     }
 
     /// Reads each key into several buffers (filled in order): bytes read or a negative code, per key.
@@ -1042,6 +1172,182 @@ impl PyStore {
         Ok(out)
     }
 
+    // ---- copy and move tasks ----------------------------------------------------------------
+
+    /// Copies an object to more segments (run by the client holding it). `(task_id, 0)` or `((0, 0), code)`.
+    fn create_copy_task(&self, py: Python<'_>, key: &str, targets: &Bound<'_, PyAny>) -> PyResult<((u64, u64), i32)> {
+        let targets = str_list(targets, "targets")?;
+        let Some(c) = self.client() else { return Ok(((0, 0), UNAVAILABLE)) };
+        Ok(task_answer(py.detach(|| c.create_copy_task(key, &targets))))
+    }
+
+    /// Moves an object's replica from segment `source` to segment `target`. `(task_id, 0)` or
+    /// `((0, 0), code)`.
+    fn create_move_task(&self, py: Python<'_>, key: &str, source: &str, target: &str) -> ((u64, u64), i32) {
+        let Some(c) = self.client() else { return ((0, 0), UNAVAILABLE) };
+        task_answer(py.detach(|| c.create_move_task(key, source, target)))
+    }
+
+    /// A task's state: `(QueryTaskResponse, 0)` or `(None, code)` (-1400 for an unknown id).
+    fn query_task(&self, py: Python<'_>, task_id: (u64, u64)) -> (Option<QueryTaskResponse>, i32) {
+        let Some(c) = self.client() else { return (None, UNAVAILABLE) };
+        match py.detach(|| c.query_task(mooncake_store::master::TaskId(task_id.0, task_id.1))) {
+            Ok(info) => (Some(info.into()), 0),
+            Err(e) => (None, e.code()),
+        }
+    }
+
+    // ---- sessions --------------------------------------------------------------------------
+    //
+    // Before setup and after close these return an empty list (batch_get_session_end: -1), as upstream's.
+
+    /// Starts a put session: reserves `keys[i]` with `sizes[i]` bytes without writing them (not readable until
+    /// `batch_put_session_end`). One code per key.
+    #[pyo3(signature = (keys, sizes, config = None))]
+    fn batch_put_session_start(
+        &self,
+        py: Python<'_>,
+        keys: &Bound<'_, PyAny>,
+        sizes: &Bound<'_, PyAny>,
+        config: Option<PyRef<'_, ReplicateConfig>>,
+    ) -> PyResult<Vec<i32>> {
+        let keys = keys_arg(keys)?;
+        let sizes = sizes_arg(sizes, "sizes")?;
+        let cfg = config_of(config);
+        let Some(c) = self.client() else { return Ok(Vec::new()) };
+        Ok(codes(py.detach(|| c.put_session_start(&keys, &sizes, &cfg))))
+    }
+
+    /// Completes put sessions: the objects become readable. One code per key (-600 without a session).
+    fn batch_put_session_end(&self, py: Python<'_>, keys: &Bound<'_, PyAny>) -> PyResult<Vec<i32>> {
+        let keys = keys_arg(keys)?;
+        let Some(c) = self.client() else { return Ok(Vec::new()) };
+        Ok(codes(py.detach(|| c.put_session_end(&keys))))
+    }
+
+    /// Abandons put sessions: the space is freed and the keys stay absent. One code per key.
+    fn batch_put_session_revoke(&self, py: Python<'_>, keys: &Bound<'_, PyAny>) -> PyResult<Vec<i32>> {
+        let keys = keys_arg(keys)?;
+        let Some(c) = self.client() else { return Ok(Vec::new()) };
+        Ok(codes(py.detach(|| c.put_session_revoke(&keys))))
+    }
+
+    /// Starts a get session: looks up each key's replicas once for `batch_get_into_multi_buffer_ranges`. One
+    /// code per key.
+    fn batch_get_session_start(&self, py: Python<'_>, keys: &Bound<'_, PyAny>) -> PyResult<Vec<i32>> {
+        let keys = keys_arg(keys)?;
+        let Some(c) = self.client() else { return Ok(Vec::new()) };
+        Ok(codes(py.detach(|| c.get_session_start(&keys))))
+    }
+
+    /// Ends get sessions (keys without one are ignored). 0 or a negative code.
+    fn batch_get_session_end(&self, py: Python<'_>, keys: &Bound<'_, PyAny>) -> PyResult<i32> {
+        let keys = keys_arg(keys)?;
+        let Some(c) = self.client() else { return Ok(ErrorCode::Internal.code()) };
+        Ok(code(&py.detach(|| c.get_session_end(&keys))))
+    }
+
+    /// Writes ranges of registered buffers into objects of open put sessions: for key `i`, range `k` copies
+    /// `all_sizes[i][k]` bytes from `all_buffer_ptrs[i][k]` to offset `all_dst_offsets[i][k]` of the object.
+    /// Bytes written or a negative code, per key.
+    fn batch_put_from_multi_buffer_ranges(
+        &self,
+        py: Python<'_>,
+        keys: &Bound<'_, PyAny>,
+        all_buffer_ptrs: &Bound<'_, PyAny>,
+        all_sizes: &Bound<'_, PyAny>,
+        all_dst_offsets: &Bound<'_, PyAny>,
+    ) -> PyResult<Vec<i64>> {
+        let (keys, ranges) = ranges_args(keys, all_buffer_ptrs, all_sizes, all_dst_offsets, "all_dst_offsets")?;
+        let Some(c) = self.client() else { return Ok(Vec::new()) };
+        let results = py.detach(|| c.put_session_write(&keys, &ranges));
+        Ok(results.into_iter().map(|r| r.map_or_else(|e| e.code().into(), |n| n as i64)).collect())
+    }
+
+    /// Reads ranges of objects with a get session into registered buffers: for key `i`, range `k` fills
+    /// `all_sizes[i][k]` bytes at `all_buffer_ptrs[i][k]` from offset `all_src_offsets[i][k]` of the object.
+    /// Bytes read or a negative code, per key.
+    fn batch_get_into_multi_buffer_ranges(
+        &self,
+        py: Python<'_>,
+        keys: &Bound<'_, PyAny>,
+        all_buffer_ptrs: &Bound<'_, PyAny>,
+        all_sizes: &Bound<'_, PyAny>,
+        all_src_offsets: &Bound<'_, PyAny>,
+    ) -> PyResult<Vec<i64>> {
+        let (keys, ranges) = ranges_args(keys, all_buffer_ptrs, all_sizes, all_src_offsets, "all_src_offsets")?;
+        let Some(c) = self.client() else { return Ok(Vec::new()) };
+        let results = py.detach(|| c.get_session_read(&keys, &ranges));
+        Ok(results.into_iter().map(|r| r.map_or_else(|e| e.code().into(), |n| n as i64)).collect())
+    }
+
+    // ---- other writes ----------------------------------------------------------------------
+
+    /// Stores `metadata_size` bytes at `metadata_buffer_ptr` followed by `size` bytes at `buffer_ptr` (both in
+    /// registered buffers) as one object. 0 or a negative code.
+    #[pyo3(signature = (key, buffer_ptr, metadata_buffer_ptr, size, metadata_size, config = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn put_from_with_metadata(
+        &self,
+        py: Python<'_>,
+        key: &str,
+        buffer_ptr: &Bound<'_, PyAny>,
+        metadata_buffer_ptr: &Bound<'_, PyAny>,
+        size: &Bound<'_, PyAny>,
+        metadata_size: &Bound<'_, PyAny>,
+        config: Option<PyRef<'_, ReplicateConfig>>,
+    ) -> PyResult<i32> {
+        let data = AddrArg::new(buffer_ptr, "buffer_ptr", false)?;
+        let meta = AddrArg::new(metadata_buffer_ptr, "metadata_buffer_ptr", false)?;
+        let size = length(size, "size")?.unwrap_or(u64::MAX);
+        let metadata_size = length(metadata_size, "metadata_size")?.unwrap_or(u64::MAX);
+        let cfg = config_of(config);
+        // Upstream's answer before setup is -600 here (not -1010 as for put_from).
+        let Some(c) = self.client() else { return Ok(ErrorCode::InvalidParams.code()) };
+        let (ptrs, lens) = if metadata_size == 0 {
+            (vec![vec![data.addr]], vec![vec![size]])
+        } else {
+            (vec![vec![meta.addr, data.addr]], vec![vec![metadata_size, size]])
+        };
+        let keys = [key.to_string()];
+        Ok(first_put_error(&py.detach(|| c.batch_put_from_multi_buffers(&keys, &ptrs, &lens, &cfg))))
+    }
+
+    /// Upstream's legacy set-up: `setup("localhost:12345", "127.0.0.1:2379", mount_segment_size, 1 GiB,
+    /// protocol, device_name)` with the default master (127.0.0.1:50051). 0 or a negative code (-600 when
+    /// already set up).
+    /// The parameters are (protocol, device_name, mount_segment_size), named as upstream's binding names them.
+    fn init_all(slf: &Bound<'_, Self>, arg0: &str, arg1: &str, arg2: &Bound<'_, PyAny>) -> PyResult<i32> {
+        let size = crate::convert::unsigned(arg2, "mount_segment_size")?;
+        if slf.borrow().client().is_some() {
+            return Ok(ErrorCode::InvalidParams.code());
+        }
+        let r = slf.call_method1("setup", ("localhost:12345", "127.0.0.1:2379", size, 1u64 << 30, arg0, arg1))?;
+        r.extract()
+    }
+
+    /// Memory from a dummy client's shared pool; a real client (this one) has no pool and returns 0, as
+    /// upstream's.
+    fn alloc_from_mem_pool(&self, arg0: &Bound<'_, PyAny>) -> PyResult<u64> {
+        crate::convert::unsigned(arg0, "size")?;
+        Ok(0)
+    }
+
+    /// Clears replicas of keys whose lease has run out and that no write is in flight on: with
+    /// `segment_name`, the replica on that segment (the object goes with its last one), otherwise the whole
+    /// object. Returns the keys cleared.
+    #[pyo3(signature = (keys, segment_name = String::new()))]
+    fn batch_replica_clear(
+        &self,
+        py: Python<'_>,
+        keys: &Bound<'_, PyAny>,
+        segment_name: String,
+    ) -> PyResult<Vec<String>> {
+        let keys = keys_arg(keys)?;
+        let Some(c) = self.client() else { return Ok(Vec::new()) };
+        Ok(py.detach(|| c.replica_clear(&keys, &segment_name)).unwrap_or_default())
+    }
+
     // ---- queries ---------------------------------------------------------------------------
 
     /// 1 if the key exists, 0 if not, negative on error.
@@ -1049,6 +1355,8 @@ impl PyStore {
         let Some(c) = self.client() else { return UNAVAILABLE };
         match py.detach(|| c.is_exist(key)) {
             Ok(b) => i32::from(b),
+            // As upstream: an object whose first write is in flight does not exist yet.
+            Err(ErrorCode::ReplicaNotReady) => 0,
             Err(e) => e.code(),
         }
     }
@@ -1057,7 +1365,15 @@ impl PyStore {
     fn batch_is_exist(&self, py: Python<'_>, keys: &Bound<'_, PyAny>) -> PyResult<Vec<i32>> {
         let keys = keys_arg(keys)?;
         let Some(c) = self.client() else { return Ok(vec![UNAVAILABLE; keys.len()]) };
-        Ok(py.detach(|| c.batch_is_exist(&keys)).into_iter().map(|r| r.map_or_else(|e| e.code(), i32::from)).collect())
+        Ok(py
+            .detach(|| c.batch_is_exist(&keys))
+            .into_iter()
+            .map(|r| match r {
+                Ok(b) => i32::from(b),
+                Err(ErrorCode::ReplicaNotReady) => 0,
+                Err(e) => e.code(),
+            })
+            .collect())
     }
 
     /// The object's length, or a negative code.
@@ -1147,7 +1463,7 @@ impl PyStore {
             Err(rc) => return Ok(rc),
         };
         let slices: Vec<&[u8]> = views.iter().map(ValueView::as_slice).collect();
-        Ok(code(&py.detach(|| {
+        Ok(put_code(&py.detach(|| {
             if upsert {
                 let joined = slices.concat();
                 c.upsert(key, &joined, &cfg)
@@ -1179,7 +1495,7 @@ impl PyStore {
         let slices: Vec<&[u8]> = views.iter().map(ValueView::as_slice).collect();
         let results =
             py.detach(|| if upsert { c.upsert_batch(&keys, &slices, &cfg) } else { c.put_batch(&keys, &slices, &cfg) });
-        Ok(first_error(&results))
+        Ok(first_put_error(&results))
     }
 
     fn write_from_one(
@@ -1197,7 +1513,7 @@ impl PyStore {
         };
         let cfg = config_of(config);
         let Some(c) = self.client() else { return Ok(UNAVAILABLE) };
-        Ok(code(&py.detach(|| {
+        Ok(put_code(&py.detach(|| {
             if upsert { c.upsert_from(key, a.addr, len, &cfg) } else { c.put_from(key, a.addr, len, &cfg) }
         })))
     }
@@ -1221,7 +1537,7 @@ impl PyStore {
         if ptrs.len() != keys.len() || lens.len() != keys.len() {
             return Ok(vec![ErrorCode::InvalidParams.code(); keys.len()]);
         }
-        Ok(codes(py.detach(|| {
+        Ok(put_codes(py.detach(|| {
             if upsert {
                 c.batch_upsert_from(&keys, &ptrs, &lens, &cfg)
             } else {
@@ -1237,6 +1553,34 @@ impl Drop for PyStore {
             let _ = c.close();
         }
     }
+}
+
+/// The keys and per-key ranges `(ptr, len, offset)` of a ranged session call. Nested lists whose shapes do not
+/// match give that key no ranges (the client refuses it with -600); a key list of another length than the
+/// outer lists gives every key none.
+fn ranges_args(
+    keys: &Bound<'_, PyAny>,
+    ptrs: &Bound<'_, PyAny>,
+    sizes: &Bound<'_, PyAny>,
+    offsets: &Bound<'_, PyAny>,
+    offsets_name: &str,
+) -> PyResult<(Vec<String>, Vec<mooncake_store::client::Ranges>)> {
+    let keys = keys_arg(keys)?;
+    let ptrs = nested_ints(ptrs, "all_buffer_ptrs")?;
+    let sizes = nested_sizes(sizes, "all_sizes")?;
+    let offsets = nested_ints(offsets, offsets_name)?;
+    if ptrs.len() != keys.len() || sizes.len() != keys.len() || offsets.len() != keys.len() {
+        return Ok((keys.clone(), vec![Vec::new(); keys.len()]));
+    }
+    let ranges = (0..keys.len())
+        .map(|i| {
+            if ptrs[i].len() != sizes[i].len() || offsets[i].len() != sizes[i].len() {
+                return Vec::new();
+            }
+            (0..sizes[i].len()).map(|k| (ptrs[i][k], sizes[i][k], offsets[i][k])).collect()
+        })
+        .collect();
+    Ok((keys, ranges))
 }
 
 fn nested_ints(obj: &Bound<'_, PyAny>, arg: &str) -> PyResult<Vec<Vec<u64>>> {
@@ -1278,6 +1622,9 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ReplicaStatus>()?;
     m.add_class::<SoftPinAction>()?;
     m.add_class::<ObjectDataType>()?;
+    m.add_class::<TaskType>()?;
+    m.add_class::<TaskStatus>()?;
+    m.add_class::<QueryTaskResponse>()?;
     m.add_class::<ReplicateConfig>()?;
     m.add_class::<Descriptor>()?;
     m.add_class::<MemoryDescriptor>()?;

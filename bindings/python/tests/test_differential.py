@@ -31,6 +31,10 @@ SCENARIOS = [
     "store_without_local_buffer",
     "store_async",
     "store_buffer_pool",
+    "store_sessions",
+    "store_replica_clear",
+    "store_misc_writes",
+    "store_tasks",
 ]
 
 # (scenario, case) -> (ours, upstream's, why ours differs)
@@ -40,6 +44,11 @@ DELIBERATE = {
         {"bytes": "0100"},
         "upstream stores len(value) items' worth of bytes (2 of a 2 x uint32 array's 8), silently truncating the "
         "object; ours stores every byte of the buffer",
+    ),
+    ("store_sessions", "ranges unregistered"): (
+        [-600],
+        [-800],
+        "an address outside every registered buffer is refused as a bad argument before any transfer",
     ),
 }
 

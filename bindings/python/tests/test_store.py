@@ -273,7 +273,8 @@ def test_get_missing_and_errors(store):
     assert store.get_replica_desc("missing") == []
     assert store.remove("missing") == OBJECT_NOT_FOUND
     assert store.put("dup", b"one") == 0
-    assert store.put("dup", b"two") == OBJECT_ALREADY_EXISTS
+    # As upstream: putting an existing key is not an error; the stored value stays (upsert replaces it).
+    assert store.put("dup", b"two") == 0
     assert store.get("dup") == b"one"
     assert store.is_exist("dup") == 1
 
@@ -323,7 +324,8 @@ def test_put_parts(store):
     parts = [b"ab", bytearray(b"cd"), memoryview(b"ef"), np.frombuffer(b"gh", dtype=np.uint8)]
     assert store.put_parts("p", *parts) == 0
     assert store.get("p") == b"abcdefgh"
-    assert store.put_parts("p", b"x") == OBJECT_ALREADY_EXISTS
+    assert store.put_parts("p", b"x") == 0
+    assert store.get("p") == b"abcdefgh"
     cfg = ReplicateConfig()
     assert store.put_parts("p2", b"1", b"2", config=cfg) == 0
     assert store.get("p2") == b"12"
@@ -338,8 +340,8 @@ def test_put_batch_get_batch(store):
     assert store.batch_is_exist(keys + ["nope"]) == [1] * 20 + [0]
     # Length mismatch is a negative code, not an exception.
     assert store.put_batch(["x", "y"], [b"1"]) < 0
-    # Putting existing keys again reports the failure.
-    assert store.put_batch(keys[:2], [b"a", b"b"]) == OBJECT_ALREADY_EXISTS
+    # Putting existing keys again succeeds and keeps the stored values.
+    assert store.put_batch(keys[:2], [b"a", b"b"]) == 0
     assert store.get_batch(keys[:2]) == values[:2]
 
 
@@ -407,7 +409,8 @@ def test_put_from_get_into_ints(store, pool):
     # Too small a buffer: negative, nothing read.
     assert store.get_into("z", dst, 99999) < 0
     assert store.get_into("missing", dst, 1000) == OBJECT_NOT_FOUND
-    assert store.put_from("z", base, 10) == OBJECT_ALREADY_EXISTS
+    assert store.put_from("z", base, 10) == 0
+    assert store.get_size("z") == 100000
     # Negative sizes.
     assert store.put_from("neg", base, -1) < 0
     assert store.get_into("z", dst, -5) < 0
@@ -469,9 +472,9 @@ def test_batch_put_from_get_into(store, pool):
     # Per-key results: a missing key and a too-small buffer fail alone.
     res = store.batch_get_into([keys[0], "missing", keys[1]], [base + out, base + out + size, base + out + 2 * size], [size, size, size - 1])
     assert res[0] == size and res[1] == OBJECT_NOT_FOUND and res[2] < 0
-    # Existing keys fail per key, new ones succeed.
+    # Existing keys are kept (0, as upstream), new ones stored.
     res = store.batch_put_from([keys[0], "fresh"], [base, base], [size, size])
-    assert res == [OBJECT_ALREADY_EXISTS, 0]
+    assert res == [0, 0]
     # Mismatched lengths: per-key negative codes, no exception.
     res = store.batch_put_from(["x", "y"], [base], [size, size])
     assert len(res) == 2 and all(r < 0 for r in res)

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use mooncake_store::master::TaskConfig;
 use mooncake_store::service::ServiceConfig;
 use mooncake_store::types::{AllocationStrategy, MasterConfig};
 
@@ -84,6 +85,42 @@ pub const FLAGS: &[Spec] = &[
         default: "30",
         help: "unfinished puts are reclaimed after this many seconds",
     },
+    Spec {
+        name: "max_total_pending_tasks",
+        kind: Kind::Int,
+        default: "10000",
+        help: "copy/move tasks waiting to be fetched; more are refused",
+    },
+    Spec {
+        name: "max_total_processing_tasks",
+        kind: Kind::Int,
+        default: "10000",
+        help: "copy/move tasks running at once",
+    },
+    Spec {
+        name: "max_total_finished_tasks",
+        kind: Kind::Int,
+        default: "10000",
+        help: "finished copy/move tasks kept for query_task",
+    },
+    Spec {
+        name: "pending_task_timeout_sec",
+        kind: Kind::Int,
+        default: "300",
+        help: "a copy/move task still pending after this fails (0: never)",
+    },
+    Spec {
+        name: "processing_task_timeout_sec",
+        kind: Kind::Int,
+        default: "300",
+        help: "a copy/move task running this long without a report fails (0: never)",
+    },
+    Spec {
+        name: "max_retry_attempts",
+        kind: Kind::Int,
+        default: "10",
+        help: "attempts of a failing copy/move task before it fails",
+    },
     Spec { name: "cluster_id", kind: Kind::Text, default: "mooncake_cluster", help: "cluster id" },
     Spec { name: "config_path", kind: Kind::Text, default: "", help: "JSON file with any of these flags" },
 ];
@@ -133,6 +170,15 @@ pub fn settings(flags: &Flags, ipv6: bool) -> Result<MasterSettings, String> {
     let client_ttl = u64::try_from(flags.int("client_ttl")).map_err(|_| "--client_ttl must be positive".to_string())?;
     let discard = u64::try_from(flags.int("put_start_discard_timeout_sec"))
         .map_err(|_| "--put_start_discard_timeout_sec must be positive")?;
+    let count = |name: &str| u64::try_from(flags.int(name)).map_err(|_| format!("--{name} must not be negative"));
+    let tasks = TaskConfig {
+        max_total_pending_tasks: count("max_total_pending_tasks")? as usize,
+        max_total_processing_tasks: count("max_total_processing_tasks")? as usize,
+        max_total_finished_tasks: count("max_total_finished_tasks")? as usize,
+        pending_task_timeout_ms: count("pending_task_timeout_sec")?.saturating_mul(1000),
+        processing_task_timeout_ms: count("processing_task_timeout_sec")?.saturating_mul(1000),
+        max_retry_attempts: u32::try_from(count("max_retry_attempts")?).unwrap_or(u32::MAX),
+    };
     let master = MasterConfig {
         default_kv_lease_ttl_ms: flags.millis("default_kv_lease_ttl"),
         default_kv_soft_pin_ttl_ms: flags.millis("default_kv_soft_pin_ttl"),
@@ -145,6 +191,7 @@ pub fn settings(flags: &Flags, ipv6: bool) -> Result<MasterSettings, String> {
         put_start_discard_timeout_ms: discard.saturating_mul(1000),
         allocation_strategy,
         cluster_id: flags.text("cluster_id").to_string(),
+        tasks,
     };
     master.validate().map_err(|e| format!("invalid settings: {e}"))?;
     let threads = match flags.int("rpc_thread_num") {

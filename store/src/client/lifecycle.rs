@@ -48,11 +48,20 @@ struct PingState {
     reachable: bool,
 }
 
-/// Stop switch of the ping thread, shared without keeping the client alive.
+/// Stop switch of the ping and task threads, shared without keeping the client alive.
 #[derive(Default)]
-struct PingControl {
+pub(crate) struct PingControl {
     stop: Mutex<bool>,
     wake: Condvar,
+}
+
+impl PingControl {
+    /// Waits `interval` (less if told to stop); false once told to stop.
+    pub(crate) fn sleep(&self, interval: Duration) -> bool {
+        let stop = lock(&self.stop);
+        let (stop, _) = self.wake.wait_timeout_while(stop, interval, |s| !*s).unwrap_or_else(|p| p.into_inner());
+        !*stop
+    }
 }
 
 /// Everything a client owns. Shared by clones of [`super::StoreClient`].
@@ -71,7 +80,10 @@ pub(crate) struct Inner {
     ping: Mutex<PingState>,
     control: Arc<PingControl>,
     ping_thread: Mutex<Option<JoinHandle<()>>>,
+    task_thread: Mutex<Option<JoinHandle<()>>>,
     reported: Mutex<HashMap<String, Instant>>,
+    /// Open put sessions and replicas cached by get sessions.
+    pub(crate) sessions: super::session::Sessions,
 }
 
 /// Whether the background prefault of the segment has ended (or there was none to do).
@@ -233,7 +245,9 @@ impl Inner {
             ping: Mutex::new(PingState { last: Some(Instant::now()), reachable: true }),
             control: Arc::new(PingControl::default()),
             ping_thread: Mutex::new(None),
+            task_thread: Mutex::new(None),
             reported: Mutex::new(HashMap::new()),
+            sessions: Default::default(),
         });
         let weak = Arc::downgrade(&inner);
         let control = inner.control.clone();
@@ -244,6 +258,18 @@ impl Inner {
             Ok(t) => *lock(&inner.ping_thread) = Some(t),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot start the ping thread");
+                inner.close();
+                return Err(ErrorCode::Internal);
+            }
+        }
+        let (weak, control) = (Arc::downgrade(&inner), inner.control.clone());
+        let thread = std::thread::Builder::new()
+            .name("mooncake-store-tasks".into())
+            .spawn(move || super::tasks::task_loop(weak, control, ping_interval));
+        match thread {
+            Ok(t) => *lock(&inner.task_thread) = Some(t),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start the task thread");
                 inner.close();
                 return Err(ErrorCode::Internal);
             }
@@ -269,9 +295,11 @@ impl Inner {
         }
         *lock(&self.control.stop) = true;
         self.control.wake.notify_all();
-        if let Some(t) = lock(&self.ping_thread).take() {
-            if t.thread().id() != std::thread::current().id() {
-                let _ = t.join();
+        for thread in [&self.ping_thread, &self.task_thread] {
+            if let Some(t) = lock(thread).take() {
+                if t.thread().id() != std::thread::current().id() {
+                    let _ = t.join();
+                }
             }
         }
         if let Some(seg) = &self.segment {

@@ -39,7 +39,9 @@ mod lifecycle;
 mod local_copy;
 mod master;
 mod read;
+mod session;
 mod staging;
+mod tasks;
 mod transfer;
 mod write;
 
@@ -50,12 +52,14 @@ use mooncake_core::TransferEngine;
 
 pub use config::ClientConfig;
 pub use lifecycle::{HEALTH_MASTER_UNREACHABLE, HEALTH_NOT_INITIALIZED, HEALTH_OK};
+pub use session::Ranges;
 
 use lifecycle::Inner;
 use master::{per_key, wrong_kind};
 use read::Dest;
 use write::Source;
 
+use crate::master::{TaskId, TaskInfo};
 use crate::protocol::{Request, Response};
 use crate::types::{ClientId, ErrorCode, ReplicaDescriptor, ReplicateConfig, Result};
 
@@ -417,6 +421,109 @@ impl StoreClient {
     pub fn remove_all(&self, force: bool) -> Result<u64> {
         let _open = self.inner.op()?;
         self.count_rpc(Request::RemoveAll { force })
+    }
+
+    /// Clears replicas of `keys` whose lease has run out: the replica on `segment`, or whole objects when it
+    /// is empty. The keys cleared.
+    pub fn replica_clear(&self, keys: &[String], segment: &str) -> Result<Vec<String>> {
+        let _open = self.inner.op()?;
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let request = Request::ReplicaClear { keys: keys.to_vec(), segment: segment.to_string() };
+        match self.inner.master.call(&request)? {
+            Response::Keys(cleared) => Ok(cleared),
+            other => Err(wrong_kind(request.name(), &other)),
+        }
+    }
+
+    // ---- copy and move tasks ----------------------------------------------------------------
+
+    /// Asks the master to copy `key` to each of `targets` (segment names); the client holding the object runs
+    /// the copy. The task's id, for [`StoreClient::query_task`].
+    pub fn create_copy_task(&self, key: &str, targets: &[String]) -> Result<TaskId> {
+        let _open = self.inner.op()?;
+        self.inner.create_copy_task(key, targets)
+    }
+
+    /// Asks the master to move `key`'s replica on segment `source` to segment `target`.
+    pub fn create_move_task(&self, key: &str, source: &str, target: &str) -> Result<TaskId> {
+        let _open = self.inner.op()?;
+        self.inner.create_move_task(key, source, target)
+    }
+
+    /// A task's state (times in milliseconds since the Unix epoch). `TaskNotFound` for an unknown id.
+    pub fn query_task(&self, id: TaskId) -> Result<TaskInfo> {
+        let _open = self.inner.op()?;
+        let request = Request::QueryTask { id };
+        match self.inner.master.call(&request)? {
+            Response::TaskInfo(r) => r,
+            other => Err(wrong_kind(request.name(), &other)),
+        }
+    }
+
+    // ---- sessions -------------------------------------------------------------------------------
+
+    /// Starts put sessions: reserves `(keys[i], sizes[i])` objects without writing them (they are not readable
+    /// until [`StoreClient::put_session_end`]). One result per key; mismatched lengths fail every key with
+    /// `InvalidParams`, as does a size of 0; an existing key is `ObjectAlreadyExists`.
+    pub fn put_session_start(&self, keys: &[String], sizes: &[u64], config: &ReplicateConfig) -> Vec<Result<()>> {
+        match self.inner.op() {
+            Ok(_open) => self.inner.put_session_start(keys, sizes, config),
+            Err(e) => all(keys.len(), e),
+        }
+    }
+
+    /// Writes byte ranges of registered buffers into objects of open put sessions: for key `i`, each
+    /// `(ptr, len, offset)` of `ranges[i]` goes to `offset` of the object, in every replica. Bytes written per
+    /// key; no open session, or a range outside the object or outside registered memory, is `InvalidParams`.
+    pub fn put_session_write(&self, keys: &[String], ranges: &[Ranges]) -> Vec<Result<u64>> {
+        match self.inner.op() {
+            Ok(_open) => self.inner.write_ranges(keys, ranges),
+            Err(e) => all(keys.len(), e),
+        }
+    }
+
+    /// Ends put sessions: the objects become readable. A key without an open session is `InvalidParams`.
+    pub fn put_session_end(&self, keys: &[String]) -> Vec<Result<()>> {
+        match self.inner.op() {
+            Ok(_open) => self.inner.put_session_finish(keys, false),
+            Err(e) => all(keys.len(), e),
+        }
+    }
+
+    /// Abandons put sessions: the reserved space is freed and the keys stay absent.
+    pub fn put_session_revoke(&self, keys: &[String]) -> Vec<Result<()>> {
+        match self.inner.op() {
+            Ok(_open) => self.inner.put_session_finish(keys, true),
+            Err(e) => all(keys.len(), e),
+        }
+    }
+
+    /// Starts get sessions: looks up each key's replicas once, for [`StoreClient::get_session_read`]. One
+    /// result per key (`ObjectNotFound` for a missing one).
+    pub fn get_session_start(&self, keys: &[String]) -> Vec<Result<()>> {
+        match self.inner.op() {
+            Ok(_open) => self.inner.get_session_start(keys),
+            Err(e) => all(keys.len(), e),
+        }
+    }
+
+    /// Reads byte ranges of objects with a get session into registered buffers: for key `i`, each
+    /// `(ptr, len, offset)` of `ranges[i]` is filled from `offset` of the object. Bytes read per key. A cached
+    /// lookup whose lease has run out is refreshed first.
+    pub fn get_session_read(&self, keys: &[String], ranges: &[Ranges]) -> Vec<Result<u64>> {
+        match self.inner.op() {
+            Ok(_open) => self.inner.read_ranges(keys, ranges),
+            Err(e) => all(keys.len(), e),
+        }
+    }
+
+    /// Ends get sessions (keys without one are ignored).
+    pub fn get_session_end(&self, keys: &[String]) -> Result<()> {
+        let _open = self.inner.op()?;
+        self.inner.get_session_end(keys);
+        Ok(())
     }
 
     fn count_rpc(&self, request: Request) -> Result<u64> {

@@ -39,6 +39,10 @@ pub struct MasterCore {
     pub(crate) evicted_total: u64,
     /// Earliest time an unfinished write can become a zombie (`u64::MAX`: none in flight).
     pub(crate) next_zombie_check: u64,
+    /// Copy and move tasks.
+    pub(crate) tasks: super::tasks::TaskQueue,
+    /// Replicas being written by copy and move tasks, by object key (kept out of `Object` to keep it small).
+    pub(crate) copies: HashMap<String, super::objects::PendingCopy>,
 }
 
 impl std::fmt::Debug for MasterCore {
@@ -63,12 +67,19 @@ impl MasterCore {
             eviction_epoch: 0,
             evicted_total: 0,
             next_zombie_check: u64::MAX,
+            tasks: Default::default(),
+            copies: HashMap::new(),
         })
     }
 
     /// The configuration in force.
     pub fn config(&self) -> &MasterConfig {
         &self.config
+    }
+
+    /// The core's clock, in milliseconds.
+    pub fn now_ms(&self) -> u64 {
+        self.now()
     }
 
     pub(crate) fn now(&self) -> u64 {
@@ -84,6 +95,7 @@ impl MasterCore {
         let dropped_clients = self.expire_clients(now);
         let released_allocations = self.release_deferred(now);
         let reclaimed_writes = self.reclaim_zombies(now);
+        let failed_tasks = self.expire_tasks(now);
         let (used, capacity) = self.usage();
         // Relative rounding of the u128 -> f64 conversions is 2^-53, far below any meaningful watermark step.
         let evicted_objects =
@@ -92,7 +104,7 @@ impl MasterCore {
             } else {
                 0
             };
-        TickReport { dropped_clients, released_allocations, reclaimed_writes, evicted_objects }
+        TickReport { dropped_clients, released_allocations, reclaimed_writes, evicted_objects, failed_tasks }
     }
 
     /// Totals for metrics. Byte totals above `u64::MAX` (several segments near the 2^64-byte limit) read as
@@ -210,6 +222,11 @@ impl MasterCore {
         if let Some(up) = o.upsert {
             self.groups.release(&up.protection.groups);
             self.release_replicas(up.replicas, 0);
+        }
+        if !self.copies.is_empty() {
+            if let Some(copy) = self.copies.remove(o.key.as_str()) {
+                self.release_replicas(copy.replicas, 0);
+            }
         }
         self.release_replicas(o.replicas, o.read_until);
     }

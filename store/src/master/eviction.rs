@@ -85,7 +85,12 @@ impl MasterCore {
         let allow_soft = self.config.allow_evict_soft_pinned_objects;
         // Class 0: plain, 1: soft-pinned; None: protected.
         let class_of = |o: &Object| -> Option<u8> {
-            if o.is_writing() || o.hard_pin || o.is_leased(now) || o.admitted_epoch == protected_epoch {
+            if o.is_writing()
+                || (!self.copies.is_empty() && self.copies.contains_key(o.key.as_str()))
+                || o.hard_pin
+                || o.is_leased(now)
+                || o.admitted_epoch == protected_epoch
+            {
                 None
             } else if o.is_soft_pinned(now) {
                 allow_soft.then_some(1)

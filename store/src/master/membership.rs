@@ -164,6 +164,9 @@ impl MasterCore {
                 self.remove_object(i);
             }
         }
+        for copy in self.copies.values_mut() {
+            copy.replicas.retain(|r| !gone(r.segment));
+        }
         self.deferred.retain(|d| !gone(d.segment));
         for &idx in doomed {
             if let Some(s) = self.segments.remove(idx) {

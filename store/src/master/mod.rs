@@ -39,6 +39,7 @@ mod placement;
 mod reads;
 mod removal;
 mod segments;
+mod tasks;
 mod views;
 mod writes;
 
@@ -47,4 +48,5 @@ mod testing;
 
 pub use self::clock::{Clock, ManualClock, SystemClock};
 pub use self::core::MasterCore;
+pub use self::tasks::{TaskAssignment, TaskConfig, TaskId, TaskInfo, TaskKind, TaskStatus};
 pub use self::views::{KeyInfo, MasterStats, PingOutcome, SegmentInfo, TickReport};

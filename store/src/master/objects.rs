@@ -59,6 +59,15 @@ pub(crate) struct PendingUpsert {
     pub(crate) protection: Protection,
 }
 
+/// A copy or move task's new replicas, being written while readers use the object's replicas.
+#[derive(Debug)]
+pub(crate) struct PendingCopy {
+    pub(crate) task: super::tasks::TaskId,
+    pub(crate) replicas: Replicas,
+    /// The replica being read (for a move, the one to drop).
+    pub(crate) source: Replica,
+}
+
 /// Metadata of one object. Times are milliseconds of the core's clock.
 #[derive(Debug)]
 pub(crate) struct Object {

@@ -38,6 +38,45 @@ impl MasterCore {
         self.remove_where(force, |_| true)
     }
 
+    /// Clears replicas of keys whose lease has run out and that no write is in flight on (missing keys and
+    /// the others are skipped). With an empty `segment` the whole object goes; otherwise only its replica on
+    /// that segment, and the object with it when that was its last. Returns the keys cleared, in order.
+    /// Bytes a reader got addresses of stay in place until its lease runs out, as with `remove`.
+    pub fn replica_clear<S: AsRef<str>>(&mut self, keys: &[S], segment: &str) -> Vec<String> {
+        let target = if segment.is_empty() {
+            None
+        } else {
+            match self.segments.find(segment) {
+                Some(slot) => Some(slot),
+                None => return Vec::new(),
+            }
+        };
+        let mut cleared = Vec::new();
+        for key in keys {
+            let key = key.as_ref();
+            let Ok(idx) = self.find(key) else { continue };
+            if self.check_removable(idx, false).is_err() {
+                continue;
+            }
+            let Some(slot) = target else {
+                self.remove_object(idx);
+                cleared.push(key.to_string());
+                continue;
+            };
+            let Some(o) = self.objects.get_mut(idx) else { continue };
+            let Some(pos) = o.replicas.iter().position(|r| r.segment == slot) else { continue };
+            if o.replicas.len() == 1 {
+                self.remove_object(idx);
+            } else {
+                let replica = o.replicas.remove(pos);
+                let read_until = o.read_until;
+                self.release_replicas([replica], read_until);
+            }
+            cleared.push(key.to_string());
+        }
+        cleared
+    }
+
     fn check_removable(&self, idx: usize, force: bool) -> Result<()> {
         let o = self.objects.get(idx).ok_or(ErrorCode::Internal)?;
         if force {
@@ -96,6 +135,32 @@ mod tests {
         h.advance(10_000);
         h.core.tick();
         assert_eq!(h.core.stats().allocated_bytes, 0);
+        h.check();
+    }
+
+    #[test]
+    fn replica_clear_skips_leased_and_writing_objects_and_clears_one_segment() {
+        let mut h = harness(quiet());
+        h.mount(1, "a", "h1", 1 << 20);
+        h.mount(2, "b", "h2", 1 << 20);
+        h.put("free", 10).unwrap();
+        h.core.put_start(ClientId(1), "two", 10, &cfg(2)).unwrap();
+        h.core.put_end(ClientId(1), "two").unwrap();
+        h.core.put_start(ClientId(1), "writing", 10, &cfg(1)).unwrap();
+        h.put("leased", 10).unwrap();
+        h.core.get_replica_list("leased").unwrap();
+        let keys = ["free", "writing", "leased", "missing"];
+        assert_eq!(h.core.replica_clear(&keys, ""), vec!["free".to_string()]);
+        assert!(!h.has("free") && h.has("leased"));
+        assert_eq!(h.core.replica_clear(&["two"], "nosuch"), Vec::<String>::new());
+        assert_eq!(h.core.replica_clear(&["two"], "b"), vec!["two".to_string()]);
+        assert_eq!(h.core.get_replica_list("two").unwrap().0.len(), 1);
+        // Its last replica: the object goes too.
+        let last = h.core.get_replica_list("two").unwrap().0[0].segment.clone();
+        h.advance(10_000);
+        h.core.tick();
+        assert_eq!(h.core.replica_clear(&["two"], &last), vec!["two".to_string()]);
+        assert!(!h.has("two"));
         h.check();
     }
 

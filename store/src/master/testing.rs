@@ -100,6 +100,19 @@ impl MasterCore {
                 }
                 sets.push((&up.replicas, &up.protection.groups, up.size));
             }
+            if let Some(copy) = self.copies.get(key) {
+                for r in &copy.replicas {
+                    if self.segments.get(r.segment).is_none() || r.alloc.len() != o.size {
+                        return Err(format!("{key} has a bad copy replica"));
+                    }
+                    if o.replicas.iter().any(|q| q.segment == r.segment) {
+                        return Err(format!("{key} copies to a segment that holds it already"));
+                    }
+                    let e = bytes.entry(r.segment).or_default();
+                    e.0 += r.alloc.reserved();
+                    e.1 += 1;
+                }
+            }
             if o.state == ObjectState::Processing && o.last_access.saturating_add(timeout) < self.next_zombie_check {
                 return Err(format!("{key}: put deadline after next zombie check"));
             }

@@ -82,4 +82,6 @@ pub struct TickReport {
     pub reclaimed_writes: u64,
     /// Objects evicted by the watermark pass.
     pub evicted_objects: u64,
+    /// Copy and move tasks failed for their pending or processing timeout.
+    pub failed_tasks: u64,
 }

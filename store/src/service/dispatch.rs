@@ -1,6 +1,8 @@
 //! One request against the core.
 
-use crate::master::MasterCore;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::master::{MasterCore, TaskInfo};
 use crate::protocol::{Request, Response};
 
 /// Runs `request` on `core`.
@@ -24,8 +26,31 @@ pub(crate) fn dispatch(core: &mut MasterCore, request: Request) -> Response {
         Request::Remove { keys, force } => Response::PerKey(core.batch_remove(&keys, force)),
         Request::RemoveByRegex { pattern, force } => Response::Count(core.remove_by_regex(&pattern, force)),
         Request::RemoveAll { force } => Response::Count(Ok(core.remove_all(force))),
+        Request::ReplicaClear { keys, segment } => Response::Keys(core.replica_clear(&keys, &segment)),
         Request::GetAllSegments => Response::Segments(core.segments()),
         Request::QueryKey { key } => Response::Key(core.query_key(&key)),
         Request::Stats => Response::Stats(core.stats()),
+        Request::CreateCopyTask { key, targets } => Response::Task(core.create_copy_task(&key, &targets)),
+        Request::CreateMoveTask { key, source, target } => {
+            Response::Task(core.create_move_task(&key, &source, &target))
+        }
+        Request::QueryTask { id } => Response::TaskInfo(core.query_task(id).map(|info| in_epoch_ms(core, info))),
+        Request::FetchTasks { client, max } => Response::Tasks(core.fetch_tasks(client, max as usize)),
+        Request::CompleteTask { client, id, ok, message } => {
+            Response::Done(core.complete_task(client, id, ok, &message))
+        }
+        Request::CopyStart { client, id } => Response::CopyPlan(core.copy_start(client, id)),
+        Request::CopyEnd { client, id } => Response::Done(core.copy_end(client, id)),
+        Request::CopyRevoke { client, id } => Response::Done(core.copy_revoke(client, id)),
     }
+}
+
+/// `info` with its times (the core's clock) turned into milliseconds since the Unix epoch, as upstream reports.
+fn in_epoch_ms(core: &MasterCore, mut info: TaskInfo) -> TaskInfo {
+    let epoch_now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let core_now = core.now_ms();
+    let to_epoch = |t: u64| epoch_now.saturating_sub(core_now.saturating_sub(t));
+    info.created_at_ms = to_epoch(info.created_at_ms);
+    info.updated_at_ms = to_epoch(info.updated_at_ms);
+    info
 }

@@ -1,7 +1,7 @@
 """Type stubs of mooncake.store (the distributed KV store client)."""
 
 from enum import IntEnum
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from typing_extensions import Buffer
 
@@ -37,6 +37,32 @@ class ObjectDataType(IntEnum):
     METADATA = 8
     GENERAL = 9
 
+class TaskType(IntEnum):
+    REPLICA_COPY = 0
+    REPLICA_MOVE = 1
+
+class TaskStatus(IntEnum):
+    PENDING = 0
+    PROCESSING = 1
+    FAILED = 2
+    SUCCESS = 3
+
+class QueryTaskResponse:
+    id: Tuple[int, int]
+    type: TaskType
+    status: TaskStatus
+    created_at_ms_epoch: int
+    last_updated_at_ms_epoch: int
+    message: str
+    assigned_client: Tuple[int, int]
+    def __init__(self) -> None: ...
+
+PENDING: TaskStatus
+PROCESSING: TaskStatus
+SUCCESS: TaskStatus
+FAILED: TaskStatus
+REPLICA_COPY: TaskType
+REPLICA_MOVE: TaskType
 UNDEFINED: ReplicaStatus
 INITIALIZED: ReplicaStatus
 COMPLETE: ReplicaStatus
@@ -62,6 +88,7 @@ class ReplicateConfig:
     preferred_segment: str
     prefer_alloc_in_same_node: bool
     group_ids: Optional[List[str]]
+    data_type: ObjectDataType
     def __init__(self) -> None: ...
 
 class Descriptor:
@@ -178,6 +205,44 @@ class MooncakeDistributedStore:
     def remove_by_regex(self, regex_pattern: str, force: bool = False) -> int: ...
     def remove_all(self, force: bool = False) -> int: ...
     def batch_remove(self, keys: Sequence[str], force: bool = False) -> List[int]: ...
+    def batch_replica_clear(self, keys: Sequence[str], segment_name: str = "") -> List[str]: ...
+    # Copy and move tasks.
+    def create_copy_task(self, key: str, targets: Sequence[str]) -> Tuple[Tuple[int, int], int]: ...
+    def create_move_task(self, key: str, source: str, target: str) -> Tuple[Tuple[int, int], int]: ...
+    def query_task(self, task_id: Tuple[int, int]) -> Tuple[Optional[QueryTaskResponse], int]: ...
+    # Put and get sessions.
+    def batch_put_session_start(
+        self, keys: Sequence[str], sizes: Sequence[int], config: Optional[ReplicateConfig] = None
+    ) -> List[int]: ...
+    def batch_put_session_end(self, keys: Sequence[str]) -> List[int]: ...
+    def batch_put_session_revoke(self, keys: Sequence[str]) -> List[int]: ...
+    def batch_get_session_start(self, keys: Sequence[str]) -> List[int]: ...
+    def batch_get_session_end(self, keys: Sequence[str]) -> int: ...
+    def batch_put_from_multi_buffer_ranges(
+        self,
+        keys: Sequence[str],
+        all_buffer_ptrs: Sequence[Sequence[int]],
+        all_sizes: Sequence[Sequence[int]],
+        all_dst_offsets: Sequence[Sequence[int]],
+    ) -> List[int]: ...
+    def batch_get_into_multi_buffer_ranges(
+        self,
+        keys: Sequence[str],
+        all_buffer_ptrs: Sequence[Sequence[int]],
+        all_sizes: Sequence[Sequence[int]],
+        all_src_offsets: Sequence[Sequence[int]],
+    ) -> List[int]: ...
+    def put_from_with_metadata(
+        self,
+        key: str,
+        buffer_ptr: Address,
+        metadata_buffer_ptr: Address,
+        size: int,
+        metadata_size: int,
+        config: Optional[ReplicateConfig] = None,
+    ) -> int: ...
+    def init_all(self, arg0: str, arg1: str, arg2: int) -> int: ...
+    def alloc_from_mem_pool(self, arg0: int) -> int: ...
     # Tensors (need PyTorch; CPU copies in this package's own layout).
     def put_tensor(self, key: str, tensor: Any) -> int: ...
     def pub_tensor(self, key: str, tensor: Any, config: Optional[ReplicateConfig] = None) -> int: ...

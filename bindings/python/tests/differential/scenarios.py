@@ -53,7 +53,7 @@ def case(name: str, fn) -> object:
 class Master:
     """This interpreter's mooncake_master with its HTTP metadata server."""
 
-    def __init__(self):
+    def __init__(self, *extra_flags: str):
         bindir = os.path.dirname(sys.executable)
         self.rpc, self.http, self.admin = free_port(), free_port(), free_port()
         self.proc = subprocess.Popen(
@@ -63,6 +63,7 @@ class Master:
                 "--enable_http_metadata_server=true",
                 f"--http_metadata_server_port={self.http}",
                 f"--metrics_port={self.admin}",
+                *extra_flags,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -78,8 +79,8 @@ class Master:
         self.proc.wait()
 
 
-def with_master(fn):
-    master = Master()
+def with_master(fn, *extra_flags: str):
+    master = Master(*extra_flags)
     try:
         fn(master)
     finally:
@@ -399,10 +400,179 @@ def mooncake_config():
         os.environ.update(saved)
 
 
+def store_sessions():
+    """Put sessions (reserve, ranged writes, end, revoke) and get sessions (ranged reads), with their errors."""
+    from mooncake.store import MooncakeDistributedStore
+
+    def body(m):
+        s = MooncakeDistributedStore()
+        case("setup", lambda: s.setup("127.0.0.1", m.metadata, 64 << 20, 16 << 20, "tcp", "", m.address))
+        src = ctypes.create_string_buffer(b"0123456789ABCDEFGHIJ", 32)
+        dst = ctypes.create_string_buffer(32)
+        a, d = ctypes.addressof(src), ctypes.addressof(dst)
+        case("register src", lambda: s.register_buffer(a, 32))
+        case("register dst", lambda: s.register_buffer(d, 32))
+        case("put start", lambda: s.batch_put_session_start(["a", "b"], [10, 20]))
+        case("exist while open", lambda: s.is_exist("a"))
+        case("get while open", lambda: s.get("a"))
+        case("start again", lambda: s.batch_put_session_start(["a"], [10]))
+        case("ranges", lambda: s.batch_put_from_multi_buffer_ranges(
+            ["a", "b"], [[a, a + 5], [a]], [[5, 5], [20]], [[0, 5], [0]]))
+        case("ranges past end", lambda: s.batch_put_from_multi_buffer_ranges(["a"], [[a]], [[5]], [[8]]))
+        case("ranges unregistered", lambda: s.batch_put_from_multi_buffer_ranges(["a"], [[12345678]], [[5]], [[0]]))
+        case("end", lambda: s.batch_put_session_end(["a", "b"]))
+        case("get a", lambda: s.get("a"))
+        case("get b", lambda: s.get("b"))
+        case("ranges without session", lambda: s.batch_put_from_multi_buffer_ranges(["c"], [[a]], [[5]], [[0]]))
+        case("end without session", lambda: s.batch_put_session_end(["zz"]))
+        case("revoke without session", lambda: s.batch_put_session_revoke(["zz"]))
+        case("start existing", lambda: s.batch_put_session_start(["a"], [10]))
+        case("start c", lambda: s.batch_put_session_start(["c"], [10]))
+        case("revoke c", lambda: s.batch_put_session_revoke(["c"]))
+        case("exist c", lambda: s.is_exist("c"))
+        case("start mismatched", lambda: s.batch_put_session_start(["d"], [10, 2]))
+        case("start size 0", lambda: s.batch_put_session_start(["d"], [0]))
+        case("start bad key type", lambda: s.batch_put_session_start([1], [10]))
+        case("get ranges without session", lambda: s.batch_get_into_multi_buffer_ranges(["a"], [[d]], [[4]], [[2]]))
+        case("get start", lambda: s.batch_get_session_start(["a", "b", "missing"]))
+        case("get ranges bad shape", lambda: s.batch_get_into_multi_buffer_ranges(
+            ["a", "b"], [[d, d + 10]], [[4], [3]], [[2], [1]]))
+        case("get ranges", lambda: s.batch_get_into_multi_buffer_ranges(
+            ["a", "b"], [[d], [d + 10]], [[4], [3]], [[2], [1]]))
+        case("read back", lambda: dst.raw[:16])
+        case("get ranges past end", lambda: s.batch_get_into_multi_buffer_ranges(["a"], [[d]], [[4]], [[8]]))
+        case("get ranges missing", lambda: s.batch_get_into_multi_buffer_ranges(["missing"], [[d]], [[4]], [[0]]))
+        case("get end", lambda: s.batch_get_session_end(["a", "b", "missing"]))
+        case("get end again", lambda: s.batch_get_session_end(["a"]))
+        case("get ranges after end", lambda: s.batch_get_into_multi_buffer_ranges(["a"], [[d]], [[4]], [[0]]))
+        case("close", lambda: s.close())
+        case("put start after close", lambda: s.batch_put_session_start(["x"], [4]))
+
+    with_master(body)
+
+
+def store_replica_clear():
+    """batch_replica_clear: leased objects are kept, whole objects or one segment's replica go."""
+    from mooncake.store import MooncakeDistributedStore, ReplicateConfig
+
+    def body(m):
+        a, b = MooncakeDistributedStore(), MooncakeDistributedStore()
+        pa, pb = free_port(), free_port()
+        case("setup a", lambda: a.setup(f"127.0.0.1:{pa}", m.metadata, 16 << 20, 4 << 20, "tcp", "", m.address))
+        case("setup b", lambda: b.setup(f"127.0.0.1:{pb}", m.metadata, 16 << 20, 4 << 20, "tcp", "", m.address))
+        two = ReplicateConfig()
+        two.replica_num = 2
+        case("put two", lambda: a.put("two", b"twice", two))
+        case("put fresh", lambda: a.put("fresh", b"once"))
+        case("put read", lambda: a.put("read", b"read me"))
+        case("get read", lambda: a.get("read"))
+        case("clear whole", lambda: a.batch_replica_clear(["fresh", "read", "missing"], ""))
+        case("exist fresh", lambda: a.is_exist("fresh"))
+        case("exist read", lambda: a.is_exist("read"))
+        case("clear unknown segment", lambda: a.batch_replica_clear(["two"], "nosuch:1"))
+        case("clear one segment", lambda: a.batch_replica_clear(["two"], f"127.0.0.1:{pb}"))
+        case("replicas left", lambda: len(a.get_replica_desc("two")))
+        case("get two", lambda: b.get("two"))
+        case("clear leased", lambda: a.batch_replica_clear(["two"]))
+        time.sleep(1.5)  # the leases (1 s here) run out
+        case("clear default segment", lambda: a.batch_replica_clear(["two", "read"]))
+        case("exist two", lambda: a.is_exist("two"))
+        case("clear bad keys", lambda: a.batch_replica_clear("two", ""))
+        case("close", lambda: (a.close(), b.close()))
+
+    with_master(body, "--default_kv_lease_ttl=1000")
+
+
+def store_misc_writes():
+    """put_from_with_metadata, ReplicateConfig.data_type, alloc_from_mem_pool of a real client."""
+    from mooncake.store import MooncakeDistributedStore, ObjectDataType, ReplicateConfig
+
+    def body(m):
+        s = MooncakeDistributedStore()
+        case("setup", lambda: s.setup("127.0.0.1", m.metadata, 16 << 20, 4 << 20, "tcp", "", m.address))
+        buf = ctypes.create_string_buffer(b"0123456789ABCDEFGHIJ", 32)
+        a = ctypes.addressof(buf)
+        case("register", lambda: s.register_buffer(a, 32))
+        case("with metadata", lambda: s.put_from_with_metadata("m", a, a + 10, 5, 3))
+        case("get m", lambda: s.get("m"))
+        case("with metadata again", lambda: s.put_from_with_metadata("m", a, a + 10, 5, 3))
+        cfg = ReplicateConfig()
+        case("data_type default", lambda: str(cfg.data_type))
+        cfg.data_type = ObjectDataType.TENSOR
+        case("data_type set", lambda: str(cfg.data_type))
+        case("data_type bad", lambda: setattr(cfg, "data_type", 3))
+        case("with metadata and config", lambda: s.put_from_with_metadata("m2", a, a + 10, 5, 3, cfg))
+        case("get m2", lambda: s.get("m2"))
+        case("alloc from pool", lambda: s.alloc_from_mem_pool(100))
+        case("alloc from pool negative", lambda: s.alloc_from_mem_pool(-1))
+        case("close", lambda: s.close())
+
+    with_master(body)
+
+
+def store_tasks():
+    """Replica copy and move tasks: queued, run by the client holding the object, queried until they end."""
+    from mooncake.store import MooncakeDistributedStore, ReplicateConfig, TaskStatus
+
+    def body(m):
+        a, b = MooncakeDistributedStore(), MooncakeDistributedStore()
+        pa, pb = free_port(), free_port()
+        seg_a, seg_b = f"127.0.0.1:{pa}", f"127.0.0.1:{pb}"
+        case("setup a", lambda: a.setup(seg_a, m.metadata, 16 << 20, 4 << 20, "tcp", "", m.address))
+        case("setup b", lambda: b.setup(seg_b, m.metadata, 16 << 20, 4 << 20, "tcp", "", m.address))
+        on_a = ReplicateConfig()
+        on_a.preferred_segment = seg_a
+        case("put", lambda: a.put("k", b"hello world", on_a))
+
+        def where(key):
+            names = {seg_a: "a", seg_b: "b"}
+            return sorted(names.get(r.get_memory_descriptor().buffer_descriptor.transport_endpoint, "?")
+                          for r in a.get_replica_desc(key))
+
+        def wait(task_id):
+            for _ in range(100):
+                info, rc = a.query_task(task_id)
+                if info is None or info.status in (TaskStatus.SUCCESS, TaskStatus.FAILED):
+                    break
+                time.sleep(0.1)
+            if info is None:
+                return [rc]
+            return [rc, str(info.status), str(info.type), info.message, info.last_updated_at_ms_epoch >= info.created_at_ms_epoch,
+                    isinstance(info.assigned_client, tuple), info.id == task_id]
+
+        copy = a.create_copy_task("k", [seg_b])
+        case("copy", lambda: [isinstance(copy[0], tuple) and copy[0] != (0, 0), copy[1]])
+        case("copy ends", lambda: wait(copy[0]))
+        case("replicas after copy", lambda: where("k"))
+        case("get from b", lambda: b.get("k"))
+        again = a.create_copy_task("k", [seg_b])
+        case("copy again", lambda: [again[0] != (0, 0), again[1]])
+        case("copy again ends", lambda: wait(again[0]))
+        case("replicas after copy again", lambda: where("k"))
+        move = a.create_move_task("k", seg_a, seg_b)
+        case("move", lambda: [move[0] != (0, 0), move[1]])
+        case("move ends", lambda: wait(move[0]))
+        case("replicas after move", lambda: where("k"))
+        case("get after move", lambda: a.get("k"))
+        case("copy missing key", lambda: a.create_copy_task("nokey", [seg_b]))
+        case("copy unknown target", lambda: a.create_copy_task("k", ["nosuch:1"]))
+        case("copy no targets", lambda: a.create_copy_task("k", []))
+        case("move same segment", lambda: a.create_move_task("k", seg_b, seg_b))
+        case("move from a segment without it", lambda: a.create_move_task("k", seg_a, seg_b))
+        case("move missing key", lambda: a.create_move_task("nokey", seg_a, seg_b))
+        case("query unknown", lambda: a.query_task((1, 2)))
+        case("query bad type", lambda: a.query_task("x"))
+        case("copy bad targets type", lambda: a.create_copy_task("k", seg_b))
+        case("close", lambda: (a.close(), b.close()))
+
+    with_master(body)
+
+
 SCENARIOS = {
     f.__name__: f
     for f in (replicate_config_fields, store_same_hostname, store_setup_dict_bad_values, store_ctypes_values,
-              kv_bootstrap_keys, mooncake_config, store_without_local_buffer, store_async, store_buffer_pool)
+              kv_bootstrap_keys, mooncake_config, store_without_local_buffer, store_async, store_buffer_pool,
+              store_sessions, store_replica_clear, store_misc_writes, store_tasks)
 }
 
 if __name__ == "__main__":
