@@ -38,6 +38,12 @@ pub struct Allocation {
     pub token: u64,
 }
 
+/// [`SharingHandle::kind`] of a region of a file (an ordinary file, a `/dev/shm` file, a DAX or CXL memory
+/// device file): `fd` is the open file, `data` the region's start offset as 8 little-endian bytes (a multiple of
+/// the page size; empty for 0) and `len` its length. A host device that imports it maps the region shared, so
+/// writes reach the file.
+pub const FILE_HANDLE_KIND: &str = "file";
+
 /// A handle another process can import to reach the same memory.
 #[derive(Debug, Clone)]
 pub struct SharingHandle {

@@ -725,3 +725,47 @@ fn copy_and_move_tasks_run_on_the_holder_and_replica_clear_drops_one_segment() {
     assert_eq!(segments("c"), vec![a.hostname().to_string()]);
     assert_eq!(a.replica_clear(&["c".to_string()], ""), Ok(vec![]));
 }
+
+#[test]
+fn segments_mounted_after_setup_hold_replicas_until_unmounted() {
+    let master = Master::start();
+    let a = client(&master);
+    let b = client(&master);
+    let path = std::env::temp_dir().join(format!("mc-client-seg-{}", std::process::id()));
+    std::fs::write(&path, vec![0u8; 8 * MIB as usize]).unwrap();
+    let path_str = path.to_str().unwrap();
+
+    let file_id = a.mount_file_segment(path_str, 4 * MIB, 4 * MIB).unwrap();
+    let (alloc_id, size) = a.allocate_and_mount_segment(MIB, "").unwrap();
+    assert_eq!(size, 16 * MIB);
+    assert!(master.segment_names().contains(&file_id) && master.segment_names().contains(&alloc_id));
+    // Replicas placed on them by name; B reads them through A's endpoint, A by memcpy.
+    let on_file = ReplicateConfig { preferred_segments: vec![file_id.clone()], ..Default::default() };
+    let value = pattern(300 << 10, 9);
+    b.put("on-file", &value, &on_file).unwrap();
+    let desc = a.get_replica_desc("on-file").unwrap();
+    assert_eq!(desc[0].segment, file_id);
+    assert_eq!(a.get("on-file").unwrap(), value);
+    // The bytes are in the file, at the region's offset.
+    let in_file = std::fs::read(&path).unwrap();
+    assert!(in_file[4 * MIB as usize..].windows(64).any(|w| w == &value[..64]));
+
+    // Unmount rules: unknown ids fail the call, an allocated segment needs free, nothing half done.
+    assert_eq!(a.unmount_segments(&["nope".to_string()], Duration::ZERO, false), Err(ErrorCode::SegmentNotFound));
+    assert_eq!(
+        a.unmount_segments(&[file_id.clone(), alloc_id.clone()], Duration::ZERO, false),
+        Err(ErrorCode::InvalidParams)
+    );
+    a.unmount_segments(std::slice::from_ref(&file_id), Duration::ZERO, false).unwrap();
+    assert!(!master.segment_names().contains(&file_id));
+    assert!(b.get("on-file").is_err(), "its replica went with the segment");
+    a.unmount_segments(std::slice::from_ref(&alloc_id), Duration::ZERO, true).unwrap();
+    assert_eq!(a.mount_file_segment(path_str, 4 * MIB, 6 * MIB), Err(ErrorCode::InvalidParams));
+    assert_eq!(a.mount_file_segment(path_str, 4 * MIB, 100), Err(ErrorCode::InvalidParams));
+    assert_eq!(a.allocate_and_mount_segment(0, ""), Err(ErrorCode::InvalidParams));
+    // Close unmounts whatever is left.
+    let left = a.allocate_and_mount_segment(MIB, "").unwrap().0;
+    a.close().unwrap();
+    assert!(!master.segment_names().contains(&left));
+    std::fs::remove_file(&path).unwrap();
+}

@@ -20,6 +20,19 @@ pub fn unsigned(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<u64> {
     Err(PyTypeError::new_err(format!("{what}: expected an int, got {}", type_name(obj))))
 }
 
+/// An unsigned 64-bit argument converted by [`unsigned`]'s rules (negative ints are a `TypeError`), for
+/// parameters with an integer default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Unsigned(pub u64);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for Unsigned {
+    type Error = PyErr;
+
+    fn extract(obj: pyo3::Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        unsigned(&obj, "argument").map(Unsigned)
+    }
+}
+
 /// A bool as pybind11 reads one: `True`/`False`, `None` (false), or a number's truth value.
 pub fn truth(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<bool> {
     if let Ok(b) = obj.cast::<PyBool>() {

@@ -20,6 +20,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyInt, PyString, PyTuple};
 
 use crate::buffers::{AddrArg, ValueView, length, type_name};
+use crate::convert::Unsigned;
 use crate::engine::{int_list, list_items};
 use crate::wait::run_interruptibly;
 
@@ -658,6 +659,16 @@ fn cap_sizes(lens: &mut [u64], caps: &[Option<u64>]) {
 }
 
 impl PyStore {
+    fn unmount(&self, py: Python<'_>, ids: &Bound<'_, PyAny>, grace: Unsigned, free: bool) -> PyResult<i32> {
+        let ids = str_list(ids, "segment_ids")?;
+        let grace = std::time::Duration::from_secs(grace.0);
+        let Some(c) = self.client() else { return Ok(-1) };
+        Ok(match py.detach(|| c.unmount_segments(&ids, grace, free)) {
+            Ok(()) => 0,
+            Err(_) => -1,
+        })
+    }
+
     fn client(&self) -> Option<StoreClient> {
         self.client.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -1170,6 +1181,104 @@ impl PyStore {
             out
         });
         Ok(out)
+    }
+
+    // ---- more segments ----------------------------------------------------------------------
+
+    /// Maps `[offset, offset+size)` of the file at `path` shared and contributes it as another segment:
+    /// `{"ret": 0, "segment_ids": [id]}`, or `{"ret": -1, "segment_ids": []}` (the log says why). The memory is
+    /// reachable through every transport the client's engine runs; `protocol` and `location` are accepted for
+    /// upstream's signature.
+    #[pyo3(
+        signature = (path, size, offset = Unsigned(0), protocol = "tcp".to_string(), location = String::new()),
+        text_signature = "(self, path, size, offset=0, protocol='tcp', location='')"
+    )]
+    fn mount_segment<'py>(
+        &self,
+        py: Python<'py>,
+        path: &str,
+        size: Unsigned,
+        offset: Unsigned,
+        protocol: String,
+        location: String,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let _ = (protocol, location);
+        let (size, offset) = (size.0, offset.0);
+        let result = match self.client() {
+            Some(c) => py.detach(|| c.mount_file_segment(path, size, offset)),
+            None => Err(ErrorCode::UnavailableInCurrentStatus),
+        };
+        let d = PyDict::new(py);
+        match result {
+            Ok(id) => {
+                d.set_item("ret", 0)?;
+                d.set_item("segment_ids", vec![id])?;
+            }
+            Err(_) => {
+                d.set_item("ret", -1)?;
+                d.set_item("segment_ids", Vec::<String>::new())?;
+            }
+        }
+        Ok(d)
+    }
+
+    /// Allocates `size` bytes (rounded up to a multiple of 16 MiB, as upstream) on `location` (`"cpu:N"`, or
+    /// `""` for anywhere) and contributes them as another segment: `{"ret": 0, "segment_ids": [id],
+    /// "allocated_size": n}`, or `{"ret": -1, "segment_ids": [], "allocated_size": 0}`.
+    #[pyo3(signature = (size, protocol = "tcp".to_string(), location = String::new()))]
+    fn allocate_and_mount_segment<'py>(
+        &self,
+        py: Python<'py>,
+        size: Unsigned,
+        protocol: String,
+        location: String,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let _ = protocol;
+        let size = size.0;
+        let result = match self.client() {
+            Some(c) => py.detach(|| c.allocate_and_mount_segment(size, &location)),
+            None => Err(ErrorCode::UnavailableInCurrentStatus),
+        };
+        let d = PyDict::new(py);
+        let (ret, ids, allocated) = match result {
+            Ok((id, len)) => (0, vec![id], len),
+            Err(_) => (-1, Vec::new(), 0),
+        };
+        d.set_item("ret", ret)?;
+        d.set_item("segment_ids", ids)?;
+        d.set_item("allocated_size", allocated)?;
+        Ok(d)
+    }
+
+    /// Withdraws file segments mounted with `mount_segment`; their memory is unmapped after
+    /// `grace_period_seconds` (reads in flight finish). 0, or -1 (nothing unmounted) for an unknown id or an
+    /// allocated segment (use `unmount_and_free_segment`).
+    #[pyo3(
+        signature = (segment_ids, grace_period_seconds = Unsigned(0)),
+        text_signature = "(self, segment_ids, grace_period_seconds=0)"
+    )]
+    fn unmount_segment(
+        &self,
+        py: Python<'_>,
+        segment_ids: &Bound<'_, PyAny>,
+        grace_period_seconds: Unsigned,
+    ) -> PyResult<i32> {
+        self.unmount(py, segment_ids, grace_period_seconds, false)
+    }
+
+    /// Withdraws segments mounted with either call and frees (unmaps) their memory after
+    /// `grace_period_seconds`. 0, or -1 (nothing unmounted) for an unknown id.
+    #[pyo3(
+        signature = (segment_ids, grace_period_seconds = Unsigned(0)),
+        text_signature = "(self, segment_ids, grace_period_seconds=0)"
+    )]
+    fn unmount_and_free_segment(
+        &self,
+        py: Python<'_>,
+        segment_ids: &Bound<'_, PyAny>,
+        grace_period_seconds: Unsigned,
+    ) -> PyResult<i32> {
+        self.unmount(py, segment_ids, grace_period_seconds, true)
     }
 
     // ---- copy and move tasks ----------------------------------------------------------------

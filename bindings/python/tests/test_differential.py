@@ -35,6 +35,7 @@ SCENARIOS = [
     "store_replica_clear",
     "store_misc_writes",
     "store_tasks",
+    "store_segments",
 ]
 
 # (scenario, case) -> (ours, upstream's, why ours differs)

@@ -61,10 +61,6 @@ BAD_TYPE = "a field of the wrong type: upstream passes it on and answers 500 wit
 TOO_LARGE = "a body over the 100 MiB limit: upstream answers 500 'Request Entity Too Large', ours 413"
 NOT_FOUND = "removing a key that is not stored: upstream answers 500, ours 404 (as GET does)"
 LEASED = "removing an object a reader holds a lease on: upstream answers 500, ours 409 and says to retry"
-NO_SEGMENTS = (
-    "this build's store cannot mount extra segments yet (mount_segment, unmount_segment, allocate_and_mount_segment, "
-    "unmount_and_free_segment): ours answers 501 Not Implemented after checking the request"
-)
 EMPTY_ID = "an empty segment id: upstream asks the store to unmount it and answers 500, ours answers 400"
 
 _JSON_PARSE = "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"
@@ -76,9 +72,6 @@ _MOUNT = "path: str, size: int, offset: int = 0, protocol: str = 'tcp', location
 _UNMOUNT = "segment_ids: list[str], grace_period_seconds: int = 0"
 _SIZE_4096 = "Invalid size: must be an integer from 1 to 18446744073709551615, got '4096'"
 
-
-def _not_built(method: str) -> list:
-    return err(501, f"Not supported by this build: MooncakeDistributedStore.{method} is not available")
 
 
 # (scenario, case) -> (ours, upstream's, why ours differs)
@@ -217,43 +210,11 @@ DELIBERATE = {
         err(500, "Unmount and free failed, ret=-1"),
         EMPTY_ID,
     ),
-    ("service_segments", "decode missing file"): (
-        _not_built("mount_segment"),
-        err(500, "Mount failed, ret=-1; rolled back to prefill", mode="prefill"),
-        NO_SEGMENTS,
-    ),
-    ("service_segments", "mount_shm missing object"): (
-        _not_built("mount_segment"),
-        err(500, "Mount failed, ret=-1"),
-        NO_SEGMENTS,
-    ),
-    ("service_segments", "unmount_shm unknown id"): (
-        _not_built("unmount_segment"),
-        err(500, "Unmount failed for one or more segments", failed_segment_ids="1 ids"),
-        NO_SEGMENTS,
-    ),
-    ("service_segments", "unmount unknown id"): (
-        _not_built("unmount_and_free_segment"),
-        err(500, "Unmount and free failed, ret=-1"),
-        NO_SEGMENTS,
-    ),
-    ("service_segments", "mount 16 MiB"): (
-        _not_built("allocate_and_mount_segment"),
-        [200, 'json: {"allocated_size": 16777216, "segment_ids": "1 ids", "status": "success"}'],
-        NO_SEGMENTS,
-    ),
 }
 
 # Differences that come from our MooncakeDistributedStore, not from the service; they are store bugs to fix there.
 # (scenario, case) -> (ours, upstream's, what differs)
-STORE_DIFFERENCES = {
-    ("service_kv", "put k1 again"): (
-        err(500, "PUT operation failed"),
-        [200, 'json: {"status": "success"}'],
-        "MooncakeDistributedStore.put of a key that is already stored returns -705 (OBJECT_ALREADY_EXISTS) in ours "
-        "and 0 in upstream's (both keep the first value)",
-    ),
-}
+STORE_DIFFERENCES: dict = {}
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)

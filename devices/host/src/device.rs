@@ -21,6 +21,8 @@ pub const DEVICE_NAME: &str = "host";
 /// [`SharingHandle::kind`] of handles exported by [`HostDevice`].
 pub const MEMFD_HANDLE_KIND: &str = "memfd";
 
+pub use mooncake_core::device::FILE_HANDLE_KIND;
+
 /// Largest alignment [`HostDevice::allocate`] honours (4 GiB); larger requests are rejected.
 pub const MAX_ALIGNMENT: u64 = 1 << 32;
 
@@ -346,6 +348,9 @@ impl MemoryDevice for HostDevice {
     }
 
     fn import_handle(&self, handle: &SharingHandle) -> Result<Allocation> {
+        if handle.kind == FILE_HANDLE_KIND {
+            return self.import_file(handle);
+        }
         if handle.kind != MEMFD_HANDLE_KIND {
             return Err(Error::unsupported(format!("import_handle of kind {:?}", handle.kind), DEVICE_NAME));
         }
@@ -367,6 +372,35 @@ impl MemoryDevice for HostDevice {
             // The page-rounded tail lies past EOF; only [0, len) is ever accessed through this device.
             tracing::debug!(len = handle.len, file_len, "imported mapping extends past the end of the memfd");
         }
+        Ok(self.insert(raw, handle.len, PageKind::SharedFile, Location::Cpu(None), Some(fd), true))
+    }
+}
+
+impl HostDevice {
+    /// Maps the file region a [`FILE_HANDLE_KIND`] handle names.
+    fn import_file(&self, handle: &SharingHandle) -> Result<Allocation> {
+        let fd = handle
+            .fd
+            .clone()
+            .ok_or_else(|| Error::InvalidArgument("file sharing handle carries no file descriptor".into()))?;
+        let offset = match handle.data.as_slice() {
+            [] => 0,
+            bytes => u64::from_le_bytes(
+                bytes
+                    .try_into()
+                    .map_err(|_| Error::InvalidArgument("file sharing handle: offset must be 8 bytes".into()))?,
+            ),
+        };
+        let len_usize = check_len(handle.len)?;
+        let file_len = std::fs::File::from(fd.try_clone()?).metadata()?.len();
+        if offset.checked_add(handle.len).is_none_or(|end| end > file_len) {
+            return Err(Error::InvalidArgument(format!(
+                "file region [{offset}, +{}) exceeds the file's {file_len} bytes",
+                handle.len
+            )));
+        }
+        let raw = sys::map_shared_fd_at(fd.as_fd(), len_usize, offset)
+            .map_err(|e| Error::InvalidArgument(format!("cannot map the file region at offset {offset}: {e}")))?;
         Ok(self.insert(raw, handle.len, PageKind::SharedFile, Location::Cpu(None), Some(fd), true))
     }
 }
@@ -428,6 +462,34 @@ mod tests {
         let opts = AllocOptions { alignment: MAX_ALIGNMENT << 1, ..Default::default() };
         assert!(matches!(dev.allocate(4096, &opts), Err(Error::InvalidArgument(_))));
         assert!(matches!(dev.allocate(u64::MAX, &AllocOptions::default()), Err(Error::InvalidArgument(_))));
+    }
+
+    #[test]
+    fn file_regions_map_shared_at_an_offset() {
+        let dev = HostDevice::new();
+        let path = std::env::temp_dir().join(format!("mc-host-file-{}", std::process::id()));
+        let page = 4096u64;
+        std::fs::write(&path, vec![7u8; 4 * page as usize]).unwrap();
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        let fd = Arc::new(OwnedFd::from(file));
+        let handle = |offset: u64, len: u64| SharingHandle {
+            kind: FILE_HANDLE_KIND.into(),
+            data: offset.to_le_bytes().to_vec(),
+            fd: Some(fd.clone()),
+            len,
+        };
+        let a = dev.import_handle(&handle(page, 2 * page)).unwrap();
+        dev.copy_from_host(b"hello", &a, 0).unwrap();
+        let mut back = [0u8; 5];
+        dev.copy_to_host(&a, page, &mut back).unwrap();
+        assert_eq!(back, [7; 5]);
+        dev.free(&a).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[page as usize..page as usize + 5], b"hello");
+        // Past the end of the file, or an offset that is not page aligned: refused.
+        assert!(matches!(dev.import_handle(&handle(page, 4 * page)), Err(Error::InvalidArgument(_))));
+        assert!(matches!(dev.import_handle(&handle(100, page)), Err(Error::InvalidArgument(_))));
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

@@ -39,7 +39,9 @@ use std::sync::Arc;
 use mooncake_core::registry::{Availability, DeviceFactory};
 
 pub use carver::{CarveError, SlabCarver};
-pub use device::{AllocationInfo, DEVICE_NAME, HostDevice, MAX_ALIGNMENT, MEMFD_HANDLE_KIND, PageKind};
+pub use device::{
+    AllocationInfo, DEVICE_NAME, FILE_HANDLE_KIND, HostDevice, MAX_ALIGNMENT, MEMFD_HANDLE_KIND, PageKind,
+};
 pub use managed::{ManagedBufferAllocator, ManagedBufferConfig, ManagedBufferStats};
 
 mooncake_core::inventory::submit! {

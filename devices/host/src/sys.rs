@@ -131,17 +131,38 @@ pub(crate) fn map_anonymous(len: usize, align: usize, pages: AnonPages) -> io::R
 
 /// Maps `len` bytes of `fd` shared and read-write.
 pub(crate) fn map_shared_fd(fd: BorrowedFd<'_>, len: usize) -> io::Result<RawMapping> {
+    map_shared_fd_at(fd, len, 0)
+}
+
+/// Maps `len` bytes of `fd` from byte `offset` (a multiple of the page size) shared and read-write.
+pub(crate) fn map_shared_fd_at(fd: BorrowedFd<'_>, len: usize, offset: u64) -> io::Result<RawMapping> {
     let map_len = round_up(len.max(1), page_size())
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "length overflows the address space"))?;
-    let addr = mmap(map_len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, Some(fd))?;
+    if offset % page_size() as u64 != 0 {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "file offset is not a multiple of the page size"));
+    }
+    let offset = libc::off_t::try_from(offset)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file offset too large"))?;
+    let addr = mmap_at(map_len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, Some(fd), offset)?;
     Ok(RawMapping { addr, len: map_len })
 }
 
 fn mmap(len: usize, prot: libc::c_int, flags: libc::c_int, fd: Option<BorrowedFd<'_>>) -> io::Result<usize> {
+    mmap_at(len, prot, flags, fd, 0)
+}
+
+fn mmap_at(
+    len: usize,
+    prot: libc::c_int,
+    flags: libc::c_int,
+    fd: Option<BorrowedFd<'_>>,
+    offset: libc::off_t,
+) -> io::Result<usize> {
     let raw_fd = fd.map_or(-1, |f| f.as_raw_fd());
     // SAFETY: a null hint without MAP_FIXED lets the kernel pick an unused range, so no existing
-    // memory is replaced; `raw_fd` is either -1 (anonymous) or borrowed and open for this call.
-    let p = unsafe { libc::mmap(ptr::null_mut(), len, prot, flags, raw_fd, 0) };
+    // memory is replaced; `raw_fd` is either -1 (anonymous) or borrowed and open for this call, and the
+    // kernel checks `offset` against the file.
+    let p = unsafe { libc::mmap(ptr::null_mut(), len, prot, flags, raw_fd, offset) };
     if p == libc::MAP_FAILED { Err(io::Error::last_os_error()) } else { Ok(p as usize) }
 }
 

@@ -84,6 +84,8 @@ pub(crate) struct Inner {
     reported: Mutex<HashMap<String, Instant>>,
     /// Open put sessions and replicas cached by get sessions.
     pub(crate) sessions: super::session::Sessions,
+    /// Segments mounted after setup.
+    pub(crate) extras: RwLock<Vec<super::segments::ExtraSegment>>,
 }
 
 /// Whether the background prefault of the segment has ended (or there was none to do).
@@ -248,6 +250,7 @@ impl Inner {
             task_thread: Mutex::new(None),
             reported: Mutex::new(HashMap::new()),
             sessions: Default::default(),
+            extras: RwLock::new(Vec::new()),
         });
         let weak = Arc::downgrade(&inner);
         let control = inner.control.clone();
@@ -302,6 +305,7 @@ impl Inner {
                 }
             }
         }
+        self.unmount_all_extras();
         if let Some(seg) = &self.segment {
             let req = Request::UnmountSegment { client: self.id, name: seg.info.name.clone() };
             match self.master.call_with(&req, self.config.rpc_timeout.min(Duration::from_secs(2))) {
@@ -339,6 +343,7 @@ impl Inner {
                         Err(e) => tracing::warn!(segment = %seg.info.name, error = %e, "remount failed"),
                     }
                 }
+                self.remount_extras();
                 true
             }
             Err(_) => false,
@@ -401,7 +406,9 @@ impl Inner {
             ErrorCode::InvalidParams
         })?;
         let internal = self.segment.iter().map(|s| s.memory.addr).chain(self.staging.iter().map(|s| s.memory.addr));
-        if internal.into_iter().any(|base| base == guard.addr) {
+        let extra =
+            || self.extras.read().unwrap_or_else(|p| p.into_inner()).iter().any(|s| s.memory.addr == guard.addr);
+        if internal.into_iter().any(|base| base == guard.addr) || extra() {
             tracing::debug!(ptr, len, "range lies in the client's own segment or staging buffer");
             return Err(ErrorCode::InvalidParams);
         }
@@ -410,7 +417,9 @@ impl Inner {
 
     /// True when a replica at (`endpoint`, `addr`, `len`) is in our own segment (copy it with memcpy).
     pub(crate) fn is_own(&self, endpoint: &str, addr: u64, len: u64) -> bool {
-        endpoint == self.endpoint && self.segment.as_ref().is_some_and(|s| s.contains(addr, len))
+        endpoint == self.endpoint
+            && (self.segment.as_ref().is_some_and(|s| s.contains(addr, len))
+                || self.extras.read().unwrap_or_else(|p| p.into_inner()).iter().any(|s| s.contains(addr, len)))
     }
 }
 

@@ -39,6 +39,7 @@ mod lifecycle;
 mod local_copy;
 mod master;
 mod read;
+mod segments;
 mod session;
 mod staging;
 mod tasks;
@@ -435,6 +436,31 @@ impl StoreClient {
             Response::Keys(cleared) => Ok(cleared),
             other => Err(wrong_kind(request.name(), &other)),
         }
+    }
+
+    // ---- more segments ----------------------------------------------------------------------
+
+    /// Maps `[offset, offset+size)` of the file at `path` shared and contributes it as another segment. Its id
+    /// (also its segment name). `InvalidParams` for a file that cannot be opened or mapped there.
+    pub fn mount_file_segment(&self, path: &str, size: u64, offset: u64) -> Result<String> {
+        let _open = self.inner.op()?;
+        self.inner.mount_file(path, size, offset)
+    }
+
+    /// Allocates `size` bytes (rounded up to a multiple of 16 MiB) on `location` (`""`: anywhere) and
+    /// contributes them as another segment. Its id and size.
+    pub fn allocate_and_mount_segment(&self, size: u64, location: &str) -> Result<(String, u64)> {
+        let _open = self.inner.op()?;
+        self.inner.allocate_and_mount(size, location)
+    }
+
+    /// Withdraws segments mounted after setup: the master drops their replicas at once, the memory is released
+    /// after `grace` (reads in flight finish) and, with `free`, given back. Without `free` only file segments
+    /// may be unmounted. An unknown id (`SegmentNotFound`) or a refused one fails the call before anything is
+    /// unmounted.
+    pub fn unmount_segments(&self, ids: &[String], grace: Duration, free: bool) -> Result<()> {
+        let _open = self.inner.op()?;
+        self.inner.unmount_extras(ids, grace, free)
     }
 
     // ---- copy and move tasks ----------------------------------------------------------------

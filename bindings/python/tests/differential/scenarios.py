@@ -33,6 +33,8 @@ def normalize(v):
         return {"bytes": bytes(v).hex()}
     if isinstance(v, (list, tuple)):
         return [normalize(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): normalize(x) for k, x in v.items()}
     if v is None or isinstance(v, (bool, int, float, str)):
         return v
     return {"type": type(v).__name__}
@@ -568,11 +570,56 @@ def store_tasks():
     with_master(body)
 
 
+def store_segments():
+    """Segments mounted after setup: a file region, allocated memory; unmounting them, and the errors."""
+    from mooncake.store import MooncakeDistributedStore, ReplicateConfig
+
+    def body(m):
+        s = MooncakeDistributedStore()
+        case("setup", lambda: s.setup("127.0.0.1", m.metadata, 16 << 20, 4 << 20, "tcp", "", m.address))
+        path = f"/dev/shm/mc-diff-seg-{os.getpid()}"
+        with open(path, "wb") as f:
+            f.write(b"\0" * (4 << 20))
+        try:
+            def shape(d):
+                return {k: (len(v) if k == "segment_ids" else v) for k, v in sorted(d.items())}
+
+            first = s.mount_segment(path, 1 << 20)
+            case("mount file", lambda: shape(first))
+            second = s.mount_segment(path, 1 << 20, 1 << 20)
+            case("mount file at offset", lambda: shape(second))
+            case("ids differ", lambda: first["segment_ids"] != second["segment_ids"])
+            case("mount past the end", lambda: shape(s.mount_segment(path, 8 << 20)))
+            case("mount missing file", lambda: shape(s.mount_segment(path + "-missing", 1 << 20)))
+            case("mount negative size", lambda: s.mount_segment(path, -1))
+            case("unmount file", lambda: s.unmount_segment(first["segment_ids"]))
+            case("unmount file again", lambda: s.unmount_segment(first["segment_ids"]))
+            case("unmount file with grace", lambda: s.unmount_segment(second["segment_ids"], 1))
+            alloc = s.allocate_and_mount_segment(1 << 20)
+            case("allocate", lambda: shape(alloc))
+            case("put after allocate", lambda: s.put("seg-k", b"v" * 1000))
+            case("get after allocate", lambda: len(s.get("seg-k")))
+            case("unmount allocated without free", lambda: s.unmount_segment(alloc["segment_ids"]))
+            case("unmount allocated with free", lambda: s.unmount_and_free_segment(alloc["segment_ids"]))
+            case("unmount unknown", lambda: s.unmount_segment(["abc"]))
+            case("unmount and free unknown", lambda: s.unmount_and_free_segment(["abc"]))
+            case("allocate 0", lambda: shape(s.allocate_and_mount_segment(0)))
+            case("allocate huge", lambda: shape(s.allocate_and_mount_segment(1 << 50)))
+            case("unmount bad ids type", lambda: s.unmount_segment("abc"))
+            case("get after unmounts", lambda: len(s.get("seg-k")) in (0, 1000))
+            case("close", lambda: s.close())
+        finally:
+            os.unlink(path)
+
+    with_master(body)
+
+
 SCENARIOS = {
     f.__name__: f
     for f in (replicate_config_fields, store_same_hostname, store_setup_dict_bad_values, store_ctypes_values,
               kv_bootstrap_keys, mooncake_config, store_without_local_buffer, store_async, store_buffer_pool,
-              store_sessions, store_replica_clear, store_misc_writes, store_tasks)
+              store_sessions, store_replica_clear, store_misc_writes, store_tasks,
+              store_segments)
 }
 
 if __name__ == "__main__":
