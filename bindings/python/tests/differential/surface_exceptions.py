@@ -7,10 +7,6 @@ their members from another (INHERITED) share its member entries.
 """
 
 # Reasons, one per piece of work still open (issue 13 unless said otherwise).
-TENSORS = (
-    "not built yet: the tensor family in upstream's header and byte layout (into/from registered buffers, TP and "
-    "parallelism splits, pub/upsert forms, safetensors)"
-)
 SESSIONS = "not built yet: batch put/get sessions"
 RANGES = "not built yet: multi-buffer range reads and writes"
 TASKS = "not built yet: replica copy and move tasks (the master's task queue, create_*_task, query_task)"
@@ -46,12 +42,9 @@ EXCEPTIONS = {
     "mooncake.store:BufferLeaseView": LEASE_VIEW,
     "mooncake.store:RegisteredBufferLeaseView": LEASE_VIEW,
     "mooncake.store:DiskDescriptor": TIERS,
-    "mooncake.store:ReadTarget": TIERS,
     "mooncake.store:EngramStore": ENGRAM,
     "mooncake.store:EngramStoreConfig": ENGRAM,
     "mooncake.store:MooncakeDistributedNoFRegister": ENGRAM,
-    "mooncake.store:ParallelAxis": TENSORS,
-    "mooncake.store:TensorParallelism": TENSORS,
     "mooncake.store:QueryTaskResponse": TASKS,
     "mooncake.store:TaskStatus": TASKS,
     "mooncake.store:TaskType": TASKS,
@@ -70,42 +63,6 @@ EXCEPTIONS = {
     "mooncake.store:ReplicateConfig.nof_replica_num": TIERS,
     "mooncake.store:ReplicateConfig.preferred_nof_segments": TIERS,
     # mooncake.store: MooncakeDistributedStore methods
-    **{
-        f"mooncake.store:MooncakeDistributedStore.{m}": TENSORS
-        for m in (
-            "batch_get_tensor_into",
-            "batch_get_tensor_into_cuda",
-            "batch_get_tensor_with_parallelism",
-            "batch_get_tensor_with_parallelism_into",
-            "batch_get_tensor_with_tp_into",
-            "batch_pub_tensor_with_tp",
-            "batch_put_tensor_from",
-            "batch_put_tensor_with_parallelism",
-            "batch_put_tensor_with_parallelism_from",
-            "batch_put_tensor_with_tp_from",
-            "batch_upsert_pub_tensor",
-            "batch_upsert_tensor",
-            "batch_upsert_tensor_from",
-            "batch_upsert_tensor_with_parallelism",
-            "batch_upsert_tensor_with_parallelism_from",
-            "get_tensor_into",
-            "get_tensor_into_cuda",
-            "get_tensor_with_parallelism",
-            "get_tensor_with_parallelism_into",
-            "get_tensor_with_tp_into",
-            "load_tensor_from_safetensor",
-            "pub_tensor_with_tp",
-            "put_tensor_from",
-            "put_tensor_with_parallelism",
-            "put_tensor_with_parallelism_from",
-            "put_tensor_with_tp_from",
-            "save_tensor_to_safetensor",
-            "upsert_pub_tensor",
-            "upsert_tensor_from",
-            "upsert_tensor_with_parallelism",
-            "upsert_tensor_with_parallelism_from",
-        )
-    },
     "mooncake.store:MooncakeDistributedStore.batch_get_session_start": SESSIONS,
     "mooncake.store:MooncakeDistributedStore.batch_get_session_end": SESSIONS,
     "mooncake.store:MooncakeDistributedStore.batch_put_session_start": SESSIONS,
