@@ -58,7 +58,9 @@ step "Python wheel: build, install into a fresh venv, pytest (with upstream's wh
 scripts/build_wheel.sh
 rm -rf target/py-test-venv
 python3 -m venv target/py-test-venv
-target/py-test-venv/bin/pip install -q target/wheels/mooncake_rs-*.whl pytest numpy pyzmq mypy
+target/py-test-venv/bin/pip install -q target/wheels/mooncake_rs-*.whl pytest numpy pyzmq mypy aiohttp
+# One torch (about 5 GiB, downloaded on the first run, kept in target/torch-venv) for both wheels' tensor tests.
+scripts/setup_torch_venv.sh target/py-test-venv target/upstream-venv
 MOONCAKE_UPSTREAM_PYTHON="$PWD/target/upstream-venv/bin/python" \
     target/py-test-venv/bin/python -m pytest -q -p no:cacheprovider bindings/python/tests
 

@@ -11,6 +11,7 @@
 
 pub mod allocator;
 pub mod client;
+pub mod dummy;
 pub mod master;
 pub mod protocol;
 mod rng;

@@ -23,6 +23,7 @@ use crate::buffers::{AddrArg, ValueView, length, type_name};
 use crate::convert::Unsigned;
 use crate::engine::{int_list, list_items};
 use crate::wait::run_interruptibly;
+use mooncake_store::dummy::{DummyClient, DummyConfig};
 
 /// Code for calls before `setup()` or after `close()`.
 const UNAVAILABLE: i32 = -1010;
@@ -556,6 +557,8 @@ impl Drop for MooncakeHostMemAllocator {
 #[pyclass(module = "mooncake.store", name = "MooncakeDistributedStore", subclass)]
 pub struct PyStore {
     client: RwLock<Option<StoreClient>>,
+    /// Set instead of `client` by `setup_dummy`.
+    dummy: RwLock<Option<Arc<DummyClient>>>,
 }
 
 fn code<T>(r: &Result<T, ErrorCode>) -> i32 {
@@ -567,6 +570,15 @@ fn code<T>(r: &Result<T, ErrorCode>) -> i32 {
 
 fn codes(rs: Vec<Result<(), ErrorCode>>) -> Vec<i32> {
     rs.iter().map(code).collect()
+}
+
+/// `is_exist`'s answer: 1, 0 (also while the first write is in flight, as upstream), or a negative code.
+fn exist_code(r: Result<bool, ErrorCode>) -> i32 {
+    match r {
+        Ok(b) => i32::from(b),
+        Err(ErrorCode::ReplicaNotReady) => 0,
+        Err(e) => e.code(),
+    }
 }
 
 /// A put's code: as upstream, a key that already exists is not a failure of `put` (the stored value stays;
@@ -659,6 +671,10 @@ fn cap_sizes(lens: &mut [u64], caps: &[Option<u64>]) {
 }
 
 impl PyStore {
+    fn dummy(&self) -> Option<Arc<DummyClient>> {
+        self.dummy.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     fn unmount(&self, py: Python<'_>, ids: &Bound<'_, PyAny>, grace: Unsigned, free: bool) -> PyResult<i32> {
         let ids = str_list(ids, "segment_ids")?;
         let grace = std::time::Duration::from_secs(grace.0);
@@ -692,7 +708,7 @@ impl PyStore {
 impl PyStore {
     #[new]
     fn new() -> Self {
-        PyStore { client: RwLock::new(None) }
+        PyStore { client: RwLock::new(None), dummy: RwLock::new(None) }
     }
 
     /// Connects to the master and contributes memory. Either upstream's positional form
@@ -775,25 +791,45 @@ impl PyStore {
         }
     }
 
-    /// Upstream's dummy client (memory served by a separate real client over shared memory) is not
-    /// available in this build: returns -1012 (NOT_SUPPORTED). Use `setup()` with `global_segment_size=0`
-    /// for a client that contributes no memory.
+    /// Makes this store a dummy client of the real client (`mooncake_client`) serving dummies at
+    /// `server_address` (its `--port`, on this host): a shared pool of `mem_pool_size` bytes for the
+    /// application's buffers (`alloc_from_mem_pool`) plus `local_buffer_size` bytes for staging `put`/`get`
+    /// values. Data calls then go through the real client; the set-up, session, task and segment calls are the
+    /// real client's own business (they return as before setup). 0 or a negative code (-900 when the real
+    /// client cannot be reached).
     fn setup_dummy(
         &self,
+        py: Python<'_>,
         mem_pool_size: &Bound<'_, PyAny>,
         local_buffer_size: &Bound<'_, PyAny>,
         server_address: &str,
     ) -> PyResult<i32> {
-        let _ = (length(mem_pool_size, "mem_pool_size")?, length(local_buffer_size, "local_buffer_size")?);
-        tracing::error!(
-            "MooncakeDistributedStore.setup_dummy({server_address:?}): dummy clients are not supported by mooncake-rs; \
-             call setup() with global_segment_size=0 for a client that contributes no memory"
-        );
-        Ok(ErrorCode::NotSupported.code())
+        let mem_pool_size = length(mem_pool_size, "mem_pool_size")?.unwrap_or(u64::MAX);
+        let local_buffer_size = length(local_buffer_size, "local_buffer_size")?.unwrap_or(u64::MAX);
+        if self.client().is_some() || self.dummy().is_some() {
+            tracing::error!("MooncakeDistributedStore.setup_dummy: this store is set up already");
+            return Ok(ErrorCode::InvalidParams.code());
+        }
+        let config = DummyConfig {
+            server_address: server_address.to_string(),
+            mem_pool_size,
+            local_buffer_size,
+            ..DummyConfig::default()
+        };
+        match py.detach(|| DummyClient::attach(config)) {
+            Ok(d) => {
+                *self.dummy.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(d));
+                Ok(0)
+            }
+            Err(e) => Ok(e.code()),
+        }
     }
 
     /// Unmounts the segment and stops the client; later calls return -1010. 0.
     fn close(&self, py: Python<'_>) -> i32 {
+        if let Some(d) = self.dummy.write().unwrap_or_else(|p| p.into_inner()).take() {
+            py.detach(|| d.close());
+        }
         let client = self.client.write().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(c) = client {
             let _ = py.detach(|| c.close());
@@ -803,6 +839,10 @@ impl PyStore {
 
     /// 0 healthy, 1 not set up or closed, 2 master unreachable.
     fn health_check(&self, py: Python<'_>) -> i32 {
+        if let Some(d) = self.dummy() {
+            // The real client's health; 2 (unreachable) while it cannot be reached.
+            return py.detach(|| d.status()).map_or(2, |(_, h)| h);
+        }
         match self.client() {
             Some(c) => py.detach(|| c.health()),
             None => HEALTH_NOT_INITIALIZED,
@@ -811,11 +851,17 @@ impl PyStore {
 
     /// The `local_buffer_size` this client was set up with (0 before setup); `BufferPool` sizes itself by it.
     fn _local_buffer_size(&self) -> u64 {
+        if let Some(d) = self.dummy() {
+            return d.local_buffer_size();
+        }
         self.client().map_or(0, |c| c.config().local_buffer_size)
     }
 
     /// This client's segment name (`host:port`); "" before setup.
     fn get_hostname(&self) -> String {
+        if let Some(d) = self.dummy() {
+            return d.status().map(|(name, _)| name).unwrap_or_default();
+        }
         self.client().map(|c| c.hostname().to_string()).unwrap_or_default()
     }
 
@@ -832,6 +878,10 @@ impl PyStore {
     ) -> PyResult<i32> {
         let view = ValueView::new(value, "value")?;
         let cfg = config_of(config);
+        if let Some(d) = self.dummy() {
+            let bytes = view.as_slice();
+            return Ok(put_code(&py.detach(|| d.put_parts(key, &[bytes], &cfg, false))));
+        }
         let c = match self.bytes_client() {
             Ok(c) => c,
             Err(rc) => return Ok(rc),
@@ -909,6 +959,9 @@ impl PyStore {
 
     /// The object's bytes, or `b""` when it is missing or unreadable.
     fn get<'py>(&self, py: Python<'py>, key: &str) -> Bound<'py, PyBytes> {
+        if let Some(d) = self.dummy() {
+            return PyBytes::new(py, &py.detach(|| d.get(key)).unwrap_or_default());
+        }
         let Ok(c) = self.bytes_client() else { return PyBytes::new(py, b"") };
         match py.detach(|| c.get(key)) {
             Ok(v) => PyBytes::new(py, &v),
@@ -919,6 +972,10 @@ impl PyStore {
     /// One `bytes` per key (`b""` for misses).
     fn get_batch<'py>(&self, py: Python<'py>, keys: &Bound<'py, PyAny>) -> PyResult<Vec<Bound<'py, PyBytes>>> {
         let keys = keys_arg(keys)?;
+        if let Some(d) = self.dummy() {
+            let values: Vec<Vec<u8>> = py.detach(|| keys.iter().map(|k| d.get(k).unwrap_or_default()).collect());
+            return Ok(values.iter().map(|v| PyBytes::new(py, v)).collect());
+        }
         let Ok(c) = self.bytes_client() else { return Ok(keys.iter().map(|_| PyBytes::new(py, b"")).collect()) };
         let results = py.detach(|| c.get_batch(&keys));
         Ok(results.into_iter().map(|r| PyBytes::new(py, r.as_deref().unwrap_or(b""))).collect())
@@ -955,6 +1012,10 @@ impl PyStore {
             (None, None) => return Err(PyTypeError::new_err("register_buffer: size is required with an int address")),
         };
         let Some(len) = len else { return Ok(ErrorCode::InvalidParams.code()) };
+        if let Some(d) = self.dummy() {
+            // A dummy's buffers live in its shared pool, which the real client has registered already.
+            return Ok(if d.in_pool(a.addr, len) { 0 } else { ErrorCode::InvalidParams.code() });
+        }
         let Some(c) = self.client() else { return Ok(UNAVAILABLE) };
         if let Err(why) = crate::mapped::check_mapped(a.addr, len) {
             tracing::warn!("MooncakeDistributedStore.register_buffer: {why}");
@@ -966,6 +1027,10 @@ impl PyStore {
     /// Unregisters a buffer registered at `buffer_ptr`. 0 or a negative code.
     fn unregister_buffer(&self, py: Python<'_>, buffer_ptr: &Bound<'_, PyAny>) -> PyResult<i32> {
         let a = AddrArg::new(buffer_ptr, "buffer_ptr", false)?;
+        if let Some(d) = self.dummy() {
+            d.free(a.addr);
+            return Ok(if d.in_pool(a.addr, 1) { 0 } else { ErrorCode::InvalidParams.code() });
+        }
         let Some(c) = self.client() else { return Ok(UNAVAILABLE) };
         Ok(code(&py.detach(|| c.unregister_buffer(a.addr))))
     }
@@ -1009,6 +1074,15 @@ impl PyStore {
         let Some(len) = length(size, "size")?.filter(|l| a.fits(*l)) else {
             return Ok(ErrorCode::InvalidParams.code().into());
         };
+        if let Some(d) = self.dummy() {
+            let keys = [key.to_string()];
+            let r = py.detach(|| d.get_into(&keys, &[a.addr], &[len]));
+            return Ok(r
+                .first()
+                .copied()
+                .unwrap_or(Err(ErrorCode::Internal))
+                .map_or_else(|e| e.code().into(), |n| n as i64));
+        }
         let Some(c) = self.client() else { return Ok(UNAVAILABLE.into()) };
         Ok(match py.detach(|| c.get_into(key, a.addr, len)) {
             Ok(n) => n as i64,
@@ -1055,6 +1129,10 @@ impl PyStore {
         let (ptrs, caps) = addrs_arg(buffer_ptrs, "buffer_ptrs", true, &mut guards)?;
         let mut lens = sizes_arg(sizes, "sizes")?;
         cap_sizes(&mut lens, &caps);
+        if let Some(d) = self.dummy() {
+            let results = py.detach(|| d.get_into(&keys, &ptrs, &lens));
+            return Ok(results.into_iter().map(|r| r.map_or_else(|e| e.code().into(), |n| n as i64)).collect());
+        }
         let Some(c) = self.client() else { return Ok(vec![UNAVAILABLE.into(); keys.len()]) };
         if ptrs.len() != keys.len() || lens.len() != keys.len() {
             return Ok(vec![ErrorCode::InvalidParams.code().into(); keys.len()]);
@@ -1435,11 +1513,11 @@ impl PyStore {
         r.extract()
     }
 
-    /// Memory from a dummy client's shared pool; a real client (this one) has no pool and returns 0, as
-    /// upstream's.
+    /// `size` bytes of a dummy client's shared pool (for `register_buffer` and the zero-copy calls), or 0 when
+    /// the pool has no room; a store set up with `setup` has no pool and returns 0, as upstream's.
     fn alloc_from_mem_pool(&self, arg0: &Bound<'_, PyAny>) -> PyResult<u64> {
-        crate::convert::unsigned(arg0, "size")?;
-        Ok(0)
+        let size = crate::convert::unsigned(arg0, "size")?;
+        Ok(self.dummy().and_then(|d| d.alloc(size)).unwrap_or(0))
     }
 
     /// Clears replicas of keys whose lease has run out and that no write is in flight on: with
@@ -1461,6 +1539,9 @@ impl PyStore {
 
     /// 1 if the key exists, 0 if not, negative on error.
     fn is_exist(&self, py: Python<'_>, key: &str) -> i32 {
+        if let Some(d) = self.dummy() {
+            return exist_code(py.detach(|| d.exist(&[key.to_string()])).pop().unwrap_or(Err(ErrorCode::Internal)));
+        }
         let Some(c) = self.client() else { return UNAVAILABLE };
         match py.detach(|| c.is_exist(key)) {
             Ok(b) => i32::from(b),
@@ -1473,6 +1554,9 @@ impl PyStore {
     /// `is_exist` per key.
     fn batch_is_exist(&self, py: Python<'_>, keys: &Bound<'_, PyAny>) -> PyResult<Vec<i32>> {
         let keys = keys_arg(keys)?;
+        if let Some(d) = self.dummy() {
+            return Ok(py.detach(|| d.exist(&keys)).into_iter().map(exist_code).collect());
+        }
         let Some(c) = self.client() else { return Ok(vec![UNAVAILABLE; keys.len()]) };
         Ok(py
             .detach(|| c.batch_is_exist(&keys))
@@ -1487,6 +1571,14 @@ impl PyStore {
 
     /// The object's length, or a negative code.
     fn get_size(&self, py: Python<'_>, key: &str) -> i64 {
+        if let Some(d) = self.dummy() {
+            let r = py.detach(|| d.get_size(&[key.to_string()]));
+            return r
+                .first()
+                .copied()
+                .unwrap_or(Err(ErrorCode::Internal))
+                .map_or_else(|e| e.code().into(), |n| n as i64);
+        }
         let Some(c) = self.client() else { return UNAVAILABLE.into() };
         py.detach(|| c.get_size(key)).map_or_else(|e| e.code().into(), |n| n as i64)
     }
@@ -1494,6 +1586,10 @@ impl PyStore {
     /// `get_size` per key (our addition).
     fn batch_get_size(&self, py: Python<'_>, keys: &Bound<'_, PyAny>) -> PyResult<Vec<i64>> {
         let keys = keys_arg(keys)?;
+        if let Some(d) = self.dummy() {
+            let r = py.detach(|| d.get_size(&keys));
+            return Ok(r.into_iter().map(|r| r.map_or_else(|e| e.code().into(), |n| n as i64)).collect());
+        }
         let Some(c) = self.client() else { return Ok(vec![UNAVAILABLE.into(); keys.len()]) };
         Ok(py
             .detach(|| c.batch_get_size(&keys))
@@ -1529,6 +1625,11 @@ impl PyStore {
     /// Removes the object (refused while it has a lease unless `force`). 0 or a negative code.
     #[pyo3(signature = (key, force = false))]
     fn remove(&self, py: Python<'_>, key: &str, force: bool) -> i32 {
+        if let Some(d) = self.dummy() {
+            return code(
+                py.detach(|| d.remove(&[key.to_string()], force)).first().unwrap_or(&Err(ErrorCode::Internal)),
+            );
+        }
         let Some(c) = self.client() else { return UNAVAILABLE };
         code(&py.detach(|| c.remove(key, force)))
     }
@@ -1543,6 +1644,9 @@ impl PyStore {
     /// Removes every object: the count, or a negative code.
     #[pyo3(signature = (force = false))]
     fn remove_all(&self, py: Python<'_>, force: bool) -> i64 {
+        if let Some(d) = self.dummy() {
+            return py.detach(|| d.remove_all(force)).map_or_else(|e| e.code().into(), |n| n as i64);
+        }
         let Some(c) = self.client() else { return UNAVAILABLE.into() };
         py.detach(|| c.remove_all(force)).map_or_else(|e| e.code().into(), |n| n as i64)
     }
@@ -1551,6 +1655,9 @@ impl PyStore {
     #[pyo3(signature = (keys, force = false))]
     fn batch_remove(&self, py: Python<'_>, keys: &Bound<'_, PyAny>, force: bool) -> PyResult<Vec<i32>> {
         let keys = keys_arg(keys)?;
+        if let Some(d) = self.dummy() {
+            return Ok(codes(py.detach(|| d.remove(&keys, force))));
+        }
         let Some(c) = self.client() else { return Ok(vec![UNAVAILABLE; keys.len()]) };
         Ok(codes(py.detach(|| c.batch_remove(&keys, force))))
     }
@@ -1567,6 +1674,10 @@ impl PyStore {
     ) -> PyResult<i32> {
         let views: Vec<ValueView> = parts.iter().map(|p| ValueView::new(&p, "parts")).collect::<PyResult<_>>()?;
         let cfg = config_of(config);
+        if let Some(d) = self.dummy() {
+            let slices: Vec<&[u8]> = views.iter().map(ValueView::as_slice).collect();
+            return Ok(put_code(&py.detach(|| d.put_parts(key, &slices, &cfg, upsert))));
+        }
         let c = match self.bytes_client() {
             Ok(c) => c,
             Err(rc) => return Ok(rc),
@@ -1594,6 +1705,15 @@ impl PyStore {
         let views: Vec<ValueView> =
             list_items(values, "values")?.iter().map(|v| ValueView::new(v, "values")).collect::<PyResult<_>>()?;
         let cfg = config_of(config);
+        if let Some(d) = self.dummy() {
+            if views.len() != keys.len() {
+                return Ok(ErrorCode::InvalidParams.code());
+            }
+            let results: Vec<Result<(), ErrorCode>> = py.detach(|| {
+                keys.iter().zip(&views).map(|(k, v)| d.put_parts(k, &[v.as_slice()], &cfg, upsert)).collect()
+            });
+            return Ok(first_put_error(&results));
+        }
         let c = match self.bytes_client() {
             Ok(c) => c,
             Err(rc) => return Ok(rc),
@@ -1621,6 +1741,11 @@ impl PyStore {
             return Ok(ErrorCode::InvalidParams.code());
         };
         let cfg = config_of(config);
+        if let Some(d) = self.dummy() {
+            let keys = [key.to_string()];
+            let r = py.detach(|| d.put_from(&keys, &[a.addr], &[len], &cfg, upsert));
+            return Ok(put_code(r.first().unwrap_or(&Err(ErrorCode::Internal))));
+        }
         let Some(c) = self.client() else { return Ok(UNAVAILABLE) };
         Ok(put_code(&py.detach(|| {
             if upsert { c.upsert_from(key, a.addr, len, &cfg) } else { c.put_from(key, a.addr, len, &cfg) }
@@ -1642,6 +1767,9 @@ impl PyStore {
         let mut lens = sizes_arg(sizes, "sizes")?;
         cap_sizes(&mut lens, &caps);
         let cfg = config_of(config);
+        if let Some(d) = self.dummy() {
+            return Ok(put_codes(py.detach(|| d.put_from(&keys, &ptrs, &lens, &cfg, upsert))));
+        }
         let Some(c) = self.client() else { return Ok(vec![UNAVAILABLE; keys.len()]) };
         if ptrs.len() != keys.len() || lens.len() != keys.len() {
             return Ok(vec![ErrorCode::InvalidParams.code(); keys.len()]);

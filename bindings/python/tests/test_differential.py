@@ -36,6 +36,7 @@ SCENARIOS = [
     "store_misc_writes",
     "store_tasks",
     "store_segments",
+    "store_dummy",
 ]
 
 # (scenario, case) -> (ours, upstream's, why ours differs)

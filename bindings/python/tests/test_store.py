@@ -171,9 +171,11 @@ def test_setup_unknown_protocol(master):
     s.close()
 
 
-def test_setup_dummy_not_supported(master):
+def test_setup_dummy_against_something_else_than_a_real_client(master):
+    # The master's RPC port speaks another service: the handshake says so and setup_dummy fails with -900.
     s = MooncakeDistributedStore()
-    assert s.setup_dummy(16 * MiB, 16 * MiB, master.address) == NOT_SUPPORTED
+    assert s.setup_dummy(16 * MiB, 16 * MiB, master.address) == -900
+    assert s.health_check() == 1
 
 
 def test_setup_bad_argument_types(master):

@@ -19,7 +19,13 @@ pub const FLAGS: &[Spec] = &[
         name: "port",
         kind: Kind::Int,
         default: "50052",
-        help: "transfer engine handshake port (0 = any free port)",
+        help: "port (on 127.0.0.1) where dummy clients of this node attach (setup_dummy); 0 = do not serve them",
+    },
+    Spec {
+        name: "transfer_port",
+        kind: Kind::Int,
+        default: "0",
+        help: "transfer engine handshake port (0 = any free port; beyond upstream)",
     },
     Spec {
         name: "metadata_server",
@@ -58,13 +64,19 @@ pub fn default_route_address() -> String {
     }
 }
 
+/// The port dummy clients attach to (`--port`; 0 for none).
+pub fn dummy_port(flags: &Flags) -> Result<u16, String> {
+    u16::try_from(flags.int("port")).map_err(|_| format!("--port={} is not a port", flags.int("port")))
+}
+
 /// Turns parsed flags into a client configuration.
 pub fn client_config(flags: &Flags) -> Result<ClientConfig, String> {
     let host = match flags.text("host") {
         "0.0.0.0" | "::" | "" => default_route_address(),
         h => h.to_string(),
     };
-    let port = u16::try_from(flags.int("port")).map_err(|_| format!("--port={} is not a port", flags.int("port")))?;
+    let port = u16::try_from(flags.int("transfer_port"))
+        .map_err(|_| format!("--transfer_port={} is not a port", flags.int("transfer_port")))?;
     let local_hostname = match port {
         0 => host,
         p if host.contains(':') => format!("[{host}]:{p}"),
@@ -102,7 +114,7 @@ mod tests {
     fn flags_map_to_the_client_config() {
         let c = parse(&[
             "--host=10.1.2.3",
-            "--port=6000",
+            "--transfer_port=6000",
             "--global_segment_size=512MB",
             "--master_server_address",
             "m:1",
@@ -114,15 +126,17 @@ mod tests {
         assert_eq!(c.local_buffer_size, 16 << 20);
         assert_eq!(c.master_server_addr, "m:1");
         assert_eq!(c.protocol, "rdma");
-        assert_eq!(parse(&["--host=::1", "--port=7"]).unwrap().local_hostname, "[::1]:7");
+        assert_eq!(parse(&["--host=::1", "--transfer_port=7"]).unwrap().local_hostname, "[::1]:7");
         assert_eq!(parse(&["--host=127.0.0.1", "--port=0"]).unwrap().local_hostname, "127.0.0.1");
-        let wildcard = parse(&["--port=0"]).unwrap().local_hostname;
+        let wildcard = parse(&["--transfer_port=0"]).unwrap().local_hostname;
         assert!(wildcard.parse::<std::net::IpAddr>().is_ok() && wildcard != "0.0.0.0", "{wildcard}");
     }
 
     #[test]
     fn bad_flags_say_what_is_wrong() {
         assert!(parse(&["--global_segment_size=0"]).unwrap_err().contains("global_segment_size"));
-        assert!(parse(&["--port=99999"]).unwrap_err().contains("not a port"));
+        assert!(parse(&["--transfer_port=99999"]).unwrap_err().contains("not a port"));
+        let flags = Flags::parse("mooncake_client", "", FLAGS, ["--port=99999"]).unwrap();
+        assert!(dummy_port(&flags).unwrap_err().contains("not a port"));
     }
 }

@@ -16,10 +16,13 @@ from ._mooncake import (
     MooncakeDistributedStore as _NativeStore,
     MooncakeHostMemAllocator,
     ObjectDataType,
+    QueryTaskResponse,
     ReplicaDescriptor,
     ReplicaStatus,
     ReplicateConfig,
     SoftPinAction,
+    TaskStatus,
+    TaskType,
 )
 
 __all__ = [
@@ -33,17 +36,19 @@ __all__ = [
     "MooncakeDistributedStore",
     "MooncakeHostMemAllocator",
     "ObjectDataType",
+    "QueryTaskResponse",
     "ParallelAxis",
     "ReadTarget",
     "ReplicaDescriptor",
     "ReplicaStatus",
     "ReplicateConfig",
     "SoftPinAction",
+    "TaskStatus",
+    "TaskType",
     "TensorParallelism",
 ]
 
-# Upstream exports enum members at module level. PROCESSING and FAILED are left out: in upstream's module they
-# are TaskStatus members (copy and move tasks), which this package does not have yet.
+# Upstream exports enum members at module level.
 UNDEFINED = ReplicaStatus.UNDEFINED
 INITIALIZED = ReplicaStatus.INITIALIZED
 COMPLETE = ReplicaStatus.COMPLETE
@@ -58,6 +63,12 @@ GRADIENT = ObjectDataType.GRADIENT
 OPTIMIZER_STATE = ObjectDataType.OPTIMIZER_STATE
 METADATA = ObjectDataType.METADATA
 GENERAL = ObjectDataType.GENERAL
+PENDING = TaskStatus.PENDING
+PROCESSING = TaskStatus.PROCESSING
+SUCCESS = TaskStatus.SUCCESS
+FAILED = TaskStatus.FAILED
+REPLICA_COPY = TaskType.REPLICA_COPY
+REPLICA_MOVE = TaskType.REPLICA_MOVE
 
 
 class MooncakeDistributedStore(_TensorMethods, _NativeStore):

@@ -614,12 +614,59 @@ def store_segments():
     with_master(body)
 
 
+def store_dummy():
+    """Dummy clients: setup_dummy against this wheel's mooncake_client (the real client), its shared pool."""
+    from mooncake.store import MooncakeDistributedStore
+
+    def body(m):
+        port = free_port()
+        bindir = os.path.dirname(sys.executable)
+        node = subprocess.Popen(
+            [os.path.join(bindir, "mooncake_client"), "--host=127.0.0.1", f"--port={port}",
+             f"--master_server_address={m.address}", f"--metadata_server={m.metadata}",
+             "--global_segment_size=64MB", "--local_buffer_size=16MB", "--protocol=tcp"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_port(port, node)
+            d = MooncakeDistributedStore()
+            case("setup_dummy unreachable", lambda: MooncakeDistributedStore().setup_dummy(16 << 20, 8 << 20,
+                                                                                         f"127.0.0.1:{free_port()}") != 0)
+            case("setup_dummy", lambda: d.setup_dummy(32 << 20, 16 << 20, f"127.0.0.1:{port}"))
+            case("put", lambda: d.put("dk", b"dummy value"))
+            case("get", lambda: d.get("dk"))
+            case("get missing", lambda: d.get("missing"))
+            case("is_exist", lambda: d.is_exist("dk"))
+            case("get_size", lambda: d.get_size("dk"))
+            buf = d.alloc_from_mem_pool(1 << 20)
+            case("alloc nonzero", lambda: buf != 0)
+            case("register pool buffer", lambda: d.register_buffer(buf, 1 << 20))
+            case("get_into", lambda: d.get_into("dk", buf, 1 << 20))
+            case("read back", lambda: ctypes.string_at(buf, 11))
+            ctypes.memmove(buf, b"zero copy!", 10)
+            case("put_from", lambda: d.put_from("zc", buf, 10))
+            case("get zc", lambda: d.get("zc"))
+            case("batch_get_into", lambda: d.batch_get_into(["dk", "zc", "missing"], [buf, buf + 4096, buf + 8192],
+                                                            [4096, 4096, 4096]))
+            case("put_batch", lambda: d.put_batch(["b1", "b2"], [b"x", b"yy"]))
+            case("get_batch", lambda: d.get_batch(["b1", "b2", "missing"]))
+            case("remove", lambda: d.remove("b1"))
+            case("exist after remove", lambda: d.is_exist("b1"))
+            case("health", lambda: d.health_check())
+            case("unregister pool buffer", lambda: d.unregister_buffer(buf))
+            case("close", lambda: d.close())
+        finally:
+            node.kill()
+            node.wait()
+
+    with_master(body)
+
+
 SCENARIOS = {
     f.__name__: f
     for f in (replicate_config_fields, store_same_hostname, store_setup_dict_bad_values, store_ctypes_values,
               kv_bootstrap_keys, mooncake_config, store_without_local_buffer, store_async, store_buffer_pool,
               store_sessions, store_replica_clear, store_misc_writes, store_tasks,
-              store_segments)
+              store_segments, store_dummy)
 }
 
 if __name__ == "__main__":

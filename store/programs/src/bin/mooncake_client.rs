@@ -1,8 +1,10 @@
-//! `mooncake_client`: a standalone store node. It contributes `--global_segment_size` bytes of
-//! memory to the store (upstream's flags) and serves reads and writes of it until SIGINT or SIGTERM.
+//! `mooncake_client`: a standalone store node (upstream's *real client*). It contributes
+//! `--global_segment_size` bytes of memory to the store (upstream's flags), serves reads and writes of it, and
+//! serves dummy clients of this host on 127.0.0.1:`--port`, until SIGINT or SIGTERM.
 
 use mooncake_store::client::StoreClient;
-use mooncake_store_programs::client_node::{FLAGS, client_config};
+use mooncake_store::dummy::RealClientService;
+use mooncake_store_programs::client_node::{FLAGS, client_config, dummy_port};
 use mooncake_store_programs::flags::{FlagError, Flags};
 use mooncake_store_programs::process::{self, init_logging, shutdown_signal};
 
@@ -19,6 +21,7 @@ fn main() {
         Err(e) => exit(2, &e.to_string()),
     };
     let config = client_config(&flags).unwrap_or_else(|e| exit(2, &e));
+    let dummy_port = dummy_port(&flags).unwrap_or_else(|e| exit(2, &e));
     let size = config.global_segment_size;
     let master = config.master_server_addr.clone();
     let client = StoreClient::setup(config)
@@ -36,7 +39,23 @@ fn main() {
         .enable_all()
         .build()
         .unwrap_or_else(|e| exit(1, &format!("cannot start the signal runtime: {e}")));
-    runtime.block_on(shutdown_signal());
+    runtime.block_on(async {
+        // Dummy clients (setup_dummy in other processes on this host) attach here.
+        let service = match dummy_port {
+            0 => None,
+            port => match RealClientService::start(client.clone(), port).await {
+                Ok(s) => {
+                    println!("mooncake_client serving dummy clients on {}", s.local_addr());
+                    Some(s)
+                }
+                Err(e) => exit(1, &e),
+            },
+        };
+        shutdown_signal().await;
+        if let Some(s) = service {
+            s.shutdown().await;
+        }
+    });
     tracing::info!("shutting down: unmounting the segment");
     if let Err(e) = client.close() {
         exit(1, &format!("close: {e}"));
