@@ -418,6 +418,20 @@ impl PyTransferEngine {
         }
     }
 
+    /// Prepares the path to `segment_name` ahead of the first transfer: fetches its metadata and opens it with
+    /// the engine's transport (upstream does this for EFA only; here it helps every transport). Failures are
+    /// logged; the result is 0, as upstream's (also before `initialize`).
+    fn warmup_efa_segment(&self, py: Python<'_>, segment_name: &str) -> i32 {
+        let Some(engine) = self.engine.get() else { return 0 };
+        if segment_name.is_empty() {
+            return 0;
+        }
+        if let Err(e) = py.detach(|| engine.open_segment(segment_name)) {
+            tracing::info!("TransferEngine.warmup_efa_segment({segment_name:?}): {e}");
+        }
+        0
+    }
+
     /// This engine's segment name (our addition; upstream users build it from host and rpc port).
     fn get_local_segment_name(&self) -> PyResult<String> {
         Ok(self.get_or_raise("get_local_segment_name")?.local_segment_name().to_string())

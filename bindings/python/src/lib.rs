@@ -12,6 +12,7 @@ mod convert;
 mod engine;
 mod mapped;
 mod metadata_server;
+mod numa;
 mod store;
 mod wait;
 
@@ -38,5 +39,6 @@ fn _mooncake(m: &Bound<'_, PyModule>) -> PyResult<()> {
     engine::register(m)?;
     store::register(m)?;
     metadata_server::register(m)?;
+    m.add_function(pyo3::wrap_pyfunction!(numa::bind_to_numa_node, m)?)?;
     Ok(())
 }

@@ -37,6 +37,7 @@ SCENARIOS = [
     "store_tasks",
     "store_segments",
     "store_dummy",
+    "engine_and_numa_helpers",
 ]
 
 # (scenario, case) -> (ours, upstream's, why ours differs)

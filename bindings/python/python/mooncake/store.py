@@ -23,6 +23,7 @@ from ._mooncake import (
     SoftPinAction,
     TaskStatus,
     TaskType,
+    bind_to_numa_node,
 )
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "TaskStatus",
     "TaskType",
     "TensorParallelism",
+    "bind_to_numa_node",
 ]
 
 # Upstream exports enum members at module level.

@@ -61,6 +61,8 @@ class QueryTaskResponse:
     assigned_client: Tuple[int, int]
     def __init__(self) -> None: ...
 
+def bind_to_numa_node(node: int) -> None: ...
+
 PENDING: TaskStatus
 PROCESSING: TaskStatus
 SUCCESS: TaskStatus

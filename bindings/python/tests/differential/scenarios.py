@@ -661,12 +661,29 @@ def store_dummy():
     with_master(body)
 
 
+def engine_and_numa_helpers():
+    """warmup_efa_segment before and after initialize, bind_to_numa_node with good and bad nodes."""
+    from mooncake.engine import TransferEngine
+    from mooncake.store import bind_to_numa_node
+
+    e = TransferEngine()
+    case("warmup before initialize", lambda: e.warmup_efa_segment("127.0.0.1:1"))
+    case("initialize", lambda: e.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", ""))
+    case("warmup unreachable", lambda: e.warmup_efa_segment(f"127.0.0.1:{free_port()}"))
+    case("warmup empty", lambda: e.warmup_efa_segment(""))
+    case("warmup bad type", lambda: e.warmup_efa_segment(5))
+    case("bind node 0", lambda: bind_to_numa_node(0))
+    case("bind missing node", lambda: bind_to_numa_node(99))
+    case("bind negative node", lambda: bind_to_numa_node(-1))
+    case("bind bad type", lambda: bind_to_numa_node("0"))
+
+
 SCENARIOS = {
     f.__name__: f
     for f in (replicate_config_fields, store_same_hostname, store_setup_dict_bad_values, store_ctypes_values,
               kv_bootstrap_keys, mooncake_config, store_without_local_buffer, store_async, store_buffer_pool,
               store_sessions, store_replica_clear, store_misc_writes, store_tasks,
-              store_segments, store_dummy)
+              store_segments, store_dummy, engine_and_numa_helpers)
 }
 
 if __name__ == "__main__":
