@@ -12,12 +12,14 @@ transport is linked (``FEATURES=all``); the GPU ones (CUDA, HIP, MUSA, NVLink) a
 
 from ._mooncake import TransferEngine, TransferNotify, TransferOpcode, available_transports
 from ._rpc import CoroRPCInterface, ReceivedData, ReceivedTensor, RpcInterface, create_rpc_client, create_rpc_server
+from ._shared_memory import SharedSegment
 
 __all__ = [
     "TransferEngine",
     "TransferNotify",
     "TransferOpcode",
     "available_transports",
+    "SharedSegment",
     "Read",
     "Write",
     "SUPPORT_CUDA",
