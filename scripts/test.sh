@@ -25,7 +25,7 @@ step() {
     printf '\n==> %s\n' "$*"
 }
 
-step "disk (a full run needs about 4 GiB under target/, 12 GiB free to be safe)"
+step "disk (a full run needs about 10 GiB under target/, PyTorch included; 20 GiB free to be safe)"
 df -h . || true
 
 step "system packages"
