@@ -38,6 +38,7 @@ SCENARIOS = [
     "store_segments",
     "store_dummy",
     "engine_and_numa_helpers",
+    "store_engram",
 ]
 
 # (scenario, case) -> (ours, upstream's, why ours differs)

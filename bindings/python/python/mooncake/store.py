@@ -5,6 +5,7 @@ key for batch calls, ``b""`` for a missing ``get``. The tensor methods (in ``_te
 tensors in upstream's byte layout (a 304-byte metadata block, then the bytes), so either package reads the other's.
 """
 
+from ._engram import EngramStore, EngramStoreConfig
 from ._tensors import ParallelAxis, ReadTarget, TensorParallelism, _TensorMethods
 
 # Upstream's store module carries the pool classes too.
@@ -33,6 +34,8 @@ __all__ = [
     "RegisteredBufferLease",
     "RegisteredBufferPool",
     "Descriptor",
+    "EngramStore",
+    "EngramStoreConfig",
     "MemoryDescriptor",
     "MooncakeDistributedStore",
     "MooncakeHostMemAllocator",

@@ -678,12 +678,60 @@ def engine_and_numa_helpers():
     case("bind bad type", lambda: bind_to_numa_node("0"))
 
 
+def store_engram():
+    """EngramStore: per-layer embedding tables (one per head) in the store, populated and looked up by row."""
+    import numpy as np
+    from mooncake.store import EngramStore, EngramStoreConfig, MooncakeDistributedStore
+
+    def arr(a):
+        return {"shape": list(a.shape), "dtype": str(a.dtype), "values": a.ravel().tolist()}
+
+    def body(m):
+        s = MooncakeDistributedStore()
+        case("setup", lambda: s.setup("127.0.0.1", m.metadata, 64 << 20, 16 << 20, "tcp", "", m.address))
+        c = EngramStoreConfig()
+        case("config defaults", lambda: [c.embedding_dim, list(c.table_vocab_sizes)])
+        c.embedding_dim = 4
+        c.table_vocab_sizes = [5, 3]
+        case("config negative dim", lambda: setattr(EngramStoreConfig(), "embedding_dim", -1))
+        e = EngramStore(2, c, s)
+        case("shape", lambda: [e.get_embedding_dim(), e.get_num_heads(), list(e.get_table_vocab_sizes())])
+        case("keys", lambda: e.get_store_keys())
+        t0 = np.arange(20, dtype=np.float32).reshape(5, 4)
+        t1 = 100 + np.arange(12, dtype=np.float32).reshape(3, 4)
+        case("populate", lambda: e.populate([t0, t1]))
+        case("raw table", lambda: s.get("engram:l2:h1"))
+        case("lookup", lambda: arr(e.lookup(np.array([[[0, 2], [4, 1]]], dtype=np.int64))))
+        case("lookup int32", lambda: arr(e.lookup(np.array([[[0, 1]]], dtype=np.int32))))
+        case("lookup list", lambda: arr(e.lookup([[[1, 1]]])))
+        case("lookup row out of range", lambda: e.lookup(np.array([[[5, 0]]])))
+        case("lookup negative row", lambda: e.lookup(np.array([[[-1, 0]]])))
+        case("lookup wrong heads", lambda: e.lookup(np.array([[[0]]])))
+        case("lookup wrong rank", lambda: e.lookup(np.array([0, 1])))
+        case("lookup empty", lambda: e.lookup(np.zeros((0, 3, 2), dtype=np.int64)))
+        case("populate again", lambda: e.populate([t0, t1]))
+        case("populate one table", lambda: e.populate([t0]))
+        case("populate wrong shape", lambda: e.populate([t0, t0]))
+        case("populate not a list", lambda: e.populate("x"))
+        case("remove while leased", lambda: e.remove_from_store())
+        case("remove forced", lambda: e.remove_from_store(True))
+        case("remove again", lambda: e.remove_from_store(True))
+        case("lookup after remove", lambda: e.lookup(np.array([[[0, 0]]])))
+        case("populate float64", lambda: e.populate([t0.astype(np.float64), t1]))
+        case("populate after remove", lambda: e.populate([t0, t1]))
+        case("lookup after populate", lambda: arr(e.lookup(np.array([[[3, 2]]]))))
+        case("close", lambda: s.close())
+
+    with_master(body)
+
+
 SCENARIOS = {
     f.__name__: f
     for f in (replicate_config_fields, store_same_hostname, store_setup_dict_bad_values, store_ctypes_values,
               kv_bootstrap_keys, mooncake_config, store_without_local_buffer, store_async, store_buffer_pool,
               store_sessions, store_replica_clear, store_misc_writes, store_tasks,
-              store_segments, store_dummy, engine_and_numa_helpers)
+              store_segments, store_dummy, engine_and_numa_helpers,
+              store_engram)
 }
 
 if __name__ == "__main__":

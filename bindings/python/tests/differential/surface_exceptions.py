@@ -6,13 +6,12 @@ Keys: "module:Name" (a whole name: a class excepted this way is not checked memb
 their members from another (INHERITED) share its member entries.
 """
 
-# Reasons, one per piece of work still open (issue 13 unless said otherwise).
+# Reasons: work that belongs to another issue, or a difference kept on purpose.
 TIERS = "needs the disk, DFS and NVMe-oF tiers (issues 16 and 20)"
 LEASE_VIEW = (
     "no behaviour to match: upstream 0.3.13.post1 exports the type (one member, `buffer`), but none of its calls "
     "returns or takes one and it cannot be constructed from Python; our leases hand out memoryviews"
 )
-ENGRAM = "not built yet: the Engram store (embedding tables served from the store), a feature of its own"
 ENGINE_PTR = (
     "deliberately absent: upstream hands C++ extensions a pointer to its C++ mooncake::TransferEngine object; this "
     "package has no C++ object of that type, and a pointer to anything else would crash the extension that uses it"
@@ -31,8 +30,6 @@ EXCEPTIONS = {
     "mooncake.store:BufferLeaseView": LEASE_VIEW,
     "mooncake.store:RegisteredBufferLeaseView": LEASE_VIEW,
     "mooncake.store:DiskDescriptor": TIERS,
-    "mooncake.store:EngramStore": ENGRAM,
-    "mooncake.store:EngramStoreConfig": ENGRAM,
     "mooncake.store:MooncakeDistributedNoFRegister": TIERS,
     "mooncake.store:get_alloc_func_addr": ALLOC_FUNCS,
     "mooncake.store:get_free_func_addr": ALLOC_FUNCS,
