@@ -135,6 +135,16 @@ fn a_dummy_fails_fast_while_the_real_client_is_gone_and_reattaches() {
     assert!(matches!(err, ErrorCode::RpcFail | ErrorCode::RpcTimeout), "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(30), "a typed error, within a bound");
     cluster.restart_service();
+    // Another dummy attaches to the restarted real client first: the first dummy's old session must not name the
+    // newcomer's pool (its zero-copy writes would read the other process's memory).
+    let other = cluster.dummy(2 * MIB, 2 * MIB);
+    let buf = d.alloc(4096).unwrap();
+    let mine = vec![0xA5u8; 4096];
+    d.put_parts("mine-staged", &[&mine], &cfg, false).unwrap();
+    assert_eq!(d.get_into(&["mine-staged".to_string()], &[buf], &[4096]), vec![Ok(4096)]);
+    assert_eq!(d.put_from(&["mine".to_string()], &[buf], &[4096], &cfg, false), vec![Ok(())]);
+    assert_eq!(cluster.real.get("mine").unwrap(), mine);
+    other.close();
     assert_eq!(d.get("before").unwrap(), b"one");
     d.put_parts("after", &[b"two"], &cfg, false).unwrap();
     assert_eq!(cluster.real.get("after").unwrap(), b"two");

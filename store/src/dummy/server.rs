@@ -155,9 +155,17 @@ impl State {
             let _ = self.device.free(&memory);
             return Err(e);
         }
-        let session = self.next.fetch_add(1, Ordering::Relaxed);
+        // Random ids: a dummy that still holds an id from before a restart of this real client must not find
+        // another dummy's pool under it (counters would restart at the same values).
+        let mut pools = lock(&self.pools);
+        let session = loop {
+            let id = crate::types::ClientId::random().0 as u64 ^ self.next.fetch_add(1, Ordering::Relaxed);
+            if id != 0 && !pools.contains_key(&id) {
+                break id;
+            }
+        };
         tracing::info!(path, size, session, "dummy client attached");
-        lock(&self.pools).insert(session, Pool { memory });
+        pools.insert(session, Pool { memory });
         Ok(session)
     }
 
