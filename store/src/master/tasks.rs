@@ -230,7 +230,17 @@ impl MasterCore {
     /// source gets a read lease. `ReplicaNotReady` while another write or copy is in flight on the object.
     pub fn copy_start(&mut self, client: ClientId, id: TaskId) -> Result<(ReplicaDescriptor, Vec<ReplicaDescriptor>)> {
         let assignment = self.running_task(client, id)?;
-        let (_, source_slot) = self.copy_source(&assignment.key, assignment.source.as_deref())?;
+        let (_, mut source_slot) = self.copy_source(&assignment.key, assignment.source.as_deref())?;
+        if assignment.source.is_none() {
+            // A copy reads from a replica of the client running it (it was picked as that replica's owner); the
+            // first healthy replica may be another client's by now.
+            let own = self.object(&assignment.key)?.replicas.iter().map(|r| r.segment).find(|&slot| {
+                self.segments.get(slot).is_some_and(|s| s.owner == client) && self.segments.is_healthy(slot)
+            });
+            if let Some(slot) = own {
+                source_slot = slot;
+            }
+        }
         let idx = self.find(&assignment.key)?;
         let now = self.now();
         let lease = self.config.default_kv_lease_ttl_ms;
@@ -528,6 +538,27 @@ mod tests {
         h.advance(60_000);
         h.core.tick();
         assert_eq!(h.core.stats().allocated_bytes, 104);
+        h.check();
+    }
+
+    #[test]
+    fn a_copy_reads_from_the_running_clients_replica() {
+        let mut h = harness(quiet());
+        h.mount(1, "a", "h1", 1 << 20);
+        h.mount(2, "b", "h2", 1 << 20);
+        h.mount(3, "c", "h3", 1 << 20);
+        let both = crate::types::ReplicateConfig { preferred_segments: vec!["a".into(), "b".into()], ..cfg(2) };
+        h.core.put_start(ClientId(1), "k", 100, &both).unwrap();
+        h.core.put_end(ClientId(1), "k").unwrap();
+        // While "a" is suspect the task goes to "b"'s owner; "a" is healthy again when the copy starts, and the
+        // copy must still read "b", the running client's own replica.
+        h.core.report_unreachable("a@ep").unwrap();
+        let id = h.core.create_copy_task("k", &["c".into()]).unwrap();
+        assert_eq!(h.core.query_task(id).unwrap().assigned_client, ClientId(2));
+        h.core.ping(ClientId(1));
+        h.core.fetch_tasks(ClientId(2), 8);
+        let (source, fresh) = h.core.copy_start(ClientId(2), id).unwrap();
+        assert_eq!((source.segment.as_str(), fresh[0].segment.as_str()), ("b", "c"));
         h.check();
     }
 
