@@ -1543,12 +1543,7 @@ impl PyStore {
             return exist_code(py.detach(|| d.exist(&[key.to_string()])).pop().unwrap_or(Err(ErrorCode::Internal)));
         }
         let Some(c) = self.client() else { return UNAVAILABLE };
-        match py.detach(|| c.is_exist(key)) {
-            Ok(b) => i32::from(b),
-            // As upstream: an object whose first write is in flight does not exist yet.
-            Err(ErrorCode::ReplicaNotReady) => 0,
-            Err(e) => e.code(),
-        }
+        exist_code(py.detach(|| c.is_exist(key)))
     }
 
     /// `is_exist` per key.
@@ -1558,15 +1553,7 @@ impl PyStore {
             return Ok(py.detach(|| d.exist(&keys)).into_iter().map(exist_code).collect());
         }
         let Some(c) = self.client() else { return Ok(vec![UNAVAILABLE; keys.len()]) };
-        Ok(py
-            .detach(|| c.batch_is_exist(&keys))
-            .into_iter()
-            .map(|r| match r {
-                Ok(b) => i32::from(b),
-                Err(ErrorCode::ReplicaNotReady) => 0,
-                Err(e) => e.code(),
-            })
-            .collect())
+        Ok(py.detach(|| c.batch_is_exist(&keys)).into_iter().map(exist_code).collect())
     }
 
     /// The object's length, or a negative code.

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from test_differential import UPSTREAM_PYTHON, run
+from test_differential import UPSTREAM_PYTHON, assert_same, run
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "differential", "rpc_scenarios.py")
 
@@ -99,18 +99,7 @@ def test_rpc_same_as_upstream(scenario):
     if scenario == "rpc_tensors" and not (_has_torch(sys.executable) and _has_torch(UPSTREAM_PYTHON)):
         pytest.skip("torch is not importable under both interpreters (scripts/setup_torch_venv.sh)")
     ours = run(sys.executable, scenario, script=SCRIPT)
-    theirs = run(UPSTREAM_PYTHON, scenario, script=SCRIPT)
-    assert list(ours) == list(theirs), "the scenario ran different cases under the two wheels"
-    differ = []
-    for name, upstream_result in theirs.items():
-        expected = DELIBERATE.get((scenario, name))
-        if expected is not None:
-            if (ours[name], upstream_result) != expected[:2]:
-                got = f"ours {ours[name]!r}, upstream {upstream_result!r}"
-                differ.append(f"  {name} (deliberate): {got}; expected {expected[:2]!r}")
-        elif ours[name] != upstream_result:
-            differ.append(f"  {name}: ours {ours[name]!r}, upstream {upstream_result!r}")
-    assert not differ, f"{scenario}: {len(differ)} of {len(theirs)} cases differ:\n" + "\n".join(differ)
+    assert_same(scenario, ours, run(UPSTREAM_PYTHON, scenario, script=SCRIPT), DELIBERATE)
 
 
 def test_deliberate_entries_name_real_cases():

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from test_differential import UPSTREAM_PYTHON, run
+from test_differential import UPSTREAM_PYTHON, assert_same, run
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "differential", "service_scenarios.py")
 SCENARIOS = ["service_kv", "service_bad_requests", "service_segments", "service_cli"]
@@ -221,17 +221,7 @@ STORE_DIFFERENCES: dict = {}
 def test_service_same_as_upstream(scenario):
     ours = run(sys.executable, scenario, script=SCRIPT)
     theirs = run(UPSTREAM_PYTHON, scenario, script=SCRIPT)
-    assert list(ours) == list(theirs), "the scenario ran different cases under the two wheels"
-    differ = []
-    for name, upstream_result in theirs.items():
-        expected = DELIBERATE.get((scenario, name)) or STORE_DIFFERENCES.get((scenario, name))
-        if expected is not None:
-            want_ours, want_upstream, _why = expected
-            assert ours[name] == want_ours, f"{name}: ours {ours[name]!r}, the listed difference says {want_ours!r}"
-            assert upstream_result == want_upstream, f"{name}: upstream now gives {upstream_result!r}"
-        elif ours[name] != upstream_result:
-            differ.append(f"  {name}: ours {ours[name]!r}, upstream {upstream_result!r}")
-    assert not differ, f"{scenario}: {len(differ)} of {len(theirs)} cases differ:\n" + "\n".join(differ)
+    assert_same(scenario, ours, theirs, {**DELIBERATE, **STORE_DIFFERENCES})
 
 
 def test_service_differences_are_documented():

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from test_differential import UPSTREAM_PYTHON, run
+from test_differential import UPSTREAM_PYTHON, assert_same, run
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "differential", "shared_segment_scenarios.py")
 DOC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "docs", "python-shared-segment.md")
@@ -84,18 +84,7 @@ DELIBERATE = {
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_same_as_upstream(scenario):
     ours = run(sys.executable, scenario, script=SCRIPT)
-    theirs = run(UPSTREAM_PYTHON, scenario, script=SCRIPT)
-    assert list(ours) == list(theirs), "the scenario ran different cases under the two wheels"
-    differ = []
-    for name, upstream_result in theirs.items():
-        expected = DELIBERATE.get((scenario, name))
-        if expected is not None:
-            want_ours, want_upstream, _why = expected
-            assert ours[name] == want_ours, f"{name}: ours {ours[name]!r}, the documented difference says {want_ours!r}"
-            assert upstream_result == want_upstream, f"{name}: upstream now gives {upstream_result!r}"
-        elif ours[name] != upstream_result:
-            differ.append(f"  {name}: ours {ours[name]!r}, upstream {upstream_result!r}")
-    assert not differ, f"{scenario}: {len(differ)} of {len(theirs)} cases differ:\n" + "\n".join(differ)
+    assert_same(scenario, ours, run(UPSTREAM_PYTHON, scenario, script=SCRIPT), DELIBERATE)
 
 
 def test_deliberate_differences_are_documented():

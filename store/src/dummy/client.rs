@@ -71,6 +71,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The real client answered every key with `ClientNotFound`: it does not know our session (it restarted).
+fn session_unknown<T>(results: &[Result<T>]) -> bool {
+    !results.is_empty() && results.iter().all(|r| matches!(r, Err(ErrorCode::ClientNotFound)))
+}
+
 fn rpc_code(e: &RpcError) -> ErrorCode {
     tracing::warn!(error = %e, "call to the real client failed");
     match e {
@@ -389,10 +394,9 @@ impl DummyClient {
         for attempt in 0..2 {
             let session = self.session()?;
             let resp = self.call(&make(session))?;
-            let unknown = |v: &[Result<()>]| !v.is_empty() && v.iter().all(|r| *r == Err(ErrorCode::ClientNotFound));
             let stale = match &resp {
-                DummyResponse::PerKey(v) => unknown(v),
-                DummyResponse::Sizes(v) => !v.is_empty() && v.iter().all(|r| *r == Err(ErrorCode::ClientNotFound)),
+                DummyResponse::PerKey(v) => session_unknown(v),
+                DummyResponse::Sizes(v) => session_unknown(v),
                 _ => false,
             };
             if !stale || attempt == 1 {

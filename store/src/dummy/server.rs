@@ -4,7 +4,6 @@ use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use mooncake_core::device::FILE_HANDLE_KIND;
@@ -25,7 +24,6 @@ struct State {
     client: StoreClient,
     device: Arc<dyn MemoryDevice>,
     pools: Mutex<HashMap<u64, Pool>>,
-    next: AtomicU64,
 }
 
 /// The real client's service for dummy clients. Stops when dropped or shut down; pools still attached are
@@ -46,7 +44,7 @@ impl RealClientService {
             .find(|d| d.kind() == MemoryKind::Host)
             .cloned()
             .ok_or_else(|| "no host memory device is linked".to_string())?;
-        let state = Arc::new(State { client, device, pools: Mutex::new(HashMap::new()), next: AtomicU64::new(1) });
+        let state = Arc::new(State { client, device, pools: Mutex::new(HashMap::new()) });
         let handler_state = state.clone();
         let handler = move |req: DummyRequest, _peer: PeerInfo| {
             let state = handler_state.clone();
@@ -159,7 +157,7 @@ impl State {
         // another dummy's pool under it (counters would restart at the same values).
         let mut pools = lock(&self.pools);
         let session = loop {
-            let id = crate::types::ClientId::random().0 as u64 ^ self.next.fetch_add(1, Ordering::Relaxed);
+            let id = crate::types::ClientId::random().0 as u64;
             if id != 0 && !pools.contains_key(&id) {
                 break id;
             }

@@ -144,8 +144,13 @@ impl MasterCore {
         if targets.is_empty() || targets.iter().any(|t| self.segments.find(t).is_none()) {
             return Err(ErrorCode::InvalidParams);
         }
-        let mut unique = targets.to_vec();
-        unique.dedup();
+        // Each target once, in the order given.
+        let mut unique: Vec<String> = Vec::with_capacity(targets.len());
+        for t in targets {
+            if !unique.contains(t) {
+                unique.push(t.clone());
+            }
+        }
         self.submit_task(owner, TaskKind::ReplicaCopy, key, unique, None)
     }
 

@@ -9,6 +9,8 @@ lookup moves only the rows it returns.
 
 from typing import Any, List, Optional
 
+from ._tensors import _checked, _int
+
 __all__ = ["EngramStore", "EngramStoreConfig"]
 
 OBJECT_NOT_FOUND = -704
@@ -20,38 +22,25 @@ def _np():
     return numpy
 
 
-def _int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{what}: expected an int, got {type(value).__name__}")
-    return value
+def _int_list(value: Any, name: str) -> List[int]:
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name} must be a list of ints, got {type(value).__name__}")
+    return [_int(v, name) for v in value]
 
 
 class EngramStoreConfig:
     """Shape of one layer's tables: ``embedding_dim`` (64) and one vocabulary size per head (``[1024]``)."""
 
+    __slots__ = ("_embedding_dim", "_table_vocab_sizes")
+
     def __init__(self) -> None:
         self._embedding_dim = 64
         self._table_vocab_sizes = [1024]
 
-    @property
-    def embedding_dim(self) -> int:
-        """Width of every row, in float32 values."""
-        return self._embedding_dim
-
-    @embedding_dim.setter
-    def embedding_dim(self, value: int) -> None:
-        self._embedding_dim = _int(value, "embedding_dim")
-
-    @property
-    def table_vocab_sizes(self) -> List[int]:
-        """Rows of each head's table (the number of heads is its length)."""
-        return list(self._table_vocab_sizes)
-
-    @table_vocab_sizes.setter
-    def table_vocab_sizes(self, value: List[int]) -> None:
-        if not isinstance(value, (list, tuple)):
-            raise TypeError(f"table_vocab_sizes: expected a list of ints, got {type(value).__name__}")
-        self._table_vocab_sizes = [_int(v, "table_vocab_sizes") for v in value]
+    embedding_dim = _checked("embedding_dim", _int, "Width of every row, in float32 values.")
+    table_vocab_sizes = _checked(
+        "table_vocab_sizes", _int_list, "Rows of each head's table (the number of heads is its length)."
+    )
 
 
 class EngramStore:
@@ -68,7 +57,7 @@ class EngramStore:
             raise RuntimeError("EngramStore store parameter must be a MooncakeDistributedStore (or None)")
         self._layer = layer_id
         self._dim = config.embedding_dim
-        self._vocab = config.table_vocab_sizes
+        self._vocab = list(config.table_vocab_sizes)
         self._store = store
 
     def get_embedding_dim(self) -> int:

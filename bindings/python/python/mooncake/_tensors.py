@@ -125,6 +125,12 @@ def _int(value, name):
     return int(value)
 
 
+def _checked(name, check, doc):
+    """A property over the slot ``_<name>`` whose setter passes each value through ``check(value, name)``."""
+    slot = "_" + name
+    return property(lambda self: getattr(self, slot), lambda self, value: setattr(self, slot, check(value, name)), doc=doc)
+
+
 class ParallelAxis:
     """One axis of a tensor's parallel layout: ``kind`` ("tp", "dp", "ep" or "pp", any case), this writer's
     ``rank`` of ``size``, and ``split_dim`` (TP only), ``expert_id`` (EP) or ``stage_id`` (PP)."""
@@ -149,45 +155,11 @@ class ParallelAxis:
             raise TypeError(f"kind must be a str, got {type(value).__name__}")
         self._kind = value
 
-    @property
-    def rank(self) -> int:
-        return self._rank
-
-    @rank.setter
-    def rank(self, value: int) -> None:
-        self._rank = _int(value, "rank")
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    @size.setter
-    def size(self, value: int) -> None:
-        self._size = _int(value, "size")
-
-    @property
-    def split_dim(self) -> Optional[int]:
-        return self._split_dim
-
-    @split_dim.setter
-    def split_dim(self, value: Optional[int]) -> None:
-        self._split_dim = _optional_int(value, "split_dim")
-
-    @property
-    def expert_id(self) -> Optional[int]:
-        return self._expert_id
-
-    @expert_id.setter
-    def expert_id(self, value: Optional[int]) -> None:
-        self._expert_id = _optional_int(value, "expert_id")
-
-    @property
-    def stage_id(self) -> Optional[int]:
-        return self._stage_id
-
-    @stage_id.setter
-    def stage_id(self, value: Optional[int]) -> None:
-        self._stage_id = _optional_int(value, "stage_id")
+    rank = _checked("rank", _int, "This writer's rank on the axis.")
+    size = _checked("size", _int, "Ranks on the axis.")
+    split_dim = _checked("split_dim", _optional_int, "Dimension a TP axis splits (None otherwise).")
+    expert_id = _checked("expert_id", _optional_int, "Expert of an EP axis (None otherwise).")
+    stage_id = _checked("stage_id", _optional_int, "Stage of a PP axis (None otherwise).")
 
     def _copy(self) -> "ParallelAxis":
         other = ParallelAxis()
