@@ -37,9 +37,19 @@ cargo fmt --all -- --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 
-step "the store and the EP buffer see only mooncake-core (no transport, device or metadata crate)"
-if cargo tree -p mooncake-store -e normal --prefix none | grep -E '^mooncake-(transport|device|metadata)'; then
-    echo "mooncake-store must not depend on a backend crate (DESIGN.md)" >&2
+step "the store crates see only mooncake-core (no backend crate); the store core is sans-IO; the client has no HTTP server"
+for crate in mooncake-store-core mooncake-store-master mooncake-store; do
+    if cargo tree -p "$crate" -e normal --prefix none | grep -E '^mooncake-(transport|device|metadata)'; then
+        echo "$crate must not depend on a backend crate (docs/architecture.md)" >&2
+        exit 1
+    fi
+done
+if cargo tree -p mooncake-store-core -e normal --prefix none | grep -E '^(tokio|axum|hyper|mooncake-core) '; then
+    echo "mooncake-store-core must stay sans-IO: no async runtime, HTTP server or transfer engine" >&2
+    exit 1
+fi
+if cargo tree -p mooncake-store -e normal --prefix none | grep -E '^(axum|hyper|mooncake-store-master) '; then
+    echo "the store client must not link the master service or an HTTP server" >&2
     exit 1
 fi
 

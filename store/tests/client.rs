@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use mooncake_store::client::{ClientConfig, HEALTH_MASTER_UNREACHABLE, HEALTH_NOT_INITIALIZED, HEALTH_OK, StoreClient};
-use mooncake_store::service::{MasterService, ServiceConfig};
 use mooncake_store::types::{ErrorCode, ReplicateConfig};
+use mooncake_store_master::{MasterService, ServiceConfig};
 
 const MIB: u64 = 1 << 20;
 
@@ -680,7 +680,7 @@ fn put_and_get_sessions_move_ranges_across_clients() {
 
 #[test]
 fn copy_and_move_tasks_run_on_the_holder_and_replica_clear_drops_one_segment() {
-    use mooncake_store::master::TaskStatus;
+    use mooncake_store::types::TaskStatus;
     let master = Master::start();
     let a = client(&master);
     let b = client(&master);
@@ -717,7 +717,7 @@ fn copy_and_move_tasks_run_on_the_holder_and_replica_clear_drops_one_segment() {
 
     assert_eq!(a.create_copy_task("missing", &[b.hostname().to_string()]), Err(ErrorCode::ObjectNotFound));
     assert_eq!(a.create_copy_task("t", &["nosuch:1".to_string()]), Err(ErrorCode::InvalidParams));
-    assert_eq!(a.query_task(mooncake_store::master::TaskId(1, 2)), Err(ErrorCode::TaskNotFound));
+    assert_eq!(a.query_task(mooncake_store::types::TaskId(1, 2)), Err(ErrorCode::TaskNotFound));
 
     // replica_clear: an object read a moment ago keeps its replicas; one never read goes.
     a.put("c", b"clear me", &on(&[&a, &b], 2)).unwrap();

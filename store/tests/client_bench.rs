@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant};
 
 use mooncake_store::client::{ClientConfig, StoreClient};
-use mooncake_store::service::{MasterService, ServiceConfig};
 use mooncake_store::types::ReplicateConfig;
+use mooncake_store_master::{MasterService, ServiceConfig};
 
 fn percentile(v: &mut [Duration], p: f64) -> Duration {
     v.sort();

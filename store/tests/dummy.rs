@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use mooncake_store::client::{ClientConfig, StoreClient};
 use mooncake_store::dummy::{DummyClient, DummyConfig, DummyRequest, DummyResponse, RealClientService, service_id};
-use mooncake_store::service::{MasterService, ServiceConfig};
 use mooncake_store::types::{ErrorCode, ReplicateConfig};
+use mooncake_store_master::{MasterService, ServiceConfig};
 use mooncake_store_rpc::{BlockingClient, ClientOptions};
 
 const MIB: u64 = 1 << 20;

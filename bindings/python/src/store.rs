@@ -176,9 +176,9 @@ impl QueryTaskResponse {
     }
 }
 
-impl From<mooncake_store::master::TaskInfo> for QueryTaskResponse {
-    fn from(t: mooncake_store::master::TaskInfo) -> Self {
-        use mooncake_store::master::{TaskKind, TaskStatus as S};
+impl From<mooncake_store::types::TaskInfo> for QueryTaskResponse {
+    fn from(t: mooncake_store::types::TaskInfo) -> Self {
+        use mooncake_store::types::{TaskKind, TaskStatus as S};
         QueryTaskResponse {
             id: (t.id.0, t.id.1),
             kind: match t.kind {
@@ -200,7 +200,7 @@ impl From<mooncake_store::master::TaskInfo> for QueryTaskResponse {
 }
 
 /// A task id as `create_*_task` returns it: `((high, low), code)`, `(0, 0)` on failure.
-fn task_answer(r: Result<mooncake_store::master::TaskId, ErrorCode>) -> ((u64, u64), i32) {
+fn task_answer(r: Result<mooncake_store::types::TaskId, ErrorCode>) -> ((u64, u64), i32) {
     match r {
         Ok(id) => ((id.0, id.1), 0),
         Err(e) => ((0, 0), e.code()),
@@ -1378,7 +1378,7 @@ impl PyStore {
     /// A task's state: `(QueryTaskResponse, 0)` or `(None, code)` (-1400 for an unknown id).
     fn query_task(&self, py: Python<'_>, task_id: (u64, u64)) -> (Option<QueryTaskResponse>, i32) {
         let Some(c) = self.client() else { return (None, UNAVAILABLE) };
-        match py.detach(|| c.query_task(mooncake_store::master::TaskId(task_id.0, task_id.1))) {
+        match py.detach(|| c.query_task(mooncake_store::types::TaskId(task_id.0, task_id.1))) {
             Ok(info) => (Some(info.into()), 0),
             Err(e) => (None, e.code()),
         }

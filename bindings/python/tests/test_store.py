@@ -1,7 +1,7 @@
 """The store surface of PYTHON_API.md: `mooncake.store`, `mooncake.mooncake_config` and
 `mooncake.http_metadata_server`, against a real `mooncake_master` on free ports.
 
-Error codes (store/src/types.rs): -10 BUFFER_OVERFLOW, -600 INVALID_PARAMS, -704 OBJECT_NOT_FOUND,
+Error codes (store/core/src/types.rs): -10 BUFFER_OVERFLOW, -600 INVALID_PARAMS, -704 OBJECT_NOT_FOUND,
 -705 OBJECT_ALREADY_EXISTS, -900 RPC_FAIL, -901 RPC_TIMEOUT, -1010 UNAVAILABLE_IN_CURRENT_STATUS,
 -1012 NOT_SUPPORTED.
 """

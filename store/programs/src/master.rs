@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use mooncake_store::master::TaskConfig;
-use mooncake_store::service::ServiceConfig;
+use mooncake_store::types::TaskConfig;
 use mooncake_store::types::{AllocationStrategy, MasterConfig};
+use mooncake_store_master::ServiceConfig;
 
 use crate::flags::{Flags, Kind, Spec};
 

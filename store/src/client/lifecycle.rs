@@ -14,8 +14,8 @@ use super::config::ClientConfig;
 use super::errors;
 use super::master::{Master, wrong_kind};
 use super::staging::Staging;
-use crate::master::PingOutcome;
 use crate::protocol::{Request, Response};
+use crate::types::PingOutcome;
 use crate::types::{ClientId, ErrorCode, Result, Segment};
 
 /// `health()`: the master answered the last ping.

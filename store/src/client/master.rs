@@ -3,11 +3,11 @@
 
 use std::time::{Duration, Instant};
 
-use mooncake_store_rpc::{BlockingClient, ClientOptions, RpcError};
+use mooncake_store_rpc::{BlockingClient, ClientOptions, RpcError, ServiceId};
 
 use super::errors;
-use crate::master::PingOutcome;
-use crate::protocol::{Request, Response, service_id};
+use crate::protocol::{PROTOCOL_VERSION, Request, Response, SERVICE_NAME};
+use crate::types::PingOutcome;
 use crate::types::{ClientId, ErrorCode, Result};
 
 /// The master's RPC client.
@@ -31,7 +31,7 @@ impl Master {
             request_timeout: rpc_timeout,
             ..Default::default()
         };
-        let rpc = BlockingClient::new(addr, service_id(), options);
+        let rpc = BlockingClient::new(addr, ServiceId::new(SERVICE_NAME, PROTOCOL_VERSION), options);
         let mut attempts = 0u32;
         loop {
             attempts += 1;

@@ -60,9 +60,9 @@ use master::{per_key, wrong_kind};
 use read::Dest;
 use write::Source;
 
-use crate::master::{TaskId, TaskInfo};
 use crate::protocol::{Request, Response};
 use crate::types::{ClientId, ErrorCode, ReplicaDescriptor, ReplicateConfig, Result};
+use crate::types::{TaskId, TaskInfo};
 
 /// A store client. Cheap to clone (clones share one client); `Send + Sync`. The last clone dropped closes it.
 #[derive(Clone)]

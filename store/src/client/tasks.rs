@@ -13,9 +13,9 @@ use super::lifecycle::{Inner, PingControl};
 use super::local_copy;
 use super::master::wrong_kind;
 use super::transfer::{self, Xfer};
-use crate::master::{TaskAssignment, TaskId};
 use crate::protocol::{Request, Response};
 use crate::types::{ErrorCode, ReplicaDescriptor, Result};
+use crate::types::{TaskAssignment, TaskId};
 
 /// Most tasks taken per fetch.
 const FETCH_MAX: u32 = 8;

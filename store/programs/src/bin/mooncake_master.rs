@@ -1,7 +1,7 @@
 //! `mooncake_master`: the store's metadata master (upstream's flags and defaults), optionally with
 //! the transfer engine's HTTP metadata server embedded. Runs until SIGINT or SIGTERM.
 
-use mooncake_store::service::MasterService;
+use mooncake_store_master::MasterService;
 use mooncake_store_programs::flags::{FlagError, Flags};
 use mooncake_store_programs::master::{FLAGS, settings};
 use mooncake_store_programs::process::{self, init_logging, shutdown_signal};

@@ -19,9 +19,9 @@ mod client;
 
 use std::time::{Duration, Instant};
 
-use mooncake_store::protocol::{Request, Response, service_id};
-use mooncake_store::service::{MasterService, ServiceConfig};
+use mooncake_store::protocol::{Request, Response};
 use mooncake_store::types::{ClientId, ReplicateConfig, Segment};
+use mooncake_store_master::{MasterService, ServiceConfig, service_id};
 use mooncake_store_programs::flags::{FlagError, Flags, Kind, Spec};
 use mooncake_store_rpc::{BlockingClient, ClientOptions, RpcClient};
 

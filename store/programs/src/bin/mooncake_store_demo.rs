@@ -5,8 +5,8 @@
 use std::time::Instant;
 
 use mooncake_store::client::{ClientConfig, StoreClient};
-use mooncake_store::service::{MasterService, ServiceConfig};
 use mooncake_store::types::{ErrorCode, ReplicateConfig};
+use mooncake_store_master::{MasterService, ServiceConfig};
 
 fn main() {
     mooncake_store_programs::process::init_logging("warn");

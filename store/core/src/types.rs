@@ -6,6 +6,12 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+/// The master's answers that travel in protocol messages (tasks, key and segment views, ping outcomes), named here
+/// so a client needs only `types`.
+pub use crate::master::{
+    KeyInfo, MasterStats, PingOutcome, SegmentInfo, TaskAssignment, TaskConfig, TaskId, TaskInfo, TaskKind, TaskStatus,
+};
+
 /// Result type of the store: every error is an [`ErrorCode`].
 pub type Result<T> = std::result::Result<T, ErrorCode>;
 

@@ -1,4 +1,5 @@
-//! The master's RPC messages (carried by `mooncake-store-rpc`: length-delimited frames, postcard,
+//! The master's RPC messages (carried by `mooncake-store-rpc`, which the service and the client name with
+//! [`SERVICE_NAME`] and [`PROTOCOL_VERSION`]: length-delimited frames, postcard,
 //! request ids multiplexed on one connection). Every key-level call is a batch with one result per
 //! key; single-key calls are batches of one, so both take the same path and one round trip.
 
@@ -12,11 +13,6 @@ pub const SERVICE_NAME: &str = "mooncake-store-master";
 
 /// Version of these messages; bump on any incompatible change.
 pub const PROTOCOL_VERSION: u32 = 1;
-
-/// The RPC identity of the master service.
-pub fn service_id() -> mooncake_store_rpc::ServiceId {
-    mooncake_store_rpc::ServiceId::new(SERVICE_NAME, PROTOCOL_VERSION)
-}
 
 /// Replicas of one object and the lease granted on it (milliseconds).
 pub type ReplicaList = (Vec<ReplicaDescriptor>, u64);

@@ -4,10 +4,10 @@
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use mooncake_store::master::PingOutcome;
-use mooncake_store::protocol::{Request, Response, service_id};
-use mooncake_store::service::{MasterService, ServiceConfig};
-use mooncake_store::types::{ClientId, ErrorCode, MasterConfig, ReplicateConfig, Segment};
+use mooncake_store_core::master::PingOutcome;
+use mooncake_store_core::protocol::{Request, Response};
+use mooncake_store_core::types::{ClientId, ErrorCode, MasterConfig, ReplicateConfig, Segment};
+use mooncake_store_master::{MasterService, ServiceConfig, service_id};
 use mooncake_store_rpc::{ClientOptions, RpcClient};
 
 fn config() -> ServiceConfig {

@@ -2,8 +2,8 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::master::{MasterCore, TaskInfo};
-use crate::protocol::{Request, Response};
+use mooncake_store_core::master::{MasterCore, TaskInfo};
+use mooncake_store_core::protocol::{Request, Response};
 
 /// Runs `request` on `core`.
 pub(crate) fn dispatch(core: &mut MasterCore, request: Request) -> Response {

@@ -16,8 +16,8 @@ use serde_json::json;
 use tokio::task::JoinHandle;
 
 use super::{Counters, Shared};
-use crate::master::MasterStats;
-use crate::types::ErrorCode;
+use mooncake_store_core::master::MasterStats;
+use mooncake_store_core::types::ErrorCode;
 
 /// Binds `addr` and serves the admin routes until the task is aborted.
 pub(super) async fn serve(addr: &str, shared: Arc<Shared>) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {

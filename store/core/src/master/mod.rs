@@ -3,8 +3,8 @@
 //! randomness from a seed, and the service calls [`MasterCore::tick`] periodically.
 //!
 //! ```
-//! use mooncake_store::master::{ManualClock, MasterCore};
-//! use mooncake_store::types::{ClientId, MasterConfig, ReplicateConfig, Segment};
+//! use mooncake_store_core::master::{ManualClock, MasterCore};
+//! use mooncake_store_core::types::{ClientId, MasterConfig, ReplicateConfig, Segment};
 //!
 //! let clock = ManualClock::new(0);
 //! let mut core = MasterCore::new(MasterConfig::default(), Box::new(clock.clone()), 42).unwrap();

@@ -4,6 +4,10 @@
 //!
 //! The core sits behind one mutex; each request holds it only for the in-memory work of one
 //! batch (no I/O under the lock), so a batch of 128 keys costs one lock and one round trip.
+//!
+//! The core, its types and the wire messages are `mooncake-store-core`; the program with upstream's flags is
+//! `mooncake_master` in `mooncake-store-programs`. This crate links no transfer engine and no backend.
+#![forbid(unsafe_code)]
 
 mod admin;
 mod dispatch;
@@ -15,11 +19,16 @@ use std::time::Duration;
 use mooncake_store_rpc::{PeerInfo, RpcError, RpcServer};
 use tokio::task::JoinHandle;
 
-use crate::master::{MasterCore, SystemClock};
-use crate::protocol::{Request, Response, service_id};
-use crate::types::MasterConfig;
+use mooncake_store_core::master::{MasterCore, SystemClock};
+use mooncake_store_core::protocol::{PROTOCOL_VERSION, Request, Response, SERVICE_NAME};
+use mooncake_store_core::types::MasterConfig;
 
 pub use admin::render_metrics;
+
+/// The RPC identity of the master service (clients check it in the hello).
+pub fn service_id() -> mooncake_store_rpc::ServiceId {
+    mooncake_store_rpc::ServiceId::new(SERVICE_NAME, PROTOCOL_VERSION)
+}
 
 /// How to run the master service.
 #[derive(Debug, Clone)]

@@ -2,13 +2,13 @@
 //! measures `exist` per second on one thread, single and batched, with keys in random and sequential order,
 //! and the resident memory added per object.
 //!
-//! Run: `cargo run --release -p mooncake-store --example master_core_bench [objects]` (default 1,000,000).
+//! Run: `cargo run --release -p mooncake-store-core --example master_core_bench [objects]` (default 1,000,000).
 
 use std::hint::black_box;
 use std::time::Instant;
 
-use mooncake_store::master::{Clock, ManualClock, MasterCore, SystemClock};
-use mooncake_store::types::{ClientId, MasterConfig, ReplicateConfig, Segment};
+use mooncake_store_core::master::{Clock, ManualClock, MasterCore, SystemClock};
+use mooncake_store_core::types::{ClientId, MasterConfig, ReplicateConfig, Segment};
 
 const VALUE_LEN: u64 = 16 * 1024;
 const SEGMENTS: u64 = 4;
