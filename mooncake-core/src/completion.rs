@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use crate::error::{Error, Result};
+use crate::sync;
 use crate::types::{TransferState, TransferStatus};
 
 #[derive(Debug, Default)]
@@ -92,11 +93,8 @@ impl Batch {
             Error::InvalidArgument(format!("task {index} is not in this batch ({} submitted)", self.len()))
         })?;
         let state = TransferState::from_u8(slot.state.load(Ordering::Acquire));
-        let error = if state.is_final() && state != TransferState::Completed {
-            slot.error.lock().unwrap_or_else(|p| p.into_inner()).clone()
-        } else {
-            None
-        };
+        let error =
+            if state.is_final() && state != TransferState::Completed { sync::lock(&slot.error).clone() } else { None };
         Ok(TransferStatus { state, transferred_bytes: slot.transferred.load(Ordering::Acquire), error })
     }
 
@@ -165,7 +163,7 @@ impl Batch {
     pub fn wait_done_for(&self, timeout: Duration) -> bool {
         self.spin_until_done(spin_budget().min(timeout));
         let deadline = Instant::now().checked_add(timeout);
-        let mut guard = self.blocking_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = sync::lock(&self.blocking_lock);
         while !self.is_done() {
             let left = match deadline {
                 Some(d) => d.saturating_duration_since(Instant::now()),
@@ -174,7 +172,7 @@ impl Batch {
             if left.is_zero() {
                 return false;
             }
-            guard = self.blocking_done.wait_timeout(guard, left).unwrap_or_else(|p| p.into_inner()).0;
+            guard = sync::wait_timeout(&self.blocking_done, guard, left).0;
         }
         true
     }
@@ -209,7 +207,7 @@ impl Batch {
     fn finish_slot(&self, index: usize, state: TransferState, bytes: u64, error: Option<Error>) -> bool {
         let slot = &self.slots[index];
         if let Some(e) = error {
-            let mut g = slot.error.lock().unwrap_or_else(|p| p.into_inner());
+            let mut g = sync::lock(&slot.error);
             if g.is_none() && !TransferState::from_u8(slot.state.load(Ordering::Acquire)).is_final() {
                 *g = Some(e);
             }
@@ -224,7 +222,7 @@ impl Batch {
         slot.transferred.store(bytes, Ordering::Release);
         if self.outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.async_done.notify_waiters();
-            let _g = self.blocking_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let _g = sync::lock(&self.blocking_lock);
             self.blocking_done.notify_all();
         }
         true
@@ -250,6 +248,12 @@ pub struct Completion {
 impl Completion {
     /// Finishes the request: `Ok(bytes)` completes it, `Err` fails it with a typed error.
     pub fn finish(self, result: Result<u64>) {
+        self.finish_shared(result);
+    }
+
+    /// [`Completion::finish`] through a shared reference, for owners that guarantee a single call
+    /// themselves (the [`FanIn`](crate::fanin::FanIn) counter); later calls are ignored anyway.
+    pub(crate) fn finish_shared(&self, result: Result<u64>) {
         match result {
             Ok(bytes) => self.batch.finish_slot(self.index, TransferState::Completed, bytes, None),
             Err(e) => {

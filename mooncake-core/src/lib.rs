@@ -24,10 +24,13 @@ pub mod descriptor;
 pub mod device;
 mod engine;
 pub mod error;
+pub mod fanin;
 pub mod memory;
 pub mod metadata;
 pub mod registry;
 pub mod rpc;
+pub mod stripe;
+pub mod sync;
 pub mod transport;
 pub mod types;
 
@@ -37,9 +40,11 @@ pub use descriptor::{BufferDesc, SegmentDescriptor};
 pub use device::{AllocOptions, Allocation, DmabufExport, MemoryDevice, SharingHandle};
 pub use engine::{EngineConfig, TransferEngine, join_host_port, split_host_port};
 pub use error::{Error, Result};
+pub use fanin::{FanIn, PieceDone};
 pub use memory::{Region, RegionGuard, RegionTable};
 pub use metadata::{MetadataCapabilities, MetadataKeys, MetadataStore, RpcMeta, WatchEvent};
 pub use rpc::{PeerRpc, RpcHandler};
+pub use stripe::{StripePiece, StripePlan, StripeRounding};
 pub use transport::{
     BackendConfig, BlockingRequest, NoPeerHandshake, PeerEvents, PeerHandshake, RemoteSegment, TransferTask, Transport,
     TransportContext,

@@ -7,6 +7,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
+use crate::sync;
 use crate::types::Location;
 
 /// One registered buffer.
@@ -69,7 +70,7 @@ impl RegionTable {
         let end = addr
             .checked_add(len)
             .ok_or_else(|| Error::InvalidArgument(format!("range [{addr:#x}, +{len}) wraps around")))?;
-        let mut map = self.regions.write().unwrap_or_else(|p| p.into_inner());
+        let mut map = sync::write(&self.regions);
         // The closest region starting before `end` is the only one that can overlap.
         if let Some((_, r)) = map.range(..end).next_back() {
             if r.end() > addr {
@@ -84,7 +85,7 @@ impl RegionTable {
     /// finish. New accesses are refused from the moment this is called.
     pub fn remove(&self, addr: u64, wait: Duration) -> Result<()> {
         let region = {
-            let mut map = self.regions.write().unwrap_or_else(|p| p.into_inner());
+            let mut map = sync::write(&self.regions);
             map.remove(&addr).ok_or(Error::AddressNotRegistered {
                 addr,
                 len: 0,
@@ -108,7 +109,7 @@ impl RegionTable {
             return None;
         }
         let end = addr.checked_add(len)?;
-        let map = self.regions.read().unwrap_or_else(|p| p.into_inner());
+        let map = sync::read(&self.regions);
         let (_, r) = map.range(..=addr).next_back()?;
         (end <= r.end()).then(|| RegionGuard(r.clone()))
     }
@@ -120,19 +121,19 @@ impl RegionTable {
 
     /// The registration starting exactly at `addr`.
     pub fn get(&self, addr: u64) -> Option<RegionGuard> {
-        let map = self.regions.read().unwrap_or_else(|p| p.into_inner());
+        let map = sync::read(&self.regions);
         map.get(&addr).map(|r| RegionGuard(r.clone()))
     }
 
     /// All regions, by address.
     pub fn snapshot(&self) -> Vec<RegionGuard> {
-        let map = self.regions.read().unwrap_or_else(|p| p.into_inner());
+        let map = sync::read(&self.regions);
         map.values().map(|r| RegionGuard(r.clone())).collect()
     }
 
     /// Number of regions.
     pub fn len(&self) -> usize {
-        self.regions.read().unwrap_or_else(|p| p.into_inner()).len()
+        sync::read(&self.regions).len()
     }
 
     /// True when nothing is registered.

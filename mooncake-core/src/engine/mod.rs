@@ -23,6 +23,7 @@ use crate::memory::RegionTable;
 use crate::metadata::{MetadataKeys, MetadataStore, RpcMeta};
 use crate::registry;
 use crate::rpc::{PeerRpc, RpcHandler};
+use crate::sync;
 use crate::transport::{BlockingRequest, PeerEvents, RemoteSegment, TransferTask, Transport, TransportContext};
 use crate::types::{
     BatchId, Location, MemoryKind, Notification, Opcode, SegmentHandle, TransferRequest, TransferState, TransferStatus,
@@ -73,11 +74,11 @@ struct Shared {
 #[async_trait]
 impl RpcHandler for Shared {
     fn local_descriptor(&self) -> String {
-        self.descriptor_json.read().unwrap_or_else(|p| p.into_inner()).to_string()
+        sync::read(&self.descriptor_json).to_string()
     }
 
     fn on_notify(&self, notification: Notification) {
-        let mut q = self.notifications.lock().unwrap_or_else(|p| p.into_inner());
+        let mut q = sync::lock(&self.notifications);
         if q.len() >= 1 << 16 {
             q.pop_front();
             tracing::warn!("notification queue full; dropping the oldest (drain it with get_notifies)");
@@ -97,7 +98,7 @@ impl RpcHandler for Shared {
 
 impl PeerEvents for Shared {
     fn peer_failed(&self, segment_name: &str) {
-        let mut v = self.stale_peers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v = sync::lock(&self.stale_peers);
         if !v.iter().any(|n| n == segment_name) {
             v.push(segment_name.to_string());
         }
@@ -224,7 +225,7 @@ impl TransferEngine {
                 for t in &inner.transports {
                     t.register_memory(&region, &mut desc)?;
                 }
-                inner.buffers.lock().unwrap_or_else(|p| p.into_inner()).insert(addr, desc);
+                sync::lock(&inner.buffers).insert(addr, desc);
             }
             Ok(())
         })();
@@ -315,18 +316,18 @@ impl TransferEngine {
             return Err(Error::InvalidArgument("batch capacity must be at least 1".into()));
         }
         let id = self.inner.next_batch.fetch_add(1, Ordering::Relaxed);
-        self.inner.batches.lock().unwrap_or_else(|p| p.into_inner()).insert(id, Batch::new(capacity));
+        sync::lock(&self.inner.batches).insert(id, Batch::new(capacity));
         Ok(id)
     }
 
     /// The batch object (to await or poll it directly).
     pub fn batch(&self, id: BatchId) -> Result<Arc<Batch>> {
-        self.inner.batches.lock().unwrap_or_else(|p| p.into_inner()).get(&id).cloned().ok_or(Error::UnknownBatch(id))
+        sync::lock(&self.inner.batches).get(&id).cloned().ok_or(Error::UnknownBatch(id))
     }
 
     /// Frees a batch; [`Error::BatchBusy`] while requests are in flight.
     pub fn free_batch(&self, id: BatchId) -> Result<()> {
-        let mut map = self.inner.batches.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = sync::lock(&self.inner.batches);
         let batch = map.get(&id).ok_or(Error::UnknownBatch(id))?;
         if !batch.is_done() {
             return Err(Error::BatchBusy(id));
@@ -517,7 +518,7 @@ impl TransferEngine {
 
     /// Takes every notification received so far, oldest first.
     pub fn drain_notifications(&self) -> Vec<Notification> {
-        self.inner.shared.notifications.lock().unwrap_or_else(|p| p.into_inner()).drain(..).collect()
+        sync::lock(&self.inner.shared.notifications).drain(..).collect()
     }
 
     /// Checks that segment `target` answers on its handshake socket.
@@ -694,7 +695,7 @@ impl Inner {
                 }
             }
         }
-        self.buffers.lock().unwrap_or_else(|p| p.into_inner()).remove(&addr);
+        sync::lock(&self.buffers).remove(&addr);
     }
 
     fn build_descriptor(&self) -> SegmentDescriptor {
@@ -702,7 +703,7 @@ impl Inner {
             name: self.local_name.clone(),
             protocol: self.transports.first().map(|t| t.name().to_string()).unwrap_or_default(),
             timestamp: timestamp_now(),
-            buffers: self.buffers.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect(),
+            buffers: sync::lock(&self.buffers).values().cloned().collect(),
             ..Default::default()
         };
         if self.transports.len() > 1 {
@@ -718,7 +719,7 @@ impl Inner {
     async fn publish(&self) -> Result<()> {
         let _g = self.publish_lock.lock().await;
         let json = self.build_descriptor().to_json();
-        *self.shared.descriptor_json.write().unwrap_or_else(|p| p.into_inner()) = Arc::from(json.as_str());
+        *sync::write(&self.shared.descriptor_json) = Arc::from(json.as_str());
         let r = self.metadata.put(&self.keys.segment(&self.local_name), json.as_bytes()).await;
         self.publish_pending.store(r.is_err(), std::sync::atomic::Ordering::Release);
         r
@@ -850,8 +851,7 @@ impl Inner {
     }
 
     fn plan(&self, requests: &[TransferRequest], may_refresh: bool) -> std::result::Result<Plan, Retry> {
-        let stale: Vec<String> =
-            std::mem::take(&mut *self.shared.stale_peers.lock().unwrap_or_else(|p| p.into_inner()));
+        let stale: Vec<String> = std::mem::take(&mut *sync::lock(&self.shared.stale_peers));
         for name in stale {
             self.segments.mark_stale(&name);
         }
@@ -930,7 +930,7 @@ impl Inner {
     }
 
     fn shutdown(&self) {
-        let Some(runtime) = self.runtime.lock().unwrap_or_else(|p| p.into_inner()).take() else { return };
+        let Some(runtime) = sync::lock(&self.runtime).take() else { return };
         let metadata = self.metadata.clone();
         let rpc = self.rpc.clone();
         let transports = self.transports.clone();
@@ -958,7 +958,7 @@ async fn keeper(inner: std::sync::Weak<Inner>, every: Duration) {
     loop {
         tokio::time::sleep(every).await;
         let Some(inner) = inner.upgrade() else { return };
-        if inner.runtime.lock().unwrap_or_else(|p| p.into_inner()).is_none() {
+        if sync::lock(&inner.runtime).is_none() {
             return;
         }
         match inner.keep_published().await {
