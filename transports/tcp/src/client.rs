@@ -3,11 +3,11 @@
 //! ones are striped across all lanes. A dead connection fails exactly the requests it carried
 //! and the lane reconnects for the next ones.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mooncake_core::{Completion, Error, Opcode, PeerEvents, Result};
+use mooncake_core::{Error, Opcode, PeerEvents, PieceDone, Result};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
@@ -31,67 +31,13 @@ pub(crate) struct PeerInfo {
     pub v2: bool,
 }
 
-/// How a finished piece reports: the whole request, or one stripe of it.
-pub(crate) enum Done {
-    Whole(Completion),
-    Part(Arc<Stripe>),
-}
-
-/// A request striped over several lanes: finished when every part is.
-pub(crate) struct Stripe {
-    remaining: AtomicUsize,
-    total: u64,
-    error: Mutex<Option<Error>>,
-    completion: Mutex<Option<Completion>>,
-}
-
-impl Stripe {
-    pub(crate) fn new(parts: usize, total: u64, completion: Completion) -> Arc<Self> {
-        Arc::new(Stripe {
-            remaining: AtomicUsize::new(parts),
-            total,
-            error: Mutex::new(None),
-            completion: Mutex::new(Some(completion)),
-        })
-    }
-}
-
-impl Done {
-    fn is_final(&self) -> bool {
-        match self {
-            Done::Whole(c) => c.is_final(),
-            Done::Part(s) => {
-                s.completion.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_none_or(|c| c.is_final())
-            }
-        }
-    }
-
-    pub(crate) fn finish(self, result: Result<u64>) {
-        match self {
-            Done::Whole(c) => c.finish(result),
-            Done::Part(s) => {
-                if let Err(e) = result {
-                    s.error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
-                }
-                if s.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-                    let c = s.completion.lock().unwrap_or_else(|p| p.into_inner()).take();
-                    let err = s.error.lock().unwrap_or_else(|p| p.into_inner()).take();
-                    if let Some(c) = c {
-                        c.finish(err.map_or(Ok(s.total), Err));
-                    }
-                }
-            }
-        }
-    }
-}
-
 /// One wire request.
 pub(crate) struct Piece {
     pub opcode: Opcode,
     pub local: u64,
     pub remote: u64,
     pub len: u64,
-    pub done: Done,
+    pub done: PieceDone,
     /// Connections this piece was carried over from without being sent.
     pub attempts: u8,
 }

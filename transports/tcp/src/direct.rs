@@ -11,7 +11,7 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use mooncake_core::{BlockingRequest, Error, Opcode, Result};
+use mooncake_core::{BlockingRequest, Error, Opcode, Result, sync};
 
 use crate::client::PeerInfo;
 use crate::memory;
@@ -45,11 +45,11 @@ pub(crate) struct DirectPool {
 
 impl DirectPool {
     fn take(&self, info: &PeerInfo) -> Option<TcpStream> {
-        self.idle.lock().unwrap_or_else(|p| p.into_inner()).get_mut(info).and_then(Vec::pop)
+        sync::lock(&self.idle).get_mut(info).and_then(Vec::pop)
     }
 
     fn put(&self, info: &PeerInfo, s: TcpStream) {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = sync::lock(&self.idle);
         let v = idle.entry(info.clone()).or_default();
         if v.len() < IDLE_PER_PEER {
             v.push(s);
@@ -58,12 +58,12 @@ impl DirectPool {
 
     /// Drops the idle connections of a segment.
     pub(crate) fn forget(&self, name: &str) {
-        self.idle.lock().unwrap_or_else(|p| p.into_inner()).retain(|k, _| k.name != name);
+        sync::lock(&self.idle).retain(|k, _| k.name != name);
     }
 
     /// Drops every idle connection.
     pub(crate) fn clear(&self) {
-        self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        sync::lock(&self.idle).clear();
     }
 
     /// Runs one request; retries once on a fresh connection when a pooled one turns out dead

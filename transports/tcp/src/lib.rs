@@ -31,11 +31,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use mooncake_core::registry::{Availability, TransportFactory};
 use mooncake_core::{
-    BackendConfig, BlockingRequest, Capabilities, Error, MemoryKinds, Opcode, PeerEvents, PerfModel, RemoteSegment,
-    Result, SegmentDescriptor, TransferTask, Transport, TransportContext,
+    BackendConfig, BlockingRequest, Capabilities, Error, FanIn, MemoryKinds, Opcode, PeerEvents, PerfModel, PieceDone,
+    RemoteSegment, Result, SegmentDescriptor, StripePlan, StripeRounding, TransferTask, Transport, TransportContext,
+    sync,
 };
 
-use client::{Done, LaneConfig, PeerInfo, PeerPool, Piece, Stripe};
+use client::{LaneConfig, PeerInfo, PeerPool, Piece};
 
 /// Protocol name.
 pub const NAME: &str = "tcp";
@@ -137,12 +138,12 @@ impl TcpTransport {
 
     fn pool_for(&self, target: &RemoteSegment, started: &Started) -> Result<Arc<PeerPool>> {
         let info = self.peer_info(target)?;
-        if let Some(p) = self.peers.read().unwrap_or_else(|p| p.into_inner()).get(&target.name) {
+        if let Some(p) = sync::read(&self.peers).get(&target.name) {
             if p.info == info {
                 return Ok(p.clone());
             }
         }
-        let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
+        let mut peers = sync::write(&self.peers);
         if let Some(p) = peers.get(&target.name) {
             if p.info == info {
                 return Ok(p.clone());
@@ -196,45 +197,36 @@ impl Transport for TcpTransport {
                 return;
             }
         };
-        let lanes = pool.lanes() as u64;
         for t in tasks {
-            let parts = if lanes > 1 { (t.length / self.config.stripe_min).min(lanes) } else { 1 };
-            if parts < 2 {
+            let plan = StripePlan::new(t.length, pool.lanes(), self.config.stripe_min, StripeRounding::Down);
+            if !plan.is_striped() {
                 pool.send(
                     Piece {
                         opcode: t.opcode,
                         local: t.local_addr,
                         remote: t.remote_addr,
                         len: t.length,
-                        done: Done::Whole(t.completion),
+                        done: PieceDone::Whole(t.completion),
                         attempts: 0,
                     },
                     None,
                 );
                 continue;
             }
-            let stripe = Stripe::new(parts as usize, t.length, t.completion);
-            // Equal pieces rounded to 4 KiB; the last one takes the remainder.
-            let piece = (t.length / parts).next_multiple_of(4096);
-            let mut offset = 0;
-            for i in 0..parts {
-                let len = if i + 1 == parts { t.length - offset } else { piece.min(t.length - offset) };
-                if len == 0 {
-                    Done::Part(stripe.clone()).finish(Ok(0));
-                    continue;
-                }
+            // One page-aligned stripe per lane; the last one takes the remainder.
+            let fan = Arc::new(FanIn::new(plan.stripes() as usize, t.length, t.completion));
+            for p in plan {
                 pool.send(
                     Piece {
                         opcode: t.opcode,
-                        local: t.local_addr + offset,
-                        remote: t.remote_addr + offset,
-                        len,
-                        done: Done::Part(stripe.clone()),
+                        local: t.local_addr + p.offset,
+                        remote: t.remote_addr + p.offset,
+                        len: p.len,
+                        done: PieceDone::Part(fan.clone()),
                         attempts: 0,
                     },
-                    Some(i as usize),
+                    Some(p.stripe),
                 );
-                offset += len;
             }
         }
     }
@@ -292,7 +284,7 @@ impl Transport for TcpTransport {
     }
 
     fn forget_peer(&self, segment_name: &str) {
-        self.peers.write().unwrap_or_else(|p| p.into_inner()).remove(segment_name);
+        sync::write(&self.peers).remove(segment_name);
         self.direct.forget(segment_name);
     }
 
@@ -300,7 +292,7 @@ impl Transport for TcpTransport {
         if let Some(s) = self.started.get() {
             s.server.abort();
         }
-        self.peers.write().unwrap_or_else(|p| p.into_inner()).clear();
+        sync::write(&self.peers).clear();
         self.direct.clear();
     }
 }

@@ -3,11 +3,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use mooncake_core::{Batch, BlockingRequest, Error, Location, Opcode, PeerEvents, RegionTable, TransferState};
+use mooncake_core::{
+    Batch, BlockingRequest, Error, Location, Opcode, PeerEvents, PieceDone, RegionTable, TransferState,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::client::{Done, LaneConfig, PeerInfo, PeerPool, Piece};
+use crate::client::{LaneConfig, PeerInfo, PeerPool, Piece};
 use crate::wire::{self, Header};
 use crate::{server, wire::HEADER_LEN};
 
@@ -193,7 +195,7 @@ async fn lanes_pipeline_many_requests_both_framings() {
                 local: src.as_ptr() as u64 + off,
                 remote: mem.addr() + off,
                 len: chunk as u64,
-                done: Done::Whole(batch.completion(i)),
+                done: PieceDone::Whole(batch.completion(i)),
                 attempts: 0,
             };
             p.send(piece, None);
@@ -211,7 +213,7 @@ async fn lanes_pipeline_many_requests_both_framings() {
                     local: back.as_mut_ptr() as u64 + off,
                     remote: mem.addr() + off,
                     len: chunk as u64,
-                    done: Done::Whole(rb.completion(i)),
+                    done: PieceDone::Whole(rb.completion(i)),
                     attempts: 0,
                 },
                 None,
@@ -241,7 +243,7 @@ async fn rejection_fails_one_request_and_the_lane_goes_on() {
                 local: local.as_mut_ptr() as u64 + (i as u64) * 16,
                 remote,
                 len,
-                done: Done::Whole(batch.completion(i)),
+                done: PieceDone::Whole(batch.completion(i)),
                 attempts: 0,
             },
             None,
@@ -270,7 +272,7 @@ async fn dead_peer_fails_requests_without_hanging_and_reconnects_after_restart()
                 local: local.as_mut_ptr() as u64,
                 remote: mem.addr(),
                 len: 1 << 20,
-                done: Done::Whole(b.completion(0)),
+                done: PieceDone::Whole(b.completion(0)),
                 attempts: 0,
             },
             None,
