@@ -87,14 +87,15 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use mooncake_core::registry::{Availability, TransportFactory};
 use mooncake_core::{
-    BackendConfig, BufferDesc, Capabilities, Error, MemoryKind, MemoryKinds, Opcode, PeerEvents, PerfModel, Region,
-    RegionTable, RemoteSegment, Result, SegmentDescriptor, TransferTask, Transport, TransportContext,
+    BackendConfig, BufferDesc, Capabilities, Error, FanIn, MemoryKind, MemoryKinds, Opcode, PeerEvents, PerfModel,
+    PieceDone, Region, RegionTable, RemoteSegment, Result, SegmentDescriptor, StripePlan, StripeRounding, TransferTask,
+    Transport, TransportContext, sync,
 };
 
 use copy::{Copier, Range, Stop};
 use peer::{BufIndex, Conn, PeerInfo};
 use table::OwnerTable;
-use worker::{Done, Item, Job, Pool, Stripe};
+use worker::{Item, Job, Pool};
 
 /// Protocol name.
 pub const NAME: &str = "shm";
@@ -150,8 +151,9 @@ impl ShmConfig {
         }
     }
 
-    fn stripes(&self, len: u64) -> bool {
-        self.workers > 1 && len >= 2 * self.stripe_min
+    /// How a request of `len` bytes is cut over the copy threads.
+    fn plan(&self, len: u64) -> StripePlan {
+        StripePlan::new(len, self.workers, self.stripe_min, StripeRounding::Down)
     }
 }
 
@@ -233,13 +235,13 @@ impl ShmTransport {
     /// The connection state for `target`, reusing the mapped table while the descriptor names the
     /// same process and table.
     fn peer_for(&self, target: &Arc<RemoteSegment>) -> Result<Arc<PeerEntry>> {
-        if let Some(e) = self.peers.read().unwrap_or_else(|p| p.into_inner()).get(&target.name) {
+        if let Some(e) = sync::read(&self.peers).get(&target.name) {
             if Arc::ptr_eq(&e.seg, target) && !e.conn.is_dead() {
                 return Ok(e.clone());
             }
         }
         let info = PeerInfo::from_descriptor(&target.name, &target.descriptor)?;
-        let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
+        let mut peers = sync::write(&self.peers);
         let conn = match peers.get(&target.name) {
             Some(e) if Arc::ptr_eq(&e.seg, target) && !e.conn.is_dead() => return Ok(e.clone()),
             Some(e) if e.info == info && !e.conn.is_dead() => e.conn.clone(),
@@ -373,7 +375,7 @@ impl Transport for ShmTransport {
         if !identity::local().is_ok_and(|me| peer::same_host(&target.descriptor, me)) {
             return false;
         }
-        let cached = self.peers.read().unwrap_or_else(|p| p.into_inner()).get(&target.name).map(|e| !e.conn.is_dead());
+        let cached = sync::read(&self.peers).get(&target.name).map(|e| !e.conn.is_dead());
         if cached == Some(true) {
             return true;
         }
@@ -400,7 +402,6 @@ impl Transport for ShmTransport {
                 return;
             }
         };
-        let workers = self.config.workers as u64;
         let mut jobs = Vec::new();
         let mut small: Vec<Item> = Vec::new();
         let mut small_bytes = 0;
@@ -409,7 +410,8 @@ impl Transport for ShmTransport {
                 t.completion.finish(Err(remote_range_error(&target.name, t.remote_addr, t.length)));
                 continue;
             };
-            if !self.config.stripes(t.length) {
+            let plan = self.config.plan(t.length);
+            if !plan.is_striped() {
                 small_bytes += t.length;
                 small.push(Item {
                     op: t.opcode,
@@ -417,7 +419,7 @@ impl Transport for ShmTransport {
                     remote: t.remote_addr,
                     len: t.length,
                     buf,
-                    done: Some(Done::Whole(t.completion)),
+                    done: Some(PieceDone::Whole(t.completion)),
                 });
                 if small.len() >= JOB_ITEMS || small_bytes >= JOB_BYTES {
                     jobs.push(Job { conn: peer.conn.clone(), items: std::mem::take(&mut small) });
@@ -426,28 +428,16 @@ impl Transport for ShmTransport {
                 continue;
             }
             // Equal pieces rounded to 4 KiB, one per thread; the last takes the remainder.
-            let parts = (t.length / self.config.stripe_min).clamp(1, workers);
-            let piece = (t.length / parts).next_multiple_of(4096);
-            let stripe = Stripe::new(parts as usize, t.length, t.completion);
-            let mut offset = 0;
-            for i in 0..parts {
-                let len = if i + 1 == parts { t.length - offset } else { piece.min(t.length - offset) };
+            let fan = Arc::new(FanIn::new(plan.stripes() as usize, t.length, t.completion));
+            for p in plan {
                 let item = Item {
                     op: t.opcode,
-                    local: t.local_addr + offset,
-                    remote: t.remote_addr + offset,
-                    len,
+                    local: t.local_addr + p.offset,
+                    remote: t.remote_addr + p.offset,
+                    len: p.len,
                     buf,
-                    done: Some(Done::Part(stripe.clone())),
+                    done: Some(PieceDone::Part(fan.clone())),
                 };
-                offset += len;
-                if len == 0 {
-                    let mut item = item;
-                    if let Some(d) = item.done.take() {
-                        d.finish(Ok(0));
-                    }
-                    continue;
-                }
                 jobs.push(Job { conn: peer.conn.clone(), items: vec![item] });
             }
         }
@@ -466,7 +456,7 @@ impl Transport for ShmTransport {
         length: u64,
         timeout: Duration,
     ) -> Option<Result<u64>> {
-        if !self.config.direct || self.config.stripes(length) {
+        if !self.config.direct || self.config.plan(length).is_striped() {
             return None;
         }
         let st = self.started.get()?;
@@ -475,7 +465,7 @@ impl Transport for ShmTransport {
     }
 
     fn forget_peer(&self, segment_name: &str) {
-        self.peers.write().unwrap_or_else(|p| p.into_inner()).remove(segment_name);
+        sync::write(&self.peers).remove(segment_name);
     }
 
     async fn shutdown(&self) {
@@ -485,7 +475,7 @@ impl Transport for ShmTransport {
                 tracing::warn!("shm: peers were still copying when the transport shut down");
             }
         }
-        self.peers.write().unwrap_or_else(|p| p.into_inner()).clear();
+        sync::write(&self.peers).clear();
     }
 }
 

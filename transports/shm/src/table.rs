@@ -21,7 +21,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use mooncake_core::{Error, Result};
+use mooncake_core::{Error, Result, sync};
 
 use crate::sys::{self, Mapping};
 
@@ -164,7 +164,7 @@ impl OwnerTable {
 
     /// Publishes `[addr, addr+len)` in a free slot.
     pub(crate) fn register(&self, addr: u64, len: u64) -> Result<BufRef> {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = sync::lock(&self.state);
         if st.live.contains_key(&addr) {
             return Err(Error::AlreadyExists(format!("shm: a buffer at {addr:#x} is already in the table")));
         }
@@ -200,7 +200,7 @@ impl OwnerTable {
     /// to or from it. A registration that is not in the table is ignored. On timeout the slot is
     /// never reused (a stalled initiator still counts in it) and `Timeout` is returned.
     pub(crate) fn unregister(&self, addr: u64, wait: Duration) -> Result<()> {
-        let Some(b) = self.state.lock().unwrap_or_else(|p| p.into_inner()).live.remove(&addr) else {
+        let Some(b) = sync::lock(&self.state).live.remove(&addr) else {
             return Ok(());
         };
         let s = self.slot(b.slot)?;
@@ -209,7 +209,7 @@ impl OwnerTable {
             tracing::warn!(addr, slot = b.slot, "shm: initiators still copying after {wait:?}; slot retired");
             return Err(Error::Timeout(wait));
         }
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).free.push(b.slot);
+        sync::lock(&self.state).free.push(b.slot);
         Ok(())
     }
 
@@ -220,7 +220,7 @@ impl OwnerTable {
         if self.view.header().closed.swap(1, Ordering::SeqCst) != 0 {
             return true;
         }
-        let used = self.state.lock().unwrap_or_else(|p| p.into_inner()).next;
+        let used = sync::lock(&self.state).next;
         let deadline = Instant::now() + wait;
         (0..used).filter_map(|i| self.view.slot(i)).all(|s| drain(s, deadline))
     }
@@ -228,7 +228,7 @@ impl OwnerTable {
     /// Number of live registrations.
     #[cfg(test)]
     pub(crate) fn live(&self) -> usize {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).live.len()
+        sync::lock(&self.state).live.len()
     }
 }
 

@@ -6,74 +6,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use mooncake_core::{Completion, Error, Opcode, PeerEvents, RegionGuard, RegionTable, Result};
+use mooncake_core::{Error, Opcode, PeerEvents, PieceDone, RegionGuard, RegionTable, Result, sync};
 
 use crate::copy::{Copier, Range, Stop};
 use crate::peer::Conn;
 use crate::table::{BufRef, Lease, Refusal};
-
-/// Several pieces of one request moved by different threads; the request finishes when the last
-/// piece does, with the first error if any.
-#[derive(Debug)]
-pub(crate) struct Stripe {
-    parts_left: AtomicUsize,
-    total: u64,
-    error: Mutex<Option<Error>>,
-    completion: Mutex<Option<Completion>>,
-}
-
-impl Stripe {
-    pub(crate) fn new(parts: usize, total: u64, completion: Completion) -> Arc<Self> {
-        Arc::new(Stripe {
-            parts_left: AtomicUsize::new(parts),
-            total,
-            error: Mutex::new(None),
-            completion: Mutex::new(Some(completion)),
-        })
-    }
-
-    fn part_done(&self, r: Result<u64>) {
-        if let Err(e) = r {
-            self.error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
-        }
-        if self.parts_left.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let c = self.completion.lock().unwrap_or_else(|p| p.into_inner()).take();
-            let e = self.error.lock().unwrap_or_else(|p| p.into_inner()).take();
-            if let Some(c) = c {
-                c.finish(e.map_or(Ok(self.total), Err));
-            }
-        }
-    }
-
-    fn is_final(&self) -> bool {
-        self.completion.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_none_or(Completion::is_final)
-    }
-}
-
-/// How a piece of work reports back.
-#[derive(Debug)]
-pub(crate) enum Done {
-    /// The whole request.
-    Whole(Completion),
-    /// One piece of a striped request.
-    Part(Arc<Stripe>),
-}
-
-impl Done {
-    pub(crate) fn finish(self, r: Result<u64>) {
-        match self {
-            Done::Whole(c) => c.finish(r),
-            Done::Part(s) => s.part_done(r),
-        }
-    }
-
-    fn is_final(&self) -> bool {
-        match self {
-            Done::Whole(c) => c.is_final(),
-            Done::Part(s) => s.is_final(),
-        }
-    }
-}
 
 /// One range to move, already matched with the target buffer that contains it.
 #[derive(Debug)]
@@ -83,7 +20,7 @@ pub(crate) struct Item {
     pub remote: u64,
     pub len: u64,
     pub buf: BufRef,
-    pub done: Option<Done>,
+    pub done: Option<PieceDone>,
 }
 
 impl Item {
@@ -164,7 +101,7 @@ impl Pool {
         }
         let n = jobs.len();
         {
-            let mut q = self.shared.queue.lock().unwrap_or_else(|p| p.into_inner());
+            let mut q = sync::lock(&self.shared.queue);
             if self.shared.stop.load(Ordering::Acquire) {
                 drop(q);
                 for j in jobs {
@@ -183,7 +120,7 @@ impl Pool {
     /// Stops the threads after their current job and fails everything still queued.
     pub(crate) fn stop(&self) {
         let left: Vec<Job> = {
-            let mut q = self.shared.queue.lock().unwrap_or_else(|p| p.into_inner());
+            let mut q = sync::lock(&self.shared.queue);
             self.shared.stop.store(true, Ordering::Release);
             self.shared.queued.store(0, Ordering::Release);
             q.drain(..).collect()
@@ -204,7 +141,7 @@ fn worker(s: &Shared) {
     let mut scratch = Scratch::default();
     loop {
         let job = {
-            let mut q = s.queue.lock().unwrap_or_else(|p| p.into_inner());
+            let mut q = sync::lock(&s.queue);
             loop {
                 if let Some(j) = q.pop_front() {
                     s.queued.fetch_sub(1, Ordering::AcqRel);
@@ -221,9 +158,9 @@ fn worker(s: &Shared) {
                 {
                     std::hint::spin_loop();
                 }
-                q = s.queue.lock().unwrap_or_else(|p| p.into_inner());
+                q = sync::lock(&s.queue);
                 if q.is_empty() && !s.stop.load(Ordering::Acquire) {
-                    q = s.ready.wait(q).unwrap_or_else(|p| p.into_inner());
+                    q = sync::wait(&s.ready, q);
                 }
             }
         };
@@ -265,7 +202,7 @@ pub(crate) fn run_job(
     let mut closed = None;
     let items = &mut job.items;
     for (i, it) in items.iter_mut().enumerate() {
-        if it.done.as_ref().is_none_or(Done::is_final) {
+        if it.done.as_ref().is_none_or(PieceDone::is_final) {
             it.finish(Err(Error::Canceled));
             continue;
         }
