@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use mooncake_core::{Completion, Error, PeerEvents, RemoteSegment, Result};
+use mooncake_core::{Error, PeerEvents, PieceDone, RemoteSegment, Result, sync};
 use mooncake_libfabric_sys as sys;
 
 use crate::config::FabricConfig;
@@ -84,66 +84,6 @@ pub(crate) fn classify(code: u32, prov_errno: i32) -> Class {
         | sys::FI_EREMOTEIO => Class::Connection,
         _ if matches!(prov_errno, libc::EPIPE | libc::ECONNRESET | libc::ESRCH) => Class::Connection,
         _ => Class::Other,
-    }
-}
-
-/// A request split into several operations: finished when the last one is.
-pub(crate) struct Split {
-    completion: Mutex<Option<Completion>>,
-    remaining: AtomicU64,
-    error: Mutex<Option<Error>>,
-    total: u64,
-}
-
-impl Split {
-    pub(crate) fn new(completion: Completion, pieces: u64, total: u64) -> Arc<Split> {
-        Arc::new(Split {
-            completion: Mutex::new(Some(completion)),
-            remaining: AtomicU64::new(pieces),
-            error: Mutex::new(None),
-            total,
-        })
-    }
-
-    fn is_final(&self) -> bool {
-        self.completion.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_none_or(Completion::is_final)
-    }
-
-    fn piece_done(&self, r: Result<u64>) {
-        if let Err(e) = r {
-            self.error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
-        }
-        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let c = self.completion.lock().unwrap_or_else(|p| p.into_inner()).take();
-            let e = self.error.lock().unwrap_or_else(|p| p.into_inner()).take();
-            if let Some(c) = c {
-                c.finish(e.map_or(Ok(self.total), Err));
-            }
-        }
-    }
-}
-
-/// Where an operation's result goes.
-pub(crate) enum Done {
-    /// The whole request.
-    Whole(Completion, u64),
-    /// One piece of a split request.
-    Part(Arc<Split>),
-}
-
-impl Done {
-    fn is_final(&self) -> bool {
-        match self {
-            Done::Whole(c, _) => c.is_final(),
-            Done::Part(s) => s.is_final(),
-        }
-    }
-
-    pub(crate) fn finish(self, r: Result<()>) {
-        match self {
-            Done::Whole(c, len) => c.finish(r.map(|()| len)),
-            Done::Part(s) => s.piece_done(r.map(|()| 0)),
-        }
     }
 }
 
@@ -218,7 +158,7 @@ pub(crate) struct Op {
     pub key: u64,
     pub peer: Arc<Peer>,
     pub remote_rail: usize,
-    pub done: Done,
+    pub done: PieceDone,
     pub queued: Instant,
     pub retry_until: Option<Instant>,
     pub attempts: u32,
@@ -532,7 +472,7 @@ impl Core {
         let mut keys = Vec::with_capacity(self.rails.len());
         for (i, h) in self.rails.iter().enumerate() {
             let r = {
-                let mut g = h.state.lock().unwrap_or_else(|p| p.into_inner());
+                let mut g = sync::lock(&h.state);
                 match g.as_mut() {
                     Some(st) => st.rail.register(addr, addr, len, next_key(h.key_size)),
                     None => Err(FiError { call: "fi_mr_reg", code: sys::FI_ESHUTDOWN, message: "shut down".into() }),
@@ -542,7 +482,7 @@ impl Core {
                 Ok(k) => keys.push(k),
                 Err(e) => {
                     for h in &self.rails[..i] {
-                        if let Some(st) = h.state.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                        if let Some(st) = sync::lock(&h.state).as_mut() {
                             st.rail.unregister(addr);
                         }
                     }
@@ -556,7 +496,7 @@ impl Core {
     /// Drops the registration starting at `addr` on every rail.
     pub(crate) fn unregister(&self, addr: u64) {
         for h in &self.rails {
-            if let Some(st) = h.state.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            if let Some(st) = sync::lock(&h.state).as_mut() {
                 st.rail.unregister(addr);
             }
         }
@@ -566,7 +506,7 @@ impl Core {
     pub(crate) fn enqueue(&self, rail: usize, ops: impl IntoIterator<Item = Op>) {
         let Some(h) = self.rails.get(rail) else { return };
         {
-            let mut inbox = h.inbox.lock().unwrap_or_else(|p| p.into_inner());
+            let mut inbox = sync::lock(&h.inbox);
             inbox.extend(ops);
             h.inbox_full.store(true, Ordering::Release);
         }
@@ -595,14 +535,14 @@ impl Core {
         if !h.inbox_full.swap(false, Ordering::AcqRel) {
             return;
         }
-        let mut inbox = h.inbox.lock().unwrap_or_else(|p| p.into_inner());
+        let mut inbox = sync::lock(&h.inbox);
         st.queue.extend(inbox.drain(..));
     }
 
     /// Posts queued operations until the queue is empty or the provider keeps refusing
     /// (`EAGAIN`). An operation refused for one peer (still connecting) does not hold back the
     /// others: up to [`MAX_AGAIN`] refused ones are set aside per pass and put back in front.
-    fn post_queued(&self, h: &RailHandle, st: &mut RailState, done: &mut Vec<(Done, Result<()>)>) -> bool {
+    fn post_queued(&self, h: &RailHandle, st: &mut RailState, done: &mut Vec<(PieceDone, Result<u64>)>) -> bool {
         let mut any = false;
         let mut again: Vec<Op> = Vec::new();
         while let Some(op) = st.queue.pop_front() {
@@ -807,7 +747,7 @@ impl Core {
         h: &RailHandle,
         st: &mut RailState,
         entries: &mut [sys::fi_cq_entry],
-        done: &mut Vec<(Done, Result<()>)>,
+        done: &mut Vec<(PieceDone, Result<u64>)>,
     ) -> bool {
         let now = Instant::now();
         self.take_inbox(h, st);
@@ -875,14 +815,14 @@ impl Core {
         op
     }
 
-    fn completed(&self, st: &mut RailState, ctx: *mut c_void, now: Instant, done: &mut Vec<(Done, Result<()>)>) {
+    fn completed(&self, st: &mut RailState, ctx: *mut c_void, now: Instant, done: &mut Vec<(PieceDone, Result<u64>)>) {
         if let Some(op) = Self::release(st, ctx) {
             op.peer.last_ok.store(self.nanos(now), Ordering::Relaxed);
-            done.push((op.done, Ok(())));
+            done.push((op.done, Ok(op.len)));
         }
     }
 
-    fn failed(&self, st: &mut RailState, err: CqError, done: &mut Vec<(Done, Result<()>)>) {
+    fn failed(&self, st: &mut RailState, err: CqError, done: &mut Vec<(PieceDone, Result<u64>)>) {
         if err.context.is_null() {
             tracing::warn!(error = %err.error, provider = %self.config.provider, "libfabric completion queue error");
             return;
@@ -897,7 +837,7 @@ impl Core {
 
     /// Fails operations to peers that stopped answering, and operations that could not be
     /// posted for too long.
-    fn scan(&self, st: &mut RailState, now: Instant, done: &mut Vec<(Done, Result<()>)>) {
+    fn scan(&self, st: &mut RailState, now: Instant, done: &mut Vec<(PieceDone, Result<u64>)>) {
         let timeout = self.config.timeout;
         for i in 0..st.slots.len() {
             let expired = match &st.slots[i].op {
@@ -954,7 +894,7 @@ impl Core {
     pub(crate) fn run(self: Arc<Self>) {
         let _ = self.waker.thread.set(std::thread::current());
         let mut entries = vec![sys::fi_cq_entry::default(); CQ_BATCH];
-        let mut done: Vec<(Done, Result<()>)> = Vec::with_capacity(CQ_BATCH * 2);
+        let mut done: Vec<(PieceDone, Result<u64>)> = Vec::with_capacity(CQ_BATCH * 2);
         let mut pollfds: Vec<libc::pollfd> = Vec::with_capacity(self.rails.len() + 1);
         let use_fds = self.config.wait_fd && self.rails.iter().all(|h| h.wait_fd.is_some());
         if use_fds {
@@ -980,7 +920,7 @@ impl Core {
             let mut outstanding = false;
             for h in &self.rails {
                 {
-                    let mut g = h.state.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut g = sync::lock(&h.state);
                     if let Some(st) = g.as_mut() {
                         active |= self.progress_rail(h, st, &mut entries, &mut done);
                         outstanding |= st.outstanding();
@@ -1023,10 +963,7 @@ impl Core {
             return;
         }
         if use_fds {
-            let quiet = self
-                .rails
-                .iter()
-                .all(|h| h.state.lock().unwrap_or_else(|p| p.into_inner()).as_mut().is_none_or(|st| st.rail.trywait()));
+            let quiet = self.rails.iter().all(|h| sync::lock(&h.state).as_mut().is_none_or(|st| st.rail.trywait()));
             if quiet {
                 for p in pollfds.iter_mut() {
                     p.revents = 0;
@@ -1061,8 +998,8 @@ impl Core {
         }
         local::closing(&self.config.provider, &self.publication.addrs);
         for h in &self.rails {
-            let state = h.state.lock().unwrap_or_else(|p| p.into_inner()).take();
-            let mut cut: Vec<Done> = Vec::new();
+            let state = sync::lock(&h.state).take();
+            let mut cut: Vec<PieceDone> = Vec::new();
             if let Some(mut st) = state {
                 cut.extend(st.queue.drain(..).map(|op| op.done));
                 cut.extend(st.retry.drain(..).map(|(_, op)| op.done));
@@ -1082,8 +1019,8 @@ impl Core {
     }
 
     /// Takes whatever sits in a rail's inbox (used once the rail is closed).
-    pub(crate) fn drain_inbox(&self, h: &RailHandle) -> Vec<Done> {
-        let mut inbox = h.inbox.lock().unwrap_or_else(|p| p.into_inner());
+    pub(crate) fn drain_inbox(&self, h: &RailHandle) -> Vec<PieceDone> {
+        let mut inbox = sync::lock(&h.inbox);
         h.inbox_full.store(false, Ordering::Release);
         inbox.drain(..).map(|op| op.done).collect()
     }

@@ -42,7 +42,6 @@ mod core;
 pub mod desc;
 mod fabric;
 mod local;
-pub mod plan;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -51,15 +50,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 use mooncake_core::registry::{Availability, TransportFactory};
 use mooncake_core::{
-    BackendConfig, BufferDesc, Capabilities, Error, MemoryKinds, Opcode, PerfModel, Region, RemoteSegment, Result,
-    SegmentDescriptor, TransferTask, Transport, TransportContext,
+    BackendConfig, BufferDesc, Capabilities, Error, FanIn, MemoryKinds, Opcode, PerfModel, PieceDone, Region,
+    RemoteSegment, Result, SegmentDescriptor, StripePlan, StripeRounding, TransferTask, Transport, TransportContext,
+    sync,
 };
 
 pub use config::{DEFAULT_PROVIDER, EFA_PROVIDER, FabricConfig};
 
-use crate::core::{Core, Done, Op, Peer, Split};
+use crate::core::{Core, Op, Peer};
 use crate::desc::RemotePeer;
-use crate::plan::Plan;
 
 /// Protocol name of the EFA transport.
 pub const EFA: &str = "efa";
@@ -180,7 +179,7 @@ impl LibfabricTransport {
     }
 
     fn peer(&self, core: &Core, target: &Arc<RemoteSegment>) -> Result<Arc<Peer>> {
-        if let Some(p) = self.peers.read().unwrap_or_else(|p| p.into_inner()).get(&target.name) {
+        if let Some(p) = sync::read(&self.peers).get(&target.name) {
             if Arc::ptr_eq(&p.segment, target) {
                 return Ok(p.clone());
             }
@@ -189,7 +188,7 @@ impl LibfabricTransport {
         let pid = desc::same_namespace_pid(&info, &self.node, &core.publication.pid);
         let other_process = desc::is_other_process(&info, &self.node, &core.publication.pid);
         let peer = Arc::new(Peer::new(target.clone(), info, &self.config.provider, pid, other_process));
-        self.peers.write().unwrap_or_else(|p| p.into_inner()).insert(target.name.clone(), peer.clone());
+        sync::write(&self.peers).insert(target.name.clone(), peer.clone());
         Ok(peer)
     }
 
@@ -206,28 +205,31 @@ impl LibfabricTransport {
             }));
             return;
         };
-        let rails = core.rails.len();
+        let rails = core.rails.len().max(1);
+        let first_rail = core.next_rail() % rails;
         let remote_rails = peer.addrs.len().max(1);
         let max_msg = core.rails.iter().map(|r| r.max_msg).min().unwrap_or(u64::MAX);
-        let plan = Plan::new(t.length, rails, core.next_rail(), self.config.stripe_min, max_msg);
+        // Striped across rails when large, then cut so that no operation exceeds max_msg.
+        let plan = StripePlan::new(t.length, rails, self.config.stripe_min, StripeRounding::Up).max_piece(max_msg);
         let pieces = plan.pieces();
         let now = std::time::Instant::now();
         let mut split = None;
         let mut whole = Some(t.completion);
         if pieces > 1 {
-            split = whole.take().map(|c| Split::new(c, pieces, t.length));
+            split = whole.take().map(|c| Arc::new(FanIn::new(pieces as usize, t.length, c)));
         }
         let write = t.opcode == Opcode::Write;
         for piece in plan {
-            let remote_rail = piece.rail % remote_rails;
+            let rail = (first_rail + piece.stripe) % rails;
+            let remote_rail = rail % remote_rails;
             let remote_abs = t.remote_addr + piece.offset;
-            let remote = if core.rails[piece.rail].virt_addr { remote_abs } else { remote_abs - buf.addr };
+            let remote = if core.rails[rail].virt_addr { remote_abs } else { remote_abs - buf.addr };
             let done = match (&split, whole.take()) {
-                (Some(s), _) => Done::Part(s.clone()),
-                (None, Some(c)) => Done::Whole(c, t.length),
+                (Some(s), _) => PieceDone::Part(s.clone()),
+                (None, Some(c)) => PieceDone::Whole(c),
                 (None, None) => break,
             };
-            per_rail[piece.rail].push(Op {
+            per_rail[rail].push(Op {
                 write,
                 local: t.local_addr + piece.offset,
                 len: piece.len,
@@ -247,10 +249,10 @@ impl LibfabricTransport {
 
     /// Stops the progress thread and returns the (blocking) rest of the shutdown: join, close.
     fn begin_shutdown(&self) -> Option<impl FnOnce() + Send + 'static> {
-        self.peers.write().unwrap_or_else(|p| p.into_inner()).clear();
+        sync::write(&self.peers).clear();
         let core = self.core.get()?.clone();
         core.stop();
-        let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let handle = sync::lock(&self.thread).take();
         Some(move || {
             if let Some(h) = handle {
                 if h.thread().id() != std::thread::current().id() {
@@ -306,7 +308,7 @@ impl Transport for LibfabricTransport {
                 core.close();
                 Error::unavailable(format!("cannot start the libfabric progress thread: {e}"))
             })?;
-        *self.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(thread);
+        *sync::lock(&self.thread) = Some(thread);
         if self.config.provider == "shm" {
             tracing::warn!(
                 "libfabric's shm provider posts under a spinlock in the target's shared region: a peer killed \
@@ -347,7 +349,7 @@ impl Transport for LibfabricTransport {
     fn can_reach(&self, target: &RemoteSegment) -> bool {
         let Some(core) = self.core.get() else { return false };
         // The engine asks for every request: answer from the cache for the descriptor it holds.
-        if let Some(p) = self.peers.read().unwrap_or_else(|p| p.into_inner()).get(&target.name) {
+        if let Some(p) = sync::read(&self.peers).get(&target.name) {
             if std::ptr::eq(&*p.segment, target) {
                 return true;
             }
@@ -398,7 +400,7 @@ impl Transport for LibfabricTransport {
     }
 
     fn forget_peer(&self, segment_name: &str) {
-        self.peers.write().unwrap_or_else(|p| p.into_inner()).remove(segment_name);
+        sync::write(&self.peers).remove(segment_name);
     }
 
     async fn shutdown(&self) {

@@ -10,6 +10,8 @@
 use std::collections::HashMap;
 use std::sync::{LazyLock, RwLock};
 
+use mooncake_core::sync;
+
 /// Provider -> endpoint address -> open.
 type Registry = HashMap<String, HashMap<Vec<u8>, bool>>;
 
@@ -17,13 +19,13 @@ static ENDPOINTS: LazyLock<RwLock<Registry>> = LazyLock::new(|| RwLock::new(Hash
 
 /// Records an open endpoint of `provider` at `addr`.
 pub(crate) fn opened(provider: &str, addr: &[u8]) {
-    let mut map = ENDPOINTS.write().unwrap_or_else(|p| p.into_inner());
+    let mut map = sync::write(&ENDPOINTS);
     map.entry(provider.to_string()).or_default().insert(addr.to_vec(), true);
 }
 
 /// Marks endpoints closed (call before closing them).
 pub(crate) fn closing(provider: &str, addrs: &[Vec<u8>]) {
-    let mut map = ENDPOINTS.write().unwrap_or_else(|p| p.into_inner());
+    let mut map = sync::write(&ENDPOINTS);
     let eps = map.entry(provider.to_string()).or_default();
     for a in addrs {
         eps.insert(a.clone(), false);
@@ -37,13 +39,13 @@ fn state(map: &Registry, provider: &str, addr: &[u8]) -> Option<bool> {
 
 /// True when `addr` is (or was) an endpoint of this process.
 pub(crate) fn is_local(provider: &str, addr: &[u8]) -> bool {
-    state(&ENDPOINTS.read().unwrap_or_else(|p| p.into_inner()), provider, addr).is_some()
+    state(&sync::read(&ENDPOINTS), provider, addr).is_some()
 }
 
 /// Runs `f` while holding the registry's read lock if `addr` is an open endpoint of this
 /// process; `None` (without running `f`) when it was closed.
 pub(crate) fn while_open<R>(provider: &str, addr: &[u8], f: impl FnOnce() -> R) -> Option<R> {
-    let map = ENDPOINTS.read().unwrap_or_else(|p| p.into_inner());
+    let map = sync::read(&ENDPOINTS);
     if state(&map, provider, addr) == Some(true) { Some(f()) } else { None }
 }
 

@@ -1,4 +1,4 @@
-//! Unit tests of the transport: keys, error classes, split completions, the published descriptor,
+//! Unit tests of the transport: keys, error classes, the published descriptor,
 //! and transfers between two instances in this process (one rail, and striped over several rails
 //! where this host has several interfaces).
 
@@ -36,27 +36,6 @@ fn errors_are_classified() {
     assert_eq!(classify(sys::FI_ECANCELED, 0), Class::Connection);
     assert_eq!(classify(sys::FI_EOTHER, libc::ESRCH), Class::Connection);
     assert_eq!(classify(sys::FI_ENOMEM, 0), Class::Other);
-}
-
-#[test]
-fn split_requests_finish_once_with_the_total_or_the_first_error() {
-    let b = Batch::new(2);
-    b.reserve(2).unwrap();
-    let s = Split::new(b.completion(0), 3, 300);
-    Done::Part(s.clone()).finish(Ok(()));
-    Done::Part(s.clone()).finish(Ok(()));
-    assert_eq!(b.status(0).unwrap().state, TransferState::Pending, "one piece still out");
-    Done::Part(s).finish(Ok(()));
-    let st = b.status(0).unwrap();
-    assert_eq!((st.state, st.transferred_bytes), (TransferState::Completed, 300));
-
-    let s = Split::new(b.completion(1), 2, 10);
-    Done::Part(s.clone()).finish(Err(Error::disconnected("p", "gone")));
-    assert_eq!(b.status(1).unwrap().state, TransferState::Pending, "waits for the other piece");
-    Done::Part(s).finish(Ok(()));
-    let st = b.status(1).unwrap();
-    assert_eq!(st.state, TransferState::Failed);
-    assert!(st.error.unwrap().is_disconnect());
 }
 
 #[test]
