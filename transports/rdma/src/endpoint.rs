@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-use mooncake_core::Result;
+use mooncake_core::{Result, sync};
 
 use crate::config::RdmaConfig;
 use crate::endpoint_cache::Idle;
@@ -99,9 +99,8 @@ impl<Q: QpOps> Endpoint<Q> {
         remote: &RemotePort,
         config: &RdmaConfig,
     ) -> Result<()> {
-        let mut guards: Vec<MutexGuard<'_, Q>> =
-            self.qps.iter().map(|m| m.lock().unwrap_or_else(|p| p.into_inner())).collect();
-        let mut current = self.remote_qpns.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guards: Vec<MutexGuard<'_, Q>> = self.qps.iter().map(|m| sync::lock(m)).collect();
+        let mut current = sync::lock(&self.remote_qpns);
         if self.is_connected() && current.as_slice() == remote_qpns {
             return Ok(());
         }
@@ -148,7 +147,7 @@ impl<Q: QpOps> Endpoint<Q> {
     /// Runs `f` with QP `qp` locked (posting).
     pub fn with_qp<R>(&self, qp: usize, f: impl FnOnce(&mut Q) -> R) -> Option<R> {
         let m = self.qps.get(qp)?;
-        let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = sync::lock(m);
         Some(f(&mut g))
     }
 

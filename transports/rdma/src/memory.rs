@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, RwLock};
 
-use mooncake_core::{Error, MemoryDevice, MemoryKind, Region, Result};
+use mooncake_core::{Error, MemoryDevice, MemoryKind, Region, Result, sync};
 
 /// Where the bytes of a registration come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,37 +131,36 @@ impl<B: MrBackend> MemoryRegistry<B> {
         let (lkeys, rkeys): (Vec<u32>, Vec<u32>) = mrs.iter().map(B::keys).unzip();
         let keys = Keys { rkey: rkeys.clone(), lkey: lkeys.clone() };
         let entry = Registered { len: region.len, lkeys, rkeys, _mrs: mrs, _dmabuf: keep };
-        self.regions.write().unwrap_or_else(|p| p.into_inner()).insert(region.addr, entry);
+        sync::write(&self.regions).insert(region.addr, entry);
         Ok(keys)
     }
 
     /// Deregisters the buffer starting at `addr` on every NIC.
     pub fn unregister(&self, addr: u64) -> Result<()> {
-        self.regions
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&addr)
-            .map(drop)
-            .ok_or(Error::AddressNotRegistered { addr, len: 0, context: "no RDMA registration starts here".into() })
+        sync::write(&self.regions).remove(&addr).map(drop).ok_or(Error::AddressNotRegistered {
+            addr,
+            len: 0,
+            context: "no RDMA registration starts here".into(),
+        })
     }
 
     /// The local key of NIC `device` for `[addr, addr+len)`, which must lie in one registration.
     pub fn lkey(&self, addr: u64, len: u64, device: usize) -> Option<u32> {
         let end = addr.checked_add(len)?;
-        let map = self.regions.read().unwrap_or_else(|p| p.into_inner());
+        let map = sync::read(&self.regions);
         let (start, r) = map.range(..=addr).next_back()?;
         (end <= start + r.len).then(|| r.lkeys.get(device).copied()).flatten()
     }
 
     /// Both keys of the registration starting at `addr`.
     pub fn keys(&self, addr: u64) -> Option<Keys> {
-        let map = self.regions.read().unwrap_or_else(|p| p.into_inner());
+        let map = sync::read(&self.regions);
         map.get(&addr).map(|r| Keys { rkey: r.rkeys.clone(), lkey: r.lkeys.clone() })
     }
 
     /// Number of registrations.
     pub fn len(&self) -> usize {
-        self.regions.read().unwrap_or_else(|p| p.into_inner()).len()
+        sync::read(&self.regions).len()
     }
 
     /// True when nothing is registered.
@@ -171,7 +170,7 @@ impl<B: MrBackend> MemoryRegistry<B> {
 
     /// Drops every registration.
     pub fn clear(&self) {
-        self.regions.write().unwrap_or_else(|p| p.into_inner()).clear();
+        sync::write(&self.regions).clear();
     }
 }
 

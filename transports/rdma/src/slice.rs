@@ -1,29 +1,14 @@
-//! Slicing and rail choice as pure logic: a request is cut into `MC_SLICE_SIZE` slices, slices
-//! are spread over the NICs ("rails") the priority matrix prefers for the buffer's location, a
-//! failed slice is retried on a rail it has not failed on, and the request completes once every
-//! slice has.
+//! Rail choice as pure logic: a request is cut into `MC_SLICE_SIZE` slices
+//! ([`mooncake_core::stripe::piece_bounds`]), slices are spread over the NICs ("rails") the
+//! priority matrix prefers for the buffer's location, a failed slice is retried on a rail it has
+//! not failed on, and the request completes once every slice has ([`mooncake_core::FanIn`]).
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
-
-use mooncake_core::{Completion, Error, Result};
+use mooncake_core::{Error, Result};
 
 use crate::topology::Rails;
 
 /// Largest number of NICs a slice can tell apart when retrying (bits of [`SliceAttempts`]).
 pub const MAX_RAILS: usize = 64;
-
-/// Number of slices of a `length`-byte request.
-pub fn slice_count(length: u64, slice_size: u64) -> u64 {
-    length.div_ceil(slice_size.max(1))
-}
-
-/// Offset and length of slice `i` of a `length`-byte request.
-pub fn slice_bounds(length: u64, slice_size: u64, i: u64) -> (u64, u32) {
-    let size = slice_size.max(1);
-    let offset = i.saturating_mul(size).min(length);
-    (offset, (length - offset).min(size) as u32)
-}
 
 /// The rail of slice `i` on its first attempt: preferred rails round-robin from `seed`, or the
 /// fallback rails when no rail is preferred. `None` when no rail exists at all.
@@ -104,92 +89,12 @@ impl RetryExhausted {
     }
 }
 
-/// Completes one request once all of its slices are done, exactly once: with the request length
-/// when every slice succeeded, else with the first slice error.
-#[derive(Debug)]
-pub struct RequestTracker {
-    remaining: AtomicU64,
-    length: u64,
-    error: Mutex<Option<Error>>,
-    completion: Mutex<Option<Completion>>,
-}
-
-impl RequestTracker {
-    /// A tracker for `slices` slices of a `length`-byte request.
-    pub fn new(slices: u64, length: u64, completion: Completion) -> Self {
-        RequestTracker {
-            remaining: AtomicU64::new(slices),
-            length,
-            error: Mutex::new(None),
-            completion: Mutex::new(Some(completion)),
-        }
-    }
-
-    /// True when the request was canceled or timed out by the caller (skip further work).
-    pub fn is_abandoned(&self) -> bool {
-        self.completion.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_none_or(Completion::is_final)
-    }
-
-    /// Records the final outcome of one slice; returns true when this finished the request.
-    pub fn slice_done(&self, result: Result<()>) -> bool {
-        if let Err(e) = result {
-            let mut g = self.error.lock().unwrap_or_else(|p| p.into_inner());
-            if g.is_none() {
-                *g = Some(e);
-            }
-        }
-        let before = self.remaining.fetch_sub(1, Ordering::AcqRel);
-        if before != 1 {
-            return false;
-        }
-        let error = self.error.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(c) = self.completion.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            c.finish(error.map_or(Ok(self.length), Err));
-        }
-        true
-    }
-}
-
-impl Drop for RequestTracker {
-    fn drop(&mut self) {
-        let completion = self.completion.get_mut().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(c) = completion {
-            c.finish(Err(Error::NotInitialized(
-                "RDMA request dropped before all of its slices completed (transport shut down)".into(),
-            )));
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use mooncake_core::{Batch, TransferState};
-
     use super::*;
 
     fn rails(p: &[usize], f: &[usize]) -> Rails {
         Rails { preferred: p.to_vec(), fallback: f.to_vec() }
-    }
-
-    #[test]
-    fn slice_plan_covers_the_request_exactly() {
-        let size = 64 << 10;
-        assert_eq!(slice_count(1, size), 1);
-        assert_eq!(slice_count(size, size), 1);
-        assert_eq!(slice_count(size + 1, size), 2);
-        assert_eq!(slice_count(0, size), 0);
-        let len = 3 * size + 100;
-        let n = slice_count(len, size);
-        let mut next = 0;
-        for i in 0..n {
-            let (off, l) = slice_bounds(len, size, i);
-            assert_eq!(off, next);
-            assert!(l > 0 && u64::from(l) <= size);
-            next = off + u64::from(l);
-        }
-        assert_eq!(next, len);
-        assert_eq!(slice_bounds(len, size, 3), (3 * size, 100));
-        assert_eq!(slice_bounds(len, size, 99), (len, 0));
     }
 
     #[test]
@@ -232,52 +137,5 @@ mod tests {
         let e = RetryExhausted::AllRails { rails: 3 }.into_error("b:1", 65536, 4096, "WR flushed");
         assert!(e.is_disconnect());
         assert!(e.to_string().contains("all 3 rails") && e.to_string().contains("WR flushed"), "{e}");
-    }
-
-    #[test]
-    fn request_completes_once_when_all_slices_are_done() {
-        let b = Batch::new(2);
-        b.reserve(2).unwrap();
-        let t = RequestTracker::new(3, 300, b.completion(0));
-        assert!(!t.is_abandoned());
-        assert!(!t.slice_done(Ok(())));
-        assert!(!t.slice_done(Ok(())));
-        assert_eq!(b.status(0).unwrap().state, TransferState::Pending);
-        assert!(t.slice_done(Ok(())));
-        let s = b.status(0).unwrap();
-        assert_eq!((s.state, s.transferred_bytes), (TransferState::Completed, 300));
-
-        let t = RequestTracker::new(2, 200, b.completion(1));
-        assert!(!t.slice_done(Err(Error::disconnected("p", "all rails failed"))));
-        assert_eq!(b.status(1).unwrap().state, TransferState::Pending, "waits for the other slice");
-        assert!(t.slice_done(Ok(())));
-        let s = b.status(1).unwrap();
-        assert_eq!(s.state, TransferState::Failed);
-        assert!(s.error.unwrap().is_disconnect());
-        assert!(t.is_abandoned());
-    }
-
-    #[test]
-    fn a_dropped_tracker_fails_its_request_instead_of_hanging() {
-        let b = Batch::new(1);
-        b.reserve(1).unwrap();
-        let t = RequestTracker::new(2, 10, b.completion(0));
-        t.slice_done(Ok(()));
-        drop(t);
-        let s = b.status(0).unwrap();
-        assert_eq!(s.state, TransferState::Failed);
-        assert!(matches!(s.error, Some(Error::NotInitialized(_))));
-        assert!(b.is_done());
-    }
-
-    #[test]
-    fn canceled_requests_are_seen_as_abandoned() {
-        let b = Batch::new(1);
-        b.reserve(1).unwrap();
-        let t = RequestTracker::new(1, 10, b.completion(0));
-        b.abort(TransferState::Canceled, Error::Canceled);
-        assert!(t.is_abandoned());
-        t.slice_done(Ok(()));
-        assert_eq!(b.status(0).unwrap().state, TransferState::Canceled);
     }
 }

@@ -17,9 +17,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use mooncake_core::{
-    BufferDesc, Capabilities, Error, MemoryDevice, MemoryKind, MemoryKinds, PeerEvents, PeerHandshake, PerfModel,
-    Region, RegionGuard, RegionTable, RemoteSegment, Result, SegmentDescriptor, TransferTask, Transport,
-    TransportContext,
+    BufferDesc, Capabilities, Error, FanIn, MemoryDevice, MemoryKind, MemoryKinds, PeerEvents, PeerHandshake,
+    PerfModel, Region, RegionGuard, RegionTable, RemoteSegment, Result, SegmentDescriptor, TransferTask, Transport,
+    TransportContext, stripe, sync,
 };
 use serde_json::Value;
 use tokio::sync::Notify;
@@ -35,9 +35,7 @@ use crate::memory::{MemoryRegistry, MrBackend, MrSource, device_dmabuf};
 use crate::qp::{LocalPort, RemotePort};
 use crate::segment::{self, DeviceDesc, RemoteRdma};
 use crate::slab::Slab;
-use crate::slice::{
-    MAX_RAILS, RequestTracker, RetryExhausted, SliceAttempts, initial_rail, remote_rail, slice_bounds, slice_count,
-};
+use crate::slice::{MAX_RAILS, RetryExhausted, SliceAttempts, initial_rail, remote_rail};
 use crate::topology::{PriorityMatrix, Rails, ResolvedMatrix, Topology};
 
 /// Protocol name.
@@ -81,7 +79,7 @@ pub struct RdmaTransport<P: FabricProvider> {
     config: RdmaConfig,
     caps: Capabilities,
     provider: P,
-    engine: OnceLock<Arc<Engine<P::Fabric>>>,
+    started: OnceLock<Arc<Started<P::Fabric>>>,
 }
 
 impl<P: FabricProvider> RdmaTransport<P> {
@@ -89,7 +87,7 @@ impl<P: FabricProvider> RdmaTransport<P> {
     /// handshake sockets through the engine's [`TransportContext::peers`] and asks the engine's
     /// memory devices ([`TransportContext::devices`]) for dmabuf exports of GPU memory.
     pub fn with_provider(config: RdmaConfig, provider: P) -> Self {
-        RdmaTransport { caps: capabilities(&config), config, provider, engine: OnceLock::new() }
+        RdmaTransport { caps: capabilities(&config), config, provider, started: OnceLock::new() }
     }
 
     /// Settings in use.
@@ -99,27 +97,23 @@ impl<P: FabricProvider> RdmaTransport<P> {
 
     /// The NICs in use, in published order (empty before `start`).
     pub fn devices(&self) -> Vec<DeviceDesc> {
-        self.engine.get().map(|e| e.devices.clone()).unwrap_or_default()
+        self.started.get().map(|st| st.devices.clone()).unwrap_or_default()
     }
 
     /// The published priority matrix (`None` before `start`).
     pub fn priority_matrix(&self) -> Option<PriorityMatrix> {
-        self.engine.get().map(|e| e.matrix.clone())
+        self.started.get().map(|st| st.matrix.clone())
     }
 
     /// Connected or connecting endpoints, over all NICs.
     pub fn endpoint_count(&self) -> usize {
-        self.engine.get().map_or(0, |e| e.endpoints.iter().map(|c| lock(c).len()).sum())
+        self.started.get().map_or(0, |st| st.endpoints.iter().map(|c| sync::lock(c).len()).sum())
     }
 
     /// Work requests posted and not yet completed, over all NICs.
     pub fn inflight(&self) -> usize {
-        self.engine.get().map_or(0, |e| e.inflight.iter().map(|s| lock(s).len()).sum())
+        self.started.get().map_or(0, |st| st.inflight.iter().map(|s| sync::lock(s).len()).sum())
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Adapts a [`Fabric`] to the registry's [`MrBackend`].
@@ -137,7 +131,8 @@ impl<F: Fabric> MrBackend for FabricBackend<F> {
 
 /// One request being transferred.
 struct TaskCtx {
-    tracker: RequestTracker,
+    /// Completes the request once every slice has.
+    tracker: FanIn,
     opcode: mooncake_core::Opcode,
     local_addr: u64,
     remote_addr: u64,
@@ -149,6 +144,16 @@ struct TaskCtx {
     remote_rails: Arc<Rails>,
     seed: usize,
     _guard: RegionGuard,
+}
+
+impl Drop for TaskCtx {
+    /// Every slice reports before the last reference goes away; should one not, the request fails
+    /// rather than hang.
+    fn drop(&mut self) {
+        self.tracker.abandon(Error::NotInitialized(
+            "RDMA request dropped before all of its slices completed (transport shut down)".into(),
+        ));
+    }
 }
 
 /// One slice on its way. Dropping it unfinished fails its request (never a hang).
@@ -164,11 +169,13 @@ struct SliceJob {
 impl SliceJob {
     fn finish(mut self, result: Result<()>) {
         self.done = true;
-        self.task.tracker.slice_done(result);
+        self.task.tracker.piece_done(result);
     }
 
+    /// Offset and length of this slice (a slice is at most `MC_SLICE_SIZE`, 1 GiB, bytes).
     fn bounds(&self) -> (u64, u32) {
-        slice_bounds(self.task.length, self.task.slice_size, self.index)
+        let (offset, len) = stripe::piece_bounds(self.task.length, self.task.slice_size.max(1), self.index);
+        (offset, len as u32)
     }
 }
 
@@ -176,7 +183,7 @@ impl Drop for SliceJob {
     fn drop(&mut self) {
         if !self.done {
             self.done = true;
-            self.task.tracker.slice_done(Err(shut_down()));
+            self.task.tracker.piece_done(Err(shut_down()));
         }
     }
 }
@@ -201,8 +208,9 @@ type EpCache<Q> = Mutex<EndpointCache<String, Arc<Endpoint<Q>>>>;
 /// Decoded peer descriptors, by segment name, with the segment they were decoded from.
 type RemoteCache = Mutex<HashMap<String, (Weak<RemoteSegment>, Arc<RemoteRdma>)>>;
 
-/// Started state.
-struct Engine<F: Fabric> {
+/// The transport once started: the opened NICs with their endpoints, in-flight slices and
+/// completion-queue pollers, the memory registered with them, and what the engine handed over.
+struct Started<F: Fabric> {
     config: RdmaConfig,
     fabric: Arc<F>,
     nics: Vec<UsableNic>,
@@ -228,7 +236,7 @@ struct Engine<F: Fabric> {
     seed: AtomicUsize,
 }
 
-impl<F: Fabric> Engine<F> {
+impl<F: Fabric> Started<F> {
     fn stopped(&self) -> bool {
         self.stop.load(Ordering::Acquire)
     }
@@ -238,7 +246,7 @@ impl<F: Fabric> Engine<F> {
     }
 
     fn remote(&self, target: &Arc<RemoteSegment>) -> Result<Arc<RemoteRdma>> {
-        let mut map = lock(&self.remotes);
+        let mut map = sync::lock(&self.remotes);
         if let Some((weak, r)) = map.get(&target.name) {
             if std::ptr::eq(weak.as_ptr(), Arc::as_ptr(target)) {
                 return Ok(r.clone());
@@ -255,7 +263,7 @@ impl<F: Fabric> Engine<F> {
 
     /// The cached endpoint to `peer_path` on `nic`, or a new unconnected one.
     fn endpoint(&self, nic: usize, peer_path: &str) -> Result<Arc<Endpoint<F::Qp>>> {
-        let mut cache = lock(&self.endpoints[nic]);
+        let mut cache = sync::lock(&self.endpoints[nic]);
         if let Some(ep) = cache.get(&peer_path.to_string()) {
             if !ep.is_broken() {
                 return Ok(ep);
@@ -271,7 +279,7 @@ impl<F: Fabric> Engine<F> {
 
     /// Drops `ep` from the cache when it is still the one cached (after a failure).
     fn evict(&self, ep: &Arc<Endpoint<F::Qp>>) {
-        let mut cache = lock(&self.endpoints[ep.nic]);
+        let mut cache = sync::lock(&self.endpoints[ep.nic]);
         if cache.get(&ep.peer).is_some_and(|cur| Arc::ptr_eq(&cur, ep)) {
             let gone = cache.remove(&ep.peer);
             drop(cache);
@@ -422,10 +430,10 @@ impl<F: Fabric> Engine<F> {
             t.completion.finish(Err(Error::unavailable("no RDMA device serves this memory location")));
             return Vec::new();
         }
-        let slices = slice_count(t.length, self.config.slice_size);
+        let slices = stripe::piece_count(t.length, self.config.slice_size.max(1));
         let seed = self.seed.fetch_add(1, Ordering::Relaxed);
         let task = Arc::new(TaskCtx {
-            tracker: RequestTracker::new(slices, t.length, t.completion),
+            tracker: FanIn::new(slices as usize, t.length, t.completion),
             opcode: t.opcode,
             local_addr: t.local_addr,
             remote_addr: t.remote_addr,
@@ -501,7 +509,7 @@ impl<F: Fabric> Engine<F> {
             remote_addr: job.task.remote_addr + offset,
             rkey,
         };
-        let wr_id = lock(&self.inflight[nic]).insert(InFlight { job, ep: ep.clone(), qp, epoch: ep.epoch() });
+        let wr_id = sync::lock(&self.inflight[nic]).insert(InFlight { job, ep: ep.clone(), qp, epoch: ep.epoch() });
         let posted = ep.with_qp(qp, |q| self.fabric.post(q, &[WorkRequest { wr_id, ..wr }]));
         match posted {
             Some(Ok(())) => {
@@ -518,7 +526,7 @@ impl<F: Fabric> Engine<F> {
     }
 
     fn take_back(&self, nic: usize, wr_id: u64, error: Error) -> PostOutcome {
-        match lock(&self.inflight[nic]).remove(wr_id) {
+        match sync::lock(&self.inflight[nic]).remove(wr_id) {
             Some(inf) => {
                 inf.ep.release(inf.qp);
                 self.release_cq(nic);
@@ -565,7 +573,7 @@ impl<F: Fabric> Engine<F> {
                 job.finish(Err(shut_down()));
                 return;
             }
-            if job.task.tracker.is_abandoned() {
+            if job.task.tracker.is_final() {
                 job.finish(Err(Error::Canceled));
                 return;
             }
@@ -616,7 +624,7 @@ impl<F: Fabric> Engine<F> {
     }
 
     fn on_completion(self: &Arc<Self>, nic: usize, wc: WorkCompletion) {
-        let Some(inf) = lock(&self.inflight[nic]).remove(wc.wr_id) else {
+        let Some(inf) = sync::lock(&self.inflight[nic]).remove(wc.wr_id) else {
             tracing::debug!(wr_id = wc.wr_id, "completion for an unknown work request");
             return;
         };
@@ -649,7 +657,7 @@ impl<F: Fabric> Engine<F> {
     fn take_inflight(&self) -> Vec<SliceJob> {
         let mut jobs = Vec::new();
         for (nic, slab) in self.inflight.iter().enumerate() {
-            let drained = lock(slab).drain();
+            let drained = sync::lock(slab).drain();
             for inf in drained {
                 inf.ep.release(inf.qp);
                 self.release_cq(nic);
@@ -660,19 +668,19 @@ impl<F: Fabric> Engine<F> {
     }
 }
 
-fn poll_loop<F: Fabric>(engine: Weak<Engine<F>>, nic: usize) {
+fn poll_loop<F: Fabric>(started: Weak<Started<F>>, nic: usize) {
     let mut wcs = vec![WorkCompletion { wr_id: 0, status: WcStatus::Success }; POLL_BATCH];
     let mut idle: u32 = 0;
     let mut errors: u32 = 0;
     loop {
-        let Some(e) = engine.upgrade() else { return };
-        if e.stopped() {
+        let Some(st) = started.upgrade() else { return };
+        if st.stopped() {
             return;
         }
-        match e.fabric.poll(nic, &mut wcs) {
+        match st.fabric.poll(nic, &mut wcs) {
             Ok(0) => {
-                let nothing_in_flight = e.cq_outstanding[nic].load(Ordering::Acquire) == 0;
-                drop(e);
+                let nothing_in_flight = st.cq_outstanding[nic].load(Ordering::Acquire) == 0;
+                drop(st);
                 idle = idle.saturating_add(1);
                 if nothing_in_flight && idle > 64 {
                     std::thread::park_timeout(IDLE_PARK);
@@ -687,16 +695,16 @@ fn poll_loop<F: Fabric>(engine: Weak<Engine<F>>, nic: usize) {
             Ok(n) => {
                 idle = 0;
                 for wc in &wcs[..n.min(wcs.len())] {
-                    e.on_completion(nic, *wc);
+                    st.on_completion(nic, *wc);
                 }
-                e.credits[nic].notify_waiters();
+                st.credits[nic].notify_waiters();
             }
             Err(err) => {
                 errors = errors.saturating_add(1);
                 if errors.is_power_of_two() {
-                    tracing::error!(nic = %e.nics[nic].name, error = %err, count = errors, "polling the completion queue failed");
+                    tracing::error!(nic = %st.nics[nic].name, error = %err, count = errors, "polling the completion queue failed");
                 }
-                drop(e);
+                drop(st);
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
@@ -735,7 +743,7 @@ impl<P: FabricProvider> Transport for RdmaTransport<P> {
     }
 
     async fn start(&self, ctx: &TransportContext) -> Result<()> {
-        if self.engine.get().is_some() {
+        if self.started.get().is_some() {
             return Err(Error::InvalidArgument("rdma transport started twice".into()));
         }
         let config = self.config.clone();
@@ -757,7 +765,7 @@ impl<P: FabricProvider> Transport for RdmaTransport<P> {
             .map(|n| LocalPort { port: n.port, sgid_index: n.gid.index as u8, active_mtu: n.active_mtu })
             .collect();
         let n = nics.len();
-        let engine = Arc::new(Engine {
+        let started = Arc::new(Started {
             resolved: matrix.resolve(&order),
             matrix,
             memory: MemoryRegistry::new(FabricBackend(fabric.clone()), n),
@@ -783,22 +791,22 @@ impl<P: FabricProvider> Transport for RdmaTransport<P> {
             config,
         });
         for i in 0..n {
-            let weak = Arc::downgrade(&engine);
-            let cpus = topology.cpus_near(&engine.nics[i].name);
+            let weak = Arc::downgrade(&started);
+            let cpus = topology.cpus_near(&started.nics[i].name);
             let handle =
-                std::thread::Builder::new().name(format!("mc-rdma-cq-{}", engine.nics[i].name)).spawn(move || {
+                std::thread::Builder::new().name(format!("mc-rdma-cq-{}", started.nics[i].name)).spawn(move || {
                     pin_current_thread(&cpus);
                     poll_loop(weak, i)
                 })?;
-            let _ = engine.poller_threads[i].set(handle.thread().clone());
-            lock(&engine.pollers).push(handle);
+            let _ = started.poller_threads[i].set(handle.thread().clone());
+            sync::lock(&started.pollers).push(handle);
         }
         tracing::info!(
-            nics = ?engine.devices.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(),
-            matrix = %engine.matrix.to_json(),
+            nics = ?started.devices.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(),
+            matrix = %started.matrix.to_json(),
             "rdma transport started"
         );
-        if let Err(again) = self.engine.set(engine) {
+        if let Err(again) = self.started.set(started) {
             again.stop.store(true, Ordering::Release);
             return Err(Error::InvalidArgument("rdma transport started twice".into()));
         }
@@ -806,37 +814,37 @@ impl<P: FabricProvider> Transport for RdmaTransport<P> {
     }
 
     fn register_memory(&self, region: &Region, desc: &mut BufferDesc) -> Result<()> {
-        let e = self.engine.get().ok_or_else(|| Error::NotInitialized("rdma transport not started".into()))?;
+        let st = self.started.get().ok_or_else(|| Error::NotInitialized("rdma transport not started".into()))?;
         let dmabuf = match region.location.kind() {
-            Some(k) if k != MemoryKind::Host => device_dmabuf(&e.memory_devices, region),
+            Some(k) if k != MemoryKind::Host => device_dmabuf(&st.memory_devices, region),
             _ => None,
         };
-        let keys = e.memory.register(region, dmabuf)?;
+        let keys = st.memory.register(region, dmabuf)?;
         desc.rkey = keys.rkey;
         desc.lkey = keys.lkey;
         Ok(())
     }
 
     fn unregister_memory(&self, region: &Region) -> Result<()> {
-        match self.engine.get() {
-            Some(e) => e.memory.unregister(region.addr),
+        match self.started.get() {
+            Some(st) => st.memory.unregister(region.addr),
             None => Ok(()),
         }
     }
 
     fn describe(&self, desc: &mut SegmentDescriptor) {
-        if let Some(e) = self.engine.get() {
-            segment::describe(desc, &e.devices, &e.matrix);
+        if let Some(st) = self.started.get() {
+            segment::describe(desc, &st.devices, &st.matrix);
         }
     }
 
     fn can_reach(&self, target: &RemoteSegment) -> bool {
-        self.engine.get().is_some() && !target.descriptor.devices.is_empty()
+        self.started.get().is_some() && !target.descriptor.devices.is_empty()
     }
 
     fn submit(&self, target: &Arc<RemoteSegment>, tasks: Vec<TransferTask>) {
-        let engine = match self.engine.get() {
-            Some(e) if !e.stopped() => e.clone(),
+        let started = match self.started.get() {
+            Some(st) if !st.stopped() => st.clone(),
             Some(_) => {
                 TransferTask::fail_all(tasks, &shut_down());
                 return;
@@ -846,15 +854,15 @@ impl<P: FabricProvider> Transport for RdmaTransport<P> {
                 return;
             }
         };
-        let runtime = engine.runtime.clone();
-        runtime.spawn(engine.run(target.clone(), tasks));
+        let runtime = started.runtime.clone();
+        runtime.spawn(started.run(target.clone(), tasks));
     }
 
     fn forget_peer(&self, segment_name: &str) {
-        let Some(e) = self.engine.get() else { return };
-        lock(&e.remotes).remove(segment_name);
-        for cache in &e.endpoints {
-            let gone = lock(cache).remove_where(|k| NicPath::parse(k).is_ok_and(|p| p.server == segment_name));
+        let Some(st) = self.started.get() else { return };
+        sync::lock(&st.remotes).remove(segment_name);
+        for cache in &st.endpoints {
+            let gone = sync::lock(cache).remove_where(|k| NicPath::parse(k).is_ok_and(|p| p.server == segment_name));
             drop(gone);
         }
     }
@@ -863,32 +871,32 @@ impl<P: FabricProvider> Transport for RdmaTransport<P> {
         if !HandshakeDesc::is_rdma_request(request) {
             return None;
         }
-        match self.engine.get() {
-            Some(e) if !e.stopped() => Some(Ok(e.accept(request).await.to_json())),
+        match self.started.get() {
+            Some(st) if !st.stopped() => Some(Ok(st.accept(request).await.to_json())),
             _ => Some(Err(Error::NotInitialized("rdma transport not started".into()))),
         }
     }
 
     async fn shutdown(&self) {
-        let Some(e) = self.engine.get() else { return };
-        e.stop.store(true, Ordering::Release);
-        let handles: Vec<JoinHandle<()>> = lock(&e.pollers).drain(..).collect();
+        let Some(st) = self.started.get() else { return };
+        st.stop.store(true, Ordering::Release);
+        let handles: Vec<JoinHandle<()>> = sync::lock(&st.pollers).drain(..).collect();
         for h in handles {
             h.thread().unpark();
             let _ = h.join();
         }
-        let jobs = e.take_inflight();
-        for cache in &e.endpoints {
-            let gone = lock(cache).drain();
+        let jobs = st.take_inflight();
+        for cache in &st.endpoints {
+            let gone = sync::lock(cache).drain();
             drop(gone);
         }
         // The queue pairs are destroyed (nothing can touch the buffers any more): fail the slices.
         for job in jobs {
             job.finish(Err(shut_down()));
         }
-        lock(&e.remotes).clear();
-        e.memory.clear();
-        for n in &e.credits {
+        sync::lock(&st.remotes).clear();
+        st.memory.clear();
+        for n in &st.credits {
             n.notify_waiters();
         }
     }

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::ptr::{self, NonNull};
 use std::sync::{Arc, Mutex};
 
-use mooncake_core::{Error, Opcode, Result};
+use mooncake_core::{Error, Opcode, Result, sync};
 use rdma_mummy_sys as sys;
 use sideway::ibverbs::AccessFlags;
 use sideway::ibverbs::device::{DeviceInfo, DeviceList, GetDeviceListErrorKind};
@@ -441,7 +441,7 @@ impl Fabric for VerbsFabric {
 
     fn poll(&self, nic: usize, out: &mut [WorkCompletion]) -> Result<usize> {
         let n = self.nics.get(nic).ok_or_else(|| Error::DeviceNotFound(format!("NIC index {nic}")))?;
-        let mut wc = n.wc.lock().unwrap_or_else(|p| p.into_inner());
+        let mut wc = sync::lock(&n.wc);
         let want = out.len().min(wc.len());
         // SAFETY: live CQ; `wc` has room for `want` entries.
         let got = unsafe { sys::ibv_poll_cq(n.cq.cq.as_ptr(), want as i32, wc.as_mut_ptr()) };
