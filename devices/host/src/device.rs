@@ -5,11 +5,12 @@ use std::ffi::CStr;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use mooncake_core::device::check_bounds;
 use mooncake_core::{
     AllocOptions, Allocation, DeviceCapabilities, Error, Location, MemoryDevice, MemoryKind, Result, SharingHandle,
+    sync,
 };
 
 use crate::numa::Topology;
@@ -138,21 +139,17 @@ impl HostDevice {
 
     /// What the device knows about the live allocation starting at `addr`.
     pub fn allocation_info(&self, addr: u64) -> Option<AllocationInfo> {
-        self.lock().get(&addr).map(|m| m.info())
+        sync::lock(&self.table).get(&addr).map(|m| m.info())
     }
 
     /// Live allocations (made or imported), sorted by address.
     pub fn allocations(&self) -> Vec<Allocation> {
-        self.lock().values().map(|m| m.allocation()).collect()
+        sync::lock(&self.table).values().map(|m| m.allocation()).collect()
     }
 
     /// Number of live allocations.
     pub fn live_allocations(&self) -> usize {
-        self.lock().len()
-    }
-
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, Arc<Mapping>>> {
-        self.table.lock().unwrap_or_else(|p| p.into_inner())
+        sync::lock(&self.table).len()
     }
 
     fn insert(
@@ -167,13 +164,13 @@ impl HostDevice {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mapping = Arc::new(Mapping { raw, len, id, pages, location, fd, imported });
         let allocation = mapping.allocation();
-        self.lock().insert(allocation.addr, mapping);
+        sync::lock(&self.table).insert(allocation.addr, mapping);
         allocation
     }
 
     /// The live mapping `allocation` names, checking address, token and length.
     fn lookup(&self, allocation: &Allocation, op: &str) -> Result<Arc<Mapping>> {
-        match self.lock().get(&allocation.addr) {
+        match sync::lock(&self.table).get(&allocation.addr) {
             Some(m) if m.id == allocation.token && m.len == allocation.len => Ok(Arc::clone(m)),
             _ => Err(unknown(allocation, op)),
         }
@@ -246,7 +243,7 @@ impl MemoryDevice for HostDevice {
         if let Some(node) = sys::page_node(addr) {
             return Some(Location::Cpu(Some(node)));
         }
-        let bound = self.lock().range(..=addr).next_back().and_then(|(start, m)| match m.location {
+        let bound = sync::lock(&self.table).range(..=addr).next_back().and_then(|(start, m)| match m.location {
             Location::Cpu(Some(n)) if addr - start < m.raw.len() as u64 => Some(n),
             _ => None,
         });
@@ -290,7 +287,7 @@ impl MemoryDevice for HostDevice {
     }
 
     fn free(&self, allocation: &Allocation) -> Result<()> {
-        let mut table = self.lock();
+        let mut table = sync::lock(&self.table);
         match table.get(&allocation.addr) {
             Some(m) if m.id == allocation.token && m.len == allocation.len => {
                 // Unmapped when the last user (a copy in progress, at most) drops its Arc.

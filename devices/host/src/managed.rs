@@ -7,9 +7,9 @@
 //! unmaps everything.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
-use mooncake_core::{AllocOptions, Allocation, Error, Location, MemoryDevice, Result, TransferEngine};
+use mooncake_core::{AllocOptions, Allocation, Error, Location, MemoryDevice, Result, TransferEngine, sync};
 
 use crate::carver::{CarveError, SlabCarver};
 use crate::device::HostDevice;
@@ -115,7 +115,7 @@ impl ManagedBufferAllocator {
         if length == 0 {
             return Err(CarveError::ZeroLength.into());
         }
-        let mut state = self.lock();
+        let mut state = sync::lock(&self.state);
         if length > self.config.max_class {
             let a = self.allocate_registered(length, 0)?;
             let addr = a.addr;
@@ -140,7 +140,7 @@ impl ManagedBufferAllocator {
     /// Takes back a buffer from [`Self::allocate_managed_buffer`]; `length` must be of the same
     /// size class as the one it was allocated with (exactly the same length for dedicated buffers).
     pub fn free_managed_buffer(&self, addr: u64, length: u64) -> Result<()> {
-        let mut state = self.lock();
+        let mut state = sync::lock(&self.state);
         if let Some(a) = state.dedicated.get(&addr) {
             if a.len != length {
                 return Err(Error::InvalidArgument(format!(
@@ -159,7 +159,7 @@ impl ManagedBufferAllocator {
 
     /// Current counters.
     pub fn stats(&self) -> ManagedBufferStats {
-        let state = self.lock();
+        let state = sync::lock(&self.state);
         ManagedBufferStats {
             slabs: state.slabs.len(),
             slab_bytes: state.slabs.iter().map(|s| s.len).sum(),
@@ -168,10 +168,6 @@ impl ManagedBufferAllocator {
             dedicated: state.dedicated.len(),
             dedicated_bytes: state.dedicated.values().map(|a| a.len).sum(),
         }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Allocates from the device and registers with the engine; undoes the allocation on failure.
@@ -209,7 +205,7 @@ impl ManagedBufferAllocator {
 
 impl Drop for ManagedBufferAllocator {
     fn drop(&mut self) {
-        let state = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        let state = sync::get_mut(&mut self.state);
         let slabs = std::mem::take(&mut state.slabs);
         let dedicated: Vec<Allocation> = state.dedicated.drain().map(|(_, a)| a).collect();
         if state.carver.in_use_count() > 0 {
