@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use etcd_client::{Client, ConnectOptions};
-use mooncake_core::{Error, Result};
+use mooncake_core::{Error, Result, sync};
 use tokio::runtime::Runtime;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -40,7 +40,7 @@ static RUNTIME: Mutex<Option<(u32, &'static Runtime)>> = Mutex::new(None);
 /// and are rebuilt on the new runtime.
 pub(crate) fn runtime() -> Result<&'static Runtime> {
     let pid = std::process::id();
-    let mut slot = lock(&RUNTIME);
+    let mut slot = sync::lock(&RUNTIME);
     if let Some(rt) = slot.and_then(|(owner, rt)| (owner == pid).then_some(rt)) {
         return Ok(rt);
     }
@@ -58,7 +58,7 @@ pub(crate) fn runtime() -> Result<&'static Runtime> {
 /// The runtime if this process has started it (used from `Drop`, which must not start it).
 pub(crate) fn started_runtime() -> Option<&'static Runtime> {
     let pid = std::process::id();
-    lock(&RUNTIME).and_then(|(owner, rt)| (owner == pid).then_some(rt))
+    sync::lock(&RUNTIME).and_then(|(owner, rt)| (owner == pid).then_some(rt))
 }
 
 /// Runs `fut` on the private runtime and waits for it from whatever executor polls the returned
@@ -183,17 +183,17 @@ impl Endpoints {
     }
 
     async fn client(&self, i: usize) -> std::result::Result<Client, etcd_client::Error> {
-        if let Some(c) = lock(&self.clients[i]).as_ref() {
+        if let Some(c) = sync::lock(&self.clients[i]).as_ref() {
             return Ok(c.clone());
         }
         // Building a client does no I/O: tonic connects on the first request.
         let url = format!("http://{}", self.endpoints[i]);
         let fresh = Client::connect([url], Some(self.options.clone())).await?;
-        Ok(lock(&self.clients[i]).get_or_insert(fresh).clone())
+        Ok(sync::lock(&self.clients[i]).get_or_insert(fresh).clone())
     }
 
     fn forget(&self, i: usize) {
-        lock(&self.clients[i]).take();
+        sync::lock(&self.clients[i]).take();
     }
 
     /// Drops every client (their connections close once in-flight streams end).
@@ -284,10 +284,6 @@ pub(crate) fn fmt_duration(d: Duration) -> String {
     } else {
         format!("{}ms", d.as_millis())
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]

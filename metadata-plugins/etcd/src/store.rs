@@ -4,7 +4,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use etcd_client::GetOptions;
-use mooncake_core::{Error, MetadataCapabilities, MetadataStore, Result, WatchEvent};
+use mooncake_core::{Error, MetadataCapabilities, MetadataStore, Result, WatchEvent, sync};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -133,7 +133,7 @@ impl Inner {
 
     /// Remembers a background task so that `close` can stop it.
     pub(crate) fn track(&self, handle: JoinHandle<()>) {
-        let mut tasks = self.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut tasks = sync::lock(&self.tasks);
         tasks.retain(|t| !t.is_finished());
         tasks.push(handle);
     }
@@ -217,7 +217,7 @@ impl Inner {
         if self.shutdown.send_replace(true) {
             return;
         }
-        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        let tasks = std::mem::take(&mut *sync::lock(&self.tasks));
         for t in tasks {
             t.abort();
         }

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{RwLock, mpsc};
 
 use bytes::Bytes;
+use mooncake_core::sync;
 
 use crate::persist::{self, LoadError, Record, WriteRequest};
 
@@ -81,7 +82,7 @@ impl KeySpace {
 
     /// Number of keys.
     pub fn len(&self) -> usize {
-        self.read().map.len()
+        sync::read(&self.entries).map.len()
     }
 
     /// True when no key is stored.
@@ -89,19 +90,15 @@ impl KeySpace {
         self.len() == 0
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, Entries> {
-        self.entries.read().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// The value of `key`.
     pub fn get(&self, key: &str) -> Option<Bytes> {
-        self.read().map.get(key).cloned()
+        sync::read(&self.entries).map.get(key).cloned()
     }
 
     /// Sets `key`; an existing `rpc_meta` key may only be re-put with the same value.
     pub async fn put(&self, key: &str, value: Bytes) -> Result<PutOutcome, PersistError> {
         let pending = {
-            let mut e = self.entries.write().unwrap_or_else(|p| p.into_inner());
+            let mut e = sync::write(&self.entries);
             let old = e.map.get(key);
             if key.contains("rpc_meta") && old.is_some_and(|o| *o != value) {
                 return Ok(PutOutcome::DuplicateRpcMeta);
@@ -126,7 +123,7 @@ impl KeySpace {
     /// Removes `key`; `false` when it was absent.
     pub async fn delete(&self, key: &str) -> Result<bool, PersistError> {
         let pending = {
-            let mut e = self.entries.write().unwrap_or_else(|p| p.into_inner());
+            let mut e = sync::write(&self.entries);
             let Some(old_len) = e.map.get(key).map(|v| entry_cost(key, v)) else { return Ok(false) };
             let pending = self.enqueue(Record::Delete(key.to_string()))?;
             e.map.remove(key);

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use mooncake_core::{Error, Notification, PeerRpc, Result, RpcHandler};
+use mooncake_core::{Error, Notification, PeerRpc, Result, RpcHandler, sync};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -72,11 +72,7 @@ impl HandshakeRpc {
 
     /// The address the server listens on, while it serves.
     pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.lock().as_ref().map(|s| s.local_addr)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Server>> {
-        self.server.lock().unwrap_or_else(|p| p.into_inner())
+        sync::lock(&self.server).as_ref().map(|s| s.local_addr)
     }
 }
 
@@ -89,7 +85,7 @@ impl PeerRpc for HandshakeRpc {
         port_range: (u16, u16),
         handler: Arc<dyn RpcHandler>,
     ) -> Result<u16> {
-        if let Some(s) = self.lock().as_ref() {
+        if let Some(s) = sync::lock(&self.server).as_ref() {
             return Err(Error::AlreadyExists(format!("handshake server already listening on {}", s.local_addr)));
         }
         let ip = resolve_bind_host(bind_host).await?;
@@ -97,7 +93,7 @@ impl PeerRpc for HandshakeRpc {
         let local_addr = listener.local_addr()?;
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(accept_loop(listener, handler, self.config().clone(), stop_rx));
-        let mut guard = self.lock();
+        let mut guard = sync::lock(&self.server);
         if guard.is_some() {
             // Another serve() won the race; stop ours.
             let _ = stop.send(true);
@@ -126,7 +122,7 @@ impl PeerRpc for HandshakeRpc {
     }
 
     async fn shutdown(&self) {
-        let Some(server) = self.lock().take() else { return };
+        let Some(server) = sync::lock(&self.server).take() else { return };
         let _ = server.stop.send(true);
         let mut task = server.task;
         if tokio::time::timeout(Duration::from_secs(2), &mut task).await.is_err() {

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::RwLock;
 
 use async_trait::async_trait;
-use mooncake_core::{MetadataCapabilities, MetadataStore, Result, RpcMeta, split_host_port};
+use mooncake_core::{MetadataCapabilities, MetadataStore, Result, RpcMeta, split_host_port, sync};
 
 use crate::client::HandshakeClient;
 use crate::config::HandshakeConfig;
@@ -75,7 +75,7 @@ impl P2pMetadataStore {
     }
 
     fn local_get(&self, key: &str) -> Option<Vec<u8>> {
-        self.local.read().unwrap_or_else(|p| p.into_inner()).get(key).cloned()
+        sync::read(&self.local).get(key).cloned()
     }
 }
 
@@ -107,17 +107,17 @@ impl MetadataStore for P2pMetadataStore {
     }
 
     async fn put(&self, key: &str, value: &[u8]) -> Result<()> {
-        self.local.write().unwrap_or_else(|p| p.into_inner()).insert(key.to_string(), value.to_vec());
+        sync::write(&self.local).insert(key.to_string(), value.to_vec());
         Ok(())
     }
 
     async fn delete(&self, key: &str) -> Result<bool> {
-        Ok(self.local.write().unwrap_or_else(|p| p.into_inner()).remove(key).is_some())
+        Ok(sync::write(&self.local).remove(key).is_some())
     }
 
     /// Local keys only (peers are not enumerable).
     async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
-        let map = self.local.read().unwrap_or_else(|p| p.into_inner());
+        let map = sync::read(&self.local);
         Ok(map
             .range(prefix.to_string()..)
             .take_while(|(k, _)| k.starts_with(prefix))

@@ -1,11 +1,11 @@
 //! One multiplexed connection, opened lazily, replaced after failures, every command bounded by
 //! the configured timeout, and Redis errors mapped to [`mooncake_core::Error`].
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use mooncake_core::{Error, Result};
+use mooncake_core::{Error, Result, sync};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, Cmd, ConnectionAddr, ErrorKind, FromRedisValue, IntoConnectionInfo};
 use redis::{RedisConnectionInfo, RedisError, ServerErrorKind};
@@ -111,7 +111,7 @@ impl Connector {
 
     /// Drops the current connection; the next command opens a new one.
     pub(crate) fn disconnect(&self) {
-        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        *sync::lock(&self.current) = None;
     }
 
     /// The current connection, opening one when there is none; `true` when opened by this call.
@@ -129,18 +129,18 @@ impl Connector {
             .await
             .map_err(|e| self.classify("connect", &e))?;
         let live = Live { id: self.next_id.fetch_add(1, Ordering::Relaxed), conn };
-        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(live.clone());
+        *sync::lock(&self.current) = Some(live.clone());
         tracing::debug!(address = %self.address, "connected to redis");
         Ok((live, true))
     }
 
     fn current(&self) -> Option<Live> {
-        self.current.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        sync::lock(&self.current).clone()
     }
 
     /// Drops connection `id` if it is still the current one.
     fn forget(&self, id: u64) {
-        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut current = sync::lock(&self.current);
         if current.as_ref().is_some_and(|live| live.id == id) {
             *current = None;
         }

@@ -4,11 +4,11 @@
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use mooncake_core::{Error, MetadataCapabilities, MetadataStore, Result};
+use mooncake_core::{Error, MetadataCapabilities, MetadataStore, Result, sync};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
@@ -205,7 +205,7 @@ impl MetadataStore for RedisMetadataStore {
                 }
                 let cmd = redis::cmd("SET").arg(&key).arg(value.as_slice()).arg("PX").arg(ms).to_owned();
                 shared.connector.query::<()>("SET PX", &cmd).await?;
-                shared.leases().insert(key, Lease { value, ttl, due: Instant::now() + renew_interval(ttl) });
+                sync::lock(&shared.leases).insert(key, Lease { value, ttl, due: Instant::now() + renew_interval(ttl) });
                 shared.changed.notify_one();
                 Ok(())
             })
@@ -230,17 +230,13 @@ impl MetadataStore for RedisMetadataStore {
 }
 
 impl Shared {
-    fn leases(&self) -> MutexGuard<'_, HashMap<String, Lease>> {
-        self.leases.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     /// Runs a plain write of `key`; when the key is leased, ends the lease first, in step with renewals.
     async fn write_ending_lease<T: redis::FromRedisValue>(&self, key: &str, what: &str, cmd: &redis::Cmd) -> Result<T> {
-        if !self.leases().contains_key(key) {
+        if !sync::lock(&self.leases).contains_key(key) {
             return self.connector.query(what, cmd).await;
         }
         let _writes = self.lease_writes.lock().await;
-        if self.leases().remove(key).is_some() {
+        if sync::lock(&self.leases).remove(key).is_some() {
             self.changed.notify_one();
         }
         self.connector.query(what, cmd).await
@@ -292,7 +288,7 @@ impl Shared {
         self.closed.store(true, Ordering::SeqCst);
         self.changed.notify_one();
         let _writes = self.lease_writes.lock().await;
-        let keys: Vec<String> = self.leases().drain().map(|(k, _)| k).collect();
+        let keys: Vec<String> = sync::lock(&self.leases).drain().map(|(k, _)| k).collect();
         for chunk in keys.chunks(DEL_CHUNK) {
             let cmd = redis::cmd("DEL").arg(chunk).to_owned();
             if let Err(e) = self.connector.query::<i64>("DEL", &cmd).await {
@@ -306,8 +302,7 @@ impl Shared {
     async fn renew_due(&self) {
         let _writes = self.lease_writes.lock().await;
         let now = Instant::now();
-        let due: Vec<(String, Arc<Vec<u8>>, Duration)> = self
-            .leases()
+        let due: Vec<(String, Arc<Vec<u8>>, Duration)> = sync::lock(&self.leases)
             .iter()
             .filter(|(_, l)| l.due <= now)
             .map(|(k, l)| (k.clone(), l.value.clone(), l.ttl))
@@ -341,7 +336,7 @@ impl Shared {
                     }
                 }
             };
-            if let Some(lease) = self.leases().get_mut(&key) {
+            if let Some(lease) = sync::lock(&self.leases).get_mut(&key) {
                 lease.due = Instant::now() + next;
             }
         }
@@ -368,7 +363,7 @@ async fn renew_leases(shared: Arc<Shared>) {
         if shared.closed.load(Ordering::SeqCst) {
             return;
         }
-        let next = shared.leases().values().map(|l| l.due).min();
+        let next = sync::lock(&shared.leases).values().map(|l| l.due).min();
         match next {
             None => shared.changed.notified().await,
             Some(due) if due > Instant::now() => {
