@@ -14,7 +14,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mooncake_core::{EngineConfig, TransferEngine};
+use mooncake_core::{EngineConfig, TransferEngine, sync};
 use serde::{Deserialize, Serialize};
 
 use crate::PeerCommand;
@@ -177,7 +177,7 @@ impl PeerProcess {
             std::thread::spawn(move || {
                 let mut s = String::new();
                 let _ = err.read_to_string(&mut s);
-                sink.lock().unwrap_or_else(|p| p.into_inner()).push_str(&s);
+                sync::lock(&sink).push_str(&s);
             });
         }
         let stdout = child.stdout.take().ok_or("peer stdout was not captured")?;
@@ -214,7 +214,7 @@ impl PeerProcess {
     pub fn stderr_tail(&self) -> String {
         // Give the reader thread a moment to collect what a dying child wrote.
         std::thread::sleep(Duration::from_millis(20));
-        let s = self.stderr.lock().unwrap_or_else(|p| p.into_inner());
+        let s = sync::lock(&self.stderr);
         let start = s.len().saturating_sub(2000);
         let start = (start..s.len()).find(|i| s.is_char_boundary(*i)).unwrap_or(s.len());
         if s.is_empty() { "(empty)".into() } else { s[start..].to_string() }

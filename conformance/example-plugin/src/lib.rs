@@ -2,14 +2,14 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use mooncake_core::registry::{Availability, TransportFactory};
 use mooncake_core::{
     BackendConfig, Capabilities, Error, MemoryKinds, Opcode, PerfModel, RegionTable, RemoteSegment, Result,
-    SegmentDescriptor, TransferTask, Transport, TransportContext,
+    SegmentDescriptor, TransferTask, Transport, TransportContext, sync,
 };
 
 /// The protocol string this plugin registers (`EngineConfig::with_protocols(["loopback"])`).
@@ -24,10 +24,6 @@ const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 /// Process-global directory: segment name -> the owning engine's registered-memory table.
 /// An engine's transport adds itself at `start` and removes itself at `shutdown`.
 static SEGMENTS: LazyLock<Mutex<HashMap<String, Arc<RegionTable>>>> = LazyLock::new(Default::default);
-
-fn segments() -> MutexGuard<'static, HashMap<String, Arc<RegionTable>>> {
-    SEGMENTS.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 // Registers the factory with the core registry at link time.
 mooncake_core::inventory::submit! {
@@ -129,7 +125,7 @@ impl Inner {
         }
         let len = usize::try_from(task.length)
             .map_err(|_| Error::InvalidArgument(format!("{} bytes do not fit this address space", task.length)))?;
-        let remote_table = segments().get(&target.name).cloned().ok_or_else(|| {
+        let remote_table = sync::lock(&SEGMENTS).get(&target.name).cloned().ok_or_else(|| {
             Error::disconnected(&target.name, "loopback peer has shut down (or lives in another process)")
         })?;
         // Both guards are held until the copy is done: neither side can unregister meanwhile.
@@ -173,7 +169,7 @@ impl Transport for LoopbackTransport {
             .ctx
             .set(ctx.clone())
             .map_err(|_| Error::InvalidArgument("loopback transport started twice".into()))?;
-        segments().insert(ctx.local_name.clone(), ctx.regions.clone());
+        sync::lock(&SEGMENTS).insert(ctx.local_name.clone(), ctx.regions.clone());
         Ok(())
     }
 
@@ -209,7 +205,7 @@ impl Transport for LoopbackTransport {
     async fn shutdown(&self) {
         self.inner.stopped.store(true, Ordering::Release);
         if let Some(ctx) = self.inner.ctx.get() {
-            let mut map = segments();
+            let mut map = sync::lock(&SEGMENTS);
             if map.get(&ctx.local_name).is_some_and(|t| Arc::ptr_eq(t, &ctx.regions)) {
                 map.remove(&ctx.local_name);
             }
