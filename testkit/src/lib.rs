@@ -53,7 +53,7 @@ pub fn free_port() -> u16 {
     }
     let span = u32::from(end - QUIET_PORTS.start);
     let seed = std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), std::process::id());
-    let mut handed = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+    let mut handed = mooncake_core::sync::lock(&HANDED_OUT);
     for i in 0..span {
         let port = QUIET_PORTS.start + ((seed as u32).wrapping_add(i.wrapping_mul(7919)) % span) as u16;
         if !handed.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
