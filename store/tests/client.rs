@@ -769,3 +769,58 @@ fn segments_mounted_after_setup_hold_replicas_until_unmounted() {
     assert!(!master.segment_names().contains(&left));
     std::fs::remove_file(&path).unwrap();
 }
+
+/// An engine of this test on 127.0.0.1 (P2P handshake, tcp).
+fn engine() -> mooncake_core::TransferEngine {
+    let mut config = mooncake_core::EngineConfig::new("127.0.0.1", "P2PHANDSHAKE").with_protocols(["tcp"]);
+    config.name_with_rpc_port = true;
+    mooncake_core::TransferEngine::new(config).expect("engine")
+}
+
+#[test]
+fn a_client_on_a_shared_engine_leaves_it_running_for_direct_transfers() {
+    let master = Master::start();
+    let shared = engine();
+    let a = StoreClient::with_engine(config(&master), shared.clone()).expect("client on the shared engine");
+    assert_eq!(a.hostname(), shared.local_segment_name(), "the client's segment is the engine's");
+    let b = client(&master);
+
+    // Store traffic both ways through the shared engine.
+    let value = pattern(300 << 10, 9);
+    a.put("shared-a", &value, &on(&[&a], 1)).unwrap();
+    b.put("shared-b", &value, &on(&[&b], 1)).unwrap();
+    assert_eq!(b.get("shared-a").unwrap(), value);
+    assert_eq!(a.get("shared-b").unwrap(), value);
+
+    // Direct engine traffic on the same engine, to a second plain engine, while the store client is open.
+    let peer = engine();
+    let mut remote = vec![0u8; 64 << 10];
+    peer.register_memory(remote.as_mut_ptr() as u64, remote.len() as u64, "*").unwrap();
+    let mut local = pattern(64 << 10, 3);
+    let local_addr = local.as_mut_ptr() as u64;
+    shared.register_memory(local_addr, local.len() as u64, "*").unwrap();
+    let write = |len: u64| {
+        shared.transfer_sync(
+            peer.local_segment_name(),
+            mooncake_core::Opcode::Write,
+            local_addr,
+            remote.as_ptr() as u64,
+            len,
+        )
+    };
+    write(1000).unwrap();
+    assert_eq!(remote[..1000], local[..1000]);
+
+    // Closing the store client unregisters its memory and keeps the engine serving.
+    a.close().unwrap();
+    assert_eq!(a.get("shared-b"), Err(ErrorCode::UnavailableInCurrentStatus));
+    write(local.len() as u64).expect("the shared engine still transfers after the client closed");
+    assert_eq!(remote, local);
+    let c = StoreClient::with_engine(config(&master), shared.clone()).expect("a second client on the same engine");
+    assert_eq!(c.get("shared-b").unwrap(), value);
+    c.close().unwrap();
+    b.close().unwrap();
+    shared.unregister_memory(local_addr).unwrap();
+    shared.shutdown();
+    peer.shutdown();
+}

@@ -108,8 +108,17 @@ struct AsyncBatch {
 #[pyclass(module = "mooncake.engine", name = "TransferEngine", subclass)]
 pub struct PyTransferEngine {
     engine: OnceLock<TransferEngine>,
+    /// What `get_engine()` returns: one object per initialized engine, as upstream.
+    shared: OnceLock<Py<PyInnerEngine>>,
     managed: Mutex<HashMap<u64, ManagedBuffer>>,
     batches: Mutex<HashMap<u64, AsyncBatch>>,
+}
+
+/// Upstream's `InnerTransferEngine`: the engine itself, from `TransferEngine.get_engine()`, for
+/// `MooncakeDistributedStore.setup(..., engine=...)` to share. Opaque; it has no constructor.
+#[pyclass(module = "mooncake.engine", name = "InnerTransferEngine", frozen)]
+pub struct PyInnerEngine {
+    pub(crate) engine: TransferEngine,
 }
 
 /// Logs a failed call and returns its upstream code.
@@ -345,6 +354,7 @@ impl PyTransferEngine {
     fn new() -> Self {
         PyTransferEngine {
             engine: OnceLock::new(),
+            shared: OnceLock::new(),
             managed: Mutex::new(HashMap::new()),
             batches: Mutex::new(HashMap::new()),
         }
@@ -906,6 +916,17 @@ impl PyTransferEngine {
         })
     }
 
+    /// The engine to share with a store (`setup(..., engine=te.get_engine())`), the same object on every call;
+    /// `None` before `initialize`.
+    fn get_engine(&self, py: Python<'_>) -> PyResult<Option<Py<PyInnerEngine>>> {
+        let Some(engine) = self.engine.get() else { return Ok(None) };
+        if let Some(shared) = self.shared.get() {
+            return Ok(Some(shared.clone_ref(py)));
+        }
+        let shared = Py::new(py, PyInnerEngine { engine: engine.clone() })?;
+        Ok(Some(self.shared.get_or_init(|| shared).clone_ref(py)))
+    }
+
     /// This host's topology as upstream's JSON matrix: `{"cpu:N": [[preferred NICs], [other NICs]]}`.
     #[pyo3(signature = (device_name = None))]
     fn get_local_topology(&self, device_name: Option<&str>) -> String {
@@ -1093,6 +1114,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<TransferOpcode>()?;
     m.add_class::<TransferNotify>()?;
     m.add_class::<PyTransferEngine>()?;
+    m.add_class::<PyInnerEngine>()?;
     m.add_function(wrap_pyfunction!(available_transports, m)?)?;
     Ok(())
 }

@@ -14,7 +14,7 @@ use mooncake_store::client::{ClientConfig, HEALTH_NOT_INITIALIZED, StoreClient};
 use mooncake_store::types::{
     ErrorCode, ReplicaDescriptor as RustReplica, ReplicaStatus as RustStatus, ReplicateConfig as RustConfig,
 };
-use pyo3::exceptions::{PyBufferError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyBufferError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyInt, PyString, PyTuple};
@@ -713,7 +713,8 @@ impl PyStore {
 
     /// Connects to the master and contributes memory. Either upstream's positional form
     /// `setup(local_hostname, metadata_server, global_segment_size, local_buffer_size, protocol, rdma_devices,
-    /// master_server_addr)` or `setup(config_dict)`. Sizes may be ints or strings like `"512MB"`. 0 or a
+    /// master_server_addr)` or `setup(config_dict)`. Sizes may be ints or strings like `"512MB"`. With
+    /// `engine=te.get_engine()` the store shares that engine instead of starting its own, as upstream. 0 or a
     /// negative code (-900 when the master is not reachable within 10 s). A Ctrl-C interrupts it.
     #[pyo3(signature = (
         local_hostname,
@@ -741,11 +742,20 @@ impl PyStore {
         kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<i32> {
         let _ = kwargs;
-        if engine.is_some_and(|e| !e.is_none()) {
-            tracing::warn!(
-                "MooncakeDistributedStore.setup: sharing an existing TransferEngine is not supported; the store starts its own"
-            );
-        }
+        // As upstream: `engine=te.get_engine()` is shared (the store registers its memory with it and never
+        // shuts it down); anything else is the RuntimeError upstream's argument conversion raises.
+        let shared = match engine.filter(|e| !e.is_none()) {
+            None => None,
+            Some(e) => match e.cast::<crate::engine::PyInnerEngine>() {
+                Ok(inner) => Some(inner.get().engine.clone()),
+                Err(_) => {
+                    return Err(PyRuntimeError::new_err(format!(
+                        "setup: engine must be an InnerTransferEngine (TransferEngine.get_engine()), not {}",
+                        crate::buffers::type_name(e)
+                    )));
+                }
+            },
+        };
         let mut config = ClientConfig::default();
         if let Ok(d) = local_hostname.cast::<PyDict>() {
             // As upstream: a config it cannot use is a return code, not an exception.
@@ -779,7 +789,11 @@ impl PyStore {
             tracing::warn!("MooncakeDistributedStore.setup: already set up; close() first");
             return Ok(ErrorCode::InvalidParams.code());
         }
-        match run_interruptibly(py, "store-setup", move || StoreClient::setup(config))? {
+        let start = move || match shared {
+            Some(engine) => StoreClient::with_engine(config, engine),
+            None => StoreClient::setup(config),
+        };
+        match run_interruptibly(py, "store-setup", start)? {
             Ok(client) => {
                 *self.client.write().unwrap_or_else(|p| p.into_inner()) = Some(client);
                 Ok(0)

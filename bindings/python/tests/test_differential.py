@@ -39,6 +39,7 @@ SCENARIOS = [
     "store_dummy",
     "engine_and_numa_helpers",
     "store_engram",
+    "store_shared_engine",
 ]
 
 # (scenario, case) -> (ours, upstream's, why ours differs)

@@ -70,6 +70,8 @@ pub(crate) struct Inner {
     pub(crate) id: ClientId,
     pub(crate) endpoint: String,
     pub(crate) engine: TransferEngine,
+    /// False when the engine was handed in ([`crate::client::StoreClient::with_engine`]): close leaves it running.
+    pub(crate) owns_engine: bool,
     pub(crate) device: Arc<dyn MemoryDevice>,
     pub(crate) master: Master,
     pub(crate) segment: Option<OwnedSegment>,
@@ -133,6 +135,8 @@ fn prefault_in_background(device: &Arc<dyn MemoryDevice>, memory: &DeviceAllocat
 #[derive(Default)]
 struct Partial {
     engine: Option<TransferEngine>,
+    /// Whether `engine` was started by this setup (and so is shut down on failure) or handed in by the caller.
+    owns_engine: bool,
     device: Option<Arc<dyn MemoryDevice>>,
     /// Allocated (and maybe registered) memory: `(allocation, registered)`.
     memory: Vec<(DeviceAllocation, bool)>,
@@ -161,16 +165,16 @@ impl Drop for Partial {
                 let _ = device.free(&memory);
             }
         }
-        if let Some(engine) = self.engine.take() {
+        if let (Some(engine), true) = (self.engine.take(), self.owns_engine) {
             engine.shutdown();
         }
     }
 }
 
 impl Inner {
-    /// Connects to the master, starts the engine, allocates, registers and mounts the segment, allocates the
-    /// staging buffer and starts the ping thread.
-    pub(crate) fn setup(config: ClientConfig) -> Result<Arc<Inner>> {
+    /// Connects to the master, starts the engine (or uses `shared`, which it then never shuts down), allocates,
+    /// registers and mounts the segment, allocates the staging buffer and starts the ping thread.
+    pub(crate) fn setup(config: ClientConfig, shared: Option<TransferEngine>) -> Result<Arc<Inner>> {
         config.validate()?;
         let (host, _) = split_host_port(&config.local_hostname).map_err(|e| {
             tracing::warn!(local_hostname = %config.local_hostname, error = %e, "invalid local hostname");
@@ -180,22 +184,17 @@ impl Inner {
         let id = ClientId::random();
         let master = Master::connect(&config.master_server_addr, id, config.setup_timeout, config.rpc_timeout)?;
 
-        let mut engine_config = EngineConfig::new(config.local_hostname.clone(), config.metadata_server.clone());
-        // As upstream's store: a host without a port gets one (the engine's), so clients that share a host
-        // name ("localhost") each own a segment.
-        engine_config.name_with_rpc_port = true;
-        engine_config.transfer_timeout = config.transfer_timeout;
-        let auto = engine_config.auto_protocols.clone();
-        engine_config = engine_config.with_protocols([config.protocol.clone()]);
-        if config.same_host_transports {
-            engine_config = engine_config.with_auto_protocols(auto);
-        }
-        if !config.device_name.trim().is_empty() {
-            engine_config.backend.options.insert("devices".into(), config.device_name.clone());
-        }
-        let engine = TransferEngine::new(engine_config).map_err(|e| errors::engine("cannot start the engine", &e))?;
+        let owns_engine = shared.is_none();
+        let engine = match shared {
+            Some(engine) => {
+                tracing::info!(segment = %engine.local_segment_name(), "store client shares the caller's engine");
+                engine
+            }
+            None => start_engine(&config)?,
+        };
         let endpoint = engine.local_segment_name().to_string();
         partial.engine = Some(engine.clone());
+        partial.owns_engine = owns_engine;
         let device = engine.devices().iter().find(|d| d.kind() == MemoryKind::Host).cloned().ok_or_else(|| {
             tracing::warn!("no host memory device is linked; call mooncake::link_all() in the final binary");
             ErrorCode::TransferFail
@@ -238,6 +237,7 @@ impl Inner {
             id,
             endpoint,
             engine,
+            owns_engine,
             device,
             master,
             segment,
@@ -328,7 +328,9 @@ impl Inner {
                 Err(e) => tracing::warn!(error = %e, "cannot unregister client memory; leaking it"),
             }
         }
-        self.engine.shutdown();
+        if self.owns_engine {
+            self.engine.shutdown();
+        }
         tracing::info!(client = %self.id, "store client closed");
     }
 
@@ -427,6 +429,25 @@ impl Drop for Inner {
     fn drop(&mut self) {
         self.close();
     }
+}
+
+/// Starts the client's own engine from the config: its host name, metadata server, protocol (plus the same-host
+/// transports when enabled) and devices.
+fn start_engine(config: &ClientConfig) -> Result<TransferEngine> {
+    let mut engine_config = EngineConfig::new(config.local_hostname.clone(), config.metadata_server.clone());
+    // As upstream's store: a host without a port gets one (the engine's), so clients that share a host
+    // name ("localhost") each own a segment.
+    engine_config.name_with_rpc_port = true;
+    engine_config.transfer_timeout = config.transfer_timeout;
+    let auto = engine_config.auto_protocols.clone();
+    engine_config = engine_config.with_protocols([config.protocol.clone()]);
+    if config.same_host_transports {
+        engine_config = engine_config.with_auto_protocols(auto);
+    }
+    if !config.device_name.trim().is_empty() {
+        engine_config.backend.options.insert("devices".into(), config.device_name.clone());
+    }
+    TransferEngine::new(engine_config).map_err(|e| errors::engine("cannot start the engine", &e))
 }
 
 /// How the client allocates its segment and staging memory: ordinary pages. (Transparent huge pages cut

@@ -92,7 +92,17 @@ impl StoreClient {
     /// starts the engine, allocates, registers and mounts the global segment, allocates the staging buffer and
     /// starts the ping thread. Engine failures give `TransferFail`, a bad config `InvalidParams`.
     pub fn setup(config: ClientConfig) -> Result<StoreClient> {
-        Inner::setup(config).map(|inner| StoreClient { inner })
+        Inner::setup(config, None).map(|inner| StoreClient { inner })
+    }
+
+    /// [`StoreClient::setup`] on an engine the caller already runs (upstream's `setup(..., engine=...)`: serving
+    /// frameworks share one engine between the store and their own transfers). The segment and staging buffer
+    /// are registered with that engine and reached through its transports under its segment name; the config's
+    /// `local_hostname` names the host only, and its `metadata_server`, `protocol`, `device_name` and
+    /// `same_host_transports` are not applied (the engine has its own). `close` unregisters what the client
+    /// registered and leaves the engine running.
+    pub fn with_engine(config: ClientConfig, engine: TransferEngine) -> Result<StoreClient> {
+        Inner::setup(config, Some(engine)).map(|inner| StoreClient { inner })
     }
 
     /// Unmounts the segment, unregisters and frees memory, stops the ping thread and the engine. Idempotent;

@@ -10,12 +10,13 @@ calls; it is pure Python (``mooncake/_rpc.py``, docs/python-rpc.md) and speaks o
 transport is linked (``FEATURES=all``); the GPU ones (CUDA, HIP, MUSA, NVLink) are false until those backends exist.
 """
 
-from ._mooncake import TransferEngine, TransferNotify, TransferOpcode, available_transports
+from ._mooncake import InnerTransferEngine, TransferEngine, TransferNotify, TransferOpcode, available_transports
 from ._rpc import CoroRPCInterface, ReceivedData, ReceivedTensor, RpcInterface, create_rpc_client, create_rpc_server
 from ._shared_memory import SharedSegment
 
 __all__ = [
     "TransferEngine",
+    "InnerTransferEngine",
     "TransferNotify",
     "TransferOpcode",
     "available_transports",

@@ -678,6 +678,49 @@ def engine_and_numa_helpers():
     case("bind bad type", lambda: bind_to_numa_node("0"))
 
 
+def store_shared_engine():
+    """setup(engine=te): the store shares an initialized TransferEngine; te keeps transferring after close."""
+    from mooncake.engine import TransferEngine
+    from mooncake.store import MooncakeDistributedStore
+
+    def body(m):
+        from mooncake.engine import InnerTransferEngine
+
+        te, peer = TransferEngine(), TransferEngine()
+        case("get_engine before initialize", lambda: te.get_engine())
+        case("InnerTransferEngine()", lambda: InnerTransferEngine())
+        case("te.initialize", lambda: te.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", ""))
+        case("get_engine is one object", lambda: te.get_engine() is te.get_engine())
+        case("get_engine type", lambda: type(te.get_engine()).__name__)
+        case("peer.initialize", lambda: peer.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", ""))
+        s, other = MooncakeDistributedStore(), MooncakeDistributedStore()
+        def setup(engine):
+            return s.setup("127.0.0.1", "P2PHANDSHAKE", 32 << 20, 16 << 20, "tcp", "", m.address, engine)
+
+        case("setup with a str engine", lambda: setup("not an engine"))
+        case("setup with the TransferEngine itself", lambda: setup(te))
+        case("setup", lambda: setup(te.get_engine()))
+        case("other.setup", lambda: other.setup("127.0.0.1", "P2PHANDSHAKE", 32 << 20, 16 << 20, "tcp", "",
+                                                m.address))
+        case("hostname is host:port", lambda: s.get_hostname().startswith("127.0.0.1:"))
+        case("put", lambda: s.put("shared", b"abc" * 1000))
+        case("other.get", lambda: other.get("shared"))
+        case("other.put", lambda: other.put("other", b"xyz" * 10))
+        case("get", lambda: s.get("other"))
+        src, dst = ctypes.create_string_buffer(b"direct" * 100), ctypes.create_string_buffer(600)
+        case("te.register", lambda: te.register_memory(ctypes.addressof(src), 600))
+        case("peer.register", lambda: peer.register_memory(ctypes.addressof(dst), 600))
+        write = lambda n: te.transfer_sync_write(f"127.0.0.1:{peer.get_rpc_port()}", ctypes.addressof(src),  # noqa: E731
+                                                 ctypes.addressof(dst), n)
+        case("direct write", lambda: write(300))
+        case("close", lambda: s.close())
+        case("direct write after close", lambda: write(600))
+        case("bytes", lambda: dst.raw)
+        case("other.close", lambda: other.close())
+
+    with_master(body)
+
+
 def store_engram():
     """EngramStore: per-layer embedding tables (one per head) in the store, populated and looked up by row."""
     import numpy as np
@@ -731,7 +774,7 @@ SCENARIOS = {
               kv_bootstrap_keys, mooncake_config, store_without_local_buffer, store_async, store_buffer_pool,
               store_sessions, store_replica_clear, store_misc_writes, store_tasks,
               store_segments, store_dummy, engine_and_numa_helpers,
-              store_engram)
+              store_engram, store_shared_engine)
 }
 
 if __name__ == "__main__":

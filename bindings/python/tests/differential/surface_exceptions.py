@@ -13,8 +13,9 @@ LEASE_VIEW = (
     "returns or takes one and it cannot be constructed from Python; our leases hand out memoryviews"
 )
 ENGINE_PTR = (
-    "deliberately absent: upstream hands C++ extensions a pointer to its C++ mooncake::TransferEngine object; this "
-    "package has no C++ object of that type, and a pointer to anything else would crash the extension that uses it"
+    "deliberately absent: upstream hands C++ extensions the address of its C++ mooncake::TransferEngine object; "
+    "this package has no C++ object of that type, and an address of anything else would crash the extension that "
+    "dereferences it (get_engine(), which Python code passes to the store's setup, is present)"
 )
 ALLOC_FUNCS = (
     "needs GPU memory (issue 15): upstream hands torch's CUDAPluggableAllocator the addresses of C functions that "
@@ -23,8 +24,6 @@ ALLOC_FUNCS = (
 
 EXCEPTIONS = {
     # mooncake.engine
-    "mooncake.engine:InnerTransferEngine": ENGINE_PTR,
-    "mooncake.engine:TransferEngine.get_engine": ENGINE_PTR,
     "mooncake.engine:TransferEngine.get_engine_ptr": ENGINE_PTR,
     # mooncake.store: module level
     "mooncake.store:BufferLeaseView": LEASE_VIEW,
