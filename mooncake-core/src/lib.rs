@@ -2,7 +2,9 @@
 //! [`MemoryDevice`], [`MetadataStore`]), the link-time [`registry`], shared wire types, typed
 //! [`Error`]s, and the [`TransferEngine`] written purely against the traits.
 //!
-//! This crate knows no concrete backend; link them through the `mooncake` facade crate.
+//! This crate knows no concrete backend; link them through the `mooncake` facade crate. It also
+//! holds the parts every transport shares: [`sync`] (poison-tolerant locking), [`fanin`] (a request
+//! cut into pieces completes once, when the last piece does) and [`stripe`] (where to cut).
 //!
 //! ```no_run
 //! use mooncake_core::{EngineConfig, Opcode, TransferEngine};
