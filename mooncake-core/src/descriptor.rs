@@ -1,4 +1,4 @@
-//! The segment descriptor JSON of WIRE.md section 2, shared with upstream Mooncake.
+//! The segment descriptor JSON of docs/wire-formats.md section 2, shared with upstream Mooncake.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -67,7 +67,7 @@ fn uses_addresses(protocol: &str) -> bool {
 }
 
 impl SegmentDescriptor {
-    /// Parses and validates a descriptor (WIRE.md section 2 rules).
+    /// Parses and validates a descriptor (docs/wire-formats.md section 2 rules).
     pub fn from_json(bytes: &[u8]) -> Result<Self> {
         if bytes.len() > MAX_DESCRIPTOR_BYTES {
             return Err(Error::MalformedJson(format!(
@@ -88,7 +88,7 @@ impl SegmentDescriptor {
         serde_json::to_string(self).unwrap_or_default()
     }
 
-    /// Checks the rules of WIRE.md section 2.
+    /// Checks the rules of docs/wire-formats.md section 2.
     pub fn validate(&self) -> Result<()> {
         if self.protocol.is_empty() {
             return Err(Error::MalformedJson("segment descriptor has an empty protocol".into()));

@@ -7,7 +7,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong in the engine, a transport, a device or a metadata store.
 ///
-/// Variants are typed so callers can act on them; the upstream integer codes of WIRE.md section 6
+/// Variants are typed so callers can act on them; the upstream integer codes of docs/wire-formats.md section 6
 /// are produced only at the Python/C boundary through [`Error::code`].
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
@@ -155,7 +155,7 @@ impl Error {
         matches!(self, Error::RemoteDisconnected { .. })
     }
 
-    /// The upstream transfer-engine integer code (WIRE.md section 6) for this error.
+    /// The upstream transfer-engine integer code (docs/wire-formats.md section 6) for this error.
     pub fn code(&self) -> i32 {
         match self {
             Error::InvalidArgument(_) | Error::UnknownBatch(_) => -1,

@@ -1,4 +1,4 @@
-//! The `MetadataStore` trait and the key layout of WIRE.md section 1.
+//! The `MetadataStore` trait and the key layout of docs/wire-formats.md section 1.
 
 use std::time::Duration;
 

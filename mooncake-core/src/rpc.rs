@@ -1,4 +1,4 @@
-//! The peer RPC channel of WIRE.md section 3 (metadata, notify, probe and connection frames).
+//! The peer RPC channel of docs/wire-formats.md section 3 (metadata, notify, probe and connection frames).
 //!
 //! The engine always runs one: it answers metadata requests in P2P mode, receives notifications,
 //! answers probes and routes transport handshakes (RDMA queue-pair exchange) in every mode.

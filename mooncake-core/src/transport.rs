@@ -21,7 +21,7 @@ pub trait PeerEvents: Send + Sync + 'static {
     fn peer_failed(&self, segment_name: &str);
 }
 
-/// How a transport reaches other engines' handshake sockets (WIRE.md section 3) by segment name,
+/// How a transport reaches other engines' handshake sockets (docs/wire-formats.md section 3) by segment name,
 /// whatever the metadata mode: in P2P mode the name is the socket address, in metadata mode the
 /// engine resolves it through the segment's `rpc_meta` key.
 #[async_trait]
@@ -158,7 +158,7 @@ impl TransferTask {
 ///   caller of the engine vouches for them (as upstream's TCP mode).
 #[async_trait]
 pub trait Transport: Send + Sync + 'static {
-    /// The protocol string of WIRE.md (`"tcp"`).
+    /// The protocol string of docs/wire-formats.md section 2 (`"tcp"`).
     fn name(&self) -> &str;
 
     /// Flags, limits and cost model.
@@ -225,7 +225,7 @@ pub trait Transport: Send + Sync + 'static {
     /// Drops cached connections to a segment (its descriptor changed or it restarted).
     fn forget_peer(&self, _segment_name: &str) {}
 
-    /// Handles a connection-handshake frame (WIRE.md section 3, type 0) addressed to this
+    /// Handles a connection-handshake frame (docs/wire-formats.md section 3, type 0) addressed to this
     /// transport, e.g. an RDMA queue-pair exchange. `None` = not mine.
     async fn handle_handshake(&self, _request: &Value) -> Option<Result<Value>> {
         None

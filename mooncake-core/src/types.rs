@@ -173,7 +173,7 @@ pub struct TransferRequest {
     pub length: u64,
 }
 
-/// State of one request, numbered as upstream (WIRE.md section 6).
+/// State of one request, numbered as upstream (docs/wire-formats.md section 6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum TransferState {

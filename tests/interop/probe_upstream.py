@@ -2,7 +2,7 @@
 """Raw-socket probes of a Mooncake transfer engine's RPC (handshake) port and TCP data port.
 
 Plain Python 3 (numpy only for `suite`, via upstream_peer.pattern). Works against upstream or
-mooncake-rs -- anything speaking WIRE.md sections 3-4.
+mooncake-rs -- anything speaking docs/wire-formats.md sections 3-4.
 
     probe_upstream.py rpc PORT [--type T] [--body JSON | --raw HEX] [--host H]
         send one RPC frame (u64 len = 1 + len(body), u8 type, body) and print what comes back
@@ -193,7 +193,7 @@ def fake_target(version, size, logf, forever=False, minimal=False):
 
     if version:
         desc["tcp_proto_version"] = version
-    if minimal:  # only the fields WIRE.md section 2 lists, buffer named cpu:0, reply without "\n"
+    if minimal:  # only the fields docs/wire-formats.md section 2 lists, buffer named cpu:0, reply without "\n"
         for k in ("rdma_server_name", "tcp_data_host"):
             desc.pop(k)
         desc["buffers"][0]["name"] = "cpu:0"
@@ -295,7 +295,7 @@ def main():
     f.add_argument("--size", type=lambda x: int(x, 0), default=1 << 20)
     f.add_argument("--log", default="-")
     f.add_argument("--minimal", action="store_true",
-                   help="publish only WIRE.md's fields (no tcp_data_host/rdma_server_name), no trailing newline")
+                   help="publish only the fields of docs/wire-formats.md section 2 (no tcp_data_host/rdma_server_name), no trailing newline")
     f.add_argument("--forever", action="store_true", help="ignore stdin, serve until killed")
     a = ap.parse_args()
 

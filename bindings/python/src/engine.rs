@@ -1,6 +1,6 @@
 //! `mooncake.engine`: `TransferEngine`, `TransferOpcode`, `TransferNotify` and `available_transports()`.
 //!
-//! Return conventions follow upstream: 0 or a negative code (WIRE.md section 6) for calls that act, a batch
+//! Return conventions follow upstream: 0 or a negative code (docs/wire-formats.md section 6) for calls that act, a batch
 //! id (0 = failure) for async submissions. Failures are logged to stderr with the reason. Calls made before
 //! `initialize()` return the not-initialised code (-202) instead of crashing.
 
@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use mooncake::registry::{self, Availability};
+use mooncake::sync;
 use mooncake::{
     AllocOptions, Allocation, Batch, EngineConfig, Error, MemoryDevice, MemoryKind, Notification, Opcode,
     TransferEngine, TransferRequest, TransferState,
@@ -300,7 +301,7 @@ impl PyTransferEngine {
             Ok((id, batch)) => {
                 let entry =
                     AsyncBatch { batch, started: Instant::now(), timeout: engine.sync_timeout(lens.iter().sum()) };
-                self.batches.lock().unwrap_or_else(|p| p.into_inner()).insert(id, entry);
+                sync::lock(&self.batches).insert(id, entry);
                 id
             }
             Err(e) => {
@@ -312,7 +313,7 @@ impl PyTransferEngine {
 
     /// Forgets an async batch (the engine frees it once nothing is in flight).
     fn release_batch(&self, engine: &TransferEngine, id: u64) {
-        self.batches.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        sync::lock(&self.batches).remove(&id);
         let _ = engine.free_batch(id);
     }
 
@@ -543,7 +544,7 @@ impl PyTransferEngine {
         match allocated {
             Ok(a) => {
                 let addr = a.addr;
-                self.managed.lock().unwrap_or_else(|p| p.into_inner()).insert(addr, (device, a));
+                sync::lock(&self.managed).insert(addr, (device, a));
                 Ok(addr)
             }
             Err(e) => {
@@ -560,7 +561,7 @@ impl PyTransferEngine {
             Ok(e) => e,
             Err(code) => return Ok(code),
         };
-        let Some((device, a)) = self.managed.lock().unwrap_or_else(|p| p.into_inner()).remove(&buffer_addr) else {
+        let Some((device, a)) = sync::lock(&self.managed).remove(&buffer_addr) else {
             tracing::warn!(
                 "TransferEngine.free_managed_buffer: {buffer_addr:#x} is not a managed buffer of this engine"
             );
@@ -806,12 +807,7 @@ impl PyTransferEngine {
         };
         let mut result = 0;
         for id in ids {
-            let entry = self
-                .batches
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&id)
-                .map(|b| (b.batch.clone(), b.started, b.timeout));
+            let entry = sync::lock(&self.batches).get(&id).map(|b| (b.batch.clone(), b.started, b.timeout));
             let Some((batch, started, timeout)) = entry else {
                 tracing::warn!("TransferEngine.get_batch_transfer_status: unknown batch id {id}");
                 if result == 0 {
@@ -836,12 +832,7 @@ impl PyTransferEngine {
     /// Polls a batch: 1 done (freed), 0 pending, -1 failed (freed), -2 timed out (freed).
     fn transfer_check_status(&self, batch_id: u64) -> i32 {
         let Ok(engine) = self.get("transfer_check_status") else { return -1 };
-        let entry = self
-            .batches
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&batch_id)
-            .map(|b| (b.batch.clone(), b.started, b.timeout));
+        let entry = sync::lock(&self.batches).get(&batch_id).map(|b| (b.batch.clone(), b.started, b.timeout));
         let Some((batch, started, timeout)) = entry else { return -1 };
         if !batch.is_done() {
             if started.elapsed() < timeout {
@@ -1003,7 +994,7 @@ impl PyTransferEngine {
 impl Drop for PyTransferEngine {
     fn drop(&mut self) {
         if let Some(engine) = self.engine.get() {
-            for (_, (device, a)) in self.managed.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+            for (_, (device, a)) in sync::lock(&self.managed).drain() {
                 let _ = engine.unregister_memory(a.addr);
                 let _ = device.free(&a);
             }

@@ -1,6 +1,6 @@
 //! The native half of the `mooncake` Python package (`mooncake._mooncake`): the transfer engine, the store
 //! client, and the HTTP metadata server, with upstream's names,
-//! signatures and return conventions (PYTHON_API.md). The pure-Python modules of the package
+//! signatures and return conventions (docs/python-api.md). The pure-Python modules of the package
 //! (`mooncake.engine`, `mooncake.store`, ...) re-export these classes and add what needs no Rust.
 //!
 //! Every call that may block releases the GIL. Waits owned by the bindings (batch completion, sync batch

@@ -1,9 +1,10 @@
-//! The HTTP metadata server (WIRE.md section 5) embedded in the Python process, behind
+//! The HTTP metadata server (docs/wire-formats.md section 5) embedded in the Python process, behind
 //! `mooncake.http_metadata_server.KVBootstrapServer`.
 
 use std::sync::Mutex;
 
 use mooncake::metadata_http::{BackgroundServer, HttpMetadataServer, ServerConfig};
+use mooncake::sync;
 use pyo3::exceptions::{PyOSError, PyRuntimeError};
 use pyo3::prelude::*;
 
@@ -26,7 +27,7 @@ impl PyHttpMetadataServer {
     /// Binds and starts serving; returns the URL (`http://host:port/metadata`). OSError when the port is
     /// taken. Starting a running server returns its URL.
     fn start(&self, py: Python<'_>) -> PyResult<String> {
-        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let mut running = sync::lock(&self.running);
         if let Some(r) = running.as_ref() {
             return Ok(r.url());
         }
@@ -42,7 +43,7 @@ impl PyHttpMetadataServer {
 
     /// Stops serving (idempotent).
     fn stop(&self, py: Python<'_>) {
-        let taken = self.running.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let taken = sync::lock(&self.running).take();
         if let Some(mut r) = taken {
             py.detach(|| r.stop());
         }
@@ -50,19 +51,19 @@ impl PyHttpMetadataServer {
 
     /// True while serving.
     fn is_running(&self) -> bool {
-        self.running.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+        sync::lock(&self.running).is_some()
     }
 
     /// The bound port (the configured one before `start()`; the real one after, also when 0 was asked).
     #[getter]
     fn port(&self) -> u16 {
-        self.running.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map_or(self.port, |r| r.addr().port())
+        sync::lock(&self.running).as_ref().map_or(self.port, |r| r.addr().port())
     }
 }
 
 impl Drop for PyHttpMetadataServer {
     fn drop(&mut self) {
-        if let Some(mut r) = self.running.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(mut r) = sync::get_mut(&mut self.running).take() {
             r.stop();
         }
     }

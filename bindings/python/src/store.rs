@@ -1,6 +1,6 @@
 //! `mooncake.store`: `MooncakeDistributedStore` and its value types, over [`StoreClient`].
 //!
-//! Return conventions follow upstream: 0 or a negative code (WIRE.md section 6); batch calls return one int
+//! Return conventions follow upstream: 0 or a negative code (docs/wire-formats.md section 6); batch calls return one int
 //! per key and never raise for a data-path failure; `get` returns `b""` on a miss. Calls before `setup()` and
 //! after `close()` return -1010 (`UNAVAILABLE_IN_CURRENT_STATUS`). Keys must be `str` (TypeError otherwise).
 
@@ -9,6 +9,7 @@ use std::ffi::{CStr, c_int};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use mooncake::sync;
 use mooncake::{AllocOptions, Allocation, MemoryDevice};
 use mooncake_store::client::{ClientConfig, HEALTH_NOT_INITIALIZED, StoreClient};
 use mooncake_store::types::{
@@ -523,7 +524,7 @@ impl MooncakeHostMemAllocator {
         match py.detach(|| device.allocate(len, &AllocOptions::default())) {
             Ok(a) => {
                 let addr = a.addr;
-                self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(addr, a);
+                sync::lock(&self.live).insert(addr, a);
                 Ok(addr)
             }
             Err(e) => {
@@ -535,8 +536,7 @@ impl MooncakeHostMemAllocator {
 
     /// Frees memory from `alloc`: 0, or -1 for an address this allocator did not hand out.
     fn free(&self, ptr: u64) -> i32 {
-        let (Some(device), Some(a)) = (&self.device, self.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&ptr))
-        else {
+        let (Some(device), Some(a)) = (&self.device, sync::lock(&self.live).remove(&ptr)) else {
             return -1;
         };
         device.free(&a).map_or(-1, |_| 0)
@@ -546,7 +546,7 @@ impl MooncakeHostMemAllocator {
 impl Drop for MooncakeHostMemAllocator {
     fn drop(&mut self) {
         if let Some(device) = &self.device {
-            for (_, a) in self.live.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+            for (_, a) in sync::lock(&self.live).drain() {
                 let _ = device.free(&a);
             }
         }
@@ -672,7 +672,7 @@ fn cap_sizes(lens: &mut [u64], caps: &[Option<u64>]) {
 
 impl PyStore {
     fn dummy(&self) -> Option<Arc<DummyClient>> {
-        self.dummy.read().unwrap_or_else(|p| p.into_inner()).clone()
+        sync::read(&self.dummy).clone()
     }
 
     fn unmount(&self, py: Python<'_>, ids: &Bound<'_, PyAny>, grace: Unsigned, free: bool) -> PyResult<i32> {
@@ -686,7 +686,7 @@ impl PyStore {
     }
 
     fn client(&self) -> Option<StoreClient> {
-        self.client.read().unwrap_or_else(|p| p.into_inner()).clone()
+        sync::read(&self.client).clone()
     }
 
     /// The client, for the calls that copy bytes through the local buffer (`put`, `get` and their forms):
@@ -795,7 +795,7 @@ impl PyStore {
         };
         match run_interruptibly(py, "store-setup", start)? {
             Ok(client) => {
-                *self.client.write().unwrap_or_else(|p| p.into_inner()) = Some(client);
+                *sync::write(&self.client) = Some(client);
                 Ok(0)
             }
             Err(e) => {
@@ -832,7 +832,7 @@ impl PyStore {
         };
         match py.detach(|| DummyClient::attach(config)) {
             Ok(d) => {
-                *self.dummy.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(d));
+                *sync::write(&self.dummy) = Some(Arc::new(d));
                 Ok(0)
             }
             Err(e) => Ok(e.code()),
@@ -841,10 +841,10 @@ impl PyStore {
 
     /// Unmounts the segment and stops the client; later calls return -1010. 0.
     fn close(&self, py: Python<'_>) -> i32 {
-        if let Some(d) = self.dummy.write().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(d) = sync::write(&self.dummy).take() {
             py.detach(|| d.close());
         }
-        let client = self.client.write().unwrap_or_else(|p| p.into_inner()).take();
+        let client = sync::write(&self.client).take();
         if let Some(c) = client {
             let _ = py.detach(|| c.close());
         }

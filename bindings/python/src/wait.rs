@@ -3,6 +3,7 @@
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use mooncake::sync;
 use mooncake::{Batch, Error, TransferState};
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
@@ -25,14 +26,14 @@ where
         .name(format!("mooncake-{what}"))
         .spawn(move || {
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-            *filler.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
+            *sync::lock(&filler.0) = Some(result);
             filler.1.notify_all();
         })
         .map_err(|e| PyRuntimeError::new_err(format!("{what}: cannot start a thread: {e}")))?;
     loop {
         let taken = py.detach(|| {
             let (lock, cv) = &*slot;
-            let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+            let guard = sync::lock(lock);
             let (mut guard, _) =
                 cv.wait_timeout_while(guard, SIGNAL_CHECK, |v| v.is_none()).unwrap_or_else(|p| p.into_inner());
             guard.take()

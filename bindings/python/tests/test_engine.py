@@ -1,4 +1,4 @@
-"""The `TransferEngine` surface of PYTHON_API.md between engines on 127.0.0.1 (P2PHANDSHAKE, tcp).
+"""The `TransferEngine` surface of docs/python-api.md between engines on 127.0.0.1 (P2PHANDSHAKE, tcp).
 
 Most tests use two engines in this process: `a` initiates, `b` owns the target memory and is addressed by its
 segment name f"127.0.0.1:{b.get_rpc_port()}". Tests that need a peer which stops answering (Ctrl-C, GIL) run the

@@ -1,4 +1,4 @@
-"""The store surface of PYTHON_API.md: `mooncake.store`, `mooncake.mooncake_config` and
+"""The store surface of docs/python-api.md: `mooncake.store`, `mooncake.mooncake_config` and
 `mooncake.http_metadata_server`, against a real `mooncake_master` on free ports.
 
 Error codes (store/core/src/types.rs): -10 BUFFER_OVERFLOW, -600 INVALID_PARAMS, -704 OBJECT_NOT_FOUND,

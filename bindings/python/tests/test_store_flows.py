@@ -1,4 +1,4 @@
-"""End-to-end store flows shaped like the big users (PYTHON_API.md, "How the big users call it"):
+"""End-to-end store flows shaped like the big users (docs/python-api.md, "How the big users call it"):
 upstream's store hello world, SGLang HiCache and LMCache, each across two processes.
 
 Process B runs flows/flow_peer.py and is driven through its stdin/stdout, one command and one answer a

@@ -2,7 +2,7 @@
 //! the connection strings `etcd://h1:2379,h2:2379` and bare `h1:2379[,h2:2379...]`.
 //!
 //! Keys and values are stored byte for byte as the engine gives them (`mooncake/ram/<segment>`,
-//! `mooncake/rpc_meta/<segment>`, see WIRE.md section 1), so upstream Mooncake engines and ours
+//! `mooncake/rpc_meta/<segment>`, see docs/wire-formats.md section 1), so upstream Mooncake engines and ours
 //! can share one etcd. Beyond get/put/delete the store offers:
 //!
 //! - **leases**: [`put_with_lease`](mooncake_core::MetadataStore::put_with_lease) keys are

@@ -1,4 +1,4 @@
-//! The HTTP metadata server's key space: WIRE.md section 5 semantics without the HTTP layer,
+//! The HTTP metadata server's key space: docs/wire-formats.md section 5 semantics without the HTTP layer,
 //! with an optional persist log behind it.
 
 use std::collections::HashMap;

@@ -1,4 +1,4 @@
-//! The HTTP metadata service of Mooncake (WIRE.md section 5): a client for
+//! The HTTP metadata service of Mooncake (docs/wire-formats.md section 5): a client for
 //! `http://host:port/metadata` and a server that speaks the same protocol as upstream's
 //! `mooncake_http_metadata_server`, so our engines and upstream engines can share one.
 //!

@@ -1,6 +1,6 @@
 //! The HTTP metadata server: `GET|PUT|DELETE /metadata?key=<url-escaped key>` and `GET /health`.
 //!
-//! Status codes follow upstream (WIRE.md section 5): missing or blank key 400, absent key 404 on
+//! Status codes follow upstream (docs/wire-formats.md section 5): missing or blank key 400, absent key 404 on
 //! GET and DELETE, a changed `rpc_meta` key 400. Beyond upstream: a key that is not UTF-8 gets
 //! 400, a body over the limit 413, a full key space 507, and a persist failure 500 (503 for later
 //! changes until restart). The server keeps serving after every one of them.

@@ -1,4 +1,4 @@
-//! The handshake frame of WIRE.md section 3: `u64` little-endian length, `u8` type, JSON.
+//! The handshake frame of docs/wire-formats.md section 3: `u64` little-endian length, `u8` type, JSON.
 //!
 //! The length counts the type byte and the JSON bytes. A payload whose first byte is not a known
 //! type (`0..=3`; in practice `{`) is a legacy frame from before typed frames existed: the whole

@@ -1,4 +1,4 @@
-//! The P2P handshake socket of WIRE.md section 3 and the `P2PHANDSHAKE` metadata store.
+//! The P2P handshake socket of docs/wire-formats.md section 3 and the `P2PHANDSHAKE` metadata store.
 //!
 //! Every engine runs a handshake socket: peers ask it for the segment descriptor (metadata
 //! frame), deliver notifications, probe it, and exchange transport handshakes (RDMA queue pairs).

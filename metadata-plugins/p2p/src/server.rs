@@ -25,7 +25,7 @@ pub const PROBE_REPLY: &[u8] = b"{\"status\":\"success\"}\n";
 /// Listen backlog of the handshake socket.
 const BACKLOG: u32 = 1024;
 
-/// The handshake socket of WIRE.md section 3: server and client in one, registered as the
+/// The handshake socket of docs/wire-formats.md section 3: server and client in one, registered as the
 /// `handshake` [`PeerRpc`].
 ///
 /// The server binds exactly the host it is given (never a wildcard it was not asked for), serves

@@ -1,4 +1,4 @@
-//! The Redis metadata store: segment descriptors and RPC locations (WIRE.md section 1) kept in a
+//! The Redis metadata store: segment descriptors and RPC locations (docs/wire-formats.md section 1) kept in a
 //! Redis server named by `redis://host:port`, in the same layout as upstream Mooncake (plain
 //! `SET`/`GET`/`DEL` of `mooncake/ram/<segment>` and `mooncake/rpc_meta/<segment>`, raw bytes),
 //! so upstream engines and ours can share one Redis.

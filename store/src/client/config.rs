@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use crate::types::{ErrorCode, Result};
 
-/// Settings of a store client, with upstream's defaults (`MooncakeConfig`, WIRE.md section 7).
+/// Settings of a store client, with upstream's defaults (`MooncakeConfig`, docs/wire-formats.md section 7).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientConfig {
     /// This node's name or IP, optionally `host:port` (`MOONCAKE_LOCAL_HOSTNAME`, default `localhost`). The

@@ -5,6 +5,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use mooncake_core::sync::{self, lock};
 use mooncake_core::{
     AllocOptions, Allocation as DeviceAllocation, EngineConfig, MemoryDevice, MemoryKind, RegionGuard, TransferEngine,
     split_host_port,
@@ -283,14 +284,14 @@ impl Inner {
 
     /// A read guard proving the client is open, or `UnavailableInCurrentStatus` after `close`.
     pub(crate) fn op(&self) -> Result<RwLockReadGuard<'_, bool>> {
-        let g = self.open.read().unwrap_or_else(|p| p.into_inner());
+        let g = sync::read(&self.open);
         if *g { Ok(g) } else { Err(ErrorCode::UnavailableInCurrentStatus) }
     }
 
     /// Unmounts, unregisters and frees, stops the ping thread and the engine. Idempotent.
     pub(crate) fn close(&self) {
         {
-            let mut open = self.open.write().unwrap_or_else(|p| p.into_inner());
+            let mut open = sync::write(&self.open);
             if !*open {
                 return;
             }
@@ -408,8 +409,7 @@ impl Inner {
             ErrorCode::InvalidParams
         })?;
         let internal = self.segment.iter().map(|s| s.memory.addr).chain(self.staging.iter().map(|s| s.memory.addr));
-        let extra =
-            || self.extras.read().unwrap_or_else(|p| p.into_inner()).iter().any(|s| s.memory.addr == guard.addr);
+        let extra = || sync::read(&self.extras).iter().any(|s| s.memory.addr == guard.addr);
         if internal.into_iter().any(|base| base == guard.addr) || extra() {
             tracing::debug!(ptr, len, "range lies in the client's own segment or staging buffer");
             return Err(ErrorCode::InvalidParams);
@@ -421,7 +421,7 @@ impl Inner {
     pub(crate) fn is_own(&self, endpoint: &str, addr: u64, len: u64) -> bool {
         endpoint == self.endpoint
             && (self.segment.as_ref().is_some_and(|s| s.contains(addr, len))
-                || self.extras.read().unwrap_or_else(|p| p.into_inner()).iter().any(|s| s.contains(addr, len)))
+                || sync::read(&self.extras).iter().any(|s| s.contains(addr, len)))
     }
 }
 
@@ -480,8 +480,4 @@ fn ping_loop(weak: Weak<Inner>, control: Arc<PingControl>, interval: Duration) {
         }
         // If the user dropped the last client meanwhile, this drop closes it here (close skips joining us).
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }

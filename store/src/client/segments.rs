@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mooncake_core::device::FILE_HANDLE_KIND;
+use mooncake_core::sync;
 use mooncake_core::{AllocOptions, Allocation as DeviceAllocation, Location, SharingHandle};
 
 use super::errors;
@@ -93,7 +94,7 @@ impl Inner {
     pub(crate) fn unmount_extras(&self, ids: &[String], grace: Duration, free: bool) -> Result<()> {
         let mut taken = Vec::new();
         {
-            let mut extras = self.extras.write().unwrap_or_else(|p| p.into_inner());
+            let mut extras = sync::write(&self.extras);
             for id in ids {
                 match extras.iter().find(|s| s.info.name == *id) {
                     Some(s) if s.from_file || free => {}
@@ -127,7 +128,7 @@ impl Inner {
 
     /// Unmounts and releases every extra segment (close).
     pub(crate) fn unmount_all_extras(&self) {
-        let taken: Vec<ExtraSegment> = std::mem::take(&mut *self.extras.write().unwrap_or_else(|p| p.into_inner()));
+        let taken: Vec<ExtraSegment> = std::mem::take(&mut *sync::write(&self.extras));
         for s in taken {
             self.unmount_at_master(&s.info.name);
             self.release_extra(s);
@@ -136,8 +137,7 @@ impl Inner {
 
     /// Mounts every extra segment again (after the master asked for a remount).
     pub(crate) fn remount_extras(&self) {
-        let infos: Vec<Segment> =
-            self.extras.read().unwrap_or_else(|p| p.into_inner()).iter().map(|s| s.info.clone()).collect();
+        let infos: Vec<Segment> = sync::read(&self.extras).iter().map(|s| s.info.clone()).collect();
         for info in infos {
             if let Err(e) = self.mount_at_master(&info) {
                 tracing::warn!(segment = %info.name, error = %e, "remount failed");
@@ -153,7 +153,7 @@ impl Inner {
         let id = loop {
             let id = crate::types::ClientId::random().0;
             let id = format!("{}-{}", (id >> 64) as u64, id as u64);
-            if !self.extras.read().unwrap_or_else(|p| p.into_inner()).iter().any(|s| s.info.name == id) {
+            if !sync::read(&self.extras).iter().any(|s| s.info.name == id) {
                 break id;
             }
         };
@@ -170,7 +170,7 @@ impl Inner {
             self.release_extra(segment);
             return Err(e);
         }
-        self.extras.write().unwrap_or_else(|p| p.into_inner()).push(segment);
+        sync::write(&self.extras).push(segment);
         Ok(id)
     }
 

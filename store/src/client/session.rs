@@ -10,9 +10,10 @@
 //! memory the master may have handed to another object.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use mooncake_core::sync::lock;
 use mooncake_core::{MemoryKind, Opcode, RegionGuard};
 
 use super::errors;
@@ -42,10 +43,6 @@ struct Cached {
 
 /// One key's ranges: `(address in a registered buffer, length, offset in the object)`.
 pub type Ranges = Vec<(u64, u64, u64)>;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 impl Inner {
     /// Reserves `(key, size)` objects without writing them. One result per key; a size of 0, or a key whose

@@ -10,6 +10,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use mooncake_core::sync;
 use mooncake_core::{Allocation as DeviceAllocation, MemoryDevice, TransferEngine};
 
 use crate::allocator::{ALIGNMENT, Allocation, OffsetAllocator};
@@ -54,7 +55,7 @@ impl<'a> Scratch<'a> {
         let mut overflow = Vec::new();
         match self.staging {
             Some(st) => {
-                let mut carve = st.carve.lock().unwrap_or_else(|p| p.into_inner());
+                let mut carve = sync::lock(&st.carve);
                 for (i, &len) in lens.iter().enumerate() {
                     match carve.allocate(len) {
                         Some(a) => {
@@ -101,7 +102,7 @@ impl Drop for Scratch<'_> {
     fn drop(&mut self) {
         if let Some(st) = self.staging {
             if !self.taken.is_empty() {
-                let mut carve = st.carve.lock().unwrap_or_else(|p| p.into_inner());
+                let mut carve = sync::lock(&st.carve);
                 for a in self.taken.drain(..) {
                     if let Err(e) = carve.free(a) {
                         tracing::error!(error = %e, "staging allocator refused a free");

@@ -4,10 +4,11 @@ use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mooncake_core::device::FILE_HANDLE_KIND;
+use mooncake_core::sync::lock;
 use mooncake_core::{Allocation as DeviceAllocation, MemoryDevice, MemoryKind, SharingHandle};
 use mooncake_store_rpc::{BlockingClient, ClientOptions, RpcError};
 
@@ -65,10 +66,6 @@ impl std::fmt::Debug for DummyClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DummyClient").field("server", &self.config.server_address).field("pool", &self.path).finish()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The real client answered every key with `ClientNotFound`: it does not know our session (it restarted).

@@ -7,6 +7,7 @@ use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 
 use mooncake_core::device::FILE_HANDLE_KIND;
+use mooncake_core::sync::lock;
 use mooncake_core::{Allocation as DeviceAllocation, MemoryDevice, MemoryKind, SharingHandle};
 use mooncake_store_rpc::{PeerInfo, RpcError, RpcServer};
 
@@ -87,10 +88,6 @@ impl Drop for RealClientService {
     fn drop(&mut self) {
         self.state.release_all();
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl State {

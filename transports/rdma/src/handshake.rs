@@ -1,4 +1,4 @@
-//! The RDMA connection handshake of WIRE.md section 3 (frame type 0 on the RPC socket), in the
+//! The RDMA connection handshake of docs/wire-formats.md section 3 (frame type 0 on the RPC socket), in the
 //! JSON shape upstream Mooncake sends and accepts.
 //!
 //! ```json

@@ -1,6 +1,6 @@
 //! RDMA verbs transport of mooncake-rs (protocol `"rdma"`): one-sided RDMA READ/WRITE over
 //! reliable-connected queue pairs, across every NIC of the node, handshake-compatible with
-//! upstream Mooncake (WIRE.md sections 2 and 3).
+//! upstream Mooncake (docs/wire-formats.md sections 2 and 3).
 //!
 //! - **Descriptor** ([`segment`]): publishes `devices` (`name`, `lid`, `gid` in upstream's
 //!   `fe:80:...` form), per-buffer `rkey`/`lkey` (one per device, in `devices` order) and the
@@ -40,7 +40,7 @@
 //! - **No build-time link against libibverbs.** sideway's `rdma-mummy-sys` compiles a small stub
 //!   that `dlopen`s `libibverbs.so.1` at run time, so this crate builds, links and runs its
 //!   tests on machines without rdma-core; `probe()` then answers `Unavailable` with the reason
-//!   (DESIGN.md: SDKs are loaded at run time, a missing library is a typed result). Both need
+//!   (docs/architecture.md#where-a-new-backend-goes: SDKs are loaded at run time, a missing library is a typed result). Both need
 //!   cmake and libclang to build.
 //! - **API coverage.** sideway exposes `ibv_reg_mr` on arbitrary addresses and
 //!   `ibv_reg_dmabuf_mr` (GPUDirect through dmabuf), GID tables and types, and the raw `ibv_*`

@@ -1,4 +1,4 @@
-//! The RDMA fields of a segment descriptor (WIRE.md section 2): top-level `devices` and
+//! The RDMA fields of a segment descriptor (docs/wire-formats.md section 2): top-level `devices` and
 //! `priority_matrix`, per-buffer `rkey`/`lkey` (one per device, in `devices` order).
 
 use mooncake_core::{Error, Result, SegmentDescriptor};

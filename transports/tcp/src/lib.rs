@@ -1,5 +1,5 @@
 //! TCP transport of mooncake-rs (protocol `"tcp"`), wire-compatible with upstream Mooncake
-//! (WIRE.md section 4: 24-byte header, v1 and v2 framing, MCTV status words).
+//! (docs/wire-formats.md section 4: 24-byte header, v1 and v2 framing, MCTV status words).
 //!
 //! Beyond upstream: persistent pooled connections (no port exhaustion), several lanes per peer,
 //! large requests striped across lanes, many requests pipelined per lane, buffered header and

@@ -1,4 +1,4 @@
-//! The TCP data-plane framing of WIRE.md section 4: a 24-byte request header and the 8-byte
+//! The TCP data-plane framing of docs/wire-formats.md section 4: a 24-byte request header and the 8-byte
 //! MCTV status word. Pure functions, fuzzed and unit-tested.
 
 use mooncake_core::{Error, Opcode, Result};
