@@ -11,5 +11,7 @@
 
 pub mod client;
 pub mod dummy;
+pub mod error;
 
-pub use mooncake_store_core::{ErrorCode, Result, allocator, protocol, types, units};
+pub use error::{Cause, Error, Result};
+pub use mooncake_store_core::{ErrorCode, allocator, protocol, types, units};

@@ -93,9 +93,9 @@ fn a_dummy_reads_and_writes_through_the_real_client() {
     d.put_parts("d-bytes", &[&value[..1000], &value[1000..]], &cfg, false).unwrap();
     assert_eq!(d.get("d-bytes").unwrap(), value);
     assert_eq!(cluster.real.get("d-bytes").unwrap(), value, "the real client sees what the dummy put");
-    assert_eq!(d.get("missing"), Err(ErrorCode::ObjectNotFound));
+    assert_eq!(d.get("missing"), Err(ErrorCode::ObjectNotFound.into()));
     // Values larger than the local buffer are refused up front.
-    assert_eq!(d.put_parts("big", &[&vec![0u8; 5 * MIB as usize]], &cfg, false), Err(ErrorCode::InvalidParams));
+    assert_eq!(d.put_parts("big", &[&vec![0u8; 5 * MIB as usize]], &cfg, false), Err(ErrorCode::InvalidParams.into()));
 
     // Zero copy: buffers from the pool.
     let src = d.alloc(MIB).unwrap();
@@ -104,23 +104,23 @@ fn a_dummy_reads_and_writes_through_the_real_client() {
     cluster.real.put("from-real", &value, &cfg).unwrap();
     let keys = vec!["from-real".to_string(), "missing".to_string()];
     let got = d.get_into(&keys, &[dst, dst + 512 * 1024], &[MIB, 1000]);
-    assert_eq!(got, vec![Ok(value.len() as u64), Err(ErrorCode::ObjectNotFound)]);
+    assert_eq!(got, vec![Ok(value.len() as u64), Err(ErrorCode::ObjectNotFound.into())]);
     assert_eq!(d.put_from(&["zc".to_string()], &[dst], &[value.len() as u64], &cfg, false), vec![Ok(())]);
     assert_eq!(cluster.real.get("zc").unwrap(), value);
     // Outside the pool: refused per key, nothing touched.
-    assert_eq!(d.get_into(&["zc".to_string()], &[4096], &[100]), vec![Err(ErrorCode::InvalidParams)]);
+    assert_eq!(d.get_into(&["zc".to_string()], &[4096], &[100]), vec![Err(ErrorCode::InvalidParams.into())]);
     assert!(d.free(src) && !d.free(src));
 
     assert_eq!(d.exist(&keys), vec![Ok(true), Ok(false)]);
     assert_eq!(d.get_size(&keys[..1]), vec![Ok(value.len() as u64)]);
     // The real client's get above leased "zc": removal without force is refused, as for any client.
-    assert_eq!(d.remove(&["zc".to_string()], false), vec![Err(ErrorCode::ObjectHasLease)]);
+    assert_eq!(d.remove(&["zc".to_string()], false), vec![Err(ErrorCode::ObjectHasLease.into())]);
     assert_eq!(d.remove(&["zc".to_string()], true), vec![Ok(())]);
     assert!(d.remove_all(true).unwrap() >= 2);
     let (name, health) = d.status().unwrap();
     assert_eq!((name.as_str(), health), (cluster.real.hostname(), 0));
     d.close();
-    assert_eq!(d.get("d-bytes"), Err(ErrorCode::UnavailableInCurrentStatus));
+    assert_eq!(d.get("d-bytes"), Err(ErrorCode::UnavailableInCurrentStatus.into()));
 }
 
 #[test]
@@ -132,7 +132,7 @@ fn a_dummy_fails_fast_while_the_real_client_is_gone_and_reattaches() {
     cluster.stop_service();
     let started = Instant::now();
     let err = d.get("before").unwrap_err();
-    assert!(matches!(err, ErrorCode::RpcFail | ErrorCode::RpcTimeout), "{err:?}");
+    assert!(matches!(err.kind(), ErrorCode::RpcFail | ErrorCode::RpcTimeout), "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(30), "a typed error, within a bound");
     cluster.restart_service();
     // Another dummy attaches to the restarted real client first: the first dummy's old session must not name the

@@ -201,7 +201,7 @@ impl From<mooncake_store::types::TaskInfo> for QueryTaskResponse {
 }
 
 /// A task id as `create_*_task` returns it: `((high, low), code)`, `(0, 0)` on failure.
-fn task_answer(r: Result<mooncake_store::types::TaskId, ErrorCode>) -> ((u64, u64), i32) {
+fn task_answer(r: StoreResult<mooncake_store::types::TaskId>) -> ((u64, u64), i32) {
     match r {
         Ok(id) => ((id.0, id.1), 0),
         Err(e) => ((0, 0), e.code()),
@@ -561,43 +561,46 @@ pub struct PyStore {
     dummy: RwLock<Option<Arc<DummyClient>>>,
 }
 
-fn code<T>(r: &Result<T, ErrorCode>) -> i32 {
+/// What the store client's calls return (the error keeps its cause; the boundary returns its code).
+type StoreResult<T> = Result<T, mooncake_store::Error>;
+
+fn code<T>(r: &StoreResult<T>) -> i32 {
     match r {
         Ok(_) => 0,
         Err(e) => e.code(),
     }
 }
 
-fn codes(rs: Vec<Result<(), ErrorCode>>) -> Vec<i32> {
+fn codes(rs: Vec<StoreResult<()>>) -> Vec<i32> {
     rs.iter().map(code).collect()
 }
 
 /// `is_exist`'s answer: 1, 0 (also while the first write is in flight, as upstream), or a negative code.
-fn exist_code(r: Result<bool, ErrorCode>) -> i32 {
+fn exist_code(r: StoreResult<bool>) -> i32 {
     match r {
         Ok(b) => i32::from(b),
-        Err(ErrorCode::ReplicaNotReady) => 0,
+        Err(e) if e == ErrorCode::ReplicaNotReady => 0,
         Err(e) => e.code(),
     }
 }
 
 /// A put's code: as upstream, a key that already exists is not a failure of `put` (the stored value stays;
 /// `upsert` replaces it), so `ObjectAlreadyExists` reads 0.
-fn put_code(r: &Result<(), ErrorCode>) -> i32 {
+fn put_code(r: &StoreResult<()>) -> i32 {
     match r {
-        Err(ErrorCode::ObjectAlreadyExists) => 0,
+        Err(e) if *e == ErrorCode::ObjectAlreadyExists => 0,
         r => code(r),
     }
 }
 
 /// [`put_code`] per key.
-fn put_codes(rs: Vec<Result<(), ErrorCode>>) -> Vec<i32> {
+fn put_codes(rs: Vec<StoreResult<()>>) -> Vec<i32> {
     rs.iter().map(put_code).collect()
 }
 
 /// First failure of a put batch ([`put_code`] per key; 0 when all passed), for calls whose upstream form
 /// returns one int.
-fn first_put_error(rs: &[Result<(), ErrorCode>]) -> i32 {
+fn first_put_error(rs: &[StoreResult<()>]) -> i32 {
     rs.iter().map(put_code).find(|c| *c != 0).unwrap_or(0)
 }
 
@@ -799,7 +802,7 @@ impl PyStore {
                 Ok(0)
             }
             Err(e) => {
-                tracing::error!("MooncakeDistributedStore.setup: {e} ({})", e.code());
+                tracing::error!("MooncakeDistributedStore.setup: {e}");
                 Ok(e.code())
             }
         }
@@ -1093,8 +1096,8 @@ impl PyStore {
             let r = py.detach(|| d.get_into(&keys, &[a.addr], &[len]));
             return Ok(r
                 .first()
-                .copied()
-                .unwrap_or(Err(ErrorCode::Internal))
+                .cloned()
+                .unwrap_or(Err(ErrorCode::Internal.into()))
                 .map_or_else(|e| e.code().into(), |n| n as i64));
         }
         let Some(c) = self.client() else { return Ok(UNAVAILABLE.into()) };
@@ -1298,7 +1301,7 @@ impl PyStore {
         let (size, offset) = (size.0, offset.0);
         let result = match self.client() {
             Some(c) => py.detach(|| c.mount_file_segment(path, size, offset)),
-            None => Err(ErrorCode::UnavailableInCurrentStatus),
+            None => Err(ErrorCode::UnavailableInCurrentStatus.into()),
         };
         let d = PyDict::new(py);
         match result {
@@ -1329,7 +1332,7 @@ impl PyStore {
         let size = size.0;
         let result = match self.client() {
             Some(c) => py.detach(|| c.allocate_and_mount_segment(size, &location)),
-            None => Err(ErrorCode::UnavailableInCurrentStatus),
+            None => Err(ErrorCode::UnavailableInCurrentStatus.into()),
         };
         let d = PyDict::new(py);
         let (ret, ids, allocated) = match result {
@@ -1554,7 +1557,9 @@ impl PyStore {
     /// 1 if the key exists, 0 if not, negative on error.
     fn is_exist(&self, py: Python<'_>, key: &str) -> i32 {
         if let Some(d) = self.dummy() {
-            return exist_code(py.detach(|| d.exist(&[key.to_string()])).pop().unwrap_or(Err(ErrorCode::Internal)));
+            return exist_code(
+                py.detach(|| d.exist(&[key.to_string()])).pop().unwrap_or(Err(ErrorCode::Internal.into())),
+            );
         }
         let Some(c) = self.client() else { return UNAVAILABLE };
         exist_code(py.detach(|| c.is_exist(key)))
@@ -1576,8 +1581,8 @@ impl PyStore {
             let r = py.detach(|| d.get_size(&[key.to_string()]));
             return r
                 .first()
-                .copied()
-                .unwrap_or(Err(ErrorCode::Internal))
+                .cloned()
+                .unwrap_or(Err(ErrorCode::Internal.into()))
                 .map_or_else(|e| e.code().into(), |n| n as i64);
         }
         let Some(c) = self.client() else { return UNAVAILABLE.into() };
@@ -1628,7 +1633,7 @@ impl PyStore {
     fn remove(&self, py: Python<'_>, key: &str, force: bool) -> i32 {
         if let Some(d) = self.dummy() {
             return code(
-                py.detach(|| d.remove(&[key.to_string()], force)).first().unwrap_or(&Err(ErrorCode::Internal)),
+                py.detach(|| d.remove(&[key.to_string()], force)).first().unwrap_or(&Err(ErrorCode::Internal.into())),
             );
         }
         let Some(c) = self.client() else { return UNAVAILABLE };
@@ -1710,7 +1715,7 @@ impl PyStore {
             if views.len() != keys.len() {
                 return Ok(ErrorCode::InvalidParams.code());
             }
-            let results: Vec<Result<(), ErrorCode>> = py.detach(|| {
+            let results: Vec<StoreResult<()>> = py.detach(|| {
                 keys.iter().zip(&views).map(|(k, v)| d.put_parts(k, &[v.as_slice()], &cfg, upsert)).collect()
             });
             return Ok(first_put_error(&results));
@@ -1745,7 +1750,7 @@ impl PyStore {
         if let Some(d) = self.dummy() {
             let keys = [key.to_string()];
             let r = py.detach(|| d.put_from(&keys, &[a.addr], &[len], &cfg, upsert));
-            return Ok(put_code(r.first().unwrap_or(&Err(ErrorCode::Internal))));
+            return Ok(put_code(r.first().unwrap_or(&Err(ErrorCode::Internal.into()))));
         }
         let Some(c) = self.client() else { return Ok(UNAVAILABLE) };
         Ok(put_code(&py.detach(|| {

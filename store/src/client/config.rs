@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use crate::types::{ErrorCode, Result};
+use crate::error::Result;
+use crate::types::ErrorCode;
 
 /// Settings of a store client, with upstream's defaults (`MooncakeConfig`, docs/wire-formats.md section 7).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,7 +80,7 @@ impl ClientConfig {
             Ok(())
         } else {
             tracing::warn!(config = ?self, "invalid store client configuration");
-            Err(ErrorCode::InvalidParams)
+            Err(ErrorCode::InvalidParams.into())
         }
     }
 }

@@ -15,9 +15,10 @@ use super::config::ClientConfig;
 use super::errors;
 use super::master::{Master, wrong_kind};
 use super::staging::Staging;
+use crate::error::{Error, Result};
 use crate::protocol::{Request, Response};
 use crate::types::PingOutcome;
-use crate::types::{ClientId, ErrorCode, Result, Segment};
+use crate::types::{ClientId, ErrorCode, Segment};
 
 /// `health()`: the master answered the last ping.
 pub const HEALTH_OK: i32 = 0;
@@ -145,7 +146,7 @@ struct Partial {
 
 impl Partial {
     fn allocate_registered(&mut self, len: u64, what: &str) -> Result<DeviceAllocation> {
-        let (Some(engine), Some(device)) = (&self.engine, &self.device) else { return Err(ErrorCode::Internal) };
+        let (Some(engine), Some(device)) = (&self.engine, &self.device) else { return Err(ErrorCode::Internal.into()) };
         let memory = device.allocate(len, &memory_options()).map_err(|e| errors::engine(what, &e))?;
         self.memory.push((memory.clone(), false));
         engine.register_memory(memory.addr, memory.len, "*").map_err(|e| errors::engine(what, &e))?;
@@ -263,7 +264,7 @@ impl Inner {
             Err(e) => {
                 tracing::warn!(error = %e, "cannot start the ping thread");
                 inner.close();
-                return Err(ErrorCode::Internal);
+                return Err(ErrorCode::Internal.into());
             }
         }
         let (weak, control) = (Arc::downgrade(&inner), inner.control.clone());
@@ -275,7 +276,7 @@ impl Inner {
             Err(e) => {
                 tracing::warn!(error = %e, "cannot start the task thread");
                 inner.close();
-                return Err(ErrorCode::Internal);
+                return Err(ErrorCode::Internal.into());
             }
         }
         tracing::info!(client = %inner.id, segment = %inner.endpoint, master = %inner.config.master_server_addr, "store client ready");
@@ -285,7 +286,7 @@ impl Inner {
     /// A read guard proving the client is open, or `UnavailableInCurrentStatus` after `close`.
     pub(crate) fn op(&self) -> Result<RwLockReadGuard<'_, bool>> {
         let g = sync::read(&self.open);
-        if *g { Ok(g) } else { Err(ErrorCode::UnavailableInCurrentStatus) }
+        if *g { Ok(g) } else { Err(ErrorCode::UnavailableInCurrentStatus.into()) }
     }
 
     /// Unmounts, unregisters and frees, stops the ping thread and the engine. Idempotent.
@@ -402,7 +403,7 @@ impl Inner {
     /// caller's to use) give `InvalidParams`.
     pub(crate) fn user_region(&self, ptr: u64, len: u64) -> Result<RegionGuard> {
         if ptr == 0 || len == 0 {
-            return Err(ErrorCode::InvalidParams);
+            return Err(ErrorCode::InvalidParams.into());
         }
         let guard = self.engine.regions().lookup(ptr, len).ok_or_else(|| {
             tracing::debug!(ptr, len, "range is not inside a registered buffer");
@@ -412,7 +413,7 @@ impl Inner {
         let extra = || sync::read(&self.extras).iter().any(|s| s.memory.addr == guard.addr);
         if internal.into_iter().any(|base| base == guard.addr) || extra() {
             tracing::debug!(ptr, len, "range lies in the client's own segment or staging buffer");
-            return Err(ErrorCode::InvalidParams);
+            return Err(ErrorCode::InvalidParams.into());
         }
         Ok(guard)
     }
@@ -459,7 +460,7 @@ pub(crate) fn memory_options() -> AllocOptions {
 
 fn mount(master: &Master, client: ClientId, segment: &Segment) -> Result<()> {
     match master.call(&Request::MountSegment { client, segment: segment.clone() })? {
-        Response::Done(r) => r,
+        Response::Done(r) => r.map_err(Error::from),
         other => Err(wrong_kind("mount_segment", &other)),
     }
 }

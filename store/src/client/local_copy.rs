@@ -10,18 +10,19 @@
 
 use mooncake_core::{MemoryKind, RegionGuard, RegionTable};
 
-use crate::types::{ErrorCode, Result};
+use crate::error::Result;
+use crate::types::ErrorCode;
 
 /// The registered host-memory region holding `[addr, addr+len)`, or `InvalidParams` for a null address, zero
 /// length, a length that does not fit in `isize`, a range outside every registered region, or device memory.
 fn host_region(regions: &RegionTable, addr: u64, len: u64) -> Result<(RegionGuard, usize)> {
     let n = usize::try_from(len).ok().filter(|n| *n <= isize::MAX as usize).ok_or(ErrorCode::InvalidParams)?;
     if addr == 0 || n == 0 {
-        return Err(ErrorCode::InvalidParams);
+        return Err(ErrorCode::InvalidParams.into());
     }
     let guard = regions.lookup(addr, len).ok_or(ErrorCode::InvalidParams)?;
     if guard.location.kind() != Some(MemoryKind::Host) {
-        return Err(ErrorCode::InvalidParams);
+        return Err(ErrorCode::InvalidParams.into());
     }
     Ok((guard, n))
 }
@@ -130,11 +131,11 @@ mod tests {
         let mut out = b"x".to_vec();
         append_to_vec(&t, base + 12, 6, &mut out).unwrap();
         assert_eq!(out, b"xabcdef");
-        assert_eq!(copy_from_slice(&t, &[1; 8], base + 60), Err(ErrorCode::InvalidParams));
-        assert_eq!(copy_registered(&t, base, base + 63, 2), Err(ErrorCode::InvalidParams));
-        assert_eq!(copy_registered(&t, 0, base, 1), Err(ErrorCode::InvalidParams));
-        assert_eq!(append_to_vec(&t, base, 0, &mut out), Err(ErrorCode::InvalidParams));
-        assert_eq!(append_to_vec(&t, u64::MAX - 1, 8, &mut out), Err(ErrorCode::InvalidParams));
+        assert_eq!(copy_from_slice(&t, &[1; 8], base + 60), Err(ErrorCode::InvalidParams.into()));
+        assert_eq!(copy_registered(&t, base, base + 63, 2), Err(ErrorCode::InvalidParams.into()));
+        assert_eq!(copy_registered(&t, 0, base, 1), Err(ErrorCode::InvalidParams.into()));
+        assert_eq!(append_to_vec(&t, base, 0, &mut out), Err(ErrorCode::InvalidParams.into()));
+        assert_eq!(append_to_vec(&t, u64::MAX - 1, 8, &mut out), Err(ErrorCode::InvalidParams.into()));
         assert!(host_region(&t, base, 64).is_ok());
         assert!(host_region(&t, base, 65).is_err());
         assert_eq!(&buf[..6], b"abcdef");
@@ -159,7 +160,7 @@ mod tests {
         let mut buf = vec![0u8; 16];
         let base = buf.as_mut_ptr() as u64;
         let t = table_with(base, buf.len(), Location::Device(MemoryKind::Cuda, 0));
-        assert_eq!(copy_from_slice(&t, b"a", base), Err(ErrorCode::InvalidParams));
+        assert_eq!(copy_from_slice(&t, b"a", base), Err(ErrorCode::InvalidParams.into()));
         assert!(host_region(&t, base, 1).is_err());
         assert_eq!(buf, [0; 16]);
     }

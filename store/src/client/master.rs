@@ -6,9 +6,10 @@ use std::time::{Duration, Instant};
 use mooncake_store_rpc::{BlockingClient, ClientOptions, RpcError, ServiceId};
 
 use super::errors;
+use crate::error::{Cause, Error, Result, from_codes};
 use crate::protocol::{PROTOCOL_VERSION, Request, Response, SERVICE_NAME};
 use crate::types::PingOutcome;
-use crate::types::{ClientId, ErrorCode, Result};
+use crate::types::{ClientId, ErrorCode};
 
 /// The master's RPC client.
 pub(crate) struct Master {
@@ -40,7 +41,7 @@ impl Master {
                 Ok(Response::Ping(_)) => return Ok(Master { rpc, timeout: rpc_timeout }),
                 Ok(other) => {
                     tracing::warn!(addr, reply = ?other, "the master answered a ping with the wrong kind");
-                    return Err(ErrorCode::RpcFail);
+                    return Err(ErrorCode::RpcFail.into());
                 }
                 Err(e @ (RpcError::VersionMismatch { .. } | RpcError::Rejected(_))) => {
                     return Err(errors::rpc("connect", &e));
@@ -50,7 +51,8 @@ impl Master {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 tracing::warn!(addr, attempts, error = %error, ?setup_timeout, "cannot reach the store master");
-                return Err(ErrorCode::RpcFail);
+                let request = format!("ping {addr} ({attempts} attempts in {setup_timeout:?})");
+                return Err(Error::with_cause(ErrorCode::RpcFail, Cause::Master { request, source: error }));
             }
             tracing::debug!(addr, error = %error, "master not reachable yet; retrying");
             std::thread::sleep(left.min(Duration::from_millis(100)));
@@ -91,17 +93,17 @@ impl Master {
 }
 
 /// The master answered with a response kind that does not belong to the request: `Internal`.
-pub(crate) fn wrong_kind(request: &str, response: &Response) -> ErrorCode {
+pub(crate) fn wrong_kind(request: &str, response: &Response) -> Error {
     tracing::error!(request, ?response, "the master answered with the wrong response kind");
-    ErrorCode::Internal
+    ErrorCode::Internal.into()
 }
 
 /// Checks that a per-key answer has one entry per key; `Internal` (logged) otherwise.
-pub(crate) fn per_key<T>(request: &str, expected: usize, v: Vec<Result<T>>) -> Vec<Result<T>> {
+pub(crate) fn per_key<T>(request: &str, expected: usize, v: Vec<std::result::Result<T, ErrorCode>>) -> Vec<Result<T>> {
     if v.len() == expected {
-        v
+        from_codes(v)
     } else {
         tracing::error!(request, expected, got = v.len(), "the master answered with the wrong number of results");
-        (0..expected).map(|_| Err(ErrorCode::Internal)).collect()
+        (0..expected).map(|_| Err(ErrorCode::Internal.into())).collect()
     }
 }

@@ -60,8 +60,9 @@ use master::{per_key, wrong_kind};
 use read::Dest;
 use write::Source;
 
+use crate::error::{Error, Result};
 use crate::protocol::{Request, Response};
-use crate::types::{ClientId, ErrorCode, ReplicaDescriptor, ReplicateConfig, Result};
+use crate::types::{ClientId, ErrorCode, ReplicaDescriptor, ReplicateConfig};
 use crate::types::{TaskId, TaskInfo};
 
 /// A store client. Cheap to clone (clones share one client); `Send + Sync`. The last clone dropped closes it.
@@ -81,8 +82,9 @@ impl std::fmt::Debug for StoreClient {
 }
 
 /// Every key gets `e`.
-fn all<T>(n: usize, e: ErrorCode) -> Vec<Result<T>> {
-    (0..n).map(|_| Err(e)).collect()
+fn all<T>(n: usize, e: impl Into<Error>) -> Vec<Result<T>> {
+    let e = e.into();
+    (0..n).map(|_| Err(e.clone())).collect()
 }
 
 impl StoreClient {
@@ -154,12 +156,11 @@ impl StoreClient {
     pub fn register_buffer(&self, ptr: u64, len: u64) -> Result<()> {
         let _open = self.inner.op()?;
         if ptr == 0 || len == 0 || ptr.checked_add(len).is_none() {
-            return Err(ErrorCode::InvalidParams);
+            return Err(ErrorCode::InvalidParams.into());
         }
         self.inner.engine.register_memory(ptr, len, "*").map_err(|e| match e {
             mooncake_core::Error::InvalidArgument(_) | mooncake_core::Error::AddressOverlapped { .. } => {
-                tracing::warn!(ptr, len, error = %e, "register_buffer refused");
-                ErrorCode::InvalidParams
+                errors::engine_as(ErrorCode::InvalidParams, &format!("register_buffer({ptr:#x}, {len}) refused"), &e)
             }
             e => errors::engine("register_buffer failed", &e),
         })
@@ -172,10 +173,12 @@ impl StoreClient {
         let own =
             self.inner.segment.iter().map(|s| s.memory.addr).chain(self.inner.staging.iter().map(|s| s.memory.addr));
         if ptr == 0 || own.into_iter().any(|a| a == ptr) {
-            return Err(ErrorCode::InvalidParams);
+            return Err(ErrorCode::InvalidParams.into());
         }
         self.inner.engine.unregister_memory(ptr).map_err(|e| match e {
-            mooncake_core::Error::AddressNotRegistered { .. } => ErrorCode::InvalidParams,
+            mooncake_core::Error::AddressNotRegistered { .. } => {
+                errors::engine_as(ErrorCode::InvalidParams, &format!("unregister_buffer({ptr:#x}) refused"), &e)
+            }
             e => errors::engine("unregister_buffer failed", &e),
         })
     }
@@ -493,7 +496,7 @@ impl StoreClient {
         let _open = self.inner.op()?;
         let request = Request::QueryTask { id };
         match self.inner.master.call(&request)? {
-            Response::TaskInfo(r) => r,
+            Response::TaskInfo(r) => r.map_err(Error::from),
             other => Err(wrong_kind(request.name(), &other)),
         }
     }
@@ -564,7 +567,7 @@ impl StoreClient {
 
     fn count_rpc(&self, request: Request) -> Result<u64> {
         match self.inner.master.call(&request)? {
-            Response::Count(r) => r,
+            Response::Count(r) => r.map_err(Error::from),
             other => Err(wrong_kind(request.name(), &other)),
         }
     }
@@ -574,7 +577,7 @@ impl StoreClient {
         &self,
         keys: &[K],
         request: impl FnOnce(Vec<String>) -> Request,
-        unpack: impl FnOnce(Response) -> std::result::Result<Vec<Result<T>>, Response>,
+        unpack: impl FnOnce(Response) -> std::result::Result<Vec<std::result::Result<T, ErrorCode>>, Response>,
     ) -> Vec<Result<T>> {
         if keys.is_empty() {
             return Vec::new();
@@ -592,7 +595,7 @@ impl StoreClient {
 
 /// The single result of a one-key batch.
 fn one<T>(v: Vec<Result<T>>) -> Result<T> {
-    v.into_iter().next().unwrap_or(Err(ErrorCode::Internal))
+    v.into_iter().next().unwrap_or(Err(ErrorCode::Internal.into()))
 }
 
 /// Pairs each key's pointer list with its length list; `None` when the outer lengths disagree. A key whose

@@ -17,8 +17,9 @@ use super::local_copy;
 use super::master::{per_key, wrong_kind};
 use super::staging::Scratch;
 use super::transfer::{self, Xfer};
+use crate::error::{Error, Result};
 use crate::protocol::{Request, Response};
-use crate::types::{ErrorCode, ReplicaDescriptor, ReplicaStatus, Result};
+use crate::types::{ErrorCode, ReplicaDescriptor, ReplicaStatus};
 
 /// Where one object's bytes go.
 pub(crate) enum Dest {
@@ -42,7 +43,7 @@ struct Job<'a> {
     next: usize,
     size: u64,
     staged: Option<u64>,
-    last_error: Option<ErrorCode>,
+    last_error: Option<Error>,
 }
 
 impl Inner {
@@ -102,16 +103,16 @@ impl Inner {
             // Our own segment first (stable: the master's order otherwise).
             candidates.sort_by_key(|r| !self.is_own(&r.transport_endpoint, r.addr, r.len));
             let Some(size) = candidates.first().map(|r| r.len) else {
-                job.result = Some(Err(ErrorCode::UnavailableInCurrentStatus));
+                job.result = Some(Err(ErrorCode::UnavailableInCurrentStatus.into()));
                 continue;
             };
             if candidates.iter().any(|r| r.len != size) {
                 tracing::error!(key = job.key, ?candidates, "replicas of one object disagree on its size");
-                job.result = Some(Err(ErrorCode::Internal));
+                job.result = Some(Err(ErrorCode::Internal.into()));
                 continue;
             }
             if size > job.capacity {
-                job.result = Some(Err(ErrorCode::BufferOverflow));
+                job.result = Some(Err(ErrorCode::BufferOverflow.into()));
                 continue;
             }
             job.size = size;
@@ -164,7 +165,7 @@ impl Inner {
                     Ok(bytes) => job.result = Some(Ok((job.size, bytes))),
                     Err(e) => {
                         tracing::error!(key = job.key, error = %e, "cannot copy a value from our own segment");
-                        job.last_error = Some(ErrorCode::TransferFail);
+                        job.last_error = Some(ErrorCode::TransferFail.into());
                     }
                 }
             }
@@ -191,7 +192,7 @@ impl Inner {
                         let mut out = Vec::new();
                         local_copy::append_to_vec(regions, addr, job.size, &mut out).map(|()| (job.size, Some(out)))
                     }
-                    (Dest::Owned, None) => Err(ErrorCode::Internal),
+                    (Dest::Owned, None) => Err(ErrorCode::Internal.into()),
                     (Dest::Raw(_), _) => Ok((job.size, None)),
                 });
             }
@@ -206,7 +207,7 @@ impl Inner {
                         ?lease,
                         "read finished after the lease ran out; the bytes may be torn"
                     );
-                    job.result = Some(Err(ErrorCode::LeaseExpired));
+                    job.result = Some(Err(ErrorCode::LeaseExpired.into()));
                 }
             }
         }
@@ -225,7 +226,8 @@ impl Inner {
             let pick =
                 (job.next..job.candidates.len()).find(|&c| !dead.contains(&job.candidates[c].transport_endpoint));
             let Some(c) = pick else {
-                job.result = Some(Err(job.last_error.unwrap_or(ErrorCode::UnavailableInCurrentStatus)));
+                job.result =
+                    Some(Err(job.last_error.take().unwrap_or_else(|| ErrorCode::UnavailableInCurrentStatus.into())));
                 continue;
             };
             job.next = c + 1;
@@ -254,7 +256,7 @@ impl Inner {
                     }
                     None => {
                         // No registered memory to read into: no replica can be read.
-                        job.result = Some(Err(ErrorCode::TransferFail));
+                        job.result = Some(Err(ErrorCode::TransferFail.into()));
                         continue;
                     }
                 },
@@ -307,11 +309,11 @@ fn pieces(parts: &[(u64, u64)], size: u64) -> impl Iterator<Item = (u64, u64, u6
 /// Checks a job's key and destination, computes its capacity and pins the caller's registrations.
 fn validate(job: &mut Job<'_>, client: &Inner) -> Result<()> {
     if job.key.is_empty() {
-        return Err(ErrorCode::InvalidKey);
+        return Err(ErrorCode::InvalidKey.into());
     }
     if let Dest::Raw(parts) = &job.dest {
         if parts.is_empty() {
-            return Err(ErrorCode::InvalidParams);
+            return Err(ErrorCode::InvalidParams.into());
         }
         let mut capacity: u64 = 0;
         for &(ptr, len) in parts {
@@ -326,7 +328,7 @@ fn validate(job: &mut Job<'_>, client: &Inner) -> Result<()> {
 }
 
 fn finish(jobs: Vec<Job<'_>>) -> Vec<ReadResult> {
-    jobs.into_iter().map(|j| j.result.unwrap_or(Err(ErrorCode::Internal))).collect()
+    jobs.into_iter().map(|j| j.result.unwrap_or(Err(ErrorCode::Internal.into()))).collect()
 }
 
 #[cfg(test)]

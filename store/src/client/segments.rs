@@ -21,8 +21,9 @@ use mooncake_core::{AllocOptions, Allocation as DeviceAllocation, Location, Shar
 use super::errors;
 use super::lifecycle::Inner;
 use super::master::wrong_kind;
+use crate::error::{Error, Result};
 use crate::protocol::{Request, Response};
-use crate::types::{ErrorCode, Result, Segment};
+use crate::types::{ErrorCode, Segment};
 
 /// Allocated segments are sized in multiples of this (upstream's answer to a 1 MiB request is 16 MiB).
 pub const SEGMENT_GRANULE: u64 = 16 << 20;
@@ -49,7 +50,7 @@ impl Inner {
     /// the page size, or a size of 0: `InvalidParams`.
     pub(crate) fn mount_file(&self, path: &str, size: u64, offset: u64) -> Result<String> {
         if size == 0 || path.is_empty() {
-            return Err(ErrorCode::InvalidParams);
+            return Err(ErrorCode::InvalidParams.into());
         }
         let file = OpenOptions::new().read(true).write(true).open(path).map_err(|e| {
             tracing::error!(path, error = %e, "cannot open the file to mount");
@@ -100,11 +101,11 @@ impl Inner {
                     Some(s) if s.from_file || free => {}
                     Some(_) => {
                         tracing::error!(id, "an allocated segment is unmounted with unmount_and_free_segment");
-                        return Err(ErrorCode::InvalidParams);
+                        return Err(ErrorCode::InvalidParams.into());
                     }
                     None => {
                         tracing::error!(id, "no segment with that id was mounted by this client");
-                        return Err(ErrorCode::SegmentNotFound);
+                        return Err(ErrorCode::SegmentNotFound.into());
                     }
                 }
             }
@@ -177,7 +178,7 @@ impl Inner {
     fn mount_at_master(&self, info: &Segment) -> Result<()> {
         let request = Request::MountSegment { client: self.id, segment: info.clone() };
         match self.master.call(&request)? {
-            Response::Done(r) => r,
+            Response::Done(r) => r.map_err(Error::from),
             other => Err(wrong_kind(request.name(), &other)),
         }
     }

@@ -21,8 +21,9 @@ use super::lifecycle::Inner;
 use super::local_copy;
 use super::master::{per_key, wrong_kind};
 use super::transfer::{self, Xfer};
+use crate::error::{Error, Result};
 use crate::protocol::{Request, Response};
-use crate::types::{ErrorCode, ReplicaDescriptor, ReplicaStatus, ReplicateConfig, Result};
+use crate::types::{ErrorCode, ReplicaDescriptor, ReplicaStatus, ReplicateConfig};
 
 /// Objects of open put sessions and replicas cached by get sessions, by key.
 #[derive(Default)]
@@ -54,7 +55,7 @@ impl Inner {
         config: &ReplicateConfig,
     ) -> Vec<Result<()>> {
         if keys.len() != sizes.len() {
-            return vec![Err(ErrorCode::InvalidParams); keys.len()];
+            return vec![Err(ErrorCode::InvalidParams.into()); keys.len()];
         }
         let open: Vec<bool> = {
             let puts = lock(&self.sessions.puts);
@@ -66,9 +67,9 @@ impl Inner {
             .zip(open)
             .map(|((k, &s), open)| {
                 if k.is_empty() {
-                    Some(Err(ErrorCode::InvalidKey))
+                    Some(Err(ErrorCode::InvalidKey.into()))
                 } else if open || s == 0 || s > isize::MAX as u64 {
-                    Some(Err(ErrorCode::InvalidParams))
+                    Some(Err(ErrorCode::InvalidParams.into()))
                 } else {
                     None
                 }
@@ -93,13 +94,13 @@ impl Inner {
                     Ok(replicas) => {
                         tracing::error!(key = keys[i], ?replicas, "the master placed replicas of the wrong size");
                         puts.insert(keys[i].clone(), replicas);
-                        Err(ErrorCode::Internal)
+                        Err(ErrorCode::Internal.into())
                     }
                     Err(e) => Err(e),
                 });
             }
         }
-        results.into_iter().map(|r| r.unwrap_or(Err(ErrorCode::Internal))).collect()
+        results.into_iter().map(|r| r.unwrap_or(Err(ErrorCode::Internal.into()))).collect()
     }
 
     /// Ends put sessions: `PutEnd` (the objects become readable) or, with `revoke`, `PutRevoke`. A key with no
@@ -110,7 +111,7 @@ impl Inner {
             let mut puts = lock(&self.sessions.puts);
             for (i, k) in keys.iter().enumerate() {
                 if puts.remove(k).is_none() {
-                    results[i] = Some(Err(ErrorCode::InvalidParams));
+                    results[i] = Some(Err(ErrorCode::InvalidParams.into()));
                 }
             }
         }
@@ -131,14 +132,14 @@ impl Inner {
                 results[i] = Some(r);
             }
         }
-        results.into_iter().map(|r| r.unwrap_or(Err(ErrorCode::Internal))).collect()
+        results.into_iter().map(|r| r.unwrap_or(Err(ErrorCode::Internal.into()))).collect()
     }
 
     /// Writes each key's ranges into every replica its put session reserved. Bytes written per key; a key with
     /// no open session, or a range outside the object or outside registered memory, is `InvalidParams`.
     pub(crate) fn write_ranges(&self, keys: &[String], ranges: &[Ranges]) -> Vec<Result<u64>> {
         if keys.len() != ranges.len() {
-            return vec![Err(ErrorCode::InvalidParams); keys.len()];
+            return vec![Err(ErrorCode::InvalidParams.into()); keys.len()];
         }
         let targets: Vec<Option<Vec<ReplicaDescriptor>>> = {
             let puts = lock(&self.sessions.puts);
@@ -152,7 +153,7 @@ impl Inner {
                     let size = replicas.first().map_or(0, |r| r.len);
                     RangeJob::new(self, replicas, size, r)
                 }
-                None => RangeJob::failed(ErrorCode::InvalidParams),
+                None => RangeJob::failed(ErrorCode::InvalidParams.into()),
             })
             .collect();
         self.move_ranges(Opcode::Write, keys, jobs)
@@ -186,7 +187,7 @@ impl Inner {
     /// `InvalidParams`.
     pub(crate) fn read_ranges(&self, keys: &[String], ranges: &[Ranges]) -> Vec<Result<u64>> {
         if keys.len() != ranges.len() {
-            return vec![Err(ErrorCode::InvalidParams); keys.len()];
+            return vec![Err(ErrorCode::InvalidParams.into()); keys.len()];
         }
         let now = Instant::now();
         let mut cached: Vec<Option<Cached>> = {
@@ -196,7 +197,7 @@ impl Inner {
         // Entries whose lease ran out: look them up again (the object may have moved or gone).
         let stale: Vec<usize> =
             (0..keys.len()).filter(|&i| cached[i].as_ref().is_some_and(|c| c.expires <= now)).collect();
-        let mut failed: HashMap<usize, ErrorCode> = HashMap::new();
+        let mut failed: HashMap<usize, Error> = HashMap::new();
         if !stale.is_empty() {
             let names: Vec<String> = stale.iter().map(|&i| keys[i].clone()).collect();
             let fresh = self.look_up(&names);
@@ -219,9 +220,9 @@ impl Inner {
             .zip(ranges)
             .enumerate()
             .map(|(i, (c, r))| match (failed.get(&i), c) {
-                (Some(&e), _) => RangeJob::failed(e),
+                (Some(e), _) => RangeJob::failed(e.clone()),
                 (None, Some(c)) => RangeJob::new(self, c.replicas, c.size, r),
-                (None, None) => RangeJob::failed(ErrorCode::InvalidParams),
+                (None, None) => RangeJob::failed(ErrorCode::InvalidParams.into()),
             })
             .collect();
         self.move_ranges(Opcode::Read, keys, jobs)
@@ -249,7 +250,7 @@ impl Inner {
                 let size = replicas.first().map(|r| r.len).ok_or(ErrorCode::UnavailableInCurrentStatus)?;
                 if replicas.iter().any(|r| r.len != size) {
                     tracing::error!(?replicas, "replicas of one object disagree on its size");
-                    return Err(ErrorCode::Internal);
+                    return Err(ErrorCode::Internal.into());
                 }
                 Ok(Cached { replicas, size, expires: sent + Duration::from_millis(lease_ms) })
             })
@@ -287,7 +288,7 @@ impl Inner {
                             };
                             if let Err(e) = local_copy::copy_registered(regions, src, dst, len) {
                                 tracing::error!(key = keys[j], error = %e, "cannot copy a range in this process");
-                                job.round_error.get_or_insert(ErrorCode::TransferFail);
+                                job.round_error.get_or_insert_with(|| ErrorCode::TransferFail.into());
                             }
                         }
                         continue;
@@ -320,7 +321,7 @@ impl Inner {
             }
             for j in active {
                 let job = &mut jobs[j];
-                match (job.round_error, opcode) {
+                match (job.round_error.take(), opcode) {
                     (None, _) => job.result = Some(Ok(job.bytes)),
                     (Some(e), Opcode::Write) => job.result = Some(Err(e)),
                     (Some(e), Opcode::Read) if job.next >= job.replicas.len() => job.result = Some(Err(e)),
@@ -328,7 +329,7 @@ impl Inner {
                 }
             }
         }
-        jobs.into_iter().map(|j| j.result.unwrap_or(Err(ErrorCode::Internal))).collect()
+        jobs.into_iter().map(|j| j.result.unwrap_or(Err(ErrorCode::Internal.into()))).collect()
     }
 }
 
@@ -341,14 +342,14 @@ struct RangeJob {
     bytes: u64,
     /// Next replica to read from.
     next: usize,
-    round_error: Option<ErrorCode>,
+    round_error: Option<Error>,
     result: Option<Result<u64>>,
     /// Keeps the caller's registrations alive until the call ends.
     _guards: Vec<RegionGuard>,
 }
 
 impl RangeJob {
-    fn failed(e: ErrorCode) -> RangeJob {
+    fn failed(e: Error) -> RangeJob {
         RangeJob {
             replicas: Vec::new(),
             ranges: Vec::new(),
@@ -363,7 +364,7 @@ impl RangeJob {
 
     /// Checks `ranges` against the object's `size` and the caller's registrations.
     fn new(client: &Inner, replicas: Vec<ReplicaDescriptor>, size: u64, ranges: &Ranges) -> RangeJob {
-        let mut job = RangeJob::failed(ErrorCode::InvalidParams);
+        let mut job = RangeJob::failed(ErrorCode::InvalidParams.into());
         if ranges.is_empty() || replicas.is_empty() {
             return job;
         }

@@ -13,8 +13,9 @@ use super::lifecycle::{Inner, PingControl};
 use super::local_copy;
 use super::master::wrong_kind;
 use super::transfer::{self, Xfer};
+use crate::error::{Error, Result};
 use crate::protocol::{Request, Response};
-use crate::types::{ErrorCode, ReplicaDescriptor, Result};
+use crate::types::{ErrorCode, ReplicaDescriptor};
 use crate::types::{TaskAssignment, TaskId};
 
 /// Most tasks taken per fetch.
@@ -71,10 +72,10 @@ impl Inner {
     }
 
     /// Reserves, writes and commits the task's new replicas. On failure, what went wrong and why.
-    fn copy_for_task(&self, id: TaskId) -> std::result::Result<(), (ErrorCode, &'static str)> {
+    fn copy_for_task(&self, id: TaskId) -> std::result::Result<(), (Error, &'static str)> {
         let (source, fresh) = match self.master.call(&Request::CopyStart { client: self.id, id }) {
             Ok(Response::CopyPlan(Ok(plan))) => plan,
-            Ok(Response::CopyPlan(Err(e))) => return Err((e, "the master could not reserve the new replicas")),
+            Ok(Response::CopyPlan(Err(e))) => return Err((e.into(), "the master could not reserve the new replicas")),
             Ok(other) => return Err((wrong_kind("copy_start", &other), "unexpected answer")),
             Err(e) => return Err((e, "copy_start failed")),
         };
@@ -84,7 +85,7 @@ impl Inner {
             Err(_) => Request::CopyRevoke { client: self.id, id },
         };
         let answer = match self.master.call(&request) {
-            Ok(Response::Done(r)) => r,
+            Ok(Response::Done(r)) => r.map_err(Error::from),
             Ok(other) => Err(wrong_kind(request.name(), &other)),
             Err(e) => Err(e),
         };
@@ -99,7 +100,7 @@ impl Inner {
     fn write_copies(&self, source: &ReplicaDescriptor, targets: &[ReplicaDescriptor]) -> Result<()> {
         if !self.is_own(&source.transport_endpoint, source.addr, source.len) {
             tracing::error!(?source, "a copy task's source replica is not on this client's segment");
-            return Err(ErrorCode::Internal);
+            return Err(ErrorCode::Internal.into());
         }
         let mut endpoints: Vec<String> = Vec::new();
         let mut xfers = Vec::new();
@@ -142,7 +143,7 @@ impl Inner {
 
     fn task_rpc(&self, request: Request) -> Result<TaskId> {
         match self.master.call(&request)? {
-            Response::Task(r) => r,
+            Response::Task(r) => r.map_err(Error::from),
             other => Err(wrong_kind(request.name(), &other)),
         }
     }

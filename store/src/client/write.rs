@@ -12,8 +12,9 @@ use super::local_copy;
 use super::master::{per_key, wrong_kind};
 use super::staging::Scratch;
 use super::transfer::{self, Xfer};
+use crate::error::{Error, Result};
 use crate::protocol::{Request, Response};
-use crate::types::{ErrorCode, ReplicaDescriptor, ReplicateConfig, Result};
+use crate::types::{ErrorCode, ReplicaDescriptor, ReplicateConfig};
 
 /// Where one object's bytes come from; the object is the concatenation of the parts.
 pub(crate) enum Source<'a> {
@@ -36,13 +37,13 @@ struct Job<'a> {
     /// Replicas reserved by `PutStart`.
     replicas: Vec<ReplicaDescriptor>,
     /// Why writing the replicas failed.
-    failure: Option<ErrorCode>,
+    failure: Option<Error>,
     /// Staging address holding the bytes for remote replicas (bytes API).
     staged: Option<u64>,
 }
 
 impl Job<'_> {
-    fn fail(&mut self, e: ErrorCode) {
+    fn fail(&mut self, e: Error) {
         self.failure.get_or_insert(e);
     }
 }
@@ -101,7 +102,7 @@ impl Inner {
                 Ok(replicas) => {
                     tracing::error!(key = jobs[i].key, ?replicas, "the master placed replicas of the wrong size");
                     jobs[i].replicas = replicas;
-                    jobs[i].fail(ErrorCode::Internal);
+                    jobs[i].fail(ErrorCode::Internal.into());
                     written.push(i);
                 }
                 Err(e) => jobs[i].result = Some(Err(e)),
@@ -125,7 +126,7 @@ impl Inner {
             for (&i, addr) in needs_staging.iter().zip(scratch.reserve(&lens)) {
                 let job = &mut jobs[i];
                 let Some(addr) = addr else {
-                    job.fail(ErrorCode::TransferFail);
+                    job.fail(ErrorCode::TransferFail.into());
                     continue;
                 };
                 if let Source::Bytes(parts) = &job.source {
@@ -133,7 +134,7 @@ impl Inner {
                     for part in parts {
                         if let Err(e) = local_copy::copy_from_slice(regions, part, addr + off) {
                             tracing::error!(key = job.key, error = %e, "cannot copy a value into staging memory");
-                            job.fail(ErrorCode::TransferFail);
+                            job.fail(ErrorCode::TransferFail.into());
                             break;
                         }
                         off += part.len() as u64;
@@ -186,7 +187,7 @@ impl Inner {
         }
         for i in unstaged {
             tracing::error!(key = jobs[i].key, "a value for a remote replica was not staged");
-            jobs[i].fail(ErrorCode::Internal);
+            jobs[i].fail(ErrorCode::Internal.into());
         }
         let in_flight = transfer::submit(&self.engine, &endpoints, &xfers);
         for (i, dst) in local {
@@ -206,7 +207,7 @@ impl Inner {
             };
             if let Err(e) = copied {
                 tracing::error!(key = job.key, error = %e, "cannot copy a value into our own segment");
-                job.fail(ErrorCode::TransferFail);
+                job.fail(ErrorCode::TransferFail.into());
             }
         }
         for (k, r) in in_flight.wait(&self.engine).into_iter().enumerate() {
@@ -253,7 +254,7 @@ impl Inner {
                 Err(e) => tracing::warn!(error = %e, "put_revoke failed; the master reclaims the puts later"),
             }
             for &i in &bad {
-                let e = jobs[i].failure.unwrap_or(ErrorCode::TransferFail);
+                let e = jobs[i].failure.take().unwrap_or_else(|| ErrorCode::TransferFail.into());
                 jobs[i].result = Some(Err(e));
             }
         }
@@ -264,7 +265,7 @@ impl Inner {
 /// Checks a job's key and source; computes its length and pins the caller's registrations.
 fn validate(job: &mut Job<'_>, client: &Inner) -> Result<()> {
     if job.key.is_empty() {
-        return Err(ErrorCode::InvalidKey);
+        return Err(ErrorCode::InvalidKey.into());
     }
     let mut total: u64 = 0;
     match &job.source {
@@ -275,7 +276,7 @@ fn validate(job: &mut Job<'_>, client: &Inner) -> Result<()> {
         }
         Source::Raw(parts) => {
             if parts.is_empty() {
-                return Err(ErrorCode::InvalidParams);
+                return Err(ErrorCode::InvalidParams.into());
             }
             for &(ptr, len) in parts {
                 let guard = client.user_region(ptr, len)?;
@@ -286,12 +287,12 @@ fn validate(job: &mut Job<'_>, client: &Inner) -> Result<()> {
         }
     }
     if total == 0 || total > isize::MAX as u64 {
-        return Err(ErrorCode::InvalidParams);
+        return Err(ErrorCode::InvalidParams.into());
     }
     job.len = total;
     Ok(())
 }
 
 fn finish(jobs: Vec<Job<'_>>) -> Vec<Result<()>> {
-    jobs.into_iter().map(|j| j.result.unwrap_or(Err(ErrorCode::Internal))).collect()
+    jobs.into_iter().map(|j| j.result.unwrap_or(Err(ErrorCode::Internal.into()))).collect()
 }

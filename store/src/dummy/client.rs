@@ -15,7 +15,8 @@ use mooncake_store_rpc::{BlockingClient, ClientOptions, RpcError};
 use super::POOL_PREFIX;
 use super::protocol::{DummyRequest, DummyResponse, service_id};
 use crate::allocator::{Allocation, OffsetAllocator};
-use crate::types::{ErrorCode, ReplicateConfig, Result};
+use crate::error::{Cause, Error, Result, from_codes};
+use crate::types::{ErrorCode, ReplicateConfig};
 
 /// A value's room in the staging part, at `offset` of the pool.
 struct Staged {
@@ -69,16 +70,18 @@ impl std::fmt::Debug for DummyClient {
 }
 
 /// The real client answered every key with `ClientNotFound`: it does not know our session (it restarted).
-fn session_unknown<T>(results: &[Result<T>]) -> bool {
+fn session_unknown<T>(results: &[std::result::Result<T, ErrorCode>]) -> bool {
     !results.is_empty() && results.iter().all(|r| matches!(r, Err(ErrorCode::ClientNotFound)))
 }
 
-fn rpc_code(e: &RpcError) -> ErrorCode {
+/// A failed call to the real client: `RpcTimeout` or `RpcFail`, with the RPC error as its cause.
+fn rpc_error(e: &RpcError) -> Error {
     tracing::warn!(error = %e, "call to the real client failed");
-    match e {
+    let kind = match e {
         RpcError::Timeout { .. } => ErrorCode::RpcTimeout,
         _ => ErrorCode::RpcFail,
-    }
+    };
+    Error::with_cause(kind, Cause::RealClient { source: e.clone() })
 }
 
 impl DummyClient {
@@ -87,7 +90,7 @@ impl DummyClient {
     pub fn attach(config: DummyConfig) -> Result<DummyClient> {
         let total = config.mem_pool_size.checked_add(config.local_buffer_size).ok_or(ErrorCode::InvalidParams)?;
         if total == 0 || total > isize::MAX as u64 {
-            return Err(ErrorCode::InvalidParams);
+            return Err(ErrorCode::InvalidParams.into());
         }
         let device = mooncake_core::registry::available_devices()
             .into_iter()
@@ -191,15 +194,16 @@ impl DummyClient {
         }
         let r = self.write(&[key.to_string()], &[(staged.offset, len)], config, upsert);
         self.unstage(staged);
-        r.into_iter().next().unwrap_or(Err(ErrorCode::Internal))
+        r.into_iter().next().unwrap_or(Err(ErrorCode::Internal.into()))
     }
 
     /// The value of `key`, read through the local buffer.
     pub fn get(&self, key: &str) -> Result<Vec<u8>> {
         let keys = [key.to_string()];
-        let size = self.get_size(&keys).into_iter().next().unwrap_or(Err(ErrorCode::Internal))?;
+        let size = self.get_size(&keys).into_iter().next().unwrap_or(Err(ErrorCode::Internal.into()))?;
         let staged = self.stage(size.max(1))?;
-        let read = self.read(&keys, &[(staged.offset, size)]).into_iter().next().unwrap_or(Err(ErrorCode::Internal));
+        let read =
+            self.read(&keys, &[(staged.offset, size)]).into_iter().next().unwrap_or(Err(ErrorCode::Internal.into()));
         let out = read.and_then(|n| {
             let mut v = vec![0u8; n as usize];
             self.device.copy_to_host(&self.memory, staged.offset, &mut v).map_err(|_| ErrorCode::Internal)?;
@@ -235,8 +239,8 @@ impl DummyClient {
     /// Whether keys exist.
     pub fn exist(&self, keys: &[String]) -> Vec<Result<bool>> {
         match self.call(&DummyRequest::Exist { keys: keys.to_vec() }) {
-            Ok(DummyResponse::Exist(v)) if v.len() == keys.len() => v,
-            Ok(_) => vec![Err(ErrorCode::Internal); keys.len()],
+            Ok(DummyResponse::Exist(v)) if v.len() == keys.len() => from_codes(v),
+            Ok(_) => vec![Err(ErrorCode::Internal.into()); keys.len()],
             Err(e) => vec![Err(e); keys.len()],
         }
     }
@@ -244,8 +248,8 @@ impl DummyClient {
     /// Object sizes.
     pub fn get_size(&self, keys: &[String]) -> Vec<Result<u64>> {
         match self.call(&DummyRequest::GetSize { keys: keys.to_vec() }) {
-            Ok(DummyResponse::Sizes(v)) if v.len() == keys.len() => v,
-            Ok(_) => vec![Err(ErrorCode::Internal); keys.len()],
+            Ok(DummyResponse::Sizes(v)) if v.len() == keys.len() => from_codes(v),
+            Ok(_) => vec![Err(ErrorCode::Internal.into()); keys.len()],
             Err(e) => vec![Err(e); keys.len()],
         }
     }
@@ -253,8 +257,8 @@ impl DummyClient {
     /// Removes keys.
     pub fn remove(&self, keys: &[String], force: bool) -> Vec<Result<()>> {
         match self.call(&DummyRequest::Remove { keys: keys.to_vec(), force }) {
-            Ok(DummyResponse::PerKey(v)) if v.len() == keys.len() => v,
-            Ok(_) => vec![Err(ErrorCode::Internal); keys.len()],
+            Ok(DummyResponse::PerKey(v)) if v.len() == keys.len() => from_codes(v),
+            Ok(_) => vec![Err(ErrorCode::Internal.into()); keys.len()],
             Err(e) => vec![Err(e); keys.len()],
         }
     }
@@ -262,8 +266,8 @@ impl DummyClient {
     /// Removes every key; how many went.
     pub fn remove_all(&self, force: bool) -> Result<u64> {
         match self.call(&DummyRequest::RemoveAll { force })? {
-            DummyResponse::Count(r) => r,
-            _ => Err(ErrorCode::Internal),
+            DummyResponse::Count(r) => r.map_err(Error::from),
+            _ => Err(ErrorCode::Internal.into()),
         }
     }
 
@@ -271,7 +275,7 @@ impl DummyClient {
     pub fn status(&self) -> Result<(String, i32)> {
         match self.call(&DummyRequest::Status)? {
             DummyResponse::Status(name, health) => Ok((name, health)),
-            _ => Err(ErrorCode::Internal),
+            _ => Err(ErrorCode::Internal.into()),
         }
     }
 
@@ -300,8 +304,8 @@ impl DummyClient {
             upsert,
         };
         match self.session_call(make) {
-            Ok(DummyResponse::PerKey(v)) if v.len() == keys.len() => v,
-            Ok(_) => vec![Err(ErrorCode::Internal); keys.len()],
+            Ok(DummyResponse::PerKey(v)) if v.len() == keys.len() => from_codes(v),
+            Ok(_) => vec![Err(ErrorCode::Internal.into()); keys.len()],
             Err(e) => vec![Err(e); keys.len()],
         }
     }
@@ -309,8 +313,8 @@ impl DummyClient {
     fn read(&self, keys: &[String], ranges: &[(u64, u64)]) -> Vec<Result<u64>> {
         let make = |session| DummyRequest::Read { session, keys: keys.to_vec(), ranges: ranges.to_vec() };
         match self.session_call(make) {
-            Ok(DummyResponse::Sizes(v)) if v.len() == keys.len() => v,
-            Ok(_) => vec![Err(ErrorCode::Internal); keys.len()],
+            Ok(DummyResponse::Sizes(v)) if v.len() == keys.len() => from_codes(v),
+            Ok(_) => vec![Err(ErrorCode::Internal.into()); keys.len()],
             Err(e) => vec![Err(e); keys.len()],
         }
     }
@@ -318,7 +322,7 @@ impl DummyClient {
     /// Pool offsets of caller ranges (each inside the application's part).
     fn ranges(&self, keys: &[String], ptrs: &[u64], lens: &[u64]) -> Result<Vec<(u64, u64)>> {
         if ptrs.len() != keys.len() || lens.len() != keys.len() {
-            return Err(ErrorCode::InvalidParams);
+            return Err(ErrorCode::InvalidParams.into());
         }
         // A range outside the pool gets an offset past its end, which the real client refuses for that key.
         Ok(ptrs
@@ -337,7 +341,7 @@ impl DummyClient {
                 local_buffer_size = self.config.local_buffer_size,
                 "value larger than the local buffer"
             );
-            return Err(ErrorCode::InvalidParams);
+            return Err(ErrorCode::InvalidParams.into());
         }
         let alloc = lock(&self.staging).allocate(len).ok_or(ErrorCode::NoAvailableHandle)?;
         Ok(Staged { offset: self.config.mem_pool_size + alloc.offset(), alloc })
@@ -350,14 +354,17 @@ impl DummyClient {
     fn copy_in(&self, bytes: &[u8], offset: u64) -> Result<()> {
         self.device.copy_from_host(bytes, &self.memory, offset).map_err(|e| {
             tracing::error!(error = %e, "cannot copy a value into the pool");
-            ErrorCode::Internal
+            Error::with_cause(
+                ErrorCode::Internal,
+                Cause::Engine { context: "copying a value into the pool".into(), source: e },
+            )
         })
     }
 
     /// The session, attaching first when there is none.
     fn session(&self) -> Result<u64> {
         if self.closed.load(Ordering::Acquire) {
-            return Err(ErrorCode::UnavailableInCurrentStatus);
+            return Err(ErrorCode::UnavailableInCurrentStatus.into());
         }
         let mut s = lock(&self.session);
         if let Some(id) = *s {
@@ -369,20 +376,20 @@ impl DummyClient {
                 *s = Some(id);
                 Ok(id)
             }
-            Ok(DummyResponse::Attached(Err(e))) => Err(e),
-            Ok(_) => Err(ErrorCode::Internal),
-            Err(e) => Err(rpc_code(&e)),
+            Ok(DummyResponse::Attached(Err(e))) => Err(e.into()),
+            Ok(_) => Err(ErrorCode::Internal.into()),
+            Err(e) => Err(rpc_error(&e)),
         }
     }
 
     /// A call that needs no session.
     fn call(&self, req: &DummyRequest) -> Result<DummyResponse> {
         if self.closed.load(Ordering::Acquire) {
-            return Err(ErrorCode::UnavailableInCurrentStatus);
+            return Err(ErrorCode::UnavailableInCurrentStatus.into());
         }
         self.rpc.call(req).map_err(|e| {
             *lock(&self.session) = None;
-            rpc_code(&e)
+            rpc_error(&e)
         })
     }
 
@@ -401,7 +408,7 @@ impl DummyClient {
             }
             *lock(&self.session) = None;
         }
-        Err(ErrorCode::Internal)
+        Err(ErrorCode::Internal.into())
     }
 }
 

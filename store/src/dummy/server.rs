@@ -14,6 +14,7 @@ use mooncake_store_rpc::{PeerInfo, RpcError, RpcServer};
 use super::POOL_PREFIX;
 use super::protocol::{DummyRequest, DummyResponse, service_id};
 use crate::client::StoreClient;
+use crate::error::codes;
 use crate::types::{ErrorCode, Result};
 
 /// A dummy's pool, mapped here and registered with the real client.
@@ -107,7 +108,7 @@ impl State {
                 } else {
                     c.batch_put_from(&pick(&keys, &ok), &ptrs, &lens, &config)
                 };
-                DummyResponse::PerKey(merge(&addrs, done))
+                DummyResponse::PerKey(merge(&addrs, codes(done)))
             }
             DummyRequest::Read { session, keys, ranges } => {
                 let addrs = match self.resolve_all(session, &keys, &ranges) {
@@ -115,12 +116,12 @@ impl State {
                     Err(e) => return DummyResponse::Sizes(vec![Err(e); keys.len()]),
                 };
                 let (ok, ptrs, lens) = split(&addrs, &ranges);
-                DummyResponse::Sizes(merge(&addrs, c.batch_get_into(&pick(&keys, &ok), &ptrs, &lens)))
+                DummyResponse::Sizes(merge(&addrs, codes(c.batch_get_into(&pick(&keys, &ok), &ptrs, &lens))))
             }
-            DummyRequest::Exist { keys } => DummyResponse::Exist(c.batch_is_exist(&keys)),
-            DummyRequest::GetSize { keys } => DummyResponse::Sizes(c.batch_get_size(&keys)),
-            DummyRequest::Remove { keys, force } => DummyResponse::PerKey(c.batch_remove(&keys, force)),
-            DummyRequest::RemoveAll { force } => DummyResponse::Count(c.remove_all(force)),
+            DummyRequest::Exist { keys } => DummyResponse::Exist(codes(c.batch_is_exist(&keys))),
+            DummyRequest::GetSize { keys } => DummyResponse::Sizes(codes(c.batch_get_size(&keys))),
+            DummyRequest::Remove { keys, force } => DummyResponse::PerKey(codes(c.batch_remove(&keys, force))),
+            DummyRequest::RemoveAll { force } => DummyResponse::Count(c.remove_all(force).map_err(|e| e.kind())),
             DummyRequest::Status => DummyResponse::Status(c.hostname().to_string(), c.health()),
         }
     }
@@ -148,7 +149,7 @@ impl State {
         })?;
         if let Err(e) = self.client.register_buffer(memory.addr, memory.len) {
             let _ = self.device.free(&memory);
-            return Err(e);
+            return Err(e.kind());
         }
         // Random ids: a dummy that still holds an id from before a restart of this real client must not find
         // another dummy's pool under it (counters would restart at the same values).

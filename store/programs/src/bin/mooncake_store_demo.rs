@@ -104,7 +104,7 @@ fn run() -> Result<(), String> {
     println!("get_batch: {right} of 32 values identical");
 
     match app.get("never-written") {
-        Err(ErrorCode::ObjectNotFound) => {
+        Err(e) if e == ErrorCode::ObjectNotFound => {
             println!("get of a missing key: ObjectNotFound ({})", ErrorCode::ObjectNotFound.code())
         }
         other => return Err(format!("a missing key answered {other:?}")),

@@ -29,6 +29,7 @@ use std::sync::Mutex;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use mooncake_store::Error;
 use mooncake_store::client::{ClientConfig, StoreClient};
 use mooncake_store::types::{ErrorCode, ReplicateConfig};
 use mooncake_store_programs::flags::{Flags, parse_size};
@@ -506,21 +507,21 @@ impl From<String> for Fail {
     }
 }
 
-fn fail(what: &str, e: ErrorCode) -> Fail {
-    match e {
+fn fail(what: &str, e: Error) -> Fail {
+    match e.kind() {
         ErrorCode::NoAvailableHandle => Fail::NoRoom,
-        e => Fail::Other(format!("{what}: {e} (code {})", e.code())),
+        _ => Fail::Other(format!("{what}: {e}")),
     }
 }
 
-fn check<T>(what: &str, results: Vec<Result<T, ErrorCode>>) -> Result<Vec<T>, Fail> {
+fn check<T>(what: &str, results: Vec<Result<T, Error>>) -> Result<Vec<T>, Fail> {
     let n = results.len();
     let mut ok = Vec::with_capacity(n);
     let mut first = None;
     for r in results {
         match r {
             Ok(v) => ok.push(v),
-            Err(ErrorCode::NoAvailableHandle) => return Err(Fail::NoRoom),
+            Err(e) if e == ErrorCode::NoAvailableHandle => return Err(Fail::NoRoom),
             Err(e) => {
                 first.get_or_insert(e);
             }
