@@ -544,6 +544,28 @@ fn device_order_follows_the_fixture_matrix() {
     assert_eq!(m.entries["cuda:0"].preferred, ["mlx5_0"]);
 }
 
+/// The exact bytes of an RDMA segment's descriptor (docs/wire-formats.md section 2), built by the
+/// transport as an engine builds it: per-buffer `rkey`/`lkey` right after `length`, then top-level
+/// `devices` and `priority_matrix` after `buffers`. Only the buffer address varies between runs.
+#[test]
+fn descriptor_bytes_of_an_rdma_segment() {
+    let net = Net::new();
+    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/two_numa");
+    let a =
+        net.node("10.0.0.1:15000", 1, &["mlx5_2", "mlx5_1", "mlx5_0"], RdmaConfig { sysfs_root: fixture, ..config() });
+    let expected = concat!(
+        r#"{"name":"10.0.0.1:15000","protocol":"rdma","buffers":[{"name":"cpu:0","addr":ADDR,"length":1048576,"#,
+        r#""rkey":[1,2,3],"lkey":[1,2,3]}],"devices":["#,
+        r#"{"gid":"00:00:00:00:00:00:00:00:00:00:ff:ff:0a:00:01:02","lid":2,"name":"mlx5_0"},"#,
+        r#"{"gid":"00:00:00:00:00:00:00:00:00:00:ff:ff:0a:00:01:00","lid":0,"name":"mlx5_2"},"#,
+        r#"{"gid":"00:00:00:00:00:00:00:00:00:00:ff:ff:0a:00:01:01","lid":1,"name":"mlx5_1"}],"#,
+        r#""priority_matrix":{"cpu:0":[["mlx5_0","mlx5_2"],["mlx5_1"]],"cpu:1":[["mlx5_1"],["mlx5_0","mlx5_2"]],"#,
+        r#""cuda:0":[["mlx5_0"],["mlx5_1","mlx5_2"]],"cuda:1":[["mlx5_1"],["mlx5_0","mlx5_2"]],"#,
+        r#""hip:0":[["mlx5_0","mlx5_2"],["mlx5_1"]]}}"#
+    );
+    assert_eq!(a.desc.to_json(), expected.replace("ADDR", &a.addr().to_string()));
+}
+
 #[test]
 fn failed_rail_is_retried_on_another_nic() {
     let net = Net::new();
