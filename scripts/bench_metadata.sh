@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build --release -q -p mooncake --features all --bin transfer_engine_bench
+cargo build --release -q -p mooncake-programs --features all --bin transfer_engine_bench
 cargo build --release -q -p mooncake-metadata-http --bin mooncake_http_metadata_server
 bench=target/release/transfer_engine_bench
 work=$(mktemp -d)

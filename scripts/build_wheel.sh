@@ -37,7 +37,7 @@ esac
 programs="mooncake_master mooncake_client transfer_engine_bench mooncake_http_metadata_server"
 cargo build --release --features "mooncake/$features" \
     -p mooncake-store-programs --bin mooncake_master --bin mooncake_client \
-    -p mooncake --bin transfer_engine_bench \
+    -p mooncake-programs --bin transfer_engine_bench \
     -p mooncake-metadata-http --bin mooncake_http_metadata_server
 bin_dir=bindings/python/python/mooncake/bin
 rm -rf "$bin_dir"
