@@ -38,7 +38,7 @@ pub mod types;
 
 pub use capabilities::{Capabilities, DeviceCapabilities, PerfModel};
 pub use completion::{Batch, Completion};
-pub use descriptor::{BufferDesc, SegmentDescriptor};
+pub use descriptor::{BufferDesc, FieldError, Fields, Section, SegmentDescriptor};
 pub use device::{AllocOptions, Allocation, DmabufExport, MemoryDevice, SharingHandle};
 pub use engine::{EngineConfig, TransferEngine, join_host_port, split_host_port};
 pub use error::{Error, Result};

@@ -103,7 +103,8 @@ pub struct RemoteSegment {
     pub handle: SegmentHandle,
     /// Segment name.
     pub name: String,
-    /// Host (name or IP) that serves this segment's data ports.
+    /// Host (name or IP) of the segment: its `rpc_meta` host, else the host part of its name. A
+    /// transport whose descriptor section publishes a data host of its own may prefer that.
     pub host: String,
     /// The published descriptor.
     pub descriptor: SegmentDescriptor,
@@ -167,7 +168,8 @@ pub trait Transport: Send + Sync + 'static {
     /// Binds listeners and starts serving. Called once before anything else.
     async fn start(&self, ctx: &TransportContext) -> Result<()>;
 
-    /// A buffer was registered; add what peers need (keys, IPC handles) to its descriptor entry.
+    /// A buffer was registered; add what peers need (keys, IPC handles) to its descriptor entry,
+    /// as this transport's per-buffer [`Section`](crate::Section).
     fn register_memory(&self, _region: &Region, _desc: &mut BufferDesc) -> Result<()> {
         Ok(())
     }
@@ -177,7 +179,8 @@ pub trait Transport: Send + Sync + 'static {
         Ok(())
     }
 
-    /// Adds this transport's top-level fields (ports, device lists) to the local descriptor.
+    /// Adds this transport's top-level fields (ports, device lists) to the local descriptor, as
+    /// its top-level [`Section`](crate::Section).
     fn describe(&self, desc: &mut SegmentDescriptor);
 
     /// Whether this transport can reach `target` at all (same host for shm, matching NICs, ...).

@@ -134,7 +134,8 @@ fn ours_to_upstream_via(version: u32, size: usize, meta: Meta<'_>) {
     let mut local = vec![0u8; size];
     ours.register_memory(local.as_mut_ptr() as u64, size as u64, "cpu:0").unwrap();
     let seg = ours.segment(ours.open_segment(&segment).unwrap()).unwrap();
-    assert_eq!(seg.descriptor.tcp_version(), 2, "upstream publishes v2");
+    let tcp = seg.descriptor.section::<mooncake::transport_tcp::TcpSection>().unwrap().expect("upstream's tcp fields");
+    assert_eq!(tcp.version(), 2, "upstream publishes v2");
     assert_eq!(seg.descriptor.buffers[0].addr, addr);
 
     ours.transfer_sync(&segment, Opcode::Read, local.as_mut_ptr() as u64, addr, size as u64).unwrap();

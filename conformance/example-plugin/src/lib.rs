@@ -174,11 +174,11 @@ impl Transport for LoopbackTransport {
     }
 
     fn describe(&self, desc: &mut SegmentDescriptor) {
-        desc.extra.insert(PID_FIELD.into(), std::process::id().into());
+        desc.fields.insert(PID_FIELD, std::process::id());
     }
 
     fn can_reach(&self, target: &RemoteSegment) -> bool {
-        target.descriptor.extra.get(PID_FIELD).and_then(|v| v.as_u64()) == Some(u64::from(std::process::id()))
+        target.descriptor.fields.get(PID_FIELD).and_then(|v| v.as_u64()) == Some(u64::from(std::process::id()))
     }
 
     fn submit(&self, target: &Arc<RemoteSegment>, tasks: Vec<TransferTask>) {

@@ -708,7 +708,7 @@ impl Inner {
         };
         if self.transports.len() > 1 {
             let names: Vec<Value> = self.transports.iter().map(|t| Value::from(t.name())).collect();
-            desc.extra.insert("protocols".into(), Value::Array(names));
+            desc.fields.insert(crate::descriptor::FIELD_PROTOCOLS, Value::Array(names));
         }
         for t in &self.transports {
             t.describe(&mut desc);
@@ -800,12 +800,8 @@ impl Inner {
     async fn refresh(&self, handle: SegmentHandle) -> Result<Arc<RemoteSegment>> {
         let name = self.segments.name_of(handle)?;
         let descriptor = self.peers.fetch_descriptor(&name).await?;
-        // Upstream publishes the data host it was initialized with; prefer it when usable.
-        let published = descriptor.extra.get("tcp_data_host").and_then(Value::as_str).map(str::trim);
-        let host = match published {
-            Some(h) if !h.is_empty() && h != "0.0.0.0" && h != "::" => h.to_string(),
-            _ => self.peers.data_host(&name).await?,
-        };
+        // A transport whose section publishes its own data host (upstream tcp's) prefers that itself.
+        let host = self.peers.data_host(&name).await?;
         let seg = Arc::new(RemoteSegment { handle, name: name.clone(), host, descriptor });
         let changed = self.segments.store(seg.clone());
         if changed {

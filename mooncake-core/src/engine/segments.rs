@@ -66,16 +66,15 @@ impl SegmentCache {
         self.get_with_freshness(h).map(|(s, _)| s)
     }
 
-    /// Stores a freshly read descriptor; returns true when it differs from the previous one.
+    /// Stores a freshly read descriptor; returns true when its host or segment-level fields differ
+    /// from the previous one (a new timestamp or buffer list alone does not count).
     pub(super) fn store(&self, seg: Arc<RemoteSegment>) -> bool {
         let mut entries = sync::write(&self.entries);
         let Some(e) = entries.get_mut(&seg.handle) else { return false };
-        let changed = e.current.as_ref().is_some_and(|old| {
-            old.host != seg.host
-                || old.descriptor.tcp_data_port != seg.descriptor.tcp_data_port
-                || old.descriptor.extra != seg.descriptor.extra
-                || old.descriptor.devices != seg.descriptor.devices
-        });
+        let changed = e
+            .current
+            .as_ref()
+            .is_some_and(|old| old.host != seg.host || old.descriptor.segment_fields_differ(&seg.descriptor));
         e.current = Some(seg);
         e.stale.store(false, Ordering::Release);
         changed

@@ -12,7 +12,7 @@
 //!
 //! Every buffer carries `<p>_rkey`: its memory key on every rail, in rail order.
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use mooncake_core::{BufferDesc, SegmentDescriptor};
 
@@ -108,7 +108,7 @@ pub struct LocalPublication {
 impl LocalPublication {
     /// Writes the top-level fields into `desc`.
     pub fn write(&self, fields: &Fields, desc: &mut SegmentDescriptor) {
-        let e = &mut desc.extra;
+        let e = &mut desc.fields;
         e.insert(fields.addr.clone(), Value::Array(self.addrs.iter().map(|a| Value::from(to_hex(a))).collect()));
         e.insert(fields.provider.clone(), Value::from(self.provider.clone()));
         e.insert(fields.devices.clone(), Value::Array(self.devices.iter().map(|d| Value::from(d.clone())).collect()));
@@ -119,7 +119,7 @@ impl LocalPublication {
 
 /// Adds a buffer's keys (one per rail) to its descriptor entry.
 pub fn write_keys(fields: &Fields, keys: &[u64], desc: &mut BufferDesc) {
-    desc.extra.insert(fields.rkey.clone(), Value::Array(keys.iter().map(|k| Value::from(*k)).collect()));
+    desc.fields.insert(fields.rkey.clone(), Value::Array(keys.iter().map(|k| Value::from(*k)).collect()));
 }
 
 /// One buffer of a peer, with its key on every remote rail.
@@ -151,10 +151,10 @@ pub struct RemotePeer {
 impl RemotePeer {
     /// Reads `desc`. `Err` says why the peer cannot be reached with this protocol.
     pub fn parse(fields: &Fields, desc: &SegmentDescriptor) -> Result<Self, String> {
-        let provider = str_field(&desc.extra, &fields.provider)
+        let provider = str_field(desc, &fields.provider)
             .ok_or_else(|| format!("segment {:?} publishes no {}", desc.name, fields.provider))?;
         // An array (ours), or a single string (one NIC, as upstream's handshake carries it).
-        let list: Vec<&Value> = match desc.extra.get(&fields.addr) {
+        let list: Vec<&Value> = match desc.fields.get(&fields.addr) {
             Some(Value::Array(list)) => list.iter().collect(),
             Some(one @ Value::String(_)) => vec![one],
             _ => return Err(format!("segment {:?} publishes no {}", desc.name, fields.addr)),
@@ -171,13 +171,13 @@ impl RemotePeer {
                     .and_then(|a| if a.is_empty() { Err(format!("{}: empty address", fields.addr)) } else { Ok(a) })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let node = str_field(&desc.extra, &fields.node).unwrap_or_default();
-        let pid = str_field(&desc.extra, &fields.pid).unwrap_or_default();
+        let node = str_field(desc, &fields.node).unwrap_or_default();
+        let pid = str_field(desc, &fields.pid).unwrap_or_default();
         let mut buffers: Vec<RemoteBuffer> = desc
             .buffers
             .iter()
             .filter_map(|b| {
-                let keys: Vec<u64> = match b.extra.get(&fields.rkey) {
+                let keys: Vec<u64> = match b.fields.get(&fields.rkey) {
                     Some(Value::Array(k)) => k.iter().map(Value::as_u64).collect::<Option<_>>()?,
                     _ => return None,
                 };
@@ -201,8 +201,8 @@ impl RemotePeer {
     }
 }
 
-fn str_field(extra: &Map<String, Value>, key: &str) -> Option<String> {
-    extra.get(key).and_then(Value::as_str).map(str::to_string)
+fn str_field(desc: &SegmentDescriptor, key: &str) -> Option<String> {
+    desc.fields.get(key).and_then(Value::as_str).map(str::to_string)
 }
 
 /// This process's identity: `"<pid namespace>/<pid>"` (the namespace from `/proc/self/ns/pid`,
@@ -325,13 +325,13 @@ mod tests {
     fn bad_publications_are_refused() {
         let fields = Fields::new("libfabric");
         let mut d = published();
-        d.extra.insert("libfabric_addr".into(), serde_json::json!(["xyz"]));
+        d.fields.insert("libfabric_addr", serde_json::json!(["xyz"]));
         assert!(RemotePeer::parse(&fields, &d).unwrap_err().contains("hex"));
-        d.extra.insert("libfabric_addr".into(), serde_json::json!([]));
+        d.fields.insert("libfabric_addr", serde_json::json!([]));
         assert!(RemotePeer::parse(&fields, &d).is_err());
-        d.extra.insert("libfabric_addr".into(), serde_json::json!([""]));
+        d.fields.insert("libfabric_addr", serde_json::json!([""]));
         assert!(RemotePeer::parse(&fields, &d).is_err());
-        d.extra.remove("libfabric_provider");
+        d.fields.remove("libfabric_provider");
         assert!(RemotePeer::parse(&fields, &d).unwrap_err().contains("libfabric_provider"));
         let tcp_only = SegmentDescriptor { name: "x".into(), protocol: "tcp".into(), ..Default::default() };
         assert!(RemotePeer::parse(&fields, &tcp_only).is_err());

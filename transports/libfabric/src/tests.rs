@@ -162,13 +162,13 @@ fn descriptor_carries_addresses_provider_and_keys() {
     let a = Node::new(config, 8192);
     let seg = a.segment("a");
     let d = &seg.descriptor;
-    let addrs = d.extra["libfabric_addr"].as_array().unwrap();
+    let addrs = d.fields["libfabric_addr"].as_array().unwrap();
     assert_eq!(addrs.len(), a.t.rails().len());
     assert_eq!(addrs[0].as_str().unwrap(), a.t.addresses()[0]);
     assert!(!desc::from_hex(addrs[0].as_str().unwrap()).unwrap().is_empty());
-    assert_eq!(d.extra["libfabric_provider"], "tcp;ofi_rxm");
-    assert_eq!(d.extra["libfabric_devices"].as_array().unwrap().len(), addrs.len());
-    let keys = d.buffers[0].extra["libfabric_rkey"].as_array().unwrap();
+    assert_eq!(d.fields["libfabric_provider"], "tcp;ofi_rxm");
+    assert_eq!(d.fields["libfabric_devices"].as_array().unwrap().len(), addrs.len());
+    let keys = d.buffers[0].fields["libfabric_rkey"].as_array().unwrap();
     assert_eq!(keys.len(), addrs.len(), "one key per rail");
     // A second registration gets different keys.
     let other = vec![0u8; 4096];
@@ -177,7 +177,7 @@ fn descriptor_carries_addresses_provider_and_keys() {
     a.regions.insert(addr, 4096, Location::Cpu(Some(0))).unwrap();
     let mut bd = BufferDesc { name: "cpu:0".into(), addr, length: 4096, ..Default::default() };
     a.t.register_memory(&a.regions.get(addr).unwrap(), &mut bd).unwrap();
-    assert_ne!(bd.extra["libfabric_rkey"], d.buffers[0].extra["libfabric_rkey"]);
+    assert_ne!(bd.fields["libfabric_rkey"], d.buffers[0].fields["libfabric_rkey"]);
     a.t.unregister_memory(&a.regions.get(addr).unwrap()).unwrap();
     a.regions.remove(addr, Duration::ZERO).unwrap();
     // The transport reads its own publication back.
@@ -185,7 +185,7 @@ fn descriptor_carries_addresses_provider_and_keys() {
     assert_eq!(me.buffers.len(), 1);
     assert!(a.t.can_reach(&seg));
     let mut foreign = (*seg).clone();
-    foreign.descriptor.extra.insert("libfabric_provider".into(), "shm".into());
+    foreign.descriptor.fields.insert("libfabric_provider", "shm");
     assert!(!a.t.can_reach(&foreign), "a peer on another provider is unreachable");
 }
 

@@ -125,7 +125,7 @@ fn remove_stale_shm_regions() {
 /// The TCP port of the first libfabric endpoint an engine publishes (`sockaddr_in`: family in host
 /// order, then the port in network order).
 fn published_port(desc: &mooncake::SegmentDescriptor) -> Result<u16, String> {
-    let hex = desc.extra.get("libfabric_addr").and_then(|v| v.get(0)).and_then(|v| v.as_str());
+    let hex = desc.fields.get("libfabric_addr").and_then(|v| v.get(0)).and_then(|v| v.as_str());
     let hex = hex.ok_or_else(|| format!("no libfabric_addr in {}", desc.to_json()))?;
     let byte = |i: usize| hex.get(2 * i..2 * i + 2).and_then(|b| u8::from_str_radix(b, 16).ok());
     match (byte(0), byte(1), byte(2), byte(3)) {

@@ -1,7 +1,9 @@
-//! The RDMA fields of a segment descriptor (docs/wire-formats.md section 2): top-level `devices` and
-//! `priority_matrix`, per-buffer `rkey`/`lkey` (one per device, in `devices` order).
+//! The RDMA fields of a segment descriptor (docs/wire-formats.md section 2): top-level `devices`,
+//! `priority_matrix` (and upstream's `rdma_server_name`), per-buffer `rkey`/`lkey` (one per
+//! device, in `devices` order). This module owns them: [`describe`] and [`RdmaBufferKeys`] write
+//! them, [`RemoteRdma::decode`] reads them.
 
-use mooncake_core::{Error, Result, SegmentDescriptor};
+use mooncake_core::{Error, FieldError, Fields, Result, Section, SegmentDescriptor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -9,6 +11,17 @@ use crate::gid::Gid;
 use std::sync::Arc;
 
 use crate::topology::{PriorityMatrix, Rails, ResolvedMatrix};
+
+/// Top-level field: the NICs, `[{"name":"mlx5_0","lid":0,"gid":"fe:80:..."}]`.
+pub const FIELD_DEVICES: &str = "devices";
+/// Top-level field: NIC preference per location.
+pub const FIELD_PRIORITY_MATRIX: &str = "priority_matrix";
+/// Top-level field (upstream): the server name of the NIC paths, when not the segment name.
+pub const FIELD_SERVER_NAME: &str = "rdma_server_name";
+/// Per-buffer field: remote keys, one per device.
+pub const FIELD_RKEY: &str = "rkey";
+/// Per-buffer field: local keys, one per device.
+pub const FIELD_LKEY: &str = "lkey";
 
 /// One published NIC: `{"name":"mlx5_0","lid":0,"gid":"fe:80:..."}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,8 +38,47 @@ pub struct DeviceDesc {
 /// Adds `devices` and `priority_matrix` to a local descriptor. `devices` must be in
 /// [`PriorityMatrix::device_order`] order: that is how upstream indexes the per-buffer keys.
 pub fn describe(desc: &mut SegmentDescriptor, devices: &[DeviceDesc], matrix: &PriorityMatrix) {
-    desc.devices = devices.iter().map(|d| serde_json::json!({"name": d.name, "lid": d.lid, "gid": d.gid})).collect();
-    desc.extra.insert("priority_matrix".into(), matrix.to_json());
+    if !devices.is_empty() {
+        let list: Vec<Value> =
+            devices.iter().map(|d| serde_json::json!({"name": d.name, "lid": d.lid, "gid": d.gid})).collect();
+        desc.fields.insert(FIELD_DEVICES, list);
+    }
+    desc.fields.insert(FIELD_PRIORITY_MATRIX, matrix.to_json());
+}
+
+/// Whether `desc` publishes RDMA devices (a non-empty `devices` list).
+pub fn publishes_devices(desc: &SegmentDescriptor) -> bool {
+    matches!(desc.fields.get(FIELD_DEVICES), Some(Value::Array(list)) if !list.is_empty())
+}
+
+/// The RDMA section of one buffer: its memory keys on each published device, in `devices` order.
+/// Written right after the buffer's `length` (where our descriptors have always had them).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RdmaBufferKeys {
+    /// Remote keys (published as `rkey`).
+    pub rkey: Vec<u32>,
+    /// Local keys (published as `lkey`; upstream publishes them, peers do not need them).
+    pub lkey: Vec<u32>,
+}
+
+impl Section for RdmaBufferKeys {
+    fn read(fields: &Fields) -> std::result::Result<Option<Self>, FieldError> {
+        let rkey: Option<Vec<u32>> = fields.get_as(FIELD_RKEY)?;
+        let lkey: Option<Vec<u32>> = fields.get_as(FIELD_LKEY)?;
+        if rkey.is_none() && lkey.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(RdmaBufferKeys { rkey: rkey.unwrap_or_default(), lkey: lkey.unwrap_or_default() }))
+    }
+
+    fn write(&self, fields: &mut Fields) {
+        if !self.rkey.is_empty() {
+            fields.insert_leading(FIELD_RKEY, self.rkey.clone());
+        }
+        if !self.lkey.is_empty() {
+            fields.insert_leading(FIELD_LKEY, self.lkey.clone());
+        }
+    }
 }
 
 /// One remote buffer with its keys.
@@ -65,16 +117,20 @@ impl RemoteRdma {
     /// GID, a buffer whose key count differs from the device count, or a malformed matrix makes
     /// the descriptor unusable for RDMA (as upstream).
     pub fn decode(desc: &SegmentDescriptor) -> Result<RemoteRdma> {
-        if desc.devices.is_empty() {
-            return Err(Error::unavailable(format!(
-                "segment {:?} publishes no RDMA devices; it does not serve rdma",
-                desc.name
-            )));
-        }
-        let mut devices = Vec::with_capacity(desc.devices.len());
-        let mut gids = Vec::with_capacity(desc.devices.len());
-        for (i, d) in desc.devices.iter().enumerate() {
-            let dev: DeviceDesc = serde_json::from_value(d.clone())
+        let listed = match desc.fields.get(FIELD_DEVICES) {
+            Some(Value::Array(list)) if !list.is_empty() => list,
+            None | Some(Value::Null) | Some(Value::Array(_)) => {
+                return Err(Error::unavailable(format!(
+                    "segment {:?} publishes no RDMA devices; it does not serve rdma",
+                    desc.name
+                )));
+            }
+            Some(_) => return Err(FieldError::new(FIELD_DEVICES, "is not a list").in_segment(&desc.name)),
+        };
+        let mut devices = Vec::with_capacity(listed.len());
+        let mut gids = Vec::with_capacity(listed.len());
+        for (i, d) in listed.iter().enumerate() {
+            let dev = DeviceDesc::deserialize(d)
                 .map_err(|e| Error::MalformedJson(format!("segment {:?}: devices[{i}]: {e}", desc.name)))?;
             if dev.name.is_empty() || dev.gid.is_empty() {
                 return Err(Error::MalformedJson(format!(
@@ -88,7 +144,7 @@ impl RemoteRdma {
             devices.push(dev);
         }
         let names: Vec<String> = devices.iter().map(|d| d.name.clone()).collect();
-        let matrix = match desc.extra.get("priority_matrix") {
+        let matrix = match desc.fields.get(FIELD_PRIORITY_MATRIX) {
             None | Some(Value::Null) => PriorityMatrix::default(),
             Some(v) => PriorityMatrix::from_json(v)
                 .map_err(|e| Error::MalformedJson(format!("segment {:?}: {e}", desc.name)))?,
@@ -96,12 +152,16 @@ impl RemoteRdma {
         .resolve(&names);
         let mut buffers = Vec::with_capacity(desc.buffers.len());
         for (i, b) in desc.buffers.iter().enumerate() {
-            if b.rkey.len() != devices.len() || (!b.lkey.is_empty() && b.lkey.len() != b.rkey.len()) {
+            let keys = b
+                .section::<RdmaBufferKeys>()
+                .map_err(|e| Error::MalformedJson(format!("segment {:?}: buffer {i}: {e}", desc.name)))?
+                .unwrap_or_default();
+            if keys.rkey.len() != devices.len() || (!keys.lkey.is_empty() && keys.lkey.len() != keys.rkey.len()) {
                 return Err(Error::MalformedJson(format!(
                     "segment {:?}: buffer {i} has {} rkeys and {} lkeys for {} devices",
                     desc.name,
-                    b.rkey.len(),
-                    b.lkey.len(),
+                    keys.rkey.len(),
+                    keys.lkey.len(),
                     devices.len()
                 )));
             }
@@ -109,12 +169,12 @@ impl RemoteRdma {
                 location: b.name.clone(),
                 addr: b.addr,
                 length: b.length,
-                rkey: b.rkey.clone(),
+                rkey: keys.rkey,
                 rails: matrix.rails(&b.name).clone(),
             });
         }
         buffers.sort_by_key(|b| b.addr);
-        let name = match desc.extra.get("rdma_server_name").and_then(Value::as_str) {
+        let name = match desc.fields.get(FIELD_SERVER_NAME).and_then(Value::as_str) {
             Some(n) if !n.is_empty() => n.to_string(),
             _ => desc.name.clone(),
         };
@@ -185,14 +245,9 @@ mod tests {
             DeviceDesc { name: "mlx5_1".into(), lid: 3, gid: "fe:80:00:00:00:00:00:00:00:00:00:00:00:00:00:01".into() },
         ];
         describe(&mut desc, &devices, &matrix);
-        desc.buffers.push(mooncake_core::BufferDesc {
-            name: "cpu:0".into(),
-            addr: 4096,
-            length: 8192,
-            rkey: vec![5, 6],
-            lkey: vec![7, 8],
-            ..Default::default()
-        });
+        let mut b = mooncake_core::BufferDesc { name: "cpu:0".into(), addr: 4096, length: 8192, ..Default::default() };
+        b.set_section(&RdmaBufferKeys { rkey: vec![5, 6], lkey: vec![7, 8] });
+        desc.buffers.push(b);
         let json: Value = serde_json::from_str(&desc.to_json()).unwrap();
         let expected: Value = serde_json::from_str(
             r#"{"name":"10.0.0.1:15000","protocol":"rdma",
@@ -221,6 +276,10 @@ mod tests {
             ("key count", Box::new(|v| v["buffers"][0]["rkey"] = serde_json::json!([1]))),
             ("lkey count", Box::new(|v| v["buffers"][1]["lkey"] = serde_json::json!([1, 2, 3]))),
             ("matrix", Box::new(|v| v["priority_matrix"] = serde_json::json!({"cpu:0": [["mlx5_0"]]}))),
+            ("devices not a list", Box::new(|v| v["devices"] = serde_json::json!({"name": "mlx5_0"}))),
+            ("rkey not a list", Box::new(|v| v["buffers"][0]["rkey"] = "1001".into())),
+            ("rkey too large", Box::new(|v| v["buffers"][0]["rkey"] = serde_json::json!([1u64 << 32, 1]))),
+            ("no keys", Box::new(|v| drop(v["buffers"][1].as_object_mut().unwrap().remove("rkey")))),
         ];
         for (what, edit) in cases {
             let mut v = base.clone();

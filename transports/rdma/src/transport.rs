@@ -820,8 +820,7 @@ impl<P: FabricProvider> Transport for RdmaTransport<P> {
             _ => None,
         };
         let keys = st.memory.register(region, dmabuf)?;
-        desc.rkey = keys.rkey;
-        desc.lkey = keys.lkey;
+        desc.set_section(&segment::RdmaBufferKeys { rkey: keys.rkey, lkey: keys.lkey });
         Ok(())
     }
 
@@ -839,7 +838,7 @@ impl<P: FabricProvider> Transport for RdmaTransport<P> {
     }
 
     fn can_reach(&self, target: &RemoteSegment) -> bool {
-        self.started.get().is_some() && !target.descriptor.devices.is_empty()
+        self.started.get().is_some() && segment::publishes_devices(&target.descriptor)
     }
 
     fn submit(&self, target: &Arc<RemoteSegment>, tasks: Vec<TransferTask>) {

@@ -364,7 +364,7 @@ impl Transport for ShmTransport {
 
     fn describe(&self, desc: &mut SegmentDescriptor) {
         if let Some(st) = self.started.get() {
-            st.info.write_to(&mut desc.extra);
+            desc.set_section(&st.info);
         }
     }
 

@@ -4,8 +4,8 @@
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use mooncake_core::{BufferDesc, Error, Result, SegmentDescriptor};
-use serde_json::{Map, Value};
+use mooncake_core::{BufferDesc, Error, FieldError, Fields, Result, Section, SegmentDescriptor};
+use serde_json::Value;
 
 use crate::identity::{self, LocalIdentity};
 use crate::sys;
@@ -45,30 +45,27 @@ impl PeerInfo {
         PeerInfo { host_id: me.host_id.clone(), pid: me.pid, start_time: me.start_time, table_fd, slots, token }
     }
 
-    /// Adds the fields to a descriptor.
-    pub(crate) fn write_to(&self, extra: &mut Map<String, Value>) {
-        extra.insert(FIELD_HOST_ID.into(), Value::from(self.host_id.as_str()));
-        extra.insert(FIELD_PID.into(), Value::from(self.pid));
-        extra.insert(FIELD_START_TIME.into(), Value::from(self.start_time));
-        extra.insert(FIELD_TABLE_FD.into(), Value::from(self.table_fd));
-        extra.insert(FIELD_TABLE_SLOTS.into(), Value::from(self.slots));
-        extra.insert(FIELD_TOKEN.into(), Value::from(format!("{:016x}{:016x}", self.token[0], self.token[1])));
-    }
-
     /// Reads the fields of segment `name`'s descriptor. A descriptor without them is
     /// `Unavailable` (the segment does not serve shm); malformed ones are `MalformedJson`.
     pub(crate) fn from_descriptor(name: &str, d: &SegmentDescriptor) -> Result<Self> {
-        let Some(host_id) = d.extra.get(FIELD_HOST_ID) else {
-            return Err(Error::unavailable(format!(
+        PeerInfo::read(&d.fields).map_err(|e| e.in_segment(name))?.ok_or_else(|| {
+            Error::unavailable(format!(
                 "segment {name:?} publishes no {FIELD_HOST_ID}; it does not serve shm (use tcp)"
-            )));
+            ))
+        })
+    }
+}
+
+/// The shm section of a segment's top level: absent when `shm_host_id` is.
+impl Section for PeerInfo {
+    fn read(f: &Fields) -> std::result::Result<Option<Self>, FieldError> {
+        let Some(host_id) = f.get(FIELD_HOST_ID) else {
+            return Ok(None);
         };
-        let bad = |field: &str, why: &str| {
-            Error::MalformedJson(format!("segment {name:?}: descriptor field {field:?} {why}"))
-        };
+        let bad = |field: &str, why: &str| FieldError::new(field, why);
         let host_id =
             host_id.as_str().filter(|s| !s.is_empty()).ok_or_else(|| bad(FIELD_HOST_ID, "is not a string"))?;
-        let int = |field: &str| d.extra.get(field).and_then(Value::as_u64).ok_or_else(|| bad(field, "is missing"));
+        let int = |field: &str| f.get(field).and_then(Value::as_u64).ok_or_else(|| bad(field, "is missing"));
         let pid = i32::try_from(int(FIELD_PID)?).ok().filter(|p| *p > 0).ok_or_else(|| bad(FIELD_PID, "is no pid"))?;
         let start_time = int(FIELD_START_TIME)?;
         let table_fd = i32::try_from(int(FIELD_TABLE_FD)?).map_err(|_| bad(FIELD_TABLE_FD, "is out of range"))?;
@@ -76,13 +73,21 @@ impl PeerInfo {
             .ok()
             .filter(|s| *s > 0 && *s <= crate::table::MAX_SLOTS)
             .ok_or_else(|| bad(FIELD_TABLE_SLOTS, "is out of range"))?;
-        let token = d
-            .extra
+        let token = f
             .get(FIELD_TOKEN)
             .and_then(Value::as_str)
             .and_then(parse_token)
             .ok_or_else(|| bad(FIELD_TOKEN, "is not 32 hex digits"))?;
-        Ok(PeerInfo { host_id: host_id.to_string(), pid, start_time, table_fd, slots, token })
+        Ok(Some(PeerInfo { host_id: host_id.to_string(), pid, start_time, table_fd, slots, token }))
+    }
+
+    fn write(&self, f: &mut Fields) {
+        f.insert(FIELD_HOST_ID, self.host_id.as_str());
+        f.insert(FIELD_PID, self.pid);
+        f.insert(FIELD_START_TIME, self.start_time);
+        f.insert(FIELD_TABLE_FD, self.table_fd);
+        f.insert(FIELD_TABLE_SLOTS, self.slots);
+        f.insert(FIELD_TOKEN, format!("{:016x}{:016x}", self.token[0], self.token[1]));
     }
 }
 
@@ -95,13 +100,35 @@ fn parse_token(s: &str) -> Option<[u64; 2]> {
 
 /// True when `d` was published by a process on this host (same boot, same pid namespace).
 pub(crate) fn same_host(d: &SegmentDescriptor, me: &LocalIdentity) -> bool {
-    d.extra.get(FIELD_HOST_ID).and_then(Value::as_str) == Some(me.host_id.as_str())
+    d.fields.get(FIELD_HOST_ID).and_then(Value::as_str) == Some(me.host_id.as_str())
+}
+
+/// The shm section of one buffer: its entry in the target's registration table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TableEntry {
+    pub slot: u32,
+    pub seq: u64,
+}
+
+impl Section for TableEntry {
+    fn read(f: &Fields) -> std::result::Result<Option<Self>, FieldError> {
+        match (f.get_as(FIELD_SLOT)?, f.get_as(FIELD_SEQ)?) {
+            (Some(slot), Some(seq)) => Ok(Some(TableEntry { slot, seq })),
+            (None, None) => Ok(None),
+            (None, _) => Err(FieldError::new(FIELD_SLOT, "is missing")),
+            (_, None) => Err(FieldError::new(FIELD_SEQ, "is missing")),
+        }
+    }
+
+    fn write(&self, f: &mut Fields) {
+        f.insert(FIELD_SLOT, self.slot);
+        f.insert(FIELD_SEQ, self.seq);
+    }
 }
 
 /// Adds a registration's table entry to its descriptor entry.
 pub(crate) fn write_buffer(b: &BufRef, desc: &mut BufferDesc) {
-    desc.extra.insert(FIELD_SLOT.into(), Value::from(b.slot));
-    desc.extra.insert(FIELD_SEQ.into(), Value::from(b.seq));
+    desc.set_section(&TableEntry { slot: b.slot, seq: b.seq });
 }
 
 /// The published buffers of one descriptor, sorted by address, for range lookups.
@@ -117,8 +144,7 @@ impl BufIndex {
             .buffers
             .iter()
             .filter_map(|b| {
-                let slot = u32::try_from(b.extra.get(FIELD_SLOT)?.as_u64()?).ok()?;
-                let seq = b.extra.get(FIELD_SEQ)?.as_u64()?;
+                let TableEntry { slot, seq } = b.section::<TableEntry>().ok()??;
                 (b.length > 0 && b.addr.checked_add(b.length).is_some()).then_some(BufRef {
                     addr: b.addr,
                     len: b.length,
@@ -347,7 +373,7 @@ mod tests {
 
     fn descriptor(info: &PeerInfo) -> SegmentDescriptor {
         let mut d = SegmentDescriptor { name: "n".into(), protocol: "shm".into(), ..Default::default() };
-        info.write_to(&mut d.extra);
+        d.set_section(info);
         d
     }
 
@@ -391,7 +417,7 @@ mod tests {
             (FIELD_START_TIME, Value::Null),
         ] {
             let mut d = descriptor(&sample());
-            d.extra.insert(field.into(), value.clone());
+            d.fields.insert(field, value.clone());
             assert!(matches!(PeerInfo::from_descriptor("n", &d), Err(Error::MalformedJson(_))), "{field} = {value}");
         }
     }

@@ -295,10 +295,10 @@ fn dead_or_foreign_targets_are_refused() {
     assert!(init.t.can_reach(&seg));
     // Another host (or container): not reachable.
     let mut foreign = (*seg).clone();
-    foreign.descriptor.extra.insert(peer::FIELD_HOST_ID.into(), "00000000-0000:1".into());
+    foreign.descriptor.fields.insert(peer::FIELD_HOST_ID, "00000000-0000:1");
     assert!(!init.t.can_reach(&foreign));
     let mut plain = (*seg).clone();
-    plain.descriptor.extra.clear();
+    plain.descriptor.fields.clear();
     assert!(!init.t.can_reach(&plain));
     let res = run(&init.t, &Arc::new(plain), &[(Opcode::Read, init.addr(lb), target.addr(0), 64)]);
     assert!(matches!(res[0], Err(Error::Unavailable { .. })), "{:?}", res[0]);
@@ -308,7 +308,7 @@ fn dead_or_foreign_targets_are_refused() {
     child.wait().unwrap();
     let mut dead = (*seg).clone();
     dead.name = "dead".into();
-    dead.descriptor.extra.insert(peer::FIELD_PID.into(), pid.into());
+    dead.descriptor.fields.insert(peer::FIELD_PID, pid);
     let res = run(&init.t, &Arc::new(dead), &[(Opcode::Read, init.addr(lb), target.addr(0), 64)]);
     assert!(matches!(&res[0], Err(e) if e.is_disconnect()), "{:?}", res[0]);
     assert_eq!(init.events.failed(), vec!["dead".to_string()]);
@@ -322,7 +322,7 @@ fn device_memory_is_not_published_and_descriptor_names_this_process() {
     side.regions.insert(addr, 4096, Location::Device(MemoryKind::Cuda, 0)).unwrap();
     let mut desc = BufferDesc { name: "cuda:0".into(), addr, length: 4096, ..Default::default() };
     side.t.register_memory(&side.regions.get(addr).unwrap(), &mut desc).unwrap();
-    assert!(desc.extra.is_empty(), "{desc:?}");
+    assert!(desc.fields.is_empty(), "{desc:?}");
     let seg = side.segment("me");
     let info = PeerInfo::from_descriptor("me", &seg.descriptor).unwrap();
     let me = identity::local().unwrap();
@@ -332,7 +332,7 @@ fn device_memory_is_not_published_and_descriptor_names_this_process() {
     let idle = ShmTransport::new(config(1));
     let mut d = SegmentDescriptor::default();
     idle.describe(&mut d);
-    assert!(d.extra.is_empty());
+    assert!(d.fields.is_empty());
     assert!(matches!(idle.register_memory(&side.regions.get(addr).unwrap(), &mut desc), Err(Error::NotInitialized(_))));
 }
 

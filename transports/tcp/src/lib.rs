@@ -21,6 +21,7 @@
 mod client;
 mod direct;
 mod memory;
+pub mod section;
 mod server;
 pub mod wire;
 
@@ -37,6 +38,7 @@ use mooncake_core::{
 };
 
 use client::{LaneConfig, PeerInfo, PeerPool, Piece};
+pub use section::TcpSection;
 
 /// Protocol name.
 pub const NAME: &str = "tcp";
@@ -124,15 +126,22 @@ impl TcpTransport {
         self.started.get().map(|s| s.port)
     }
 
+    /// Where and how to reach `target`: its published tcp section, connecting to the data host
+    /// it publishes when usable (upstream's `tcp_data_host`), else to the segment's host.
     fn peer_info(&self, target: &RemoteSegment) -> Result<PeerInfo> {
-        let port = target.descriptor.tcp_data_port.ok_or_else(|| {
-            Error::unavailable(format!("segment {:?} publishes no tcp_data_port; it does not serve tcp", target.name))
+        let section = target.descriptor.section::<TcpSection>()?.unwrap_or_default();
+        let port = section.data_port.ok_or_else(|| {
+            Error::unavailable(format!(
+                "segment {:?} publishes no {}; it does not serve tcp",
+                target.name,
+                section::FIELD_DATA_PORT
+            ))
         })?;
         Ok(PeerInfo {
             name: target.name.clone(),
-            host: target.host.clone(),
+            host: section.usable_data_host().unwrap_or(&target.host).to_string(),
             port,
-            v2: self.config.proto_version >= 2 && target.descriptor.tcp_version() >= 2,
+            v2: self.config.proto_version >= 2 && section.version() >= 2,
         })
     }
 
@@ -181,8 +190,11 @@ impl Transport for TcpTransport {
     }
 
     fn describe(&self, desc: &mut SegmentDescriptor) {
-        desc.tcp_data_port = self.data_port();
-        desc.tcp_proto_version = Some(self.config.proto_version);
+        desc.set_section(&TcpSection {
+            data_port: self.data_port(),
+            proto_version: Some(self.config.proto_version),
+            data_host: None,
+        });
     }
 
     fn submit(&self, target: &Arc<RemoteSegment>, tasks: Vec<TransferTask>) {

@@ -400,3 +400,32 @@ async fn direct_batches_pipeline_both_framings_and_fail_only_bad_requests() {
     assert!(results.iter().all(|r| matches!(r, Ok(1024))), "{results:?}");
     assert_eq!(&back[..], &mem.buf[..4 * 1024]);
 }
+
+/// Where the client connects: upstream's usable `tcp_data_host`, else the engine's host for the
+/// segment; a segment without `tcp_data_port` does not serve tcp, a malformed one is a typed error.
+#[test]
+fn peer_info_comes_from_the_tcp_section() {
+    use mooncake_core::{RemoteSegment, SegmentDescriptor};
+
+    let t = crate::TcpTransport::new(crate::TcpConfig::from_backend(&Default::default()));
+    let target = |json: &str| RemoteSegment {
+        handle: 1,
+        name: "peer:1".into(),
+        host: "engine-host".into(),
+        descriptor: SegmentDescriptor::from_json(json.as_bytes()).unwrap(),
+    };
+    let info = t
+        .peer_info(&target(r#"{"name":"peer:1","protocol":"tcp","tcp_data_port":9,"tcp_data_host":" 10.0.0.5 ","tcp_proto_version":2,"buffers":[]}"#))
+        .unwrap();
+    assert_eq!((info.host.as_str(), info.port, info.v2), ("10.0.0.5", 9, t.config.proto_version >= 2));
+    let info = t
+        .peer_info(&target(
+            r#"{"name":"peer:1","protocol":"tcp","tcp_data_port":9,"tcp_data_host":"0.0.0.0","buffers":[]}"#,
+        ))
+        .unwrap();
+    assert_eq!((info.host.as_str(), info.v2), ("engine-host", false), "wildcard host, v1 when no version");
+    let e = t.peer_info(&target(r#"{"name":"peer:1","protocol":"rdma","buffers":[]}"#)).unwrap_err();
+    assert!(matches!(e, Error::Unavailable { .. }), "{e}");
+    let e = t.peer_info(&target(r#"{"name":"peer:1","protocol":"tcp","tcp_data_port":-9,"buffers":[]}"#)).unwrap_err();
+    assert!(matches!(&e, Error::MalformedJson(m) if m.contains("tcp_data_port")), "{e}");
+}

@@ -869,7 +869,7 @@ fn start_without_nics_is_unavailable_and_submit_before_start_fails() {
     assert!(matches!(&err, Error::Unavailable { reason } if reason.starts_with("no RDMA devices")), "{err}");
     let mut desc = SegmentDescriptor::default();
     t.describe(&mut desc);
-    assert!(desc.devices.is_empty() && !desc.extra.contains_key("priority_matrix"));
+    assert!(desc.fields.is_empty(), "{desc:?}");
 }
 
 #[test]
@@ -877,7 +877,7 @@ fn peer_without_rdma_fields_fails_typed() {
     let net = Net::new();
     let a = net.node("10.0.0.1:15000", 1, &["mlx5_0"], config());
     let mut desc = a.desc.clone();
-    desc.devices.clear();
+    desc.fields.remove("devices");
     let seg = Arc::new(RemoteSegment { handle: 2, name: "tcp-only:1".into(), host: "h".into(), descriptor: desc });
     assert!(!a.t.can_reach(&seg));
     let err = net.transfer_to(&a, &seg, Opcode::Write, a.addr(), a.addr(), 8).unwrap_err();
