@@ -1,0 +1,188 @@
+//! Segments and routing: opening and refreshing remote segments, choosing the transport for each request, and
+//! validating a submission into a [`Plan`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{Inner, TransferEngine, spawn_on};
+use crate::error::{Error, Result};
+use crate::sync;
+use crate::transport::RemoteSegment;
+use crate::types::{SegmentHandle, TransferRequest};
+
+impl TransferEngine {
+    // ---- segments --------------------------------------------------------------------------
+
+    /// Opens (or returns the cached handle of) the segment `name`.
+    pub async fn open_segment_async(&self, name: &str) -> Result<SegmentHandle> {
+        let inner = self.inner.clone();
+        let name = name.to_string();
+        spawn_on(&self.inner.handle, async move { inner.open_segment(&name).await.map(|s| s.handle) }).await
+    }
+
+    /// Blocking form of [`TransferEngine::open_segment_async`] (upstream `openSegment`).
+    pub fn open_segment(&self, name: &str) -> Result<SegmentHandle> {
+        if let Some(seg) = self.inner.segments.cached_fresh(name) {
+            return Ok(seg.handle);
+        }
+        let inner = self.inner.clone();
+        let name = name.to_string();
+        self.run(async move { inner.open_segment(&name).await.map(|s| s.handle) })
+    }
+
+    /// Re-reads a segment's descriptor from metadata (after the peer restarted or re-registered).
+    pub fn refresh_segment(&self, handle: SegmentHandle) -> Result<Arc<RemoteSegment>> {
+        let inner = self.inner.clone();
+        self.run(async move { inner.refresh(handle).await })
+    }
+
+    /// The cached descriptor of an opened segment.
+    pub fn segment(&self, handle: SegmentHandle) -> Result<Arc<RemoteSegment>> {
+        self.inner.segments.get(handle)
+    }
+
+    /// Address of the first buffer of segment `name` (0 when it has none), as upstream.
+    pub fn first_buffer_address(&self, name: &str) -> Result<u64> {
+        let h = self.open_segment(name)?;
+        Ok(self.inner.segments.get(h)?.descriptor.buffers.first().map_or(0, |b| b.addr))
+    }
+}
+
+/// A validated submission: (transport index, segment) per request.
+pub(super) struct Plan {
+    pub(super) routes: Vec<(usize, Arc<RemoteSegment>)>,
+}
+
+pub(super) enum Retry {
+    /// These segments must be re-read from metadata first.
+    Refresh(Vec<SegmentHandle>),
+    Fail(Error),
+}
+
+impl Retry {
+    pub(super) fn into_error(self) -> Error {
+        match self {
+            Retry::Fail(e) => e,
+            Retry::Refresh(_) => Error::Metadata("segment descriptor is still stale after a refresh".into()),
+        }
+    }
+}
+
+impl From<Error> for Retry {
+    fn from(e: Error) -> Self {
+        Retry::Fail(e)
+    }
+}
+
+impl Inner {
+    pub(super) async fn open_segment(&self, name: &str) -> Result<Arc<RemoteSegment>> {
+        if let Some(seg) = self.segments.cached_fresh(name) {
+            return Ok(seg);
+        }
+        let handle = self.segments.handle_for(name);
+        self.refresh(handle).await
+    }
+
+    pub(super) async fn refresh(&self, handle: SegmentHandle) -> Result<Arc<RemoteSegment>> {
+        let name = self.segments.name_of(handle)?;
+        let descriptor = self.peers.fetch_descriptor(&name).await?;
+        // A transport whose section publishes its own data host (upstream tcp's) prefers that itself.
+        let host = self.peers.data_host(&name).await?;
+        let seg = Arc::new(RemoteSegment { handle, name: name.clone(), host, descriptor });
+        let changed = self.segments.store(seg.clone());
+        if changed {
+            for t in &self.transports {
+                t.forget_peer(&name);
+            }
+        }
+        Ok(seg)
+    }
+
+    /// Picks the transport for a request to `seg` by the target's protocols and the cost model.
+    /// A transport that needs registered local memory ranks last when the source range is not
+    /// registered, so another transport that can send from anywhere takes the request.
+    ///
+    /// Returns the transport index and, when the source range had to be looked up, whether it is
+    /// registered (so the caller does not look it up again).
+    fn route(&self, seg: &RemoteSegment, source: u64, length: u64) -> Result<(usize, Option<bool>)> {
+        let priority = &self.config.protocol_priority;
+        let mut local_registered = None;
+        let mut best: Option<(usize, (bool, usize, Duration, usize))> = None;
+        for (i, t) in self.transports.iter().enumerate() {
+            let Some(order) = seg.descriptor.protocol_rank(t.name()) else { continue };
+            if !t.can_reach(seg) {
+                continue;
+            }
+            let unmet = t.capabilities().requires_local_registration
+                && !*local_registered.get_or_insert_with(|| self.regions.lookup(source, length).is_some());
+            // Listed protocols first, in list order; unlisted ones after them.
+            let rank = priority.iter().position(|n| n == t.name()).unwrap_or(priority.len());
+            let key = (unmet, rank, t.capabilities().model.estimate(length), order);
+            if best.as_ref().is_none_or(|(_, k)| key < *k) {
+                best = Some((i, key));
+            }
+        }
+        best.map(|(i, _)| (i, local_registered)).ok_or_else(|| {
+            Error::unavailable(format!(
+                "segment {:?} offers {:?}; this engine has {:?} and none of them can reach it",
+                seg.name,
+                seg.descriptor.protocols(),
+                self.transports.iter().map(|t| t.name()).collect::<Vec<_>>()
+            ))
+        })
+    }
+
+    pub(super) fn plan(&self, requests: &[TransferRequest], may_refresh: bool) -> std::result::Result<Plan, Retry> {
+        let stale: Vec<String> = std::mem::take(&mut *sync::lock(&self.shared.stale_peers));
+        for name in stale {
+            self.segments.mark_stale(&name);
+        }
+        let mut routes = Vec::with_capacity(requests.len());
+        let mut refresh = Vec::new();
+        for (i, r) in requests.iter().enumerate() {
+            if r.length == 0 {
+                return Err(Error::InvalidArgument(format!("request {i} has zero length")).into());
+            }
+            if r.source.checked_add(r.length).is_none() || r.target_offset.checked_add(r.length).is_none() {
+                return Err(Error::InvalidArgument(format!("request {i}: address + length overflows")).into());
+            }
+            let (seg, fresh) = self.segments.get_with_freshness(r.target_id)?;
+            let inside = seg.descriptor.find_buffer(r.target_offset, r.length).is_some();
+            if may_refresh && (!fresh || !inside) {
+                // The descriptor may be outdated (peer restarted or registered more memory).
+                if !refresh.contains(&r.target_id) {
+                    refresh.push(r.target_id);
+                }
+                continue;
+            }
+            if !inside {
+                return Err(Error::AddressNotRegistered {
+                    addr: r.target_offset,
+                    len: r.length,
+                    context: format!("request {i}: not inside any buffer of segment {}", seg.name),
+                }
+                .into());
+            }
+            let (t, local_registered) = self.route(&seg, r.source, r.length)?;
+            let caps = self.transports[t].capabilities();
+            if caps.requires_local_registration && local_registered != Some(true) {
+                self.regions.check(r.source, r.length, "local buffer")?;
+            }
+            if r.length > caps.max_request_size {
+                return Err(Error::InvalidArgument(format!(
+                    "request {i}: {} bytes exceeds {}'s limit of {}",
+                    r.length,
+                    self.transports[t].name(),
+                    caps.max_request_size
+                ))
+                .into());
+            }
+            routes.push((t, seg));
+        }
+        if !refresh.is_empty() {
+            // A refresh happened already in this call if the caller retries; report the range then.
+            return Err(Retry::Refresh(refresh));
+        }
+        Ok(Plan { routes })
+    }
+}

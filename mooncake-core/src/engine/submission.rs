@@ -1,0 +1,239 @@
+//! Submission paths: batches the caller polls, the async `transfer`, and the blocking sync calls; each plans
+//! (refreshing stale descriptors once) and launches requests on the chosen transports.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use super::routing::{Plan, Retry};
+use super::{Inner, TransferEngine, spawn_on};
+use crate::completion::Batch;
+use crate::error::{Error, Result};
+use crate::sync;
+use crate::transport::{BlockingRequest, TransferTask};
+use crate::types::{BatchId, Opcode, TransferRequest, TransferState, TransferStatus};
+
+impl TransferEngine {
+    // ---- batches ---------------------------------------------------------------------------
+
+    /// Allocates a batch for up to `capacity` requests.
+    pub fn allocate_batch(&self, capacity: usize) -> Result<BatchId> {
+        if capacity == 0 {
+            return Err(Error::InvalidArgument("batch capacity must be at least 1".into()));
+        }
+        let id = self.inner.next_batch.fetch_add(1, Ordering::Relaxed);
+        sync::lock(&self.inner.batches).insert(id, Batch::new(capacity));
+        Ok(id)
+    }
+
+    /// The batch object (to await or poll it directly).
+    pub fn batch(&self, id: BatchId) -> Result<Arc<Batch>> {
+        sync::lock(&self.inner.batches).get(&id).cloned().ok_or(Error::UnknownBatch(id))
+    }
+
+    /// Frees a batch; [`Error::BatchBusy`] while requests are in flight.
+    pub fn free_batch(&self, id: BatchId) -> Result<()> {
+        let mut map = sync::lock(&self.inner.batches);
+        let batch = map.get(&id).ok_or(Error::UnknownBatch(id))?;
+        if !batch.is_done() {
+            return Err(Error::BatchBusy(id));
+        }
+        map.remove(&id);
+        Ok(())
+    }
+
+    /// Submits requests into a batch (they accumulate up to its capacity). The whole submission
+    /// is rejected, with nothing started, when any request is invalid.
+    pub fn submit_transfer(&self, id: BatchId, requests: &[TransferRequest]) -> Result<()> {
+        let batch = self.batch(id)?;
+        self.submit_into(&batch, requests)
+    }
+
+    /// Submits into a batch object (see [`TransferEngine::submit_transfer`]).
+    pub fn submit_into(&self, batch: &Arc<Batch>, requests: &[TransferRequest]) -> Result<()> {
+        let plan = self.plan_blocking(requests)?;
+        self.inner.launch(batch, requests, plan)
+    }
+
+    /// Validates and routes requests, re-reading stale descriptors once (blocking).
+    fn plan_blocking(&self, requests: &[TransferRequest]) -> Result<Plan> {
+        Ok(match self.inner.plan(requests, true) {
+            Ok(plan) => plan,
+            Err(Retry::Refresh(handles)) => {
+                let inner = self.inner.clone();
+                self.run(async move {
+                    for h in handles {
+                        inner.refresh(h).await?;
+                    }
+                    Ok::<_, Error>(())
+                })?;
+                self.inner.plan(requests, false).map_err(Retry::into_error)?
+            }
+            Err(Retry::Fail(e)) => return Err(e),
+        })
+    }
+
+    /// Async form of submission + completion: runs the requests and returns one result per request
+    /// (bytes moved or a typed error). Runtime-agnostic.
+    pub async fn transfer(&self, requests: &[TransferRequest]) -> Result<Vec<Result<u64>>> {
+        if requests.is_empty() {
+            return Ok(Vec::new());
+        }
+        let plan = match self.inner.plan(requests, true) {
+            Ok(plan) => plan,
+            Err(Retry::Refresh(handles)) => {
+                for h in handles {
+                    let inner = self.inner.clone();
+                    spawn_on(&self.inner.handle, async move { inner.refresh(h).await }).await?;
+                }
+                self.inner.plan(requests, false).map_err(Retry::into_error)?
+            }
+            Err(Retry::Fail(e)) => return Err(e),
+        };
+        let batch = Batch::new(requests.len());
+        self.inner.launch(&batch, requests, plan)?;
+        batch.wait().await;
+        Ok(results(&batch))
+    }
+
+    /// Status of one request of a batch.
+    pub fn transfer_status(&self, id: BatchId, task: usize) -> Result<TransferStatus> {
+        self.batch(id)?.status(task)
+    }
+
+    /// Aggregate status of a batch.
+    pub fn batch_status(&self, id: BatchId) -> Result<TransferStatus> {
+        Ok(self.batch(id)?.overall())
+    }
+
+    // ---- sync helpers ----------------------------------------------------------------------
+
+    /// Timeout of a sync call moving `bytes`: `MC_TRANSFER_TIMEOUT` plus 1 ns per byte.
+    pub fn sync_timeout(&self, bytes: u64) -> Duration {
+        self.inner.config.transfer_timeout + Duration::from_nanos(bytes)
+    }
+
+    /// Blocking read or write of one range (upstream `transfer_sync_*`).
+    pub fn transfer_sync(&self, target: &str, opcode: Opcode, local: u64, remote: u64, len: u64) -> Result<()> {
+        self.batch_transfer_sync(target, opcode, &[local], &[remote], &[len])
+    }
+
+    /// Blocking batch to one segment; fails with the first error. Times out per
+    /// [`TransferEngine::sync_timeout`].
+    pub fn batch_transfer_sync(
+        &self,
+        target: &str,
+        opcode: Opcode,
+        locals: &[u64],
+        remotes: &[u64],
+        lengths: &[u64],
+    ) -> Result<()> {
+        self.batch_transfer_sync_each(target, opcode, locals, remotes, lengths)?.into_iter().collect()
+    }
+
+    /// Blocking batch to one segment with one result per request, in order. `Err` is for the whole call
+    /// (mismatched lists, unknown segment, a request that fails validation); a request that fails while moving
+    /// data fails only its own entry, and entries still unfinished at [`TransferEngine::sync_timeout`] fail with
+    /// `Timeout`. Transports with a caller-thread path run the requests on this thread
+    /// ([`Transport::transfer_blocking`], [`Transport::transfer_blocking_batch`]).
+    pub fn batch_transfer_sync_each(
+        &self,
+        target: &str,
+        opcode: Opcode,
+        locals: &[u64],
+        remotes: &[u64],
+        lengths: &[u64],
+    ) -> Result<Vec<Result<()>>> {
+        if locals.len() != remotes.len() || locals.len() != lengths.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} local addresses, {} remote addresses and {} lengths",
+                locals.len(),
+                remotes.len(),
+                lengths.len()
+            )));
+        }
+        if locals.is_empty() {
+            return Ok(Vec::new());
+        }
+        let target_id = self.open_segment(target)?;
+        let requests: Vec<TransferRequest> = (0..locals.len())
+            .map(|i| TransferRequest {
+                opcode,
+                source: locals[i],
+                target_id,
+                target_offset: remotes[i],
+                length: lengths[i],
+            })
+            .collect();
+        let plan = self.plan_blocking(&requests)?;
+        let timeout = self.sync_timeout(lengths.iter().sum());
+        let (first, seg) = &plan.routes[0];
+        if plan.routes.iter().all(|(t, _)| t == first) {
+            // The calling thread may run them itself (no hand-off to the runtime and back).
+            let transport = &self.inner.transports[*first];
+            let direct = if let [r] = requests.as_slice() {
+                transport
+                    .transfer_blocking(seg, opcode, r.source, r.target_offset, r.length, timeout)
+                    .map(|result| vec![result])
+            } else {
+                let pieces: Vec<BlockingRequest> = requests
+                    .iter()
+                    .map(|r| BlockingRequest { local_addr: r.source, remote_addr: r.target_offset, length: r.length })
+                    .collect();
+                transport.transfer_blocking_batch(seg, opcode, &pieces, timeout)
+            };
+            if let Some(results) = direct.filter(|r| r.len() == requests.len()) {
+                return Ok(results.into_iter().map(|r| r.map(|_| ())).collect());
+            }
+        }
+        let batch = Batch::new(requests.len());
+        self.inner.launch(&batch, &requests, plan)?;
+        // A timeout marks the unfinished requests; their statuses say so.
+        let _ = batch.wait_blocking(timeout);
+        Ok((0..requests.len())
+            .map(|i| match batch.status(i) {
+                Ok(s) if s.state == TransferState::Completed => Ok(()),
+                Ok(s) => Err(s.error.unwrap_or_else(|| Error::Protocol(format!("transfer ended {:?}", s.state)))),
+                Err(e) => Err(e),
+            })
+            .collect())
+    }
+}
+
+/// Per-request results of a finished batch.
+fn results(batch: &Batch) -> Vec<Result<u64>> {
+    (0..batch.len())
+        .map(|i| match batch.status(i) {
+            Ok(s) if s.state == crate::types::TransferState::Completed => Ok(s.transferred_bytes),
+            Ok(s) => Err(s.error.unwrap_or(Error::Protocol(format!("request ended as {:?}", s.state)))),
+            Err(e) => Err(e),
+        })
+        .collect()
+}
+
+impl Inner {
+    pub(super) fn launch(&self, batch: &Arc<Batch>, requests: &[TransferRequest], plan: Plan) -> Result<()> {
+        let start = batch.reserve(requests.len())?;
+        // Group consecutive requests by (transport, segment) so each transport gets one call.
+        let mut i = 0;
+        while i < requests.len() {
+            let (t, seg) = &plan.routes[i];
+            let mut j = i + 1;
+            while j < requests.len() && plan.routes[j].0 == *t && plan.routes[j].1.handle == seg.handle {
+                j += 1;
+            }
+            let tasks: Vec<TransferTask> = (i..j)
+                .map(|k| TransferTask {
+                    opcode: requests[k].opcode,
+                    local_addr: requests[k].source,
+                    remote_addr: requests[k].target_offset,
+                    length: requests[k].length,
+                    completion: batch.completion(start + k),
+                })
+                .collect();
+            self.transports[*t].submit(seg, tasks);
+            i = j;
+        }
+        Ok(())
+    }
+}
