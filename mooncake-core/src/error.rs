@@ -135,6 +135,12 @@ impl From<serde_json::Error> for Error {
 }
 
 impl Error {
+    /// True when the error says the peer cannot be reached at all (it disconnected, is unavailable, timed out
+    /// or the socket failed), as opposed to a request it rejected: retrying other requests to it is pointless.
+    pub fn is_peer_unreachable(&self) -> bool {
+        matches!(self, Error::RemoteDisconnected { .. } | Error::Unavailable { .. } | Error::Timeout(_) | Error::Io(_))
+    }
+
     /// Shorthand for [`Error::Unavailable`].
     pub fn unavailable(reason: impl Into<String>) -> Self {
         Error::Unavailable { reason: reason.into() }

@@ -40,7 +40,9 @@ pub use capabilities::{Capabilities, DeviceCapabilities, PerfModel};
 pub use completion::{Batch, Completion};
 pub use descriptor::{BufferDesc, FieldError, Fields, Section, SegmentDescriptor};
 pub use device::{AllocOptions, Allocation, DmabufExport, MemoryDevice, SharingHandle};
-pub use engine::{EngineConfig, TransferEngine, join_host_port, split_host_port};
+pub use engine::{
+    CALLER_THREAD_MAX_BYTES, EngineConfig, PendingTransfers, Transfer, TransferEngine, join_host_port, split_host_port,
+};
 pub use error::{Error, Result};
 pub use fanin::{FanIn, PieceDone};
 pub use memory::{Region, RegionGuard, RegionTable};

@@ -59,3 +59,43 @@ fn unknown_protocol_is_a_clear_error() {
     let r = TransferEngine::new(EngineConfig::new("127.0.0.1", "zookeeper://x:1"));
     assert!(matches!(r, Err(Error::Unavailable { .. })));
 }
+
+#[test]
+fn run_transfers_gives_each_transfer_its_own_result() {
+    use mooncake::{CALLER_THREAD_MAX_BYTES, Transfer};
+    let (a, b) = (engine(), engine());
+    let len = 3 * CALLER_THREAD_MAX_BYTES as usize;
+    let src: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    let mut dst = vec![0u8; len];
+    a.register_memory(src.as_ptr() as u64, len as u64, "*").unwrap();
+    b.register_memory(dst.as_mut_ptr() as u64, len as u64, "*").unwrap();
+    let (s, d) = (src.as_ptr() as u64, dst.as_ptr() as u64);
+    let targets = [b.local_segment_name().to_string(), "127.0.0.1:1".to_string()];
+    let write = |target, local_addr, remote_addr, length| Transfer {
+        target,
+        opcode: Opcode::Write,
+        local_addr,
+        remote_addr,
+        length,
+    };
+
+    // Small, one peer, one opcode: the caller-thread path; a bad remote range fails alone.
+    let small = [write(0, s, d, 4096), write(0, s, d + len as u64, 4096), write(0, s + 4096, d + 4096, 4096)];
+    let r = a.run_transfers(&targets, &small);
+    assert!(r[0].is_ok() && r[2].is_ok(), "{r:?}");
+    assert!(matches!(r[1], Err(Error::AddressNotRegistered { .. })), "{r:?}");
+    assert_eq!(dst[..8192], src[..8192]);
+
+    // Large and to two targets: submitted at start; the unreachable target fails only its own transfer, and a
+    // target index past the list is an argument error.
+    let big = [write(0, s, d, len as u64), write(1, s, 0x1000, 16), write(7, s, d, 16)];
+    let pending = a.start_transfers(&targets, &big);
+    let r = pending.wait();
+    assert!(r[0].is_ok(), "{r:?}");
+    assert!(r[1].as_ref().is_err_and(|e| e.is_peer_unreachable()), "{r:?}");
+    assert!(matches!(r[2], Err(Error::InvalidArgument(_))), "{r:?}");
+    assert_eq!(dst, src);
+    assert!(a.run_transfers::<String>(&[], &[]).is_empty());
+    a.unregister_memory(s).unwrap();
+    b.unregister_memory(d).unwrap();
+}

@@ -11,7 +11,7 @@ use crate::completion::Batch;
 use crate::error::{Error, Result};
 use crate::sync;
 use crate::transport::{BlockingRequest, TransferTask};
-use crate::types::{BatchId, Opcode, TransferRequest, TransferState, TransferStatus};
+use crate::types::{BatchId, Opcode, SegmentHandle, TransferRequest, TransferState, TransferStatus};
 
 impl TransferEngine {
     // ---- batches ---------------------------------------------------------------------------
@@ -56,21 +56,25 @@ impl TransferEngine {
     }
 
     /// Validates and routes requests, re-reading stale descriptors once (blocking).
-    fn plan_blocking(&self, requests: &[TransferRequest]) -> Result<Plan> {
-        Ok(match self.inner.plan(requests, true) {
-            Ok(plan) => plan,
+    pub(super) fn plan_blocking(&self, requests: &[TransferRequest]) -> Result<Plan> {
+        match self.inner.plan(requests, true) {
             Err(Retry::Refresh(handles)) => {
-                let inner = self.inner.clone();
-                self.run(async move {
-                    for h in handles {
-                        inner.refresh(h).await?;
-                    }
-                    Ok::<_, Error>(())
-                })?;
-                self.inner.plan(requests, false).map_err(Retry::into_error)?
+                self.run(refresh_all(self.inner.clone(), handles))?;
+                self.inner.plan(requests, false).map_err(Retry::into_error)
             }
-            Err(Retry::Fail(e)) => return Err(e),
-        })
+            first => first.map_err(Retry::into_error),
+        }
+    }
+
+    /// [`TransferEngine::plan_blocking`] for async callers (the refresh runs on the engine's runtime).
+    async fn plan_async(&self, requests: &[TransferRequest]) -> Result<Plan> {
+        match self.inner.plan(requests, true) {
+            Err(Retry::Refresh(handles)) => {
+                spawn_on(&self.inner.handle, refresh_all(self.inner.clone(), handles)).await?;
+                self.inner.plan(requests, false).map_err(Retry::into_error)
+            }
+            first => first.map_err(Retry::into_error),
+        }
     }
 
     /// Async form of submission + completion: runs the requests and returns one result per request
@@ -79,17 +83,7 @@ impl TransferEngine {
         if requests.is_empty() {
             return Ok(Vec::new());
         }
-        let plan = match self.inner.plan(requests, true) {
-            Ok(plan) => plan,
-            Err(Retry::Refresh(handles)) => {
-                for h in handles {
-                    let inner = self.inner.clone();
-                    spawn_on(&self.inner.handle, async move { inner.refresh(h).await }).await?;
-                }
-                self.inner.plan(requests, false).map_err(Retry::into_error)?
-            }
-            Err(Retry::Fail(e)) => return Err(e),
-        };
+        let plan = self.plan_async(requests).await?;
         let batch = Batch::new(requests.len());
         self.inner.launch(&batch, requests, plan)?;
         batch.wait().await;
@@ -198,6 +192,14 @@ impl TransferEngine {
             })
             .collect())
     }
+}
+
+/// Re-reads the descriptors of `handles` (run on the engine's runtime).
+async fn refresh_all(inner: Arc<Inner>, handles: Vec<SegmentHandle>) -> Result<()> {
+    for h in handles {
+        inner.refresh(h).await?;
+    }
+    Ok(())
 }
 
 /// Per-request results of a finished batch.

@@ -30,10 +30,3 @@ pub(crate) fn rpc(request: &str, e: &RpcError) -> Error {
     tracing::warn!(request, error = %e, "master RPC failed");
     Error::with_cause(rpc_kind(e), Cause::Master { request: request.to_string(), source: e.clone() })
 }
-
-/// True when `e` says the peer cannot be reached at all (as opposed to a rejected request): the master
-/// should hear about it so it stops placing on and serving that peer.
-pub(crate) fn is_connection_level(e: &mooncake_core::Error) -> bool {
-    use mooncake_core::Error as E;
-    matches!(e, E::RemoteDisconnected { .. } | E::Unavailable { .. } | E::Timeout(_) | E::Io(_))
-}

@@ -43,7 +43,6 @@ mod segments;
 mod session;
 mod staging;
 mod tasks;
-mod transfer;
 mod write;
 
 use std::sync::Arc;

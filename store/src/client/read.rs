@@ -9,14 +9,13 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use mooncake_core::{MemoryKind, Opcode, RegionGuard};
+use mooncake_core::{MemoryKind, Opcode, RegionGuard, Transfer};
 
 use super::errors;
 use super::lifecycle::Inner;
 use super::local_copy;
 use super::master::{per_key, wrong_kind};
 use super::staging::Scratch;
-use super::transfer::{self, Xfer};
 use crate::error::{Error, Result};
 use crate::protocol::{Request, Response};
 use crate::types::{ErrorCode, ReplicaDescriptor, ReplicaStatus};
@@ -146,7 +145,7 @@ impl Inner {
             if round.xfers.is_empty() && round.local.is_empty() {
                 break;
             }
-            let in_flight = transfer::submit(&self.engine, &round.endpoints, &round.xfers);
+            let in_flight = self.engine.start_transfers(&round.endpoints, &round.xfers);
             for &(i, c) in &round.local {
                 let job = &mut jobs[i];
                 let replica_addr = job.candidates[c].addr;
@@ -170,15 +169,15 @@ impl Inner {
                 }
             }
             let mut failed: HashSet<usize> = HashSet::new();
-            for (k, r) in in_flight.wait(&self.engine).into_iter().enumerate() {
+            for (k, r) in in_flight.wait().into_iter().enumerate() {
                 let Err(e) = r else { continue };
                 let i = round.owners[k];
-                let endpoint = &round.endpoints[round.xfers[k].endpoint];
+                let endpoint = &round.endpoints[round.xfers[k].target];
                 if failed.insert(i) {
                     let what = format!("reading {:?} from {endpoint} failed", jobs[i].key);
                     jobs[i].last_error = Some(errors::engine(&what, &e));
                 }
-                if errors::is_connection_level(&e) && dead.insert(endpoint.clone()) {
+                if e.is_peer_unreachable() && dead.insert(endpoint.clone()) {
                     self.report_unreachable(endpoint);
                 }
             }
@@ -245,12 +244,12 @@ impl Inner {
             match &job.dest {
                 Dest::Owned => match job.staged {
                     Some(addr) => {
-                        round.xfers.push(Xfer {
-                            endpoint,
+                        round.xfers.push(Transfer {
+                            target: endpoint,
                             opcode: Opcode::Read,
-                            local: addr,
-                            remote: replica_addr,
-                            len: job.size,
+                            local_addr: addr,
+                            remote_addr: replica_addr,
+                            length: job.size,
                         });
                         round.owners.push(i);
                     }
@@ -262,12 +261,12 @@ impl Inner {
                 },
                 Dest::Raw(parts) => {
                     for (ptr, off, len) in pieces(parts, job.size) {
-                        round.xfers.push(Xfer {
-                            endpoint,
+                        round.xfers.push(Transfer {
+                            target: endpoint,
                             opcode: Opcode::Read,
-                            local: ptr,
-                            remote: replica_addr + off,
-                            len,
+                            local_addr: ptr,
+                            remote_addr: replica_addr + off,
+                            length: len,
                         });
                         round.owners.push(i);
                     }
@@ -283,7 +282,7 @@ impl Inner {
 #[derive(Default)]
 struct Round {
     endpoints: Vec<String>,
-    xfers: Vec<Xfer>,
+    xfers: Vec<Transfer>,
     /// The job of each transfer.
     owners: Vec<usize>,
     /// Jobs served from our own segment: (job, candidate).

@@ -14,13 +14,12 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use mooncake_core::sync::lock;
-use mooncake_core::{MemoryKind, Opcode, RegionGuard};
+use mooncake_core::{MemoryKind, Opcode, RegionGuard, Transfer};
 
 use super::errors;
 use super::lifecycle::Inner;
 use super::local_copy;
 use super::master::{per_key, wrong_kind};
-use super::transfer::{self, Xfer};
 use crate::error::{Error, Result};
 use crate::protocol::{Request, Response};
 use crate::types::{ErrorCode, ReplicaDescriptor, ReplicaStatus, ReplicateConfig};
@@ -265,7 +264,7 @@ impl Inner {
             // This round: writes touch every replica once; reads try each job's next replica.
             let mut endpoints: Vec<String> = Vec::new();
             let mut endpoint_index: HashMap<String, usize> = HashMap::new();
-            let mut xfers: Vec<Xfer> = Vec::new();
+            let mut xfers: Vec<Transfer> = Vec::new();
             let mut owners: Vec<usize> = Vec::new();
             let mut active = Vec::new();
             for (j, job) in jobs.iter_mut().enumerate() {
@@ -298,7 +297,13 @@ impl Inner {
                         endpoints.len() - 1
                     });
                     for &(ptr, len, off) in &job.ranges {
-                        xfers.push(Xfer { endpoint, opcode, local: ptr, remote: r.addr + off, len });
+                        xfers.push(Transfer {
+                            target: endpoint,
+                            opcode,
+                            local_addr: ptr,
+                            remote_addr: r.addr + off,
+                            length: len,
+                        });
                         owners.push(j);
                     }
                 }
@@ -306,16 +311,16 @@ impl Inner {
             if active.is_empty() {
                 break;
             }
-            let results = transfer::submit(&self.engine, &endpoints, &xfers).wait(&self.engine);
+            let results = self.engine.run_transfers(&endpoints, &xfers);
             for (k, r) in results.into_iter().enumerate() {
                 let Err(e) = r else { continue };
-                let endpoint = &endpoints[xfers[k].endpoint];
+                let endpoint = &endpoints[xfers[k].target];
                 let job = &mut jobs[owners[k]];
                 if job.round_error.is_none() {
                     job.round_error =
                         Some(errors::engine(&format!("ranges of {:?} via {endpoint}", keys[owners[k]]), &e));
                 }
-                if errors::is_connection_level(&e) {
+                if e.is_peer_unreachable() {
                     self.report_unreachable(endpoint);
                 }
             }

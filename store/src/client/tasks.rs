@@ -6,13 +6,12 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use mooncake_core::Opcode;
+use mooncake_core::{Opcode, Transfer};
 
 use super::errors;
 use super::lifecycle::{Inner, PingControl};
 use super::local_copy;
 use super::master::wrong_kind;
-use super::transfer::{self, Xfer};
 use crate::error::{Error, Result};
 use crate::protocol::{Request, Response};
 use crate::types::{ErrorCode, ReplicaDescriptor};
@@ -116,13 +115,19 @@ impl Inner {
                     endpoints.len() - 1
                 }
             };
-            xfers.push(Xfer { endpoint, opcode: Opcode::Write, local: source.addr, remote: t.addr, len: source.len });
+            xfers.push(Transfer {
+                target: endpoint,
+                opcode: Opcode::Write,
+                local_addr: source.addr,
+                remote_addr: t.addr,
+                length: source.len,
+            });
         }
-        let results = transfer::submit(&self.engine, &endpoints, &xfers).wait(&self.engine);
+        let results = self.engine.run_transfers(&endpoints, &xfers);
         for (x, r) in xfers.iter().zip(results) {
             if let Err(e) = r {
-                let endpoint = &endpoints[x.endpoint];
-                if errors::is_connection_level(&e) {
+                let endpoint = &endpoints[x.target];
+                if e.is_peer_unreachable() {
                     self.report_unreachable(endpoint);
                 }
                 return Err(errors::engine(&format!("copying a replica to {endpoint}"), &e));

@@ -4,14 +4,13 @@
 
 use std::collections::HashMap;
 
-use mooncake_core::{MemoryKind, Opcode, RegionGuard};
+use mooncake_core::{MemoryKind, Opcode, RegionGuard, Transfer};
 
 use super::errors;
 use super::lifecycle::Inner;
 use super::local_copy;
 use super::master::{per_key, wrong_kind};
 use super::staging::Scratch;
-use super::transfer::{self, Xfer};
 use crate::error::{Error, Result};
 use crate::protocol::{Request, Response};
 use crate::types::{ErrorCode, ReplicaDescriptor, ReplicateConfig};
@@ -147,7 +146,7 @@ impl Inner {
         // Plan: remote replicas through the engine, our own by memcpy.
         let mut endpoints: Vec<String> = Vec::new();
         let mut endpoint_index: HashMap<String, usize> = HashMap::new();
-        let mut xfers: Vec<Xfer> = Vec::new();
+        let mut xfers: Vec<Transfer> = Vec::new();
         let mut owners: Vec<usize> = Vec::new();
         let mut local: Vec<(usize, u64)> = Vec::new();
         let mut unstaged: Vec<usize> = Vec::new();
@@ -167,7 +166,13 @@ impl Inner {
                     endpoints.len() - 1
                 });
                 let mut push = |local_addr: u64, remote: u64, len: u64| {
-                    xfers.push(Xfer { endpoint, opcode: Opcode::Write, local: local_addr, remote, len });
+                    xfers.push(Transfer {
+                        target: endpoint,
+                        opcode: Opcode::Write,
+                        local_addr,
+                        remote_addr: remote,
+                        length: len,
+                    });
                     owners.push(i);
                 };
                 match &job.source {
@@ -189,7 +194,7 @@ impl Inner {
             tracing::error!(key = jobs[i].key, "a value for a remote replica was not staged");
             jobs[i].fail(ErrorCode::Internal.into());
         }
-        let in_flight = transfer::submit(&self.engine, &endpoints, &xfers);
+        let in_flight = self.engine.start_transfers(&endpoints, &xfers);
         for (i, dst) in local {
             let job = &mut jobs[i];
             let mut off = 0;
@@ -210,15 +215,15 @@ impl Inner {
                 job.fail(ErrorCode::TransferFail.into());
             }
         }
-        for (k, r) in in_flight.wait(&self.engine).into_iter().enumerate() {
+        for (k, r) in in_flight.wait().into_iter().enumerate() {
             let Err(e) = r else { continue };
             let job = &mut jobs[owners[k]];
             if job.failure.is_none() {
-                let endpoint = &endpoints[xfers[k].endpoint];
+                let endpoint = &endpoints[xfers[k].target];
                 job.fail(errors::engine(&format!("writing {:?} to {endpoint} failed", job.key), &e));
             }
-            if errors::is_connection_level(&e) {
-                self.report_unreachable(&endpoints[xfers[k].endpoint]);
+            if e.is_peer_unreachable() {
+                self.report_unreachable(&endpoints[xfers[k].target]);
             }
         }
         drop(scratch);
