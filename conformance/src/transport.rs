@@ -234,9 +234,9 @@ impl Pair {
     fn req(&self, opcode: Opcode, local_off: u64, remote_off: u64, length: u64) -> TransferRequest {
         TransferRequest {
             opcode,
-            source: self.abuf.addr() + local_off,
-            target_id: self.seg,
-            target_offset: self.bbuf.addr() + remote_off,
+            local_addr: self.abuf.addr() + local_off,
+            target: self.seg,
+            remote_addr: self.bbuf.addr() + remote_off,
             length,
         }
     }
@@ -422,9 +422,9 @@ fn self_segment(t: &Target) -> TestResult {
         let me = a.open_segment(a.local_segment_name()).or_fail("opening our own segment")?;
         let w = TransferRequest {
             opcode: Opcode::Write,
-            source: buf.addr(),
-            target_id: me,
-            target_offset: buf.addr() + 4096,
+            local_addr: buf.addr(),
+            target: me,
+            remote_addr: buf.addr() + 4096,
             length: 4096,
         };
         all_ok(run(&a, &[w])?, &[w], "write to our own segment")
@@ -784,8 +784,8 @@ fn out_of_bounds(t: &Target) -> TestResult {
     let cases = [
         ("straddling the end of the remote buffer", p.req(op, 0, 4000, 200)),
         ("ending one byte past the remote buffer", p.req(op, 0, 1, 4096)),
-        ("before the remote buffer", TransferRequest { target_offset: p.bbuf.addr() - 4096, ..p.req(op, 0, 0, 64) }),
-        ("in unmapped high memory", TransferRequest { target_offset: 0xFFFF_FFFF_0000_0000, ..p.req(op, 0, 0, 64) }),
+        ("before the remote buffer", TransferRequest { remote_addr: p.bbuf.addr() - 4096, ..p.req(op, 0, 0, 64) }),
+        ("in unmapped high memory", TransferRequest { remote_addr: 0xFFFF_FFFF_0000_0000, ..p.req(op, 0, 0, 64) }),
     ];
     for (what, r) in cases {
         let e = single_error(p.run(&[r])?, what)?;
@@ -818,7 +818,7 @@ fn stale_remote_range(t: &Target) -> TestResult {
         ops.push(Opcode::Read);
     }
     for op in ops {
-        let r = TransferRequest { target_offset: extra.addr(), ..p.req(op, 4096, 0, 4096) };
+        let r = TransferRequest { remote_addr: extra.addr(), ..p.req(op, 4096, 0, 4096) };
         let e = single_error(p.run(&[r])?, &format!("{op:?} of a range the peer unregistered"))?;
         ensure!(
             matches!(e, Error::RemoteRejected { .. } | Error::AddressNotRegistered { .. }),
@@ -838,9 +838,9 @@ fn overflow(t: &Target) -> TestResult {
     let p = Pair::new(t, 4096, 4096)?;
     let op = if t.caps.write { Opcode::Write } else { Opcode::Read };
     let cases = [
-        ("remote address + length overflows", TransferRequest { target_offset: u64::MAX - 7, ..p.req(op, 0, 0, 16) }),
-        ("remote address u64::MAX", TransferRequest { target_offset: u64::MAX, ..p.req(op, 0, 0, 1) }),
-        ("local address + length overflows", TransferRequest { source: u64::MAX - 7, ..p.req(op, 0, 0, 16) }),
+        ("remote address + length overflows", TransferRequest { remote_addr: u64::MAX - 7, ..p.req(op, 0, 0, 16) }),
+        ("remote address u64::MAX", TransferRequest { remote_addr: u64::MAX, ..p.req(op, 0, 0, 1) }),
+        ("local address + length overflows", TransferRequest { local_addr: u64::MAX - 7, ..p.req(op, 0, 0, 16) }),
         ("length u64::MAX", TransferRequest { length: u64::MAX, ..p.req(op, 0, 0, 1) }),
     ];
     for (what, r) in cases {
@@ -868,7 +868,7 @@ fn unregistered_local(t: &Target) -> TestResult {
     let p = Pair::new(t, 4096, 4096)?;
     let stray = HostBuf::zeroed(4096);
     let op = if t.caps.write { Opcode::Write } else { Opcode::Read };
-    let r = TransferRequest { source: stray.addr(), ..p.req(op, 0, 0, 4096) };
+    let r = TransferRequest { local_addr: stray.addr(), ..p.req(op, 0, 0, 4096) };
     let e = single_error(p.run(&[r])?, "transfer from an unregistered local buffer")?;
     ensure!(
         matches!(e, Error::AddressNotRegistered { .. }),
@@ -969,7 +969,7 @@ fn spawn_peer(t: &Target, size: u64, rpc_port: u16, seed: u64) -> Result<PeerPro
 }
 
 fn remote_req(h: SegmentHandle, op: Opcode, local: u64, remote: u64, len: u64) -> TransferRequest {
-    TransferRequest { opcode: op, source: local, target_id: h, target_offset: remote, length: len }
+    TransferRequest { opcode: op, local_addr: local, target: h, remote_addr: remote, length: len }
 }
 
 fn cross_read_write(t: &Target) -> TestResult {

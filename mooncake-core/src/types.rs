@@ -158,17 +158,19 @@ pub type SegmentHandle = u64;
 /// Engine-wide id of a batch (upstream `BatchID`); 0 is never a valid id.
 pub type BatchId = u64;
 
-/// One transfer as the user asks for it (upstream `TransferRequest`).
+/// One transfer as the user asks for it (upstream `TransferRequest`, whose `source`, `target_id` and
+/// `target_offset` are `local_addr`, `target` and `remote_addr` here: the two ends of a transfer are called local
+/// and remote everywhere in this project, and both are absolute addresses).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TransferRequest {
     /// Read or write.
     pub opcode: Opcode,
-    /// Local address (source of a write, destination of a read).
-    pub source: u64,
+    /// Address in this process (the source of a write, the destination of a read).
+    pub local_addr: u64,
     /// Target segment, from [`crate::TransferEngine::open_segment`].
-    pub target_id: SegmentHandle,
-    /// Absolute address in the target process.
-    pub target_offset: u64,
+    pub target: SegmentHandle,
+    /// Address in the target's process.
+    pub remote_addr: u64,
     /// Bytes to move.
     pub length: u64,
 }

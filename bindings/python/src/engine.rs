@@ -1003,16 +1003,16 @@ impl Drop for PyTransferEngine {
     }
 }
 
-/// One request per (local, remote, length) triple, all to segment `target_id`.
+/// One request per (local, remote, length) triple, all to segment `target`.
 fn requests_to(
-    target_id: mooncake::SegmentHandle,
+    target: mooncake::SegmentHandle,
     opcode: Opcode,
     locals: &[u64],
     remotes: &[u64],
     lens: &[u64],
 ) -> Vec<TransferRequest> {
     (0..locals.len())
-        .map(|i| TransferRequest { opcode, source: locals[i], target_id, target_offset: remotes[i], length: lens[i] })
+        .map(|i| TransferRequest { opcode, local_addr: locals[i], target, remote_addr: remotes[i], length: lens[i] })
         .collect()
 }
 

@@ -99,12 +99,12 @@ impl Inner {
     }
 
     /// Picks the transport for a request to `seg` by the target's protocols and the cost model.
-    /// A transport that needs registered local memory ranks last when the source range is not
+    /// A transport that needs registered local memory ranks last when the local range is not
     /// registered, so another transport that can send from anywhere takes the request.
     ///
-    /// Returns the transport index and, when the source range had to be looked up, whether it is
+    /// Returns the transport index and, when the local range had to be looked up, whether it is
     /// registered (so the caller does not look it up again).
-    fn route(&self, seg: &RemoteSegment, source: u64, length: u64) -> Result<(usize, Option<bool>)> {
+    fn route(&self, seg: &RemoteSegment, local_addr: u64, length: u64) -> Result<(usize, Option<bool>)> {
         let priority = &self.config.protocol_priority;
         let mut local_registered = None;
         let mut best: Option<(usize, (bool, usize, Duration, usize))> = None;
@@ -114,7 +114,7 @@ impl Inner {
                 continue;
             }
             let unmet = t.capabilities().requires_local_registration
-                && !*local_registered.get_or_insert_with(|| self.regions.lookup(source, length).is_some());
+                && !*local_registered.get_or_insert_with(|| self.regions.lookup(local_addr, length).is_some());
             // Listed protocols first, in list order; unlisted ones after them.
             let rank = priority.iter().position(|n| n == t.name()).unwrap_or(priority.len());
             let key = (unmet, rank, t.capabilities().model.estimate(length), order);
@@ -143,30 +143,30 @@ impl Inner {
             if r.length == 0 {
                 return Err(Error::InvalidArgument(format!("request {i} has zero length")).into());
             }
-            if r.source.checked_add(r.length).is_none() || r.target_offset.checked_add(r.length).is_none() {
+            if r.local_addr.checked_add(r.length).is_none() || r.remote_addr.checked_add(r.length).is_none() {
                 return Err(Error::InvalidArgument(format!("request {i}: address + length overflows")).into());
             }
-            let (seg, fresh) = self.segments.get_with_freshness(r.target_id)?;
-            let inside = seg.descriptor.find_buffer(r.target_offset, r.length).is_some();
+            let (seg, fresh) = self.segments.get_with_freshness(r.target)?;
+            let inside = seg.descriptor.find_buffer(r.remote_addr, r.length).is_some();
             if may_refresh && (!fresh || !inside) {
                 // The descriptor may be outdated (peer restarted or registered more memory).
-                if !refresh.contains(&r.target_id) {
-                    refresh.push(r.target_id);
+                if !refresh.contains(&r.target) {
+                    refresh.push(r.target);
                 }
                 continue;
             }
             if !inside {
                 return Err(Error::AddressNotRegistered {
-                    addr: r.target_offset,
+                    addr: r.remote_addr,
                     len: r.length,
                     context: format!("request {i}: not inside any buffer of segment {}", seg.name),
                 }
                 .into());
             }
-            let (t, local_registered) = self.route(&seg, r.source, r.length)?;
+            let (t, local_registered) = self.route(&seg, r.local_addr, r.length)?;
             let caps = self.transports[t].capabilities();
             if caps.requires_local_registration && local_registered != Some(true) {
-                self.regions.check(r.source, r.length, "local buffer")?;
+                self.regions.check(r.local_addr, r.length, "local buffer")?;
             }
             if r.length > caps.max_request_size {
                 return Err(Error::InvalidArgument(format!(

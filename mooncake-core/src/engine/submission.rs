@@ -149,13 +149,13 @@ impl TransferEngine {
         if locals.is_empty() {
             return Ok(Vec::new());
         }
-        let target_id = self.open_segment(target)?;
+        let handle = self.open_segment(target)?;
         let requests: Vec<TransferRequest> = (0..locals.len())
             .map(|i| TransferRequest {
                 opcode,
-                source: locals[i],
-                target_id,
-                target_offset: remotes[i],
+                local_addr: locals[i],
+                target: handle,
+                remote_addr: remotes[i],
                 length: lengths[i],
             })
             .collect();
@@ -167,12 +167,12 @@ impl TransferEngine {
             let transport = &self.inner.transports[*first];
             let direct = if let [r] = requests.as_slice() {
                 transport
-                    .transfer_blocking(seg, opcode, r.source, r.target_offset, r.length, timeout)
+                    .transfer_blocking(seg, opcode, r.local_addr, r.remote_addr, r.length, timeout)
                     .map(|result| vec![result])
             } else {
                 let pieces: Vec<BlockingRequest> = requests
                     .iter()
-                    .map(|r| BlockingRequest { local_addr: r.source, remote_addr: r.target_offset, length: r.length })
+                    .map(|r| BlockingRequest { local_addr: r.local_addr, remote_addr: r.remote_addr, length: r.length })
                     .collect();
                 transport.transfer_blocking_batch(seg, opcode, &pieces, timeout)
             };
@@ -227,8 +227,8 @@ impl Inner {
             let tasks: Vec<TransferTask> = (i..j)
                 .map(|k| TransferTask {
                     opcode: requests[k].opcode,
-                    local_addr: requests[k].source,
-                    remote_addr: requests[k].target_offset,
+                    local_addr: requests[k].local_addr,
+                    remote_addr: requests[k].remote_addr,
                     length: requests[k].length,
                     completion: batch.completion(start + k),
                 })

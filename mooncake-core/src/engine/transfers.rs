@@ -115,9 +115,9 @@ impl TransferEngine {
         };
         let request = |i: usize| TransferRequest {
             opcode: transfers[i].opcode,
-            source: transfers[i].local_addr,
-            target_id: handle,
-            target_offset: transfers[i].remote_addr,
+            local_addr: transfers[i].local_addr,
+            target: handle,
+            remote_addr: transfers[i].remote_addr,
             length: transfers[i].length,
         };
         let all: Vec<TransferRequest> = group.iter().map(|&i| request(i)).collect();
