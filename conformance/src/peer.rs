@@ -121,7 +121,7 @@ pub fn serve_peer(args: &PeerArgs) -> Result<(), String> {
     let engine = TransferEngine::new(config).or_fail("starting the peer engine")?;
     let size = usize::try_from(args.size).or_fail("buffer size")?;
     let buf = HostBuf::with_pattern(args.seed, size);
-    engine.register_memory(buf.addr(), buf.len(), "cpu:0").or_fail("registering the peer buffer")?;
+    engine.register_owned(buf.owned(), "cpu:0").or_fail("registering the peer buffer")?;
     let info = PeerInfo {
         segment: engine.local_segment_name().to_string(),
         addr: buf.addr(),

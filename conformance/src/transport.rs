@@ -61,13 +61,6 @@ fn read_or_write(t: &Target) -> Option<String> {
     host(t).or_else(|| (!(t.caps.read || t.caps.write)).then(|| "declares neither read nor write".into()))
 }
 
-fn local_registration(t: &Target) -> Option<String> {
-    host(t).or_else(|| {
-        (!t.caps.requires_local_registration)
-            .then(|| "transport reads any local memory (requires_local_registration = false); nothing to reject".into())
-    })
-}
-
 fn aligned(t: &Target) -> Option<String> {
     read_or_write(t).or_else(|| (t.caps.alignment <= 1).then(|| "alignment is 1: every address is aligned".into()))
 }
@@ -161,7 +154,8 @@ pub fn transport_suite(protocol: &str, opts: &SuiteOptions) -> Vec<Trial> {
         case("unregistered_remote_range_rejected", read_or_write, stale_remote_range),
         case("overflowing_address_rejected", read_or_write, overflow),
         case("zero_length_rejected", read_or_write, zero_length),
-        case("unregistered_local_buffer_rejected", local_registration, unregistered_local),
+        case("unregistered_local_buffer_rejected", read_or_write, unregistered_local),
+        case("unregister_waits_for_local_transfers", read_or_write, unregister_waits_for_local_use),
         case("misaligned_request_rejected", aligned, misaligned),
         case("oversized_request_rejected", limited, oversized),
         case("notifications", always, notifications),
@@ -224,8 +218,8 @@ impl Pair {
         let b = engine(t)?;
         let abuf = HostBuf::zeroed(a_len as usize);
         let bbuf = HostBuf::zeroed(b_len as usize);
-        a.register_memory(abuf.addr(), abuf.len(), "cpu:0").or_fail("registering A's buffer")?;
-        b.register_memory(bbuf.addr(), bbuf.len(), "cpu:0").or_fail("registering B's buffer")?;
+        a.register_owned(abuf.owned(), "cpu:0").or_fail("registering A's buffer")?;
+        b.register_owned(bbuf.owned(), "cpu:0").or_fail("registering B's buffer")?;
         let mut pair = Pair { a, b, abuf, bbuf, seg: 0, b_down: false };
         pair.seg = pair.a.open_segment(pair.b.local_segment_name()).or_fail("A opening B's segment")?;
         Ok(pair)
@@ -273,7 +267,7 @@ impl Solo {
     fn new(t: &Target, len: u64) -> Result<Solo, String> {
         let engine = engine(t)?;
         let buf = HostBuf::zeroed(len as usize);
-        engine.register_memory(buf.addr(), buf.len(), "cpu:0").or_fail("registering the local buffer")?;
+        engine.register_owned(buf.owned(), "cpu:0").or_fail("registering the local buffer")?;
         Ok(Solo { engine, buf })
     }
 }
@@ -395,8 +389,8 @@ fn write_read(t: &Target, size: u64) -> TestResult {
     // A non-zero, aligned offset into the remote buffer, with guard bands on both sides.
     let off = align_up(3, t.caps.alignment);
     let n = size as usize;
-    let mut p = Pair::new(t, 2 * size, size + 2 * off)?;
-    p.abuf.bytes_mut()[..n].copy_from_slice(&pattern(size, n));
+    let p = Pair::new(t, 2 * size, size + 2 * off)?;
+    p.abuf.write(0, &pattern(size, n));
     if t.caps.write {
         p.run_ok(&[p.req(Opcode::Write, 0, off, size)], "write")?;
         let b = p.bbuf.bytes();
@@ -404,7 +398,7 @@ fn write_read(t: &Target, size: u64) -> TestResult {
         ensure!(b[..off as usize].iter().all(|x| *x == 0), "write touched bytes before the target range");
         ensure!(b[off as usize + n..].iter().all(|x| *x == 0), "write touched bytes after the target range");
     } else {
-        p.bbuf.bytes_mut()[off as usize..off as usize + n].copy_from_slice(&pattern(size, n));
+        p.bbuf.write(off, &pattern(size, n));
     }
     if t.caps.read {
         p.run_ok(&[p.req(Opcode::Read, size, off, size)], "read")?;
@@ -415,9 +409,9 @@ fn write_read(t: &Target, size: u64) -> TestResult {
 
 fn self_segment(t: &Target) -> TestResult {
     let a = engine(t)?;
-    let mut buf = HostBuf::zeroed(8192);
-    buf.bytes_mut()[..4096].copy_from_slice(&pattern(3, 4096));
-    a.register_memory(buf.addr(), buf.len(), "cpu:0").or_fail("registering")?;
+    let buf = HostBuf::zeroed(8192);
+    buf.write(0, &pattern(3, 4096));
+    a.register_owned(buf.owned(), "cpu:0").or_fail("registering")?;
     let res = (|| {
         let me = a.open_segment(a.local_segment_name()).or_fail("opening our own segment")?;
         let w = TransferRequest {
@@ -440,8 +434,8 @@ fn large_batch(t: &Target) -> TestResult {
     const N: u64 = 1024;
     const CHUNK: u64 = 4096;
     let total = N * CHUNK;
-    let mut p = Pair::new(t, 2 * total, total)?;
-    p.abuf.bytes_mut()[..total as usize].copy_from_slice(&pattern(41, total as usize));
+    let p = Pair::new(t, 2 * total, total)?;
+    p.abuf.write(0, &pattern(41, total as usize));
     // Writes through the polling API, in submissions no larger than max_batch_size.
     let writes: Vec<_> = (0..N).map(|i| p.req(Opcode::Write, i * CHUNK, i * CHUNK, CHUNK)).collect();
     let id = p.a.allocate_batch(N as usize).or_fail("allocate_batch(1024)")?;
@@ -462,7 +456,7 @@ fn large_batch(t: &Target) -> TestResult {
         );
     }
     p.a.free_batch(id).or_fail("free_batch")?;
-    check_pattern(p.bbuf.bytes(), 41, 0, "remote bytes after 1024 writes")?;
+    check_pattern(&p.bbuf.bytes(), 41, 0, "remote bytes after 1024 writes")?;
     // Reads through the async API, reversing the chunk order.
     let reads: Vec<_> = (0..N).map(|i| p.req(Opcode::Read, total + (N - 1 - i) * CHUNK, i * CHUNK, CHUNK)).collect();
     p.run_ok(&reads, "1024 reads")?;
@@ -479,8 +473,8 @@ fn sync_batch_each(t: &Target) -> TestResult {
     const N: u64 = 32;
     const CHUNK: u64 = 1024;
     let total = N * CHUNK;
-    let mut p = Pair::new(t, 2 * total, total)?;
-    p.abuf.bytes_mut()[..total as usize].copy_from_slice(&pattern(43, total as usize));
+    let p = Pair::new(t, 2 * total, total)?;
+    p.abuf.write(0, &pattern(43, total as usize));
     let (a, name) = (p.a.clone(), p.b.local_segment_name().to_string());
     let (abuf, bbuf) = (p.abuf.addr(), p.bbuf.addr());
     let offsets: Vec<u64> = (0..N).map(|i| i * CHUNK).collect();
@@ -489,7 +483,7 @@ fn sync_batch_each(t: &Target) -> TestResult {
             .or_fail("32 writes")?;
     ensure!(writes.len() == N as usize, "{} results for {N} writes", writes.len());
     ensure!(writes.iter().all(Result::is_ok), "writes failed: {writes:?}");
-    check_pattern(p.bbuf.bytes(), 43, 0, "remote bytes after 32 writes")?;
+    check_pattern(&p.bbuf.bytes(), 43, 0, "remote bytes after 32 writes")?;
     // Reads into the second half, in reverse chunk order.
     let locals = (0..N).map(|i| abuf + total + (N - 1 - i) * CHUNK);
     let reads =
@@ -511,10 +505,10 @@ fn sync_batch_stale_range(t: &Target) -> TestResult {
     const CHUNK: u64 = 1024;
     let total = N * CHUNK;
     let extra = HostBuf::with_pattern(9, CHUNK as usize);
-    let mut p = Pair::new(t, total, total)?;
-    p.abuf.bytes_mut().copy_from_slice(&pattern(44, total as usize));
-    p.bbuf.bytes_mut().copy_from_slice(&pattern(45, total as usize));
-    p.b.register_memory(extra.addr(), extra.len(), "cpu:0").or_fail("registering B's extra buffer")?;
+    let p = Pair::new(t, total, total)?;
+    p.abuf.write(0, &pattern(44, total as usize));
+    p.bbuf.write(0, &pattern(45, total as usize));
+    p.b.register_owned(extra.owned(), "cpu:0").or_fail("registering B's extra buffer")?;
     let seg = p.a.refresh_segment(p.seg).or_fail("A refreshing B")?;
     ensure!(seg.descriptor.find_buffer(extra.addr(), CHUNK).is_some(), "A does not see B's extra buffer");
     p.b.unregister_memory(extra.addr()).or_fail("B unregistering the extra buffer")?;
@@ -551,7 +545,7 @@ fn sync_batch_stale_range(t: &Target) -> TestResult {
     }
     let range = 3 * CHUNK as usize..4 * CHUNK as usize;
     check_equal(&moved[range.clone()], &stays[range], "the chunk of the refused request")?;
-    check_pattern(extra.bytes(), 9, 0, "unregistered remote buffer (must be untouched)")?;
+    check_pattern(&extra.bytes(), 9, 0, "unregistered remote buffer (must be untouched)")?;
     drop(p);
     drop(extra);
     Ok(Outcome::Passed)
@@ -589,9 +583,9 @@ fn mixed_batch(t: &Target) -> TestResult {
         end += align_up(s + gap, align);
     }
     let total = end;
-    let mut p = Pair::new(t, 2 * total, 2 * total)?;
-    p.abuf.bytes_mut()[..total as usize].copy_from_slice(&pattern(66, total as usize));
-    p.bbuf.bytes_mut()[total as usize..].copy_from_slice(&pattern(77, total as usize));
+    let p = Pair::new(t, 2 * total, 2 * total)?;
+    p.abuf.write(0, &pattern(66, total as usize));
+    p.bbuf.write(total, &pattern(77, total as usize));
     let mut reqs = Vec::new();
     for (o, s) in offs.iter().zip(&sizes) {
         reqs.push(p.req(Opcode::Write, *o, *o, *s));
@@ -619,10 +613,10 @@ fn concurrent(t: &Target) -> TestResult {
     const SLICE: u64 = 256 << 10;
     const ROUNDS: usize = 8;
     let total = THREADS * SLICE;
-    let mut p = Pair::new(t, 2 * total, total)?;
+    let p = Pair::new(t, 2 * total, total)?;
     for k in 0..THREADS {
         let s = (k * SLICE) as usize;
-        p.abuf.bytes_mut()[s..s + SLICE as usize].copy_from_slice(&pattern(100 + k, SLICE as usize));
+        p.abuf.write(s as u64, &pattern(100 + k, SLICE as usize));
     }
     let peer = p.b.local_segment_name().to_string();
     let errors: Vec<String> = std::thread::scope(|scope| {
@@ -779,7 +773,7 @@ fn polling(t: &Target) -> TestResult {
 // ---- tests: rejection -------------------------------------------------------------------------------
 
 fn out_of_bounds(t: &Target) -> TestResult {
-    let mut p = Pair::new(t, 8192, 4096)?;
+    let p = Pair::new(t, 8192, 4096)?;
     let op = if t.caps.write { Opcode::Write } else { Opcode::Read };
     let cases = [
         ("straddling the end of the remote buffer", p.req(op, 0, 4000, 200)),
@@ -793,10 +787,10 @@ fn out_of_bounds(t: &Target) -> TestResult {
     }
     ensure!(p.bbuf.bytes().iter().all(|b| *b == 0), "a rejected request modified the remote buffer");
     // The peer keeps serving: a valid transfer right after succeeds.
-    p.abuf.bytes_mut()[..4096].copy_from_slice(&pattern(9, 4096));
+    p.abuf.write(0, &pattern(9, 4096));
     p.run_ok(&[p.req(op, 0, 0, 4096)], "valid transfer after rejected ones")?;
     if t.caps.write {
-        check_pattern(p.bbuf.bytes(), 9, 0, "remote bytes after the valid write")?;
+        check_pattern(&p.bbuf.bytes(), 9, 0, "remote bytes after the valid write")?;
     }
     Ok(Outcome::Passed)
 }
@@ -806,7 +800,7 @@ fn stale_remote_range(t: &Target) -> TestResult {
     // server-side check (not the engine's descriptor check) must refuse the access.
     let extra = HostBuf::with_pattern(5, 4096);
     let p = Pair::new(t, 8192, 4096)?;
-    p.b.register_memory(extra.addr(), extra.len(), "cpu:0").or_fail("registering B's extra buffer")?;
+    p.b.register_owned(extra.owned(), "cpu:0").or_fail("registering B's extra buffer")?;
     let seg = p.a.refresh_segment(p.seg).or_fail("A refreshing B")?;
     ensure!(seg.descriptor.find_buffer(extra.addr(), 4096).is_some(), "A does not see B's extra buffer");
     p.b.unregister_memory(extra.addr()).or_fail("B unregistering the extra buffer")?;
@@ -825,7 +819,7 @@ fn stale_remote_range(t: &Target) -> TestResult {
             "{op:?} of a range the peer unregistered: {e:?}, expected RemoteRejected or AddressNotRegistered"
         );
     }
-    check_pattern(extra.bytes(), 5, 0, "unregistered remote buffer (must be untouched)")?;
+    check_pattern(&extra.bytes(), 5, 0, "unregistered remote buffer (must be untouched)")?;
     ensure!(p.abuf.bytes()[4096..].iter().all(|b| *b == 0), "a refused read still delivered bytes");
     let op = if t.caps.write { Opcode::Write } else { Opcode::Read };
     p.run_ok(&[p.req(op, 0, 0, 4096)], "valid transfer after the refusal")?;
@@ -864,16 +858,65 @@ fn zero_length(t: &Target) -> TestResult {
     Ok(Outcome::Passed)
 }
 
+/// The safe calls check every local range against registered memory, whatever the transport (tcp too, whose
+/// `requires_local_registration` is false: only the `unsafe` `TransferEngine::unchecked` calls skip the check).
 fn unregistered_local(t: &Target) -> TestResult {
     let p = Pair::new(t, 4096, 4096)?;
     let stray = HostBuf::zeroed(4096);
+    for op in [Opcode::Write, Opcode::Read]
+        .into_iter()
+        .filter(|op| if *op == Opcode::Write { t.caps.write } else { t.caps.read })
+    {
+        // Outside registered memory, and running past the end of the registered buffer.
+        let cases = [
+            (stray.addr(), 4096, "an unregistered local buffer"),
+            (p.abuf.addr() + 2048, 4096, "a range past the registered buffer"),
+        ];
+        for (local_addr, length, what) in cases {
+            let r = TransferRequest { local_addr, length, ..p.req(op, 0, 0, 4096) };
+            let e = single_error(p.run(&[r])?, &format!("{op:?} async from {what}"))?;
+            ensure!(
+                matches!(e, Error::AddressNotRegistered { .. }),
+                "{op:?} async from {what}: {e:?}, expected AddressNotRegistered"
+            );
+            let seg = p.b.local_segment_name().to_string();
+            let e = p.a.transfer_sync(&seg, op, local_addr, p.bbuf.addr(), length);
+            ensure!(
+                matches!(e, Err(Error::AddressNotRegistered { .. })),
+                "{op:?} sync from {what}: {e:?}, expected AddressNotRegistered"
+            );
+            let id = p.a.allocate_batch(1).or_fail("allocate_batch")?;
+            let e = p.a.submit_transfer(id, &[r]);
+            ensure!(
+                matches!(e, Err(Error::AddressNotRegistered { .. })),
+                "{op:?} batch from {what}: {e:?}, expected AddressNotRegistered"
+            );
+            p.a.free_batch(id).or_fail("free_batch")?;
+        }
+    }
+    ensure!(p.bbuf.bytes().iter().all(|b| *b == 0), "a refused request touched the remote buffer");
+    ensure!(stray.bytes().iter().all(|b| *b == 0), "a refused request touched the unregistered local buffer");
+    Ok(Outcome::Passed)
+}
+
+/// A transfer holds its local region until it is finished: `unregister_memory` of the local buffer returns only
+/// after the transfer using it is done (it waits, as it does for peers' accesses).
+fn unregister_waits_for_local_use(t: &Target) -> TestResult {
+    let total = (16u64 << 20).min(t.caps.max_request_size);
+    let total = align_up(total.max(t.caps.alignment), t.caps.alignment).min(t.caps.max_request_size);
+    let p = Pair::new(t, total, total)?;
     let op = if t.caps.write { Opcode::Write } else { Opcode::Read };
-    let r = TransferRequest { local_addr: stray.addr(), ..p.req(op, 0, 0, 4096) };
-    let e = single_error(p.run(&[r])?, "transfer from an unregistered local buffer")?;
-    ensure!(
-        matches!(e, Error::AddressNotRegistered { .. }),
-        "unregistered local buffer: {e:?}, expected AddressNotRegistered"
-    );
+    for _ in 0..3 {
+        let id = p.a.allocate_batch(1).or_fail("allocate_batch")?;
+        p.a.submit_transfer(id, &[p.req(op, 0, 0, total)]).or_fail("submitting a large transfer")?;
+        p.a.unregister_memory(p.abuf.addr()).or_fail("unregistering the local buffer during a transfer")?;
+        let batch = p.a.batch(id).or_fail("batch")?;
+        ensure!(batch.is_done(), "unregister_memory returned while a transfer still used the local buffer");
+        let s = batch.overall();
+        ensure!(s.error.is_none(), "the transfer failed: {:?}", s.error);
+        p.a.free_batch(id).or_fail("free_batch")?;
+        p.a.register_owned(p.abuf.owned(), "cpu:0").or_fail("registering the local buffer again")?;
+    }
     Ok(Outcome::Passed)
 }
 
@@ -981,8 +1024,8 @@ fn cross_read_write(t: &Target) -> TestResult {
     let r = [remote_req(h, Opcode::Read, local, remote, SIZE)];
     all_ok(run(&s.engine, &r)?, &r, "reading the child's buffer")?;
     check_pattern(&s.buf.bytes()[..SIZE as usize], 11, 0, "bytes read from the child")?;
-    let mut s = s;
-    s.buf.bytes_mut()[SIZE as usize..SIZE as usize + 65536].copy_from_slice(&pattern(12, 65536));
+    let s = s;
+    s.buf.write(SIZE, &pattern(12, 65536));
     let w = [remote_req(h, Opcode::Write, local + SIZE, remote + 4096, 65536)];
     all_ok(run(&s.engine, &w)?, &w, "writing into the child")?;
     let r = [remote_req(h, Opcode::Read, local, remote, 8192 + 65536)];
@@ -1103,7 +1146,7 @@ fn cross_restart(t: &Target) -> TestResult {
     );
     let r = [remote_req(h, Opcode::Read, s.buf.addr(), second.info.addr, 65536)];
     all_ok(run(&s.engine, &r)?, &r, "reading from the restarted child")?;
-    check_pattern(s.buf.bytes(), 22, 0, "bytes from the restarted child")?;
+    check_pattern(&s.buf.bytes(), 22, 0, "bytes from the restarted child")?;
     Ok(Outcome::Passed)
 }
 

@@ -65,43 +65,45 @@ pub(crate) fn check_equal(got: &[u8], want: &[u8], what: &str) -> Result<(), Str
     }
 }
 
-/// A heap buffer whose address is handed to engines. The address is taken once, from a mutable
-/// borrow, so transports may write through it; the test reads the bytes only while no transfer
-/// into the buffer is in flight.
+/// A heap buffer whose address is handed to engines, registered without `unsafe`: the engine holds the
+/// memory while it is registered ([`HostBuf::owned`]). The test reads and writes it by copy, and only while no
+/// transfer into it is in flight.
 pub(crate) struct HostBuf {
-    data: Vec<u8>,
-    addr: u64,
+    mem: mooncake_raw::HostBuffer,
 }
 
 impl HostBuf {
     /// `len` zero bytes (at least 1).
     pub(crate) fn zeroed(len: usize) -> Self {
-        let mut data = vec![0u8; len.max(1)];
-        let addr = data.as_mut_ptr() as u64;
-        HostBuf { data, addr }
+        HostBuf { mem: mooncake_raw::HostBuffer::zeroed(len) }
     }
 
     /// `len` bytes of pattern `seed`.
     pub(crate) fn with_pattern(seed: u64, len: usize) -> Self {
-        let mut data = pattern(seed, len.max(1));
-        let addr = data.as_mut_ptr() as u64;
-        HostBuf { data, addr }
+        HostBuf { mem: mooncake_raw::HostBuffer::from_vec(pattern(seed, len.max(1))) }
     }
 
     pub(crate) fn addr(&self) -> u64 {
-        self.addr
+        self.mem.addr()
     }
 
     pub(crate) fn len(&self) -> u64 {
-        self.data.len() as u64
+        self.mem.len()
     }
 
-    pub(crate) fn bytes(&self) -> &[u8] {
-        &self.data
+    /// A copy of the bytes.
+    pub(crate) fn bytes(&self) -> Vec<u8> {
+        self.mem.to_vec()
     }
 
-    pub(crate) fn bytes_mut(&mut self) -> &mut [u8] {
-        &mut self.data
+    /// Copies `data` into the buffer at `offset` (panics past the end: a bug in the suite).
+    pub(crate) fn write(&self, offset: u64, data: &[u8]) {
+        self.mem.write(offset, data).expect("write inside the test buffer");
+    }
+
+    /// The memory, for `TransferEngine::register_owned`.
+    pub(crate) fn owned(&self) -> mooncake_core::OwnedMemory {
+        self.mem.owned()
     }
 }
 

@@ -44,7 +44,8 @@ fn tcp_engine_descriptor_bytes() {
     let e = engine(&["tcp"]);
     let mut mem = vec![0u8; 4096];
     let addr = mem.as_mut_ptr() as u64;
-    e.register_memory(addr, 4096, "cpu:0").unwrap();
+    // SAFETY: `mem` outlives the registration (unregistered below) and no transfer touches it.
+    unsafe { e.register_memory(addr, 4096, "cpu:0") }.unwrap();
     let json = published(&e);
     let v: Value = serde_json::from_str(&json).unwrap();
     let expected = format!(
@@ -73,8 +74,10 @@ fn shm_and_tcp_engine_descriptor_bytes() {
     let e = engine(&["shm", "tcp"]);
     let mut mem = vec![0u8; 8192];
     let (a, b) = (mem.as_mut_ptr() as u64, mem.as_mut_ptr() as u64 + 4096);
-    e.register_memory(a, 4096, "cpu:0").unwrap();
-    e.register_memory(b, 4096, "cpu:0").unwrap();
+    // SAFETY: `mem` outlives the engine (shut down at the end of the test) and no transfer touches it.
+    unsafe { e.register_memory(a, 4096, "cpu:0") }.unwrap();
+    // SAFETY: as above.
+    unsafe { e.register_memory(b, 4096, "cpu:0") }.unwrap();
     let json = published(&e);
     let v: Value = serde_json::from_str(&json).unwrap();
     let buffer = |i: usize, addr: u64| {

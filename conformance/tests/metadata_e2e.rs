@@ -29,7 +29,9 @@ fn engine(conn: &str) -> TransferEngine {
 fn exchange(engine: &TransferEngine, peer: &PeerProcess, salt: u8) {
     let seg = &peer.info.segment;
     let mut buf = vec![0u8; SIZE as usize];
-    engine.register_memory(buf.as_mut_ptr() as u64, SIZE, "cpu:0").unwrap();
+    // SAFETY: `buf` is unregistered at the end of this function before it is dropped, and read only between
+    // the blocking transfers.
+    unsafe { engine.register_memory(buf.as_mut_ptr() as u64, SIZE, "cpu:0") }.unwrap();
     let local = buf.as_ptr() as u64;
     engine.transfer_sync(seg, Opcode::Read, local, peer.info.addr, SIZE).expect("read from the peer");
     // Earlier rounds overwrote the first 64 KiB; the rest is the peer's pattern.
@@ -130,7 +132,8 @@ fn cluster_id_separates_key_spaces() {
     let b = in_cluster("prod");
     let other = in_cluster("staging");
     let buf = vec![7u8; 4096];
-    a.register_memory(buf.as_ptr() as u64, 4096, "cpu:0").unwrap();
+    // SAFETY: `buf` is unregistered before it is dropped and no transfer touches it.
+    unsafe { a.register_memory(buf.as_ptr() as u64, 4096, "cpu:0") }.unwrap();
     // Published under mooncake/prod/ram/<name>, not under the default prefix.
     let store = mooncake::registry::create_metadata(&conn).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -157,7 +160,8 @@ fn registration_while_the_service_is_down_is_published_when_it_returns() {
     server.stop();
     let buf = vec![1u8; 8192];
     // The service is down: the registration still takes effect locally.
-    a.register_memory(buf.as_ptr() as u64, 8192, "cpu:0").expect("register while the service is down");
+    // SAFETY: `buf` is unregistered before it is dropped and no transfer touches it.
+    unsafe { a.register_memory(buf.as_ptr() as u64, 8192, "cpu:0") }.expect("register while the service is down");
     let _server = start(port);
     let reader = engine(&conn);
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -36,7 +36,9 @@ pub struct Capabilities {
     pub memory_kinds: MemoryKinds,
     /// Reports a dead peer as a typed error on in-flight requests (instead of hanging).
     pub reports_peer_failure: bool,
-    /// Local buffers must be registered before use (RDMA); TCP allows any readable memory.
+    /// Local buffers must be registered before use (RDMA, shm). The engine's safe calls check every local
+    /// range against registered memory whatever the transport; without this flag a transport also accepts
+    /// an unregistered range that the caller of an `unsafe` entry point vouched for (TCP, as upstream).
     pub requires_local_registration: bool,
     /// Works between different processes (false for an in-process loopback).
     pub cross_process: bool,

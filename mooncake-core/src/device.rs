@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use crate::capabilities::DeviceCapabilities;
 use crate::error::{Error, Result};
+use crate::memory::OwnedMemory;
 use crate::types::{Location, MemoryKind};
 
 /// How to allocate.
@@ -59,7 +60,11 @@ pub struct SharingHandle {
 
 /// A kind of memory: classifies addresses, allocates, copies to and from host, shares.
 ///
-/// Copies are bounds-checked against the given allocation, so they are safe to call.
+/// Copies are safe to call: an [`Allocation`] is plain data anyone can build, so an implementation checks
+/// every allocation it is given against its own records (refusing one it never made, or already freed, with
+/// a typed error) and every copy against the allocation's bounds. Memory of a device whose
+/// [`DeviceCapabilities::host_accessible`] is false is never dereferenced by the CPU: transports move it
+/// with [`MemoryDevice::copy_to_host`] and [`MemoryDevice::copy_from_host`] through a host staging buffer.
 pub trait MemoryDevice: Send + Sync + 'static {
     /// Device driver name (`host`, `cuda`, ...).
     fn name(&self) -> &str;
@@ -84,6 +89,20 @@ pub trait MemoryDevice: Send + Sync + 'static {
 
     /// Copies `src` into `allocation` at `offset`.
     fn copy_from_host(&self, src: &[u8], allocation: &Allocation, offset: u64) -> Result<()>;
+
+    /// Keeps `allocation` valid until the returned [`OwnedMemory`] is dropped, even if [`MemoryDevice::free`]
+    /// runs meanwhile (the memory is then given back when the hold ends). This is how memory the engine
+    /// allocates itself is registered without `unsafe` (`TransferEngine::register_allocation`). Devices
+    /// that cannot defer a free return `Unsupported`; their memory is registered by address, with `unsafe`.
+    fn hold(&self, _allocation: &Allocation) -> Result<OwnedMemory> {
+        Err(Error::unsupported("hold", self.name()))
+    }
+
+    /// The live allocation holding `[addr, addr+len)`, for memory registered by address: CPU transports
+    /// copy such device memory through it. `None` when the device cannot tell.
+    fn allocation_of(&self, _addr: u64, _len: u64) -> Option<Allocation> {
+        None
+    }
 
     /// Exports a handle other processes can import.
     fn export_handle(&self, _allocation: &Allocation) -> Result<SharingHandle> {

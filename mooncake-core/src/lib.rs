@@ -7,18 +7,23 @@
 //! cut into pieces completes once, when the last piece does) and [`stripe`] (where to cut).
 //!
 //! ```no_run
-//! use mooncake_core::{EngineConfig, Opcode, TransferEngine};
+//! use mooncake_core::{EngineConfig, Opcode, OwnedMemory, TransferEngine};
 //! # fn main() -> mooncake_core::Result<()> {
 //! // (a transport and the P2P handshake must be linked, e.g. through the `mooncake` facade)
 //! let engine = TransferEngine::new(EngineConfig::new("127.0.0.1", "P2PHANDSHAKE"))?;
-//! let buf = vec![7u8; 4096];
-//! engine.register_memory(buf.as_ptr() as u64, buf.len() as u64, "cpu:0")?;
+//! // Memory the engine holds needs no `unsafe` (see also `register_allocation` and mooncake-raw's
+//! // HostBuffer); raw addresses are registered with the `unsafe` `register_memory`.
+//! let memory = OwnedMemory::from_static(Vec::leak(vec![7u8; 4096]));
+//! let local = memory.addr();
+//! engine.register_owned(memory, "cpu:0")?;
 //! let peer = "127.0.0.1:15123"; // another engine's segment name
 //! let remote = engine.first_buffer_address(peer)?;
-//! engine.transfer_sync(peer, Opcode::Write, buf.as_ptr() as u64, remote, 4096)?;
+//! engine.transfer_sync(peer, Opcode::Write, local, remote, 4096)?;
 //! # Ok(()) }
 //! ```
-#![forbid(unsafe_code)]
+// Core never dereferences memory and contains no `unsafe` block. It declares the `unsafe fn`s through which
+// callers vouch for raw memory (registration by address, vouched local ranges), each allowed where it is.
+#![deny(unsafe_code)]
 
 pub mod capabilities;
 pub mod completion;
@@ -41,11 +46,12 @@ pub use completion::{Batch, Completion};
 pub use descriptor::{BufferDesc, FieldError, Fields, Section, SegmentDescriptor};
 pub use device::{AllocOptions, Allocation, DmabufExport, MemoryDevice, SharingHandle};
 pub use engine::{
-    CALLER_THREAD_MAX_BYTES, EngineConfig, PendingTransfers, Transfer, TransferEngine, join_host_port, split_host_port,
+    CALLER_THREAD_MAX_BYTES, EngineConfig, PendingTransfers, Transfer, TransferEngine, UncheckedTransfers,
+    join_host_port, split_host_port,
 };
 pub use error::{Error, Result};
 pub use fanin::{FanIn, PieceDone};
-pub use memory::{Region, RegionGuard, RegionTable};
+pub use memory::{Access, DeviceMemory, LocalRange, OwnedMemory, Region, RegionGuard, RegionTable};
 pub use metadata::{MetadataCapabilities, MetadataKeys, MetadataStore, RpcMeta, WatchEvent};
 pub use rpc::{PeerRpc, RpcHandler};
 pub use stripe::{StripePiece, StripePlan, StripeRounding};

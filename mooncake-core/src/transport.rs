@@ -11,7 +11,7 @@ use crate::completion::Completion;
 use crate::descriptor::{BufferDesc, SegmentDescriptor};
 use crate::device::MemoryDevice;
 use crate::error::{Error, Result};
-use crate::memory::{Region, RegionTable};
+use crate::memory::{LocalRange, Region, RegionTable};
 use crate::types::{Opcode, SegmentHandle};
 
 /// Reports from transports back to the engine.
@@ -110,35 +110,50 @@ pub struct RemoteSegment {
     pub descriptor: SegmentDescriptor,
 }
 
-/// One request as handed to a transport: addresses are absolute and already validated
-/// (length non-zero, remote range inside one published buffer).
+/// One request as handed to a transport: the remote address is absolute and already validated (remote range
+/// inside one published buffer); the local side comes with the proof that it may be touched.
 #[derive(Debug)]
 pub struct TransferTask {
     /// Read or write.
     pub opcode: Opcode,
-    /// Address in this process.
-    pub local_addr: u64,
+    /// The local range (address and length, never zero): registered memory whose region it keeps registered
+    /// until the task is dropped, or a range the caller of an `unsafe` entry point vouched for. Transports
+    /// turn it into bytes only through `mooncake-raw`.
+    pub local: LocalRange,
     /// Absolute address in the target process.
     pub remote_addr: u64,
-    /// Bytes to move (> 0).
-    pub length: u64,
     /// Finish exactly once with the bytes moved or a typed error.
     pub completion: Completion,
 }
 
-/// One request of [`Transport::transfer_blocking_batch`]: addresses absolute and validated as for
-/// [`TransferTask`]; the opcode is the batch's.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// One request of [`Transport::transfer_blocking_batch`]: as for [`TransferTask`]; the opcode is the
+/// batch's.
+#[derive(Debug, Clone)]
 pub struct BlockingRequest {
-    /// Address in this process.
-    pub local_addr: u64,
+    /// The local range, with its proof (see [`TransferTask::local`]).
+    pub local: LocalRange,
     /// Absolute address in the target process.
     pub remote_addr: u64,
+}
+
+impl BlockingRequest {
     /// Bytes to move (> 0).
-    pub length: u64,
+    pub fn length(&self) -> u64 {
+        self.local.len()
+    }
 }
 
 impl TransferTask {
+    /// Bytes to move (> 0).
+    pub fn length(&self) -> u64 {
+        self.local.len()
+    }
+
+    /// Address in this process.
+    pub fn local_addr(&self) -> u64 {
+        self.local.addr()
+    }
+
     /// Finishes every task with `error` (a submit that cannot start any of them).
     pub fn fail_all(tasks: Vec<TransferTask>, error: &Error) {
         for t in tasks {
@@ -154,9 +169,13 @@ impl TransferTask {
 ///   with a typed error when the peer is gone (no hang), including tasks queued behind a failure.
 /// - Remote peers name absolute addresses: a serving transport checks every access against
 ///   [`TransportContext::regions`] before touching memory and holds the returned guard meanwhile.
-/// - Local addresses are raw pointers in this process. The engine guarantees they lie in
-///   registered memory when [`Capabilities::requires_local_registration`] is set; otherwise the
-///   caller of the engine vouches for them (as upstream's TCP mode).
+/// - Local ranges come as [`LocalRange`]s: inside registered memory (the engine's safe calls always
+///   check), or vouched for by the caller of an `unsafe` entry point (the Python binding, for upstream's
+///   unregistered TCP buffers). A transport that needs registered local memory
+///   ([`Capabilities::requires_local_registration`]) refuses a vouched range that is not registered with
+///   `AddressNotRegistered` ([`LocalRange::registered_in`]). Bytes are touched only through `mooncake-raw`,
+///   which never dereferences memory of a device the CPU cannot read: a transport that moves bytes with the
+///   CPU stages such memory through its device, on both the local and the serving side.
 #[async_trait]
 pub trait Transport: Send + Sync + 'static {
     /// The protocol string of docs/wire-formats.md section 2 (`"tcp"`).
@@ -203,9 +222,8 @@ pub trait Transport: Send + Sync + 'static {
         &self,
         _target: &Arc<RemoteSegment>,
         _opcode: Opcode,
-        _local_addr: u64,
+        _local: &LocalRange,
         _remote_addr: u64,
-        _length: u64,
         _timeout: std::time::Duration,
     ) -> Option<Result<u64>> {
         None

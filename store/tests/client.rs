@@ -120,7 +120,9 @@ impl Registered {
     fn new(client: &StoreClient, len: usize, fill: u8) -> Registered {
         let mut data = vec![fill; len];
         let ptr = data.as_mut_ptr() as u64;
-        client.register_buffer(ptr, len as u64).unwrap();
+        // SAFETY: `data` is never resized and lives in the returned value, whose Drop unregisters it first; the
+        // tests read and write it only between the client's calls.
+        unsafe { client.register_buffer(ptr, len as u64) }.unwrap();
         Registered { data, ptr, client: client.clone() }
     }
 
@@ -425,11 +427,15 @@ fn bad_buffers_are_rejected_without_touching_memory() {
     assert_eq!(a.is_exist("new"), Ok(false), "a rejected put leaves nothing behind");
 
     // Registration errors are typed.
-    assert_eq!(a.register_buffer(0, 10), Err(ErrorCode::InvalidParams.into()));
-    assert_eq!(a.register_buffer(plain_ptr, 0), Err(ErrorCode::InvalidParams.into()));
-    assert_eq!(a.register_buffer(small.at(10), 10), Err(ErrorCode::InvalidParams.into()), "overlap");
+    // SAFETY: refused (null address, as the next three: zero length, overlap), so nothing is registered.
+    assert_eq!(unsafe { a.register_buffer(0, 10) }, Err(ErrorCode::InvalidParams.into()));
+    // SAFETY: as above.
+    assert_eq!(unsafe { a.register_buffer(plain_ptr, 0) }, Err(ErrorCode::InvalidParams.into()));
+    // SAFETY: as above.
+    assert_eq!(unsafe { a.register_buffer(small.at(10), 10) }, Err(ErrorCode::InvalidParams.into()), "overlap");
     // The engine's refusal is kept as the cause, and shown.
-    let overlap = a.register_buffer(small.at(10), 10).unwrap_err();
+    // SAFETY: as above.
+    let overlap = unsafe { a.register_buffer(small.at(10), 10) }.unwrap_err();
     assert!(matches!(overlap.cause(), Some(mooncake_store::Cause::Engine { .. })), "{overlap:?}");
     assert!(std::error::Error::source(&overlap).is_some());
     assert!(overlap.to_string().contains("register_buffer"), "{overlap}");
@@ -569,7 +575,8 @@ fn close_twice_and_calls_after_close_fail_typed() {
     assert_eq!(clone.is_exist("k"), Err(ErrorCode::UnavailableInCurrentStatus.into()));
     assert_eq!(clone.remove_all(true), Err(ErrorCode::UnavailableInCurrentStatus.into()));
     assert_eq!(clone.batch_get_into(&["k"], &[1], &[1]), vec![Err(ErrorCode::UnavailableInCurrentStatus.into())]);
-    assert_eq!(clone.register_buffer(0x1000, 10), closed);
+    // SAFETY: the client is closed: the call is refused before anything is registered.
+    assert_eq!(unsafe { clone.register_buffer(0x1000, 10) }, closed);
     drop(clone);
     drop(a);
     // Dropping the last clone without close also cleans up.
@@ -823,10 +830,13 @@ fn a_client_on_a_shared_engine_leaves_it_running_for_direct_transfers() {
     // Direct engine traffic on the same engine, to a second plain engine, while the store client is open.
     let peer = engine();
     let mut remote = vec![0u8; 64 << 10];
-    peer.register_memory(remote.as_mut_ptr() as u64, remote.len() as u64, "*").unwrap();
+    // SAFETY: `remote` and `local` are neither resized nor dropped before both engines are shut down at the end
+    // of this test; they are read only between transfers.
+    unsafe { peer.register_memory(remote.as_mut_ptr() as u64, remote.len() as u64, "*") }.unwrap();
     let mut local = pattern(64 << 10, 3);
     let local_addr = local.as_mut_ptr() as u64;
-    shared.register_memory(local_addr, local.len() as u64, "*").unwrap();
+    // SAFETY: as above.
+    unsafe { shared.register_memory(local_addr, local.len() as u64, "*") }.unwrap();
     let write = |len: u64| {
         shared.transfer_sync(
             peer.local_segment_name(),

@@ -3,11 +3,20 @@
 //! Return conventions follow upstream: 0 or a negative code (docs/wire-formats.md section 6) for calls that act, a batch
 //! id (0 = failure) for async submissions. Failures are logged to stderr with the reason. Calls made before
 //! `initialize()` return the not-initialised code (-202) instead of crashing.
+//!
+//! Python users pass raw integer addresses, as upstream's API does. The Python API contract
+//! (docs/python-api.md, "Memory the calls use") makes the caller responsible for them: a registered buffer
+//! stays valid until `unregister_memory` returns 0, and an unregistered local buffer of a transfer (upstream's
+//! TCP transport accepts one) stays valid until the call returns, or until an async batch is finished. The
+//! binding takes that responsibility into the engine through its `unsafe` calls (`register_memory`,
+//! `TransferEngine::unchecked`), each with a `// SAFETY:` comment citing that contract, after checking what it
+//! can: host addresses must be mapped (`crate::mapped`), so a stray int gives an error code, not a crash.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use mooncake::raw::Span;
 use mooncake::registry::{self, Availability};
 use mooncake::sync;
 use mooncake::{
@@ -217,7 +226,11 @@ impl PyTransferEngine {
         }
         let small = locals.len() <= INLINE_BATCH_RANGES && lens.iter().sum::<u64>() <= INLINE_BATCH_BYTES;
         let result = if small {
-            py.detach(|| engine.batch_transfer_sync(target, opcode, locals, remotes, lens))
+            // SAFETY: the Python API contract (module docs): local buffers are the caller's memory, valid until
+            // this call returns (upstream's TCP transport accepts unregistered ones); each was checked to be
+            // mapped just above. Registered ranges are still used as registered (their regions held).
+            let unchecked = unsafe { engine.unchecked() };
+            py.detach(|| unchecked.batch_transfer_sync(target, opcode, locals, remotes, lens))
         } else {
             self.sync_batch(py, engine, target, opcode, locals, remotes, lens)?
         };
@@ -244,11 +257,14 @@ impl PyTransferEngine {
         remotes: &[u64],
         lens: &[u64],
     ) -> PyResult<mooncake::Result<()>> {
+        // SAFETY: the Python API contract (module docs): local buffers are the caller's memory, valid until this
+        // call returns; the caller (`sync_transfer`) checked each is mapped.
+        let unchecked = unsafe { engine.unchecked() };
         let submitted = py.detach(|| -> mooncake::Result<Arc<Batch>> {
             let target_id = engine.open_segment(target)?;
             let requests = requests_to(target_id, opcode, locals, remotes, lens);
             let batch = Batch::new(requests.len());
-            engine.submit_into(&batch, &requests)?;
+            unchecked.submit_into(&batch, &requests)?;
             Ok(batch)
         });
         let batch = match submitted {
@@ -284,11 +300,15 @@ impl PyTransferEngine {
             fail(what, &e);
             return 0;
         }
+        // SAFETY: the Python API contract (module docs): local buffers of an async batch are the caller's memory,
+        // valid until the batch is finished (as upstream's `batch_transfer_async_*`); each was checked to be
+        // mapped just above.
+        let unchecked = unsafe { engine.unchecked() };
         let submitted = py.detach(|| -> mooncake::Result<(u64, Arc<Batch>)> {
             let target_id = engine.open_segment(target)?;
             let requests = requests_to(target_id, opcode, locals, remotes, lens);
             let id = engine.allocate_batch(requests.len())?;
-            let submitted = engine.batch(id).and_then(|batch| engine.submit_into(&batch, &requests).map(|_| batch));
+            let submitted = engine.batch(id).and_then(|batch| unchecked.submit_into(&batch, &requests).map(|_| batch));
             match submitted {
                 Ok(batch) => Ok((id, batch)),
                 Err(e) => {
@@ -341,11 +361,6 @@ impl PyTransferEngine {
             return Ok(());
         }
         crate::mapped::check_mapped(addr, len).map_err(|why| Error::InvalidArgument(format!("cannot register: {why}")))
-    }
-
-    /// Checks `[addr, addr+len)` lies in memory registered with this engine (managed buffers included).
-    fn check_local(&self, engine: &TransferEngine, addr: u64, len: u64) -> mooncake::Result<()> {
-        engine.regions().check(addr, len, "local").map(|_| ())
     }
 }
 
@@ -465,8 +480,10 @@ impl PyTransferEngine {
         if let Err(e) = Self::check_registrable(engine, buffer_addr, len, location) {
             return Ok(fail("register_memory", &e));
         }
+        // SAFETY: the Python API contract (module docs): a registered buffer is the caller's memory, valid until
+        // `unregister_memory` for it returns 0; host memory was checked to be mapped just above.
         Ok(py
-            .detach(|| engine.register_memory(buffer_addr, len, location))
+            .detach(|| unsafe { engine.register_memory(buffer_addr, len, location) })
             .map_or_else(|e| fail("register_memory", &e), |_| 0))
     }
 
@@ -508,8 +525,10 @@ impl PyTransferEngine {
                 return Ok(fail("batch_register_memory", &e));
             }
         }
+        // SAFETY: the Python API contract (module docs): each buffer is the caller's memory, valid until it is
+        // unregistered (0 returned); host memory was checked to be mapped just above.
         Ok(py
-            .detach(|| engine.register_memory_batch(&buffers, location))
+            .detach(|| unsafe { engine.register_memory_batch(&buffers, location) })
             .map_or_else(|e| fail("batch_register_memory", &e), |_| 0))
     }
 
@@ -535,7 +554,7 @@ impl PyTransferEngine {
         };
         let allocated = py.detach(|| -> mooncake::Result<Allocation> {
             let a = device.allocate(len, &AllocOptions::default())?;
-            if let Err(e) = engine.register_memory(a.addr, a.len, "*") {
+            if let Err(e) = engine.register_allocation(&device, &a, "*") {
                 let _ = device.free(&a);
                 return Err(e);
             }
@@ -870,12 +889,15 @@ impl PyTransferEngine {
             tracing::warn!("TransferEngine.write_bytes_to_buffer: length {len} exceeds the {} source bytes", src.len());
             return Ok(INVALID_ARGUMENT);
         }
-        if let Err(e) = self.check_local(engine, dest, len) {
+        // Only inside memory registered with this engine, through mooncake-raw (which checks the range against
+        // the region it holds, and copies device memory through its device).
+        let copied = engine
+            .regions()
+            .check(dest, len, "local")
+            .and_then(|region| Span::region(&region, dest, len)?.write_from(0, &src[..len as usize]));
+        if let Err(e) = copied {
             return Ok(fail("write_bytes_to_buffer", &e));
         }
-        // SAFETY: `[dest, dest+len)` lies inside a buffer registered with this engine (checked just above;
-        // registrants promise the memory stays valid until unregistered), and `src` has at least `len` bytes.
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dest as *mut u8, len as usize) };
         Ok(0)
     }
 
@@ -889,13 +911,10 @@ impl PyTransferEngine {
         let engine = self.get_or_raise("read_bytes_from_buffer")?;
         let len = crate::buffers::length(length, "length")?
             .ok_or_else(|| PyValueError::new_err("read_bytes_from_buffer: length must be a non-negative int"))?;
-        self.check_local(engine, src, len)
-            .map_err(|e| PyValueError::new_err(format!("read_bytes_from_buffer: {e}")))?;
-        PyBytes::new_with(py, len as usize, |out| {
-            // SAFETY: `[src, src+len)` lies inside a registered buffer (checked above) and `out` has `len` bytes.
-            unsafe { std::ptr::copy_nonoverlapping(src as *const u8, out.as_mut_ptr(), out.len()) };
-            Ok(())
-        })
+        let bad = |e: Error| PyValueError::new_err(format!("read_bytes_from_buffer: {e}"));
+        let region = engine.regions().check(src, len, "local").map_err(bad)?;
+        let span = Span::region(&region, src, len).map_err(bad)?;
+        PyBytes::new_with(py, len as usize, |out| span.read_into(0, out).map_err(bad))
     }
 
     /// Address of the first registered buffer of segment `segment_name`, 0 if it has none or is unknown.

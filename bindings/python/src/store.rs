@@ -1038,7 +1038,10 @@ impl PyStore {
             tracing::warn!("MooncakeDistributedStore.register_buffer: {why}");
             return Ok(ErrorCode::InvalidParams.code());
         }
-        Ok(code(&py.detach(|| c.register_buffer(a.addr, len))))
+        // SAFETY: the Python API contract (docs/python-api.md, "Memory the calls use"): a registered buffer is the
+        // caller's memory (an int address, or a buffer object it keeps alive), valid until `unregister_buffer`
+        // returns 0, as upstream's `register_buffer` requires; it was checked to be mapped just above.
+        Ok(code(&py.detach(|| unsafe { c.register_buffer(a.addr, len) })))
     }
 
     /// Unregisters a buffer registered at `buffer_ptr`. 0 or a negative code.

@@ -1,6 +1,7 @@
 //! mooncake-rs: the KVCache-centric transfer engine of Mooncake, in Rust.
 //!
-//! This facade re-exports [`mooncake_core`] and links the backends selected by cargo features
+//! This facade re-exports [`mooncake_core`] (and [`raw`], the one crate that turns addresses into bytes, with
+//! [`HostBuffer`]: host memory a program registers without `unsafe`) and links the backends selected by cargo features
 //! (`tcp`, `shm` and `http` by default; `rdma`, `libfabric`, `efa`, `etcd`, `redis`, or `all`). Backends register themselves at link time; call
 //! [`link_all`] once from a final binary so the linker keeps every enabled one, then pick them by
 //! name at run time (`EngineConfig::with_protocols(["tcp"])`) or list them with [`backends`].
@@ -11,17 +12,24 @@
 //! mooncake::link_all();
 //! let a = TransferEngine::new(EngineConfig::new("127.0.0.1", "P2PHANDSHAKE"))?;
 //! let b = TransferEngine::new(EngineConfig::new("127.0.0.1", "P2PHANDSHAKE"))?;
-//! let src = vec![42u8; 1 << 20];
-//! let dst = vec![0u8; 1 << 20];
-//! b.register_memory(dst.as_ptr() as u64, dst.len() as u64, "cpu:0")?;
+//! // Memory the program owns, registered without `unsafe`: the engines hold it while it is registered.
+//! // Every local range of a transfer must be registered too (raw addresses: the `unsafe`
+//! // `register_memory`, or the `unsafe` `TransferEngine::unchecked` calls for unregistered TCP sources).
+//! let src = mooncake::HostBuffer::from_vec(vec![42u8; 1 << 20]);
+//! let dst = mooncake::HostBuffer::zeroed(1 << 20);
+//! a.register_owned(src.owned(), "cpu:0")?;
+//! b.register_owned(dst.owned(), "cpu:0")?;
 //! let peer = b.local_segment_name().to_string();
 //! let remote = a.first_buffer_address(&peer)?;
-//! a.transfer_sync(&peer, Opcode::Write, src.as_ptr() as u64, remote, src.len() as u64)?;
+//! a.transfer_sync(&peer, Opcode::Write, src.addr(), remote, src.len())?;
+//! assert_eq!(dst.to_vec(), vec![42u8; 1 << 20]);
 //! # Ok(()) }
 //! ```
 #![forbid(unsafe_code)]
 
 pub use mooncake_core::*;
+pub use mooncake_raw as raw;
+pub use mooncake_raw::HostBuffer;
 
 pub use mooncake_device_host as device_host;
 #[cfg(feature = "etcd")]

@@ -8,18 +8,26 @@ fn engine() -> TransferEngine {
     TransferEngine::new(EngineConfig::new("127.0.0.1", "P2PHANDSHAKE")).expect("engine")
 }
 
+/// Registers `[addr, +len)` of a test buffer by address.
+fn register(e: &TransferEngine, addr: u64, len: u64, location: &str) -> mooncake::Result<()> {
+    // SAFETY: every caller passes a range of a buffer that outlives the registration (it is unregistered, or the
+    // engine shut down, before the buffer is dropped) and is read only between transfers.
+    unsafe { e.register_memory(addr, len, location) }
+}
+
 #[test]
 fn registration_rules() {
     let e = engine();
     let buf = vec![0u8; 1 << 16];
     let a = buf.as_ptr() as u64;
-    assert!(matches!(e.register_memory(a, 0, "cpu:0"), Err(Error::InvalidArgument(_))));
-    assert!(matches!(e.register_memory(a, 16, "cuda:x"), Err(Error::InvalidArgument(_))));
-    e.register_memory(a, 4096, "*").unwrap();
+    assert!(matches!(register(&e, a, 0, "cpu:0"), Err(Error::InvalidArgument(_))));
+    assert!(matches!(register(&e, a, 16, "cuda:x"), Err(Error::InvalidArgument(_))));
+    register(&e, a, 4096, "*").unwrap();
     assert!(e.local_descriptor().buffers[0].name.starts_with("cpu:"), "'*' detects host memory");
-    assert!(matches!(e.register_memory(a + 100, 10, "cpu:0"), Err(Error::AddressOverlapped { .. })));
+    assert!(matches!(register(&e, a + 100, 10, "cpu:0"), Err(Error::AddressOverlapped { .. })));
     // A batch with one bad entry registers nothing.
-    let r = e.register_memory_batch(&[(a + 8192, 4096), (a + 100, 8)], "cpu:0");
+    // SAFETY: `buf` outlives the engine's registrations (unregistered below); the batch is refused anyway.
+    let r = unsafe { e.register_memory_batch(&[(a + 8192, 4096), (a + 100, 8)], "cpu:0") };
     assert!(matches!(r, Err(Error::AddressOverlapped { .. })));
     assert_eq!(e.local_descriptor().buffers.len(), 1);
     assert!(matches!(e.unregister_memory(a + 1), Err(Error::AddressNotRegistered { .. })));
@@ -44,7 +52,7 @@ fn calls_after_shutdown_fail_cleanly() {
     let e = engine();
     let buf = vec![0u8; 4096];
     e.shutdown();
-    let r = e.register_memory(buf.as_ptr() as u64, 4096, "cpu:0");
+    let r = register(&e, buf.as_ptr() as u64, 4096, "cpu:0");
     assert!(matches!(r, Err(Error::NotInitialized(_))), "{r:?}");
     assert!(matches!(e.open_segment("127.0.0.1:15000"), Err(Error::NotInitialized(_))));
     e.shutdown(); // twice is fine
@@ -67,8 +75,8 @@ fn run_transfers_gives_each_transfer_its_own_result() {
     let len = 3 * CALLER_THREAD_MAX_BYTES as usize;
     let src: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
     let mut dst = vec![0u8; len];
-    a.register_memory(src.as_ptr() as u64, len as u64, "*").unwrap();
-    b.register_memory(dst.as_mut_ptr() as u64, len as u64, "*").unwrap();
+    register(&a, src.as_ptr() as u64, len as u64, "*").unwrap();
+    register(&b, dst.as_mut_ptr() as u64, len as u64, "*").unwrap();
     let (s, d) = (src.as_ptr() as u64, dst.as_ptr() as u64);
     let targets = [b.local_segment_name().to_string(), "127.0.0.1:1".to_string()];
     let write = |target, local_addr, remote_addr, length| Transfer {
@@ -98,4 +106,81 @@ fn run_transfers_gives_each_transfer_its_own_result() {
     assert!(a.run_transfers::<String>(&[], &[]).is_empty());
     a.unregister_memory(s).unwrap();
     b.unregister_memory(d).unwrap();
+}
+
+/// Memory the program owns registers without `unsafe`: a device allocation (held by the engine while registered,
+/// even after it is freed) and a `HostBuffer`.
+#[test]
+fn safe_registration_holds_the_memory() {
+    use mooncake::{AllocOptions, HostBuffer, MemoryDevice, MemoryKind};
+    let (a, b) = (engine(), engine());
+    let host: std::sync::Arc<dyn MemoryDevice> =
+        a.devices().iter().find(|d| d.kind() == MemoryKind::Host).cloned().expect("a host memory device");
+    let alloc = host.allocate(1 << 16, &AllocOptions::default()).unwrap();
+    host.copy_from_host(b"device bytes", &alloc, 0).unwrap();
+    a.register_allocation(&host, &alloc, "*").unwrap();
+    assert!(a.register_allocation(&host, &alloc, "*").is_err(), "registered twice");
+    let dst = HostBuffer::zeroed(1 << 16);
+    b.register_owned(dst.owned(), "cpu:0").unwrap();
+    let peer = b.local_segment_name().to_string();
+    // Freed while registered: the engine's hold keeps the mapping, so the transfer reads valid memory.
+    host.free(&alloc).unwrap();
+    a.transfer_sync(&peer, Opcode::Write, alloc.addr, dst.addr(), 12).unwrap();
+    assert_eq!(&dst.to_vec()[..12], b"device bytes");
+    a.unregister_memory(alloc.addr).unwrap();
+    // A forged allocation is refused by the device.
+    let forged = mooncake::Allocation { addr: 0x1000, len: 4096, location: mooncake::Location::Cpu(None), token: 1 };
+    assert!(a.register_allocation(&host, &forged, "*").is_err());
+    // The buffer outlives its owner while registered.
+    let addr = dst.addr();
+    drop(dst);
+    a.register_owned(HostBuffer::from_vec(vec![5u8; 64]).owned(), "cpu:0").unwrap();
+    let src = a.local_descriptor().buffers[0].addr;
+    a.transfer_sync(&peer, Opcode::Write, src, addr, 64).unwrap();
+    b.unregister_memory(addr).unwrap();
+}
+
+/// Safe calls over TCP refuse a local range outside registered memory with a typed error, whatever the call
+/// (upstream's TCP transport would send from it); the `unsafe` unchecked calls accept it, as the Python binding
+/// needs.
+#[test]
+fn tcp_safe_calls_check_local_ranges_unchecked_calls_do_not() {
+    let config = || EngineConfig::new("127.0.0.1", "P2PHANDSHAKE").with_protocols(["tcp"]);
+    let (a, b) = (TransferEngine::new(config()).unwrap(), TransferEngine::new(config()).unwrap());
+    let dst = mooncake::HostBuffer::zeroed(8192);
+    b.register_owned(dst.owned(), "cpu:0").unwrap();
+    let src = mooncake::HostBuffer::from_vec(vec![3u8; 8192]);
+    a.register_owned(src.owned(), "cpu:0").unwrap();
+    let peer = b.local_segment_name().to_string();
+    let stray = vec![7u8; 4096];
+    let s = stray.as_ptr() as u64;
+    for op in [Opcode::Write, Opcode::Read] {
+        for (local, len) in [(s, 4096), (src.addr() + 4096, 8192), (src.addr() - 1, 2)] {
+            let r = a.transfer_sync(&peer, op, local, dst.addr(), len);
+            assert!(matches!(r, Err(Error::AddressNotRegistered { .. })), "{op:?} {local:#x}+{len}: {r:?}");
+            let r = a.batch_transfer_sync_each(&peer, op, &[src.addr(), local], &[dst.addr(), dst.addr()], &[8, len]);
+            assert!(matches!(r, Err(Error::AddressNotRegistered { .. })), "{op:?} batch: {r:?}");
+            let h = a.open_segment(&peer).unwrap();
+            let req = mooncake::TransferRequest {
+                opcode: op,
+                local_addr: local,
+                target: h,
+                remote_addr: dst.addr(),
+                length: len,
+            };
+            let id = a.allocate_batch(1).unwrap();
+            assert!(matches!(a.submit_transfer(id, &[req]), Err(Error::AddressNotRegistered { .. })));
+            let e2 = a.clone();
+            let r = a.block_on(async move { e2.transfer(&[req]).await }).unwrap();
+            assert!(matches!(r, Err(Error::AddressNotRegistered { .. })), "{op:?} async: {r:?}");
+            let _ = a.free_batch(id);
+        }
+    }
+    assert!(dst.to_vec().iter().all(|x| *x == 0), "a refused call moved bytes");
+    // SAFETY: `stray` is alive, unborrowed and unchanged until the blocking call returns.
+    let unchecked = unsafe { a.unchecked() };
+    unchecked.transfer_sync(&peer, Opcode::Write, s, dst.addr(), 4096).unwrap();
+    assert_eq!(&dst.to_vec()[..4096], &stray[..]);
+    a.shutdown();
+    b.shutdown();
 }

@@ -132,7 +132,9 @@ fn ours_to_upstream_via(version: u32, size: usize, meta: Meta<'_>) {
 
     let ours = our_engine_via(version, meta);
     let mut local = vec![0u8; size];
-    ours.register_memory(local.as_mut_ptr() as u64, size as u64, "cpu:0").unwrap();
+    // SAFETY: `local` is unregistered at the end of this function before it is dropped, never resized, and read or
+    // written only between the blocking transfers.
+    unsafe { ours.register_memory(local.as_mut_ptr() as u64, size as u64, "cpu:0") }.unwrap();
     let seg = ours.segment(ours.open_segment(&segment).unwrap()).unwrap();
     let tcp = seg.descriptor.section::<mooncake::transport_tcp::TcpSection>().unwrap().expect("upstream's tcp fields");
     assert_eq!(tcp.version(), 2, "upstream publishes v2");
@@ -177,7 +179,9 @@ fn upstream_to_ours_via(version: u32, size: usize, meta: Meta<'_>) {
     let ours = our_engine_via(version, meta);
     let mut buf = pattern(7, size);
     let addr = buf.as_mut_ptr() as u64;
-    ours.register_memory(addr, size as u64, "*").unwrap();
+    // SAFETY: `buf` is unregistered at the end of this function before it is dropped, and read only after the
+    // upstream initiator exited.
+    unsafe { ours.register_memory(addr, size as u64, "*") }.unwrap();
     let mut args: Vec<String> = vec![
         "initiator".into(),
         "--segment".into(),

@@ -11,6 +11,7 @@ use mooncake_core::{
     BackendConfig, Capabilities, Error, MemoryKinds, Opcode, PerfModel, RegionTable, RemoteSegment, Result,
     SegmentDescriptor, TransferTask, Transport, TransportContext, sync,
 };
+use mooncake_raw::Span;
 
 /// The protocol string this plugin registers (`EngineConfig::with_protocols(["loopback"])`).
 pub const NAME: &str = "loopback";
@@ -123,34 +124,29 @@ impl Inner {
         if self.stopped.load(Ordering::Acquire) {
             return Err(Error::Canceled);
         }
-        let len = usize::try_from(task.length)
-            .map_err(|_| Error::InvalidArgument(format!("{} bytes do not fit this address space", task.length)))?;
+        let length = task.length();
         let remote_table = sync::lock(&SEGMENTS).get(&target.name).cloned().ok_or_else(|| {
             Error::disconnected(&target.name, "loopback peer has shut down (or lives in another process)")
         })?;
-        // Both guards are held until the copy is done: neither side can unregister meanwhile.
-        let local = ctx.regions.check(task.local_addr, task.length, "local buffer")?;
-        let remote = remote_table.lookup(task.remote_addr, task.length).ok_or_else(|| Error::RemoteRejected {
+        // Both guards are held until the copy is done: neither side can unregister meanwhile. The task's local
+        // range holds its region already when it is registered; a range the engine's caller vouched for must
+        // be registered here too (this transport declares `requires_local_registration`).
+        let _local_guard = task.local.registered_in(&ctx.regions, "local buffer")?;
+        let remote = remote_table.lookup(task.remote_addr, length).ok_or_else(|| Error::RemoteRejected {
             peer: target.name.clone(),
             addr: task.remote_addr,
-            len: task.length,
+            len: length,
         })?;
-        let (src, dst) = match task.opcode {
-            Opcode::Read => (task.remote_addr, task.local_addr),
-            Opcode::Write => (task.local_addr, task.remote_addr),
-        };
-        // SAFETY: `[src, src+len)` and `[dst, dst+len)` each lie inside one registered region of this
-        // process (checked just above by `check`/`lookup`, which reject zero length and overflow).
-        // Registration promises the memory stays valid, readable and writable until it is
-        // unregistered, and the guards `local` and `remote` keep both registrations alive until
-        // after the copy (unregistering waits for them). `ptr::copy` tolerates overlapping ranges
-        // (an engine may target its own segment). Concurrent access to the same bytes by another
-        // party is a plain-bytes race the transfer API leaves to the user, exactly as with RDMA.
-        unsafe {
-            std::ptr::copy(src as *const u8, dst as *mut u8, len);
+        // Bytes are touched only through mooncake-raw: it checks each range against its proof, and moves
+        // device memory through its device instead of dereferencing it. No `unsafe` in a plugin.
+        let local = Span::local(&task.local)?;
+        let remote_span = Span::region(&remote, task.remote_addr, length)?;
+        match task.opcode {
+            Opcode::Read => mooncake_raw::copy(&remote_span, &local)?,
+            Opcode::Write => mooncake_raw::copy(&local, &remote_span)?,
         }
-        drop((local, remote));
-        Ok(task.length)
+        // The guards (`local_guard`, `remote`) are dropped here, after the copy.
+        Ok(length)
     }
 }
 

@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use mooncake_core::device::check_bounds;
 use mooncake_core::{
-    AllocOptions, Allocation, DeviceCapabilities, Error, Location, MemoryDevice, MemoryKind, Result, SharingHandle,
-    sync,
+    AllocOptions, Allocation, DeviceCapabilities, Error, Location, MemoryDevice, MemoryKind, OwnedMemory, Result,
+    SharingHandle, sync,
 };
 
 use crate::numa::Topology;
@@ -312,6 +312,17 @@ impl MemoryDevice for HostDevice {
         }
     }
 
+    /// Holds the mapping itself: it stays mapped (and the memory allocated) until the hold is dropped, even if
+    /// [`MemoryDevice::free`] runs first (the unmapping then happens when the hold ends).
+    fn hold(&self, allocation: &Allocation) -> Result<OwnedMemory> {
+        let m = self.lookup(allocation, "hold")?;
+        let (addr, len) = (m.raw.addr() as u64, m.len);
+        // SAFETY: `m` is a live mapping of this device (looked up by address, token and length), readable and
+        // writable (anonymous or shared PROT_READ|PROT_WRITE mappings), at least `len` bytes long; the boxed
+        // Arc keeps it mapped until the OwnedMemory is dropped (Mapping unmaps only when its last Arc goes).
+        Ok(unsafe { OwnedMemory::new(addr, len, Box::new(m)) })
+    }
+
     fn copy_to_host(&self, allocation: &Allocation, offset: u64, dst: &mut [u8]) -> Result<()> {
         let m = self.lookup(allocation, "copy_to_host")?;
         check_bounds(allocation, offset, dst.len() as u64)?;
@@ -437,6 +448,24 @@ mod tests {
         assert!(matches!(dev.copy_from_host(&[1], &shorter, 0), Err(Error::NotFound(_))));
         dev.free(&a).unwrap();
         assert_eq!(dev.live_allocations(), 0);
+    }
+
+    #[test]
+    fn a_hold_keeps_the_mapping_after_free() {
+        let dev = HostDevice::new();
+        let a = dev.allocate(4096, &AllocOptions::default()).unwrap();
+        dev.copy_from_host(b"kept", &a, 0).unwrap();
+        let held = dev.hold(&a).unwrap();
+        assert_eq!((held.addr(), held.len()), (a.addr, a.len));
+        dev.free(&a).unwrap();
+        assert_eq!(dev.live_allocations(), 0);
+        assert!(matches!(dev.hold(&a), Err(Error::NotFound(_))), "a freed allocation cannot be held again");
+        // Still mapped while held: read it through a registration of the held memory.
+        let t = mooncake_core::RegionTable::new();
+        t.insert_held(held, Location::Cpu(None), None).unwrap();
+        let region = t.lookup(a.addr, 4).unwrap();
+        let span = mooncake_raw::Span::region(&region, a.addr, 4).unwrap();
+        assert_eq!(&*span.bytes().unwrap(), b"kept");
     }
 
     #[test]

@@ -183,7 +183,8 @@ impl ManagedBufferAllocator {
             Location::Cpu(Some(n)) => format!("cpu:{n}"),
             _ => self.device.classify(a.addr, a.len).unwrap_or(Location::Cpu(Some(0))).to_string(),
         };
-        if let Err(e) = self.engine.register_memory(a.addr, a.len, &location) {
+        let device: Arc<dyn MemoryDevice> = self.device.clone();
+        if let Err(e) = self.engine.register_allocation(&device, &a, &location) {
             if let Err(fe) = self.device.free(&a) {
                 tracing::warn!(addr = a.addr, error = %fe, "freeing an unregistrable buffer failed");
             }

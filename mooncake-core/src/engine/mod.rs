@@ -4,7 +4,9 @@
 //! This module holds the engine's state, its start and shutdown, and notifications. The rest is split by
 //! concern: `registration` (memory regions), `publication` (the descriptor, `rpc_meta` and their keeper),
 //! `routing` (segments, transport choice, validation into a plan), `submission` (batches, the async call and
-//! the blocking calls), `transfers` (the typed blocking entry point over many segments), `segments` / `peers` (the caches behind routing), `config` and `timestamp`.
+//! the blocking calls), `transfers` (the typed blocking entry point over many segments), `unchecked` (the
+//! `unsafe` calls with vouched local ranges), `segments` / `peers` (the caches behind routing), `config` and
+//! `timestamp`.
 
 mod config;
 mod peers;
@@ -15,6 +17,7 @@ mod segments;
 mod submission;
 mod timestamp;
 mod transfers;
+mod unchecked;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::AtomicU64;
@@ -26,6 +29,7 @@ use serde_json::Value;
 
 pub use config::{EngineConfig, join_host_port, split_host_port};
 pub use transfers::{CALLER_THREAD_MAX_BYTES, PendingTransfers, Transfer};
+pub use unchecked::UncheckedTransfers;
 
 use crate::completion::Batch;
 use crate::descriptor::{BufferDesc, SegmentDescriptor};

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use super::{Inner, TransferEngine, spawn_on};
 use crate::error::{Error, Result};
+use crate::memory::LocalRange;
 use crate::sync;
 use crate::transport::RemoteSegment;
 use crate::types::{SegmentHandle, TransferRequest};
@@ -48,9 +49,30 @@ impl TransferEngine {
     }
 }
 
-/// A validated submission: (transport index, segment) per request.
+/// Whether a submission's local ranges must lie in registered memory (the safe calls) or may be vouched for
+/// by the caller of an `unsafe` entry point ([`TransferEngine::unchecked`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum LocalCheck {
+    /// Every local range must lie inside one registered region.
+    Registered,
+    /// Unregistered local ranges are host memory the caller vouched for (transports that need registered
+    /// local memory still refuse them).
+    Vouched,
+}
+
+/// Where one validated request goes.
+pub(super) struct Route {
+    /// Index of the transport.
+    pub(super) transport: usize,
+    /// The target segment.
+    pub(super) seg: Arc<RemoteSegment>,
+    /// The local range with its proof (it holds the local region until the request is finished).
+    pub(super) local: LocalRange,
+}
+
+/// A validated submission: one route per request.
 pub(super) struct Plan {
-    pub(super) routes: Vec<(usize, Arc<RemoteSegment>)>,
+    pub(super) routes: Vec<Route>,
 }
 
 pub(super) enum Retry {
@@ -101,20 +123,15 @@ impl Inner {
     /// Picks the transport for a request to `seg` by the target's protocols and the cost model.
     /// A transport that needs registered local memory ranks last when the local range is not
     /// registered, so another transport that can send from anywhere takes the request.
-    ///
-    /// Returns the transport index and, when the local range had to be looked up, whether it is
-    /// registered (so the caller does not look it up again).
-    fn route(&self, seg: &RemoteSegment, local_addr: u64, length: u64) -> Result<(usize, Option<bool>)> {
+    fn route(&self, seg: &RemoteSegment, local_registered: bool, length: u64) -> Result<usize> {
         let priority = &self.config.protocol_priority;
-        let mut local_registered = None;
         let mut best: Option<(usize, (bool, usize, Duration, usize))> = None;
         for (i, t) in self.transports.iter().enumerate() {
             let Some(order) = seg.descriptor.protocol_rank(t.name()) else { continue };
             if !t.can_reach(seg) {
                 continue;
             }
-            let unmet = t.capabilities().requires_local_registration
-                && !*local_registered.get_or_insert_with(|| self.regions.lookup(local_addr, length).is_some());
+            let unmet = t.capabilities().requires_local_registration && !local_registered;
             // Listed protocols first, in list order; unlisted ones after them.
             let rank = priority.iter().position(|n| n == t.name()).unwrap_or(priority.len());
             let key = (unmet, rank, t.capabilities().model.estimate(length), order);
@@ -122,7 +139,7 @@ impl Inner {
                 best = Some((i, key));
             }
         }
-        best.map(|(i, _)| (i, local_registered)).ok_or_else(|| {
+        best.map(|(i, _)| i).ok_or_else(|| {
             Error::unavailable(format!(
                 "segment {:?} offers {:?}; this engine has {:?} and none of them can reach it",
                 seg.name,
@@ -132,7 +149,14 @@ impl Inner {
         })
     }
 
-    pub(super) fn plan(&self, requests: &[TransferRequest], may_refresh: bool) -> std::result::Result<Plan, Retry> {
+    /// Validates and routes `requests`; every local range is looked up in the region table once (the guard
+    /// travels with the request), and must be registered unless `check` is [`LocalCheck::Vouched`].
+    pub(super) fn plan(
+        &self,
+        requests: &[TransferRequest],
+        may_refresh: bool,
+        check: LocalCheck,
+    ) -> std::result::Result<Plan, Retry> {
         let stale: Vec<String> = std::mem::take(&mut *sync::lock(&self.shared.stale_peers));
         for name in stale {
             self.segments.mark_stale(&name);
@@ -163,11 +187,22 @@ impl Inner {
                 }
                 .into());
             }
-            let (t, local_registered) = self.route(&seg, r.local_addr, r.length)?;
+            let region = self.regions.lookup(r.local_addr, r.length);
+            let t = self.route(&seg, region.is_some(), r.length)?;
             let caps = self.transports[t].capabilities();
-            if caps.requires_local_registration && local_registered != Some(true) {
-                self.regions.check(r.local_addr, r.length, "local buffer")?;
-            }
+            let unregistered = || Error::AddressNotRegistered {
+                addr: r.local_addr,
+                len: r.length,
+                context: format!("request {i}: local buffer (register it first)"),
+            };
+            let local = match region {
+                Some(g) => LocalRange::in_region(g, r.local_addr, r.length, "local buffer")?,
+                None if check == LocalCheck::Vouched && !caps.requires_local_registration => {
+                    // The caller of `unchecked()` vouched for its local ranges (its `# Safety`).
+                    LocalRange::vouched_by_contract(r.local_addr, r.length)
+                }
+                None => return Err(unregistered().into()),
+            };
             if r.length > caps.max_request_size {
                 return Err(Error::InvalidArgument(format!(
                     "request {i}: {} bytes exceeds {}'s limit of {}",
@@ -177,7 +212,7 @@ impl Inner {
                 ))
                 .into());
             }
-            routes.push((t, seg));
+            routes.push(Route { transport: t, seg, local });
         }
         if !refresh.is_empty() {
             // A refresh happened already in this call if the caller retries; report the range then.

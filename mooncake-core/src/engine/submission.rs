@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::routing::{Plan, Retry};
+use super::routing::{LocalCheck, Plan, Retry, Route};
 use super::{Inner, TransferEngine, spawn_on};
 use crate::completion::Batch;
 use crate::error::{Error, Result};
@@ -51,27 +51,36 @@ impl TransferEngine {
 
     /// Submits into a batch object (see [`TransferEngine::submit_transfer`]).
     pub fn submit_into(&self, batch: &Arc<Batch>, requests: &[TransferRequest]) -> Result<()> {
-        let plan = self.plan_blocking(requests)?;
+        self.submit_checked(batch, requests, LocalCheck::Registered)
+    }
+
+    pub(super) fn submit_checked(
+        &self,
+        batch: &Arc<Batch>,
+        requests: &[TransferRequest],
+        check: LocalCheck,
+    ) -> Result<()> {
+        let plan = self.plan_blocking(requests, check)?;
         self.inner.launch(batch, requests, plan)
     }
 
     /// Validates and routes requests, re-reading stale descriptors once (blocking).
-    pub(super) fn plan_blocking(&self, requests: &[TransferRequest]) -> Result<Plan> {
-        match self.inner.plan(requests, true) {
+    pub(super) fn plan_blocking(&self, requests: &[TransferRequest], check: LocalCheck) -> Result<Plan> {
+        match self.inner.plan(requests, true, check) {
             Err(Retry::Refresh(handles)) => {
                 self.run(refresh_all(self.inner.clone(), handles))?;
-                self.inner.plan(requests, false).map_err(Retry::into_error)
+                self.inner.plan(requests, false, check).map_err(Retry::into_error)
             }
             first => first.map_err(Retry::into_error),
         }
     }
 
     /// [`TransferEngine::plan_blocking`] for async callers (the refresh runs on the engine's runtime).
-    async fn plan_async(&self, requests: &[TransferRequest]) -> Result<Plan> {
-        match self.inner.plan(requests, true) {
+    async fn plan_async(&self, requests: &[TransferRequest], check: LocalCheck) -> Result<Plan> {
+        match self.inner.plan(requests, true, check) {
             Err(Retry::Refresh(handles)) => {
                 spawn_on(&self.inner.handle, refresh_all(self.inner.clone(), handles)).await?;
-                self.inner.plan(requests, false).map_err(Retry::into_error)
+                self.inner.plan(requests, false, check).map_err(Retry::into_error)
             }
             first => first.map_err(Retry::into_error),
         }
@@ -80,10 +89,18 @@ impl TransferEngine {
     /// Async form of submission + completion: runs the requests and returns one result per request
     /// (bytes moved or a typed error). Runtime-agnostic.
     pub async fn transfer(&self, requests: &[TransferRequest]) -> Result<Vec<Result<u64>>> {
+        self.transfer_checked(requests, LocalCheck::Registered).await
+    }
+
+    pub(super) async fn transfer_checked(
+        &self,
+        requests: &[TransferRequest],
+        check: LocalCheck,
+    ) -> Result<Vec<Result<u64>>> {
         if requests.is_empty() {
             return Ok(Vec::new());
         }
-        let plan = self.plan_async(requests).await?;
+        let plan = self.plan_async(requests, check).await?;
         let batch = Batch::new(requests.len());
         self.inner.launch(&batch, requests, plan)?;
         batch.wait().await;
@@ -138,6 +155,18 @@ impl TransferEngine {
         remotes: &[u64],
         lengths: &[u64],
     ) -> Result<Vec<Result<()>>> {
+        self.sync_each_checked(target, opcode, locals, remotes, lengths, LocalCheck::Registered)
+    }
+
+    pub(super) fn sync_each_checked(
+        &self,
+        target: &str,
+        opcode: Opcode,
+        locals: &[u64],
+        remotes: &[u64],
+        lengths: &[u64],
+        check: LocalCheck,
+    ) -> Result<Vec<Result<()>>> {
         if locals.len() != remotes.len() || locals.len() != lengths.len() {
             return Err(Error::InvalidArgument(format!(
                 "{} local addresses, {} remote addresses and {} lengths",
@@ -159,22 +188,24 @@ impl TransferEngine {
                 length: lengths[i],
             })
             .collect();
-        let plan = self.plan_blocking(&requests)?;
+        let plan = self.plan_blocking(&requests, check)?;
         let timeout = self.sync_timeout(lengths.iter().sum());
-        let (first, seg) = &plan.routes[0];
-        if plan.routes.iter().all(|(t, _)| t == first) {
+        let first = &plan.routes[0];
+        if plan.routes.iter().all(|r| r.transport == first.transport) {
             // The calling thread may run them itself (no hand-off to the runtime and back).
-            let transport = &self.inner.transports[*first];
+            let transport = &self.inner.transports[first.transport];
             let direct = if let [r] = requests.as_slice() {
                 transport
-                    .transfer_blocking(seg, opcode, r.local_addr, r.remote_addr, r.length, timeout)
+                    .transfer_blocking(&first.seg, opcode, &first.local, r.remote_addr, timeout)
                     .map(|result| vec![result])
             } else {
-                let pieces: Vec<BlockingRequest> = requests
+                let pieces: Vec<BlockingRequest> = plan
+                    .routes
                     .iter()
-                    .map(|r| BlockingRequest { local_addr: r.local_addr, remote_addr: r.remote_addr, length: r.length })
+                    .zip(&requests)
+                    .map(|(route, r)| BlockingRequest { local: route.local.clone(), remote_addr: r.remote_addr })
                     .collect();
-                transport.transfer_blocking_batch(seg, opcode, &pieces, timeout)
+                transport.transfer_blocking_batch(&first.seg, opcode, &pieces, timeout)
             };
             if let Some(results) = direct.filter(|r| r.len() == requests.len()) {
                 return Ok(results.into_iter().map(|r| r.map(|_| ())).collect());
@@ -214,27 +245,27 @@ fn results(batch: &Batch) -> Vec<Result<u64>> {
 }
 
 impl Inner {
+    /// Starts the validated `requests` in `batch`; each task carries its local range (and so its region) until
+    /// it is finished.
     pub(super) fn launch(&self, batch: &Arc<Batch>, requests: &[TransferRequest], plan: Plan) -> Result<()> {
         let start = batch.reserve(requests.len())?;
+        let mut routes = plan.routes.into_iter().zip(requests).enumerate().peekable();
         // Group consecutive requests by (transport, segment) so each transport gets one call.
-        let mut i = 0;
-        while i < requests.len() {
-            let (t, seg) = &plan.routes[i];
-            let mut j = i + 1;
-            while j < requests.len() && plan.routes[j].0 == *t && plan.routes[j].1.handle == seg.handle {
-                j += 1;
+        while let Some((k, (route, r))) = routes.next() {
+            let Route { transport, seg, local } = route;
+            let task = |k: usize, local, r: &TransferRequest| TransferTask {
+                opcode: r.opcode,
+                local,
+                remote_addr: r.remote_addr,
+                completion: batch.completion(start + k),
+            };
+            let mut tasks = vec![task(k, local, r)];
+            while let Some((k, (next, r))) =
+                routes.next_if(|(_, (next, _))| next.transport == transport && next.seg.handle == seg.handle)
+            {
+                tasks.push(task(k, next.local, r));
             }
-            let tasks: Vec<TransferTask> = (i..j)
-                .map(|k| TransferTask {
-                    opcode: requests[k].opcode,
-                    local_addr: requests[k].local_addr,
-                    remote_addr: requests[k].remote_addr,
-                    length: requests[k].length,
-                    completion: batch.completion(start + k),
-                })
-                .collect();
-            self.transports[*t].submit(seg, tasks);
-            i = j;
+            self.transports[transport].submit(&seg, tasks);
         }
         Ok(())
     }

@@ -149,7 +149,7 @@ impl Partial {
         let (Some(engine), Some(device)) = (&self.engine, &self.device) else { return Err(ErrorCode::Internal.into()) };
         let memory = device.allocate(len, &memory_options()).map_err(|e| errors::engine(what, &e))?;
         self.memory.push((memory.clone(), false));
-        engine.register_memory(memory.addr, memory.len, "*").map_err(|e| errors::engine(what, &e))?;
+        engine.register_allocation(device, &memory, "*").map_err(|e| errors::engine(what, &e))?;
         if let Some(last) = self.memory.last_mut() {
             last.1 = true;
         }

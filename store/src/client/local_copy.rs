@@ -1,14 +1,15 @@
 //! Copies between memory of this process: a replica on our own mounted segment, the staging buffer, a user
 //! buffer registered with `register_buffer`, or a Rust slice.
 //!
-//! This is the store's one module with `unsafe` code. Every raw range is first looked up in the engine's
-//! [`RegionTable`] (the same table transports check remote accesses against): it must lie inside one
-//! registered host-memory region, and the [`RegionGuard`] is held for the duration of the copy, so the region
-//! cannot be unregistered (and, by the registration contract, freed) while it is being read or written.
-//! Copies use `ptr::copy` (memmove), so overlapping ranges are harmless.
-#![allow(unsafe_code)]
+//! Every raw range is first looked up in the engine's [`RegionTable`] (the same table transports check remote
+//! accesses against): it must lie inside one registered host-memory region, and the [`RegionGuard`] is held
+//! for the duration of the copy, so the region cannot be unregistered (and, by the registration contract,
+//! freed) while it is being read or written. The bytes move through `mooncake-raw`, the one place addresses
+//! become bytes: it checks each range against its guard again, and copies with `memmove` semantics, so
+//! overlapping ranges are harmless. No `unsafe` here.
 
-use mooncake_core::{MemoryKind, RegionGuard, RegionTable};
+use mooncake_core::{RegionGuard, RegionTable};
+use mooncake_raw::Span;
 
 use crate::error::Result;
 use crate::types::ErrorCode;
@@ -21,10 +22,18 @@ fn host_region(regions: &RegionTable, addr: u64, len: u64) -> Result<(RegionGuar
         return Err(ErrorCode::InvalidParams.into());
     }
     let guard = regions.lookup(addr, len).ok_or(ErrorCode::InvalidParams)?;
-    if guard.location.kind() != Some(MemoryKind::Host) {
+    if !guard.is_host() {
         return Err(ErrorCode::InvalidParams.into());
     }
     Ok((guard, n))
+}
+
+/// The bytes `[addr, addr+len)` of `region` (checked again by mooncake-raw).
+fn span(region: &RegionGuard, addr: u64, len: u64) -> Result<Span<'_>> {
+    Span::region(region, addr, len).map_err(|e| {
+        tracing::warn!(error = %e, "local copy refused");
+        ErrorCode::InvalidParams.into()
+    })
 }
 
 /// Copies of at least this many bytes are split over several threads: one core does not saturate memory
@@ -45,36 +54,25 @@ pub(crate) fn copy_registered(regions: &RegionTable, src: u64, dst: u64, len: u6
     } else {
         1
     };
+    let copy_part = |start: u64, part: u64| -> Result<()> {
+        let (from, to) = (span(&src_guard, src + start, part)?, span(&dst_guard, dst + start, part)?);
+        mooncake_raw::copy(&from, &to).map_err(|_| ErrorCode::InvalidParams.into())
+    };
     if threads > 1 {
-        // Chunks of whole pages (4 KiB), the last one taking the rest.
-        let chunk = (n / threads).next_multiple_of(4096);
-        std::thread::scope(|scope| {
-            for i in 1..threads {
-                let start = i * chunk;
-                if start >= n {
-                    break;
-                }
-                let len = chunk.min(n - start);
-                let (s, d) = (src as usize + start, dst as usize + start);
-                // SAFETY: as for the single-threaded copy below; each thread copies its own disjoint part of the
-                // two ranges, which do not overlap each other (`disjoint`), and the scope ends (joining every
-                // thread) before the guards are dropped.
-                scope.spawn(move || unsafe { std::ptr::copy_nonoverlapping(s as *const u8, d as *mut u8, len) });
-            }
-            // SAFETY: the first chunk, on this thread; same reasoning.
-            unsafe { std::ptr::copy_nonoverlapping(src as usize as *const u8, dst as usize as *mut u8, chunk.min(n)) };
+        // Chunks of whole pages (4 KiB), the last one taking the rest; each thread copies its own disjoint part,
+        // and the scope joins every thread before the guards are dropped.
+        let chunk = (n / threads).next_multiple_of(4096) as u64;
+        return std::thread::scope(|scope| {
+            let parts: Vec<_> = (1..threads as u64)
+                .map(|i| i * chunk)
+                .filter(|start| *start < len)
+                .map(|start| scope.spawn(move || copy_part(start, chunk.min(len - start))))
+                .collect();
+            let first = copy_part(0, chunk.min(len));
+            parts.into_iter().map(|h| h.join().unwrap_or(Err(ErrorCode::Internal.into()))).fold(first, Result::and)
         });
-        drop((src_guard, dst_guard));
-        return Ok(());
     }
-    // SAFETY: both ranges lie inside registered host-memory regions of this process (checked just above), and
-    // the registration contract says registered memory stays mapped and writable until it is unregistered;
-    // `src_guard` and `dst_guard` keep both registrations alive until after the copy (unregistering waits for
-    // guards). `ptr::copy` tolerates overlap. Peers may access the same bytes concurrently, exactly as with
-    // RDMA: which bytes win is the application's protocol, not memory safety of this process.
-    unsafe { std::ptr::copy(src as usize as *const u8, dst as usize as *mut u8, n) };
-    drop((src_guard, dst_guard));
-    Ok(())
+    copy_part(0, len)
 }
 
 /// Copies `src` into registered host memory at `dst`.
@@ -82,41 +80,31 @@ pub(crate) fn copy_from_slice(regions: &RegionTable, src: &[u8], dst: u64) -> Re
     if src.is_empty() {
         return Ok(());
     }
-    let (dst_guard, n) = host_region(regions, dst, src.len() as u64)?;
-    // SAFETY: `[dst, dst+n)` lies inside a registered host-memory region kept registered by `dst_guard`
-    // (see copy_registered); `src` is a live slice of exactly `n` bytes; `ptr::copy` tolerates overlap.
-    unsafe { std::ptr::copy(src.as_ptr(), dst as usize as *mut u8, n) };
-    drop(dst_guard);
-    Ok(())
+    let (dst_guard, _) = host_region(regions, dst, src.len() as u64)?;
+    span(&dst_guard, dst, src.len() as u64)?.write_from(0, src).map_err(|_| ErrorCode::InvalidParams.into())
 }
 
 /// Appends the `len` bytes at `src` (registered host memory) to `out`. `Internal` when `out` cannot grow.
 pub(crate) fn append_to_vec(regions: &RegionTable, src: u64, len: u64, out: &mut Vec<u8>) -> Result<()> {
     let (src_guard, n) = host_region(regions, src, len)?;
+    let from = span(&src_guard, src, len)?;
     out.try_reserve_exact(n).map_err(|e| {
         tracing::warn!(bytes = n, error = %e, "cannot allocate the value buffer");
         ErrorCode::Internal
     })?;
-    let old_len = out.len();
-    let spare = out.spare_capacity_mut();
-    // SAFETY: `[src, src+n)` lies inside a registered host-memory region kept registered by `src_guard`;
-    // `spare` has room for at least `n` bytes (reserved above) and belongs to `out`, which we borrow
-    // exclusively, so it cannot overlap memory we read through a shared alias.
-    unsafe { std::ptr::copy(src as usize as *const u8, spare.as_mut_ptr().cast::<u8>(), n) };
-    // SAFETY: the `n` bytes after `old_len` were initialized by the copy above and lie within the capacity.
-    unsafe { out.set_len(old_len + n) };
-    drop(src_guard);
-    Ok(())
+    from.append_to(out).map_err(|_| ErrorCode::InvalidParams.into())
 }
 
 #[cfg(test)]
+#[allow(unsafe_code)]
 mod tests {
     use super::*;
-    use mooncake_core::Location;
+    use mooncake_core::{Location, MemoryKind};
 
     fn table_with(addr: u64, len: usize, location: Location) -> RegionTable {
         let t = RegionTable::new();
-        t.insert(addr, len as u64, location).unwrap();
+        // SAFETY: each test keeps its buffer alive (and reads it only between copies) as long as the table.
+        unsafe { t.insert(addr, len as u64, location) }.unwrap();
         t
     }
 

@@ -149,20 +149,35 @@ impl StoreClient {
 
     // ---- registration ------------------------------------------------------------------------
 
-    /// Registers `[ptr, ptr+len)` of this process with the engine for the zero-copy calls (and for peers). The
-    /// memory must stay valid until [`StoreClient::unregister_buffer`]. Null, zero length, wrap-around or
-    /// overlap with another registration: `InvalidParams`.
-    pub fn register_buffer(&self, ptr: u64, len: u64) -> Result<()> {
+    /// Registers `[ptr, ptr+len)` of this process with the engine for the zero-copy calls (and for peers). Null,
+    /// zero length, wrap-around or overlap with another registration: `InvalidParams`.
+    ///
+    /// # Safety
+    /// As for `TransferEngine::register_memory`: the range must be host memory of this process, mapped
+    /// readable and writable, not freed until [`StoreClient::unregister_buffer`] for it returns `Ok`, and
+    /// reached only by copy while registered (peers and the zero-copy calls write it).
+    #[allow(unsafe_code)]
+    pub unsafe fn register_buffer(&self, ptr: u64, len: u64) -> Result<()> {
         let _open = self.inner.op()?;
         if ptr == 0 || len == 0 || ptr.checked_add(len).is_none() {
             return Err(ErrorCode::InvalidParams.into());
         }
-        self.inner.engine.register_memory(ptr, len, "*").map_err(|e| match e {
-            mooncake_core::Error::InvalidArgument(_) | mooncake_core::Error::AddressOverlapped { .. } => {
-                errors::engine_as(ErrorCode::InvalidParams, &format!("register_buffer({ptr:#x}, {len}) refused"), &e)
-            }
-            e => errors::engine("register_buffer failed", &e),
-        })
+        // SAFETY: this function's contract is the engine's registration contract.
+        unsafe { self.inner.engine.register_memory(ptr, len, "*") }.map_err(|e| register_error(ptr, len, e))
+    }
+
+    /// [`StoreClient::register_buffer`] for memory `device` allocated (a dummy client's pool): the engine holds
+    /// the allocation while it is registered, so no `unsafe` is needed.
+    pub(crate) fn register_device_buffer(
+        &self,
+        device: &std::sync::Arc<dyn mooncake_core::MemoryDevice>,
+        memory: &mooncake_core::Allocation,
+    ) -> Result<()> {
+        let _open = self.inner.op()?;
+        self.inner
+            .engine
+            .register_allocation(device, memory, "*")
+            .map_err(|e| register_error(memory.addr, memory.len, e))
     }
 
     /// Unregisters a buffer registered with [`StoreClient::register_buffer`] (waits for transfers touching it).
@@ -608,4 +623,14 @@ fn zip_parts<P: AsRef<[u64]>, L: AsRef<[u64]>>(n: usize, ptrs: &[P], lens: &[L])
         if p.len() == l.len() { p.iter().copied().zip(l.iter().copied()).collect() } else { Vec::new() }
     };
     Some(ptrs.iter().zip(lens).map(key_parts).collect())
+}
+
+/// The store error for a registration the engine refused.
+fn register_error(ptr: u64, len: u64, e: mooncake_core::Error) -> crate::error::Error {
+    match e {
+        mooncake_core::Error::InvalidArgument(_) | mooncake_core::Error::AddressOverlapped { .. } => {
+            errors::engine_as(ErrorCode::InvalidParams, &format!("register_buffer({ptr:#x}, {len}) refused"), &e)
+        }
+        e => errors::engine("register_buffer failed", &e),
+    }
 }

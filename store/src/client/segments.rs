@@ -147,7 +147,7 @@ impl Inner {
     }
 
     fn mount_extra(&self, memory: DeviceAllocation, from_file: bool) -> Result<String> {
-        if let Err(e) = self.engine.register_memory(memory.addr, memory.len, "*") {
+        if let Err(e) = self.engine.register_allocation(&self.device, &memory, "*") {
             let _ = self.device.free(&memory);
             return Err(errors::engine("cannot register the segment", &e));
         }

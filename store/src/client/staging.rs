@@ -80,7 +80,7 @@ impl<'a> Scratch<'a> {
                 return out;
             }
         };
-        if let Err(e) = self.engine.register_memory(memory.addr, memory.len, "*") {
+        if let Err(e) = self.engine.register_allocation(self.device, &memory, "*") {
             tracing::warn!(bytes = total, error = %e, "cannot register temporary staging memory");
             if let Err(e) = self.device.free(&memory) {
                 tracing::warn!(error = %e, "cannot free temporary staging memory");

@@ -147,7 +147,7 @@ impl State {
             tracing::warn!(path, error = %e, "cannot map a dummy client's pool");
             ErrorCode::InvalidParams
         })?;
-        if let Err(e) = self.client.register_buffer(memory.addr, memory.len) {
+        if let Err(e) = self.client.register_device_buffer(&self.device, &memory) {
             let _ = self.device.free(&memory);
             return Err(e.kind());
         }

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use mooncake_core::{Error, PeerEvents, PieceDone, RemoteSegment, Result, sync};
+use mooncake_core::{Error, LocalRange, PeerEvents, PieceDone, RemoteSegment, Result, sync};
 use mooncake_libfabric_sys as sys;
 
 use crate::config::FabricConfig;
@@ -149,7 +149,8 @@ fn process_gone(pid: i32) -> bool {
 /// One RMA operation.
 pub(crate) struct Op {
     pub write: bool,
-    pub local: u64,
+    /// The local range with its proof; it keeps the local region registered until the operation is done.
+    pub local: LocalRange,
     pub len: u64,
     /// Remote address as posted (virtual address or offset into the registration).
     pub remote: u64,
@@ -599,11 +600,11 @@ impl Core {
                 }
             }
         };
-        let desc = match st.rail.local_desc(op.local, op.len) {
+        let desc = match st.rail.local_desc(op.local.addr(), op.len) {
             Some(d) => d,
             None if h.local_mr => {
                 let e = Error::AddressNotRegistered {
-                    addr: op.local,
+                    addr: op.local.addr(),
                     len: op.len,
                     context: format!("local buffer not registered with libfabric rail {}", h.domain),
                 };
@@ -621,7 +622,7 @@ impl Core {
         };
         let rma = fabric::Rma {
             write: op.write,
-            local: op.local,
+            local: op.local.addr(),
             len,
             desc,
             dest: fi_addr,
@@ -630,8 +631,8 @@ impl Core {
             context: ctx,
         };
         let rail = &mut st.rail;
-        // SAFETY: the engine guarantees the local range lies in memory registered with this
-        // transport (requires_local_registration), and `desc` is that registration's descriptor
+        // SAFETY: the local range lies in registered memory (checked when the task was planned; `op.local`
+        // holds the region until the operation completes), and `desc` is its registration's descriptor
         // (or NULL where the provider needs none); `ctx` points into the slot table, which lives
         // (and is not reused) until this operation's completion is read or the rail is closed.
         let mut do_post = || unsafe { rail.post(&rma) };

@@ -51,8 +51,8 @@ use async_trait::async_trait;
 use mooncake_core::registry::{Availability, TransportFactory};
 use mooncake_core::{
     BackendConfig, BufferDesc, Capabilities, Error, FanIn, MemoryKinds, Opcode, PerfModel, PieceDone, Region,
-    RemoteSegment, Result, SegmentDescriptor, StripePlan, StripeRounding, TransferTask, Transport, TransportContext,
-    sync,
+    RegionTable, RemoteSegment, Result, SegmentDescriptor, StripePlan, StripeRounding, TransferTask, Transport,
+    TransportContext, sync,
 };
 
 pub use config::{DEFAULT_PROVIDER, EFA_PROVIDER, FabricConfig};
@@ -71,6 +71,8 @@ pub struct LibfabricTransport {
     config: FabricConfig,
     caps: Capabilities,
     core: OnceLock<Arc<Core>>,
+    /// The engine's registered memory (local ranges must lie in it).
+    regions: OnceLock<Arc<RegionTable>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     peers: RwLock<HashMap<String, Arc<Peer>>>,
     node: String,
@@ -131,6 +133,7 @@ impl LibfabricTransport {
             caps: capabilities_for(&config),
             config,
             core: OnceLock::new(),
+            regions: OnceLock::new(),
             thread: Mutex::new(None),
             peers: RwLock::new(HashMap::new()),
             node: desc::hostname(),
@@ -194,10 +197,21 @@ impl LibfabricTransport {
 
     /// Plans one task into operations, grouped per rail into `per_rail`.
     fn plan_task(&self, core: &Core, peer: &Arc<Peer>, t: TransferTask, per_rail: &mut [Vec<Op>]) {
-        let Some(buf) = peer.info.find(t.remote_addr, t.length) else {
+        // The NIC reads and writes the local range: it must lie in registered memory (the task's own region,
+        // or, for a range the engine's caller vouched for, a lookup), which each operation holds until done.
+        let checked = match self.regions.get() {
+            Some(regions) => t.local.registered_in(regions, "local buffer of a libfabric transfer").map(|_| ()),
+            None => Err(Error::NotInitialized(format!("{} transport not started", self.protocol))),
+        };
+        if let Err(e) = checked {
+            t.completion.finish(Err(e));
+            return;
+        }
+        let length = t.length();
+        let Some(buf) = peer.info.find(t.remote_addr, length) else {
             t.completion.finish(Err(Error::AddressNotRegistered {
                 addr: t.remote_addr,
-                len: t.length,
+                len: length,
                 context: format!(
                     "not inside a buffer that segment {} registered with {} (checked before posting)",
                     peer.name, self.protocol
@@ -210,13 +224,13 @@ impl LibfabricTransport {
         let remote_rails = peer.addrs.len().max(1);
         let max_msg = core.rails.iter().map(|r| r.max_msg).min().unwrap_or(u64::MAX);
         // Striped across rails when large, then cut so that no operation exceeds max_msg.
-        let plan = StripePlan::new(t.length, rails, self.config.stripe_min, StripeRounding::Up).max_piece(max_msg);
+        let plan = StripePlan::new(length, rails, self.config.stripe_min, StripeRounding::Up).max_piece(max_msg);
         let pieces = plan.pieces();
         let now = std::time::Instant::now();
         let mut split = None;
         let mut whole = Some(t.completion);
         if pieces > 1 {
-            split = whole.take().map(|c| Arc::new(FanIn::new(pieces as usize, t.length, c)));
+            split = whole.take().map(|c| Arc::new(FanIn::new(pieces as usize, length, c)));
         }
         let write = t.opcode == Opcode::Write;
         for piece in plan {
@@ -229,9 +243,13 @@ impl LibfabricTransport {
                 (None, Some(c)) => PieceDone::Whole(c),
                 (None, None) => break,
             };
+            let Some(local) = t.local.sub(piece.offset, piece.len) else {
+                done.finish(Err(Error::InvalidArgument("piece outside its request".into())));
+                continue;
+            };
             per_rail[rail].push(Op {
                 write,
-                local: t.local_addr + piece.offset,
+                local,
                 len: piece.len,
                 remote,
                 remote_abs,
@@ -296,6 +314,7 @@ impl Transport for LibfabricTransport {
             Err(_) => core::open_rails(&config, &host)?,
         };
         let core = Arc::new(Core::new(self.protocol, self.config.clone(), rails, ctx.peer_events.clone()));
+        let _ = self.regions.set(ctx.regions.clone());
         if self.core.set(core.clone()).is_err() {
             core.close();
             return Err(Error::InvalidArgument(format!("{} transport started twice", self.protocol)));
@@ -376,11 +395,11 @@ impl Transport for LibfabricTransport {
             if t.completion.is_final() {
                 continue;
             }
-            if t.length == 0 {
+            if t.length() == 0 {
                 t.completion.finish(Err(Error::InvalidArgument("zero-length transfer".into())));
                 continue;
             }
-            if t.local_addr.checked_add(t.length).is_none() {
+            if t.local_addr().checked_add(t.length()).is_none() {
                 t.completion.finish(Err(Error::InvalidArgument("local address + length overflows".into())));
                 continue;
             }

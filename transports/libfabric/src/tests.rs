@@ -95,7 +95,8 @@ impl Node {
         rt.block_on(t.start(&ctx)).expect("starting the transport (is the provider available?)");
         let ptr = Box::into_raw(vec![0u8; len].into_boxed_slice()).cast::<u8>();
         let addr = ptr as u64;
-        regions.insert(addr, len as u64, Location::Cpu(Some(0))).unwrap();
+        // SAFETY: the block is freed only in Drop, after the transport is shut down (its endpoints closed).
+        unsafe { regions.insert(addr, len as u64, Location::Cpu(Some(0))) }.unwrap();
         let mut desc = BufferDesc { name: "cpu:0".into(), addr, length: len as u64, ..Default::default() };
         t.register_memory(&regions.get(addr).unwrap(), &mut desc).unwrap();
         Node { rt, t, regions, ptr, len, desc }
@@ -131,8 +132,10 @@ impl Node {
     fn run(&self, target: &Arc<RemoteSegment>, opcode: Opcode, local: u64, remote: u64, len: u64) -> TransferStatus {
         let b = Batch::new(1);
         b.reserve(1).unwrap();
-        let task =
-            TransferTask { opcode, local_addr: local, remote_addr: remote, length: len, completion: b.completion(0) };
+        // SAFETY: the transport must itself find the range registered (its own table) before the NIC touches it;
+        // the tests' registered blocks live as long as their nodes.
+        let local = unsafe { mooncake_core::LocalRange::vouched(local, len) };
+        let task = TransferTask { opcode, local, remote_addr: remote, completion: b.completion(0) };
         self.t.submit(target, vec![task]);
         b.wait_blocking(Duration::from_secs(30)).expect("transfer did not finish");
         b.status(0).unwrap()
@@ -174,7 +177,8 @@ fn descriptor_carries_addresses_provider_and_keys() {
     let other = vec![0u8; 4096];
     let addr = other.as_ptr() as u64;
     assert_ne!(addr, a.addr());
-    a.regions.insert(addr, 4096, Location::Cpu(Some(0))).unwrap();
+    // SAFETY: `other` outlives the registration (removed below) and no transfer touches it.
+    unsafe { a.regions.insert(addr, 4096, Location::Cpu(Some(0))) }.unwrap();
     let mut bd = BufferDesc { name: "cpu:0".into(), addr, length: 4096, ..Default::default() };
     a.t.register_memory(&a.regions.get(addr).unwrap(), &mut bd).unwrap();
     assert_ne!(bd.fields["libfabric_rkey"], d.buffers[0].fields["libfabric_rkey"]);

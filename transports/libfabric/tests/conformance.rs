@@ -170,7 +170,8 @@ fn port_taken_by_another_process() -> Result<(), Failed> {
     // The address comes from a mutable borrow: the engine writes through it.
     let mut buf = vec![0u8; 65536];
     let addr = buf.as_mut_ptr() as u64;
-    engine.register_memory(addr, 65536, "cpu:0").map_err(|e| format!("registering: {e}"))?;
+    // SAFETY: `buf` is dropped only after the engine is shut down below, and read only after the blocking read.
+    unsafe { engine.register_memory(addr, 65536, "cpu:0") }.map_err(|e| format!("registering: {e}"))?;
     let result = (|| -> Result<(), String> {
         let h = engine.open_segment(&peer.info.segment).map_err(|e| format!("opening the peer: {e}"))?;
         let seg = engine.segment(h).map_err(|e| format!("the peer's descriptor: {e}"))?;

@@ -221,8 +221,12 @@ mod tests {
         }
     }
 
-    fn region(addr: u64, len: u64, loc: &str) -> Region {
-        Region { addr, len, location: loc.parse::<Location>().unwrap() }
+    /// A registered region at a made-up address (the fake backend never touches memory).
+    fn region(addr: u64, len: u64, loc: &str) -> mooncake_core::RegionGuard {
+        let table = mooncake_core::RegionTable::new();
+        // SAFETY: the fake NIC backend of these tests records keys only; nothing reads or writes the range.
+        unsafe { table.insert(addr, len, loc.parse::<Location>().unwrap()) }.unwrap();
+        table.get(addr).unwrap()
     }
 
     fn dmabuf() -> Dmabuf {

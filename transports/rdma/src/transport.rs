@@ -409,17 +409,20 @@ impl<F: Fabric> Started<F> {
 
     /// Checks a request and cuts it into slices.
     fn prepare(&self, peer: &Arc<RemoteRdma>, t: TransferTask) -> Vec<SliceJob> {
-        let guard = match self.regions.check(t.local_addr, t.length, "local buffer of an RDMA transfer") {
+        // The NIC reads and writes the local range: registered memory only (the task's own region, or a
+        // lookup for a range the engine's caller vouched for), held until the request is finished.
+        let guard = match t.local.registered_in(&self.regions, "local buffer of an RDMA transfer") {
             Ok(g) => g,
             Err(e) => {
                 t.completion.finish(Err(e));
                 return Vec::new();
             }
         };
-        let Some(buffer) = peer.buffer_index(t.remote_addr, t.length) else {
+        let length = t.length();
+        let Some(buffer) = peer.buffer_index(t.remote_addr, length) else {
             t.completion.finish(Err(Error::AddressNotRegistered {
                 addr: t.remote_addr,
-                len: t.length,
+                len: length,
                 context: format!("remote segment {}", peer.name),
             }));
             return Vec::new();
@@ -430,14 +433,14 @@ impl<F: Fabric> Started<F> {
             t.completion.finish(Err(Error::unavailable("no RDMA device serves this memory location")));
             return Vec::new();
         }
-        let slices = stripe::piece_count(t.length, self.config.slice_size.max(1));
+        let slices = stripe::piece_count(length, self.config.slice_size.max(1));
         let seed = self.seed.fetch_add(1, Ordering::Relaxed);
         let task = Arc::new(TaskCtx {
-            tracker: FanIn::new(slices as usize, t.length, t.completion),
+            tracker: FanIn::new(slices as usize, length, t.completion),
             opcode: t.opcode,
-            local_addr: t.local_addr,
+            local_addr: t.local.addr(),
             remote_addr: t.remote_addr,
-            length: t.length,
+            length,
             slice_size: self.config.slice_size,
             peer: peer.clone(),
             buffer,

@@ -57,7 +57,9 @@ fn engine() -> Result<TransferEngine, String> {
 fn child(window: u64) -> Result<(), String> {
     let e = engine()?;
     let buf: Vec<u8> = (0..window).map(|i| (i % 251) as u8).collect();
-    e.register_memory(buf.as_ptr() as u64, window, "cpu:0").map_err(|e| format!("register: {e}"))?;
+    // SAFETY: `buf` is neither resized nor read while registered, and dropped only after `e.shutdown()`
+    // (which stops the transports and closes the shm table), so no transfer touches it once it is freed.
+    unsafe { e.register_memory(buf.as_ptr() as u64, window, "cpu:0") }.map_err(|e| format!("register: {e}"))?;
     println!("{} {} {}", e.local_segment_name(), buf.as_ptr() as u64, window);
     std::io::stdout().flush().map_err(|e| e.to_string())?;
     let _ = std::io::stdin().read_to_end(&mut Vec::new());
@@ -135,7 +137,10 @@ fn run(a: &Args) -> Result<(), String> {
     let mut dst: Vec<u8> = vec![1u8; window as usize];
     let (src_p, dst_p) = (src.as_ptr(), dst.as_mut_ptr());
     let laddr = local.as_mut_ptr() as u64;
-    e.register_memory(laddr, window, "cpu:0").map_err(|e| format!("register: {e}"))?;
+    // SAFETY: `local` is neither resized nor dropped before `e.shutdown()` below (every early return
+    // leaks nothing that a transfer still uses: the engine is dropped, and shut down, first, as it was
+    // created after `local`); it is read only between transfers.
+    unsafe { e.register_memory(laddr, window, "cpu:0") }.map_err(|e| format!("register: {e}"))?;
     e.open_segment(segment).map_err(|e| format!("opening the target: {e}"))?;
 
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());

@@ -21,6 +21,8 @@
 //!   buffer of the descriptor (zero length, overflow and out-of-bounds ranges are
 //!   `AddressNotRegistered` / `InvalidArgument`), the local range inside a registered region of
 //!   this engine (the region guard is held during the copy), and the target must still be alive.
+//!   Local memory of a device the CPU cannot read (GPU memory) is staged: the device copies it into a host
+//!   buffer that the kernel copies from (or the other way round), through `mooncake-raw`.
 //!   Copies run on dedicated threads, never on the async runtime; consecutive small requests share
 //!   one system call (up to `IOV_MAX` iovecs), large ones are striped over the threads and cut into
 //!   calls of at most 4 MiB; short transfers resume where the kernel stopped. A single small
@@ -87,10 +89,11 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use mooncake_core::registry::{Availability, TransportFactory};
 use mooncake_core::{
-    BackendConfig, BufferDesc, Capabilities, Error, FanIn, MemoryKind, MemoryKinds, Opcode, PeerEvents, PerfModel,
-    PieceDone, Region, RegionTable, RemoteSegment, Result, SegmentDescriptor, StripePlan, StripeRounding, TransferTask,
-    Transport, TransportContext, sync,
+    Access, BackendConfig, BufferDesc, Capabilities, Error, FanIn, LocalRange, MemoryKinds, Opcode, PeerEvents,
+    PerfModel, PieceDone, Region, RegionTable, RemoteSegment, Result, SegmentDescriptor, StripePlan, StripeRounding,
+    TransferTask, Transport, TransportContext, sync,
 };
+use mooncake_raw::Span;
 
 use copy::{Copier, Range, Stop};
 use peer::{BufIndex, Conn, PeerInfo};
@@ -266,21 +269,28 @@ impl ShmTransport {
         })
     }
 
-    /// Runs one request on the calling thread.
+    /// Runs one request on the calling thread (host memory: device memory is staged by the copy threads).
     fn copy_here(
         &self,
         st: &Started,
         target: &Arc<RemoteSegment>,
         op: Opcode,
-        range: Range,
+        local: &LocalRange,
+        remote: u64,
         timeout: Duration,
     ) -> Result<u64> {
-        let Range { local, remote, len } = range;
+        let len = local.len();
         let peer = self.peer_or_report(st, target)?;
         let buf = *peer.index.find(remote, len).ok_or_else(|| remote_range_error(&target.name, remote, len))?;
         let conn = &peer.conn;
         conn.check_alive().inspect_err(|_| st.events.peer_failed(&target.name))?;
-        let _guard = st.regions.lookup(local, len).ok_or_else(|| worker::local_unregistered(local, len))?;
+        // The kernel copies into and out of this process at the local address: it must be registered host
+        // memory, held until the copy is done.
+        let _guard = local.registered_in(&st.regions, worker::LOCAL_CONTEXT)?;
+        let span = Span::local(local)?;
+        let addr =
+            span.host_addr().ok_or_else(|| Error::unsupported("the caller-thread copy of device memory", NAME))?;
+        let range = Range { local: addr, remote, len };
         let _lease = conn.table.acquire(&buf).map_err(|r| {
             st.events.peer_failed(&target.name);
             conn.refusal(r, remote, len)
@@ -346,8 +356,9 @@ impl Transport for ShmTransport {
 
     fn register_memory(&self, region: &Region, desc: &mut BufferDesc) -> Result<()> {
         let st = self.started.get().ok_or_else(|| Error::NotInitialized("shm transport not started".into()))?;
-        if matches!(region.location.kind(), Some(k) if k != MemoryKind::Host) {
-            // Device memory cannot be copied by the kernel: not published for shm.
+        if !region.is_host() {
+            // Device memory cannot be copied by the kernel: not published for shm (peers reach it over
+            // another transport; our own device memory is staged on the initiating side).
             return Ok(());
         }
         let b = st.table.register(region.addr, region.len)?;
@@ -406,18 +417,18 @@ impl Transport for ShmTransport {
         let mut small: Vec<Item> = Vec::new();
         let mut small_bytes = 0;
         for t in tasks {
-            let Some(buf) = peer.index.find(t.remote_addr, t.length).copied() else {
-                t.completion.finish(Err(remote_range_error(&target.name, t.remote_addr, t.length)));
+            let length = t.length();
+            let Some(buf) = peer.index.find(t.remote_addr, length).copied() else {
+                t.completion.finish(Err(remote_range_error(&target.name, t.remote_addr, length)));
                 continue;
             };
-            let plan = self.config.plan(t.length);
+            let plan = self.config.plan(length);
             if !plan.is_striped() {
-                small_bytes += t.length;
+                small_bytes += length;
                 small.push(Item {
                     op: t.opcode,
-                    local: t.local_addr,
+                    local: t.local,
                     remote: t.remote_addr,
-                    len: t.length,
                     buf,
                     done: Some(PieceDone::Whole(t.completion)),
                 });
@@ -428,16 +439,14 @@ impl Transport for ShmTransport {
                 continue;
             }
             // Equal pieces rounded to 4 KiB, one per thread; the last takes the remainder.
-            let fan = Arc::new(FanIn::new(plan.stripes() as usize, t.length, t.completion));
+            let fan = Arc::new(FanIn::new(plan.stripes() as usize, length, t.completion));
             for p in plan {
-                let item = Item {
-                    op: t.opcode,
-                    local: t.local_addr + p.offset,
-                    remote: t.remote_addr + p.offset,
-                    len: p.len,
-                    buf,
-                    done: Some(PieceDone::Part(fan.clone())),
+                let done = PieceDone::Part(fan.clone());
+                let Some(local) = t.local.sub(p.offset, p.len) else {
+                    done.finish(Err(Error::InvalidArgument("stripe outside its request".into())));
+                    continue;
                 };
+                let item = Item { op: t.opcode, local, remote: t.remote_addr + p.offset, buf, done: Some(done) };
                 jobs.push(Job { conn: peer.conn.clone(), items: vec![item] });
             }
         }
@@ -451,17 +460,17 @@ impl Transport for ShmTransport {
         &self,
         target: &Arc<RemoteSegment>,
         opcode: Opcode,
-        local_addr: u64,
+        local: &LocalRange,
         remote_addr: u64,
-        length: u64,
         timeout: Duration,
     ) -> Option<Result<u64>> {
-        if !self.config.direct || self.config.plan(length).is_striped() {
+        // Device memory is staged by the copy threads; this path copies host memory only.
+        if !self.config.direct || self.config.plan(local.len()).is_striped() || !matches!(local.access(), Access::Host)
+        {
             return None;
         }
         let st = self.started.get()?;
-        let range = Range { local: local_addr, remote: remote_addr, len: length };
-        Some(self.copy_here(st, target, opcode, range, timeout))
+        Some(self.copy_here(st, target, opcode, local, remote_addr, timeout))
     }
 
     fn forget_peer(&self, segment_name: &str) {

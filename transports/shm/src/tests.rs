@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mooncake_core::{
-    Batch, BufferDesc, Error, Location, MemoryKind, Opcode, PeerEvents, RegionTable, RemoteSegment, SegmentDescriptor,
-    TransferState, TransferTask, Transport, TransportContext,
+    Batch, BufferDesc, Error, LocalRange, Location, MemoryKind, Opcode, PeerEvents, RegionTable, RemoteSegment,
+    SegmentDescriptor, TransferState, TransferTask, Transport, TransportContext,
 };
 
 use super::*;
@@ -68,7 +68,9 @@ impl Side {
     /// Registers buffer `i` (again).
     fn reregister(&mut self, i: usize) {
         let (addr, len) = (self.addr(i), self.bufs[i].len() as u64);
-        self.regions.insert(addr, len, Location::Cpu(Some(0))).unwrap();
+        // SAFETY: `bufs[i]` is never resized and lives as long as the side (and its transport); the test reads
+        // it only when no copy into it is running.
+        unsafe { self.regions.insert(addr, len, Location::Cpu(Some(0))) }.unwrap();
         let region = self.regions.get(addr).unwrap();
         let mut desc = BufferDesc { name: "cpu:0".into(), addr, length: len, ..Default::default() };
         self.t.register_memory(&region, &mut desc).unwrap();
@@ -101,6 +103,14 @@ impl Side {
     }
 }
 
+/// The local side of a request in these tests, vouched for: the transport itself must refuse a range outside
+/// its registered memory.
+fn local(addr: u64, len: u64) -> LocalRange {
+    // SAFETY: shm hands the kernel only local ranges it finds registered (the tests' registered buffers,
+    // alive for the whole test); a stray range is refused before any copy, which is what the tests check.
+    unsafe { LocalRange::vouched(addr, len) }
+}
+
 /// Submits `(op, local, remote, len)` requests and waits; per-request results.
 fn run(t: &ShmTransport, seg: &Arc<RemoteSegment>, reqs: &[(Opcode, u64, u64, u64)]) -> Vec<Result<u64>> {
     let batch = Batch::new(reqs.len());
@@ -110,9 +120,8 @@ fn run(t: &ShmTransport, seg: &Arc<RemoteSegment>, reqs: &[(Opcode, u64, u64, u6
         .enumerate()
         .map(|(i, &(opcode, local_addr, remote_addr, length))| TransferTask {
             opcode,
-            local_addr,
+            local: local(local_addr, length),
             remote_addr,
-            length,
             completion: batch.completion(start + i),
         })
         .collect();
@@ -179,20 +188,21 @@ fn blocking_path_copies_on_the_calling_thread() {
     let seg = target.segment("target");
     let (l, r) = (init.addr(lb), target.addr(tb));
     let t = Duration::from_secs(10);
-    assert_eq!(init.t.transfer_blocking(&seg, Opcode::Write, l, r + 5, 4096, t).unwrap().unwrap(), 4096);
+    assert_eq!(init.t.transfer_blocking(&seg, Opcode::Write, &local(l, 4096), r + 5, t).unwrap().unwrap(), 4096);
     assert!(target.bufs[tb][5..4101] == init.bufs[lb][..4096]);
-    assert_eq!(init.t.transfer_blocking(&seg, Opcode::Read, l + 8192, r, 100, t).unwrap().unwrap(), 100);
+    assert_eq!(init.t.transfer_blocking(&seg, Opcode::Read, &local(l + 8192, 100), r, t).unwrap().unwrap(), 100);
     assert!(init.bufs[lb][8192..8292] == target.bufs[tb][..100]);
     // Requests that would be striped go to the workers instead.
-    assert!(init.t.transfer_blocking(&seg, Opcode::Read, l, r, 512 << 10, t).is_none());
+    assert!(init.t.transfer_blocking(&seg, Opcode::Read, &local(l, 512 << 10), r, t).is_none());
     // Checks happen on this path too.
-    let e = init.t.transfer_blocking(&seg, Opcode::Read, l, r + (1 << 20) - 1, 2, t).unwrap().unwrap_err();
+    let e = init.t.transfer_blocking(&seg, Opcode::Read, &local(l, 2), r + (1 << 20) - 1, t).unwrap().unwrap_err();
     assert!(matches!(e, Error::AddressNotRegistered { .. }), "{e:?}");
     let stray = [0u8; 64];
-    let e = init.t.transfer_blocking(&seg, Opcode::Write, stray.as_ptr() as u64, r, 64, t).unwrap().unwrap_err();
+    let e =
+        init.t.transfer_blocking(&seg, Opcode::Write, &local(stray.as_ptr() as u64, 64), r, t).unwrap().unwrap_err();
     assert!(matches!(e, Error::AddressNotRegistered { ref context, .. } if context.contains("local")), "{e:?}");
     let off = ShmTransport::new(ShmConfig { direct: false, ..config(2) });
-    assert!(off.transfer_blocking(&seg, Opcode::Read, l, r, 1, t).is_none());
+    assert!(off.transfer_blocking(&seg, Opcode::Read, &local(l, 1), r, t).is_none());
 }
 
 #[test]
@@ -249,7 +259,8 @@ fn stale_descriptor_is_refused_and_reported() {
             res[0]
         );
         assert!(res[1].is_ok(), "the live buffer still works: {:?}", res[1]);
-        let e = init.t.transfer_blocking(&seg, op, l, gone_addr, 16, Duration::from_secs(5)).unwrap().unwrap_err();
+        let e =
+            init.t.transfer_blocking(&seg, op, &local(l, 16), gone_addr, Duration::from_secs(5)).unwrap().unwrap_err();
         assert!(matches!(e, Error::AddressNotRegistered { .. }), "{e:?}");
     }
     assert_eq!(target.bufs[gone], before, "an unregistered buffer was written");
@@ -276,7 +287,8 @@ fn shut_down_target_is_a_disconnect() {
     target._rt.block_on(target.t.shutdown());
     let res = run(&init.t, &seg, &[(Opcode::Read, l, r, 64), (Opcode::Write, l, r, 64)]);
     assert!(res.iter().all(|r| matches!(r, Err(e) if e.is_disconnect())), "{res:?}");
-    let e = init.t.transfer_blocking(&seg, Opcode::Read, l, r, 64, Duration::from_secs(5)).unwrap().unwrap_err();
+    let e =
+        init.t.transfer_blocking(&seg, Opcode::Read, &local(l, 64), r, Duration::from_secs(5)).unwrap().unwrap_err();
     assert!(e.is_disconnect(), "{e:?}");
     assert!(init.events.failed().contains(&"target".to_string()));
     // The initiator's own shutdown fails its later submissions without hanging.
@@ -319,7 +331,8 @@ fn device_memory_is_not_published_and_descriptor_names_this_process() {
     let side = Side::new(config(1));
     let mut buf = vec![0u8; 4096];
     let addr = buf.as_mut_ptr() as u64;
-    side.regions.insert(addr, 4096, Location::Device(MemoryKind::Cuda, 0)).unwrap();
+    // SAFETY: registered at a device location no device owns: nothing reads or writes it (unreachable).
+    unsafe { side.regions.insert(addr, 4096, Location::Device(MemoryKind::Cuda, 0)) }.unwrap();
     let mut desc = BufferDesc { name: "cuda:0".into(), addr, length: 4096, ..Default::default() };
     side.t.register_memory(&side.regions.get(addr).unwrap(), &mut desc).unwrap();
     assert!(desc.fields.is_empty(), "{desc:?}");

@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use mooncake_core::{Error, Opcode, PeerEvents, PieceDone, RegionGuard, RegionTable, Result, sync};
+use mooncake_core::{Error, LocalRange, Opcode, PeerEvents, PieceDone, RegionGuard, RegionTable, Result, sync};
+use mooncake_raw::Span;
 
 use crate::copy::{Copier, Range, Stop};
 use crate::peer::Conn;
@@ -16,14 +17,18 @@ use crate::table::{BufRef, Lease, Refusal};
 #[derive(Debug)]
 pub(crate) struct Item {
     pub op: Opcode,
-    pub local: u64,
+    /// The local range with its proof (it keeps the local region registered until the item is dropped).
+    pub local: LocalRange,
     pub remote: u64,
-    pub len: u64,
     pub buf: BufRef,
     pub done: Option<PieceDone>,
 }
 
 impl Item {
+    fn len(&self) -> u64 {
+        self.local.len()
+    }
+
     fn finish(&mut self, r: Result<u64>) {
         if let Some(d) = self.done.take() {
             d.finish(r);
@@ -206,23 +211,46 @@ pub(crate) fn run_job(
             it.finish(Err(Error::Canceled));
             continue;
         }
-        let Some(guard) = regions.lookup(it.local, it.len) else {
-            it.finish(Err(local_unregistered(it.local, it.len)));
+        // The kernel writes this process's memory at the local address: registered memory only, held for the
+        // copy; the span says whether the CPU may hand the address over (host memory) or must stage it.
+        let guard = match it.local.registered_in(regions, LOCAL_CONTEXT) {
+            Ok(g) => g,
+            Err(e) => {
+                it.finish(Err(e));
+                continue;
+            }
+        };
+        let host_addr = match Span::local(&it.local) {
+            Ok(span) => span.host_addr(),
+            Err(e) => {
+                it.finish(Err(e));
+                continue;
+            }
+        };
+        let Some(local) = host_addr else {
+            // Device memory: staged through its device, one request at a time.
+            let r = run_staged(it, &conn, copier);
+            if let Err(e) = &r {
+                if e.is_disconnect() {
+                    events.peer_failed(&conn.name);
+                }
+            }
+            it.finish(r);
             continue;
         };
         match conn.table.acquire(&it.buf) {
             Ok(lease) => {
                 guards.push(guard);
                 leases.push(lease);
-                scratch.ranges.push(Range { local: it.local, remote: it.remote, len: it.len });
+                scratch.ranges.push(Range { local, remote: it.remote, len: it.len() });
                 scratch.owners.push(i);
             }
             Err(Refusal::Stale) => {
                 stale = true;
-                it.finish(Err(conn.refusal(Refusal::Stale, it.remote, it.len)));
+                it.finish(Err(conn.refusal(Refusal::Stale, it.remote, it.len())));
             }
             Err(Refusal::Closed) => {
-                closed = Some(conn.refusal(Refusal::Closed, it.remote, it.len));
+                closed = Some(conn.refusal(Refusal::Closed, it.remote, it.len()));
                 break;
             }
         }
@@ -244,7 +272,7 @@ pub(crate) fn run_job(
         let b = (a..ranges.len()).find(|k| items[owners[*k]].op != op).unwrap_or(ranges.len());
         let r = copier.run(conn.pid, op, &ranges[a..b], None, |k| {
             let it = &mut items[owners[a + k]];
-            let len = it.len;
+            let len = it.len();
             it.finish(Ok(len));
         });
         match r {
@@ -282,11 +310,27 @@ pub(crate) fn is_fatal(e: &Error) -> bool {
     matches!(e, Error::RemoteDisconnected { .. } | Error::Unavailable { .. })
 }
 
-/// The error for a local range outside registered memory.
-pub(crate) fn local_unregistered(addr: u64, len: u64) -> Error {
-    Error::AddressNotRegistered {
-        addr,
-        len,
-        context: "local buffer: shm copies only from and into registered memory (register it first)".into(),
+/// How a local range outside registered memory is reported.
+pub(crate) const LOCAL_CONTEXT: &str =
+    "local buffer: shm copies only from and into registered memory (register it first)";
+
+/// Moves one item whose local side is device memory: the device stages it in a host buffer, which the kernel
+/// copies to or from the target. The caller holds the item's local region.
+fn run_staged(it: &Item, conn: &Conn, copier: &mut Copier) -> Result<u64> {
+    let len = it.len();
+    let _lease = conn.table.acquire(&it.buf).map_err(|r| conn.refusal(r, it.remote, len))?;
+    let span = Span::local(&it.local)?;
+    let mut staged = match it.op {
+        Opcode::Write => span.bytes()?.into_owned(),
+        Opcode::Read => vec![0u8; len as usize],
+    };
+    let range = Range { local: staged.as_mut_ptr() as u64, remote: it.remote, len };
+    copier.run(conn.pid, it.op, &[range], None, |_| {}).map_err(|stop| match stop {
+        Stop::Os { error, .. } => conn.os_error(&error, it.op, it.remote, len),
+        Stop::Deadline { .. } => Error::Timeout(Duration::ZERO),
+    })?;
+    if it.op == Opcode::Read {
+        span.write_from(0, &staged)?;
     }
+    Ok(len)
 }

@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use mooncake_core::{Error, Opcode, PeerEvents, PieceDone, Result};
+use mooncake_core::{Error, LocalRange, Opcode, PeerEvents, PieceDone, Result};
+use mooncake_raw::Span;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::{Notify, mpsc};
 
-use crate::memory;
 use crate::wire::{self, Header};
 
 const IO_BUFFER: usize = 64 << 10;
@@ -34,9 +34,11 @@ pub(crate) struct PeerInfo {
 /// One wire request.
 pub(crate) struct Piece {
     pub opcode: Opcode,
-    pub local: u64,
-    pub remote: u64,
+    /// Bytes to move (`local.len()`).
     pub len: u64,
+    /// The local range with its proof; it keeps the local region registered until the piece is done.
+    pub local: LocalRange,
+    pub remote: u64,
     pub done: PieceDone,
     /// Connections this piece was carried over from without being sent.
     pub attempts: u8,
@@ -256,7 +258,31 @@ async fn run_connection(
             load.fetch_sub(piece.len, Ordering::Relaxed);
             continue;
         }
-        let (opcode, local, len) = (piece.opcode, piece.local, piece.len);
+        let (opcode, len) = (piece.opcode, piece.len);
+        // Check the local side before anything reaches the wire (device memory no device can copy is refused
+        // here). A write reads its payload through its own handle on the range, as the piece moves on below:
+        // host memory in place, device memory as a copy the device stages now.
+        let source = (opcode == Opcode::Write).then(|| piece.local.clone());
+        let span = match source.as_ref().map(Span::local).transpose() {
+            Ok(s) => s,
+            Err(e) => {
+                complete(piece, Err(e), load);
+                continue;
+            }
+        };
+        let payload = match span.as_ref().map(Span::bytes).transpose() {
+            Ok(p) => p,
+            Err(e) => {
+                complete(piece, Err(e), load);
+                continue;
+            }
+        };
+        if opcode == Opcode::Read {
+            if let Err(e) = Span::local(&piece.local) {
+                complete(piece, Err(e), load);
+                continue;
+            }
+        }
         let header = Header { size: len, addr: piece.remote, opcode, v2: info.v2 }.encode();
         let expects_reply = opcode == Opcode::Read || info.v2;
         if expects_reply {
@@ -271,11 +297,8 @@ async fn run_connection(
         }
         let written = async {
             writer.write_all(&header).await?;
-            if opcode == Opcode::Write {
-                // SAFETY: the engine validated the local range (registered, or vouched for by the
-                // caller of a transport without local registration); it stays valid until the
-                // request completes, which happens only after these bytes are written.
-                let payload = unsafe { memory::bytes(local, len) };
+            if let Some(payload) = &payload {
+                // `source` keeps the local region registered until the payload is written.
                 writer.write_all(payload).await?;
             }
             std::io::Result::Ok(())
@@ -332,11 +355,12 @@ async fn read_loop(
             },
         };
         match receive(&mut reader, &piece, &info).await {
-            Ok(()) => {
+            Ok(Ok(())) => {
                 let len = piece.len;
                 complete(piece, Ok(len), &load);
             }
-            Err(e @ Error::RemoteRejected { .. }) => complete(piece, Err(e), &load),
+            // The request failed but the connection is in step (a rejection, a device copy that failed).
+            Ok(Err(e)) => complete(piece, Err(e), &load),
             Err(e) => {
                 complete(piece, Err(e.clone()), &load);
                 break e;
@@ -354,21 +378,25 @@ async fn read_loop(
     }
 }
 
-/// Reads the answer to one request.
-async fn receive(reader: &mut BufReader<OwnedReadHalf>, piece: &Piece, info: &PeerInfo) -> Result<()> {
+/// Reads the answer to one request: `Err` when the connection failed, `Ok(Err)` when only the request did
+/// (the peer rejected it, or the device refused the staged bytes) and the connection is still in step.
+async fn receive(reader: &mut BufReader<OwnedReadHalf>, piece: &Piece, info: &PeerInfo) -> Result<Result<()>> {
     let io = |e: std::io::Error| Error::disconnected(&info.name, e);
     if info.v2 {
         let mut word = [0u8; 8];
         reader.read_exact(&mut word).await.map_err(io)?;
         if wire::decode_status(word)? != wire::STATUS_OK {
-            return Err(Error::RemoteRejected { peer: info.name.clone(), addr: piece.remote, len: piece.len });
+            return Ok(Err(Error::RemoteRejected { peer: info.name.clone(), addr: piece.remote, len: piece.len }));
         }
     }
     if piece.opcode == Opcode::Read {
-        // SAFETY: the engine validated the local destination range (see the write path); it stays
-        // valid until this request completes, which happens after this read.
-        let dst = unsafe { memory::bytes_mut(piece.local, piece.len) };
-        reader.read_exact(dst).await.map_err(io)?;
+        // The piece holds the local range (and its region) until it completes, after this read. The range was
+        // checked before the request was sent, so the span cannot fail here.
+        let mut span = Span::local(&piece.local).map_err(|e| Error::Protocol(format!("local range: {e}")))?;
+        let mut sink = span.sink();
+        reader.read_exact(sink.bytes()).await.map_err(io)?;
+        // Device memory: the device copies the staged bytes in now.
+        return Ok(sink.commit());
     }
-    Ok(())
+    Ok(Ok(()))
 }

@@ -11,10 +11,10 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use mooncake_core::{BlockingRequest, Error, Opcode, Result, sync};
+use mooncake_core::{BlockingRequest, Error, LocalRange, Opcode, Result, sync};
+use mooncake_raw::Span;
 
 use crate::client::PeerInfo;
-use crate::memory;
 use crate::wire::{self, Header};
 
 /// Largest request that takes this path; larger ones are striped over lanes instead.
@@ -28,13 +28,13 @@ const IDLE_PER_PEER: usize = 8;
 /// How long the caller polls the socket before sleeping in the kernel.
 const SPIN: Duration = Duration::from_micros(200);
 
-/// One request on this path.
+/// One request on this path (host memory only: the caller sends device memory over the lanes).
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Request {
+pub(crate) struct Request<'a> {
     pub op: Opcode,
-    pub local: u64,
+    /// The local range with its proof; the call borrows it until the bytes moved.
+    pub local: &'a LocalRange,
     pub remote: u64,
-    pub len: u64,
 }
 
 /// Idle blocking connections by peer.
@@ -71,11 +71,11 @@ impl DirectPool {
     pub(crate) fn transfer(
         &self,
         info: &PeerInfo,
-        req: Request,
+        req: Request<'_>,
         timeout: Duration,
         connect_timeout: Duration,
     ) -> Result<u64> {
-        let len = req.len;
+        let len = req.local.len();
         let deadline = Instant::now() + timeout;
         // Timeouts below report the remaining time (zero); callers want the bound that ran out.
         let bound = |e: Error| if matches!(e, Error::Timeout(_)) { Error::Timeout(timeout) } else { e };
@@ -131,7 +131,7 @@ impl DirectPool {
                 },
             };
             let open: Vec<usize> = (0..requests.len()).filter(|&i| results[i].is_none()).collect();
-            let pending: Vec<BlockingRequest> = open.iter().map(|&i| requests[i]).collect();
+            let pending: Vec<&BlockingRequest> = open.iter().map(|&i| &requests[i]).collect();
             let mut answers = Vec::with_capacity(pending.len());
             let outcome = exchange_many(&s, info, op, &pending, deadline, &mut answers);
             let clean = answers.iter().all(Result::is_ok);
@@ -170,7 +170,7 @@ fn exchange_many(
     mut s: &TcpStream,
     info: &PeerInfo,
     op: Opcode,
-    requests: &[BlockingRequest],
+    requests: &[&BlockingRequest],
     deadline: Instant,
     answers: &mut Vec<Result<u64>>,
 ) -> Result<()> {
@@ -181,12 +181,12 @@ fn exchange_many(
     OUT.with(|out| {
         let mut out = out.borrow_mut();
         out.clear();
-        for &BlockingRequest { local_addr: local, remote_addr: remote, length: len } in requests {
-            out.extend_from_slice(&Header { size: len, addr: remote, opcode: op, v2: info.v2 }.encode());
+        for r in requests {
+            out.extend_from_slice(&Header { size: r.length(), addr: r.remote_addr, opcode: op, v2: info.v2 }.encode());
             if op == Opcode::Write {
-                // SAFETY: the engine validated every local range; the call blocks until the bytes are
-                // copied out.
-                out.extend_from_slice(unsafe { memory::bytes(local, len) });
+                // The request holds its local range until the call returns, after the bytes are copied out.
+                let span = Span::local(&r.local).map_err(std::io::Error::other)?;
+                out.extend_from_slice(&span.bytes().map_err(std::io::Error::other)?);
             }
         }
         s.write_all(&out)
@@ -196,7 +196,8 @@ fn exchange_many(
         Failure::BeforeAnswer(e) | Failure::Rejected(e) | Failure::After(e) => e,
     };
     let mut got_any = false;
-    for &BlockingRequest { local_addr: local, remote_addr: remote, length: len } in requests {
+    for r in requests {
+        let (remote, len) = (r.remote_addr, r.length());
         if !info.v2 && op == Opcode::Write {
             answers.push(Ok(len)); // v1 writes have no answer
             continue;
@@ -210,9 +211,14 @@ fn exchange_many(
             }
         }
         if op == Opcode::Read {
-            // SAFETY: as above, for the destination; it is written only during this call.
-            let dst = unsafe { memory::bytes_mut(local, len) };
-            read_polling(s, dst, deadline, &mut got_any, info).map_err(unwrap)?;
+            // As above, for the destination; it is written only during this call.
+            let mut span = Span::local(&r.local)?;
+            let mut sink = span.sink();
+            read_polling(s, sink.bytes(), deadline, &mut got_any, info).map_err(unwrap)?;
+            if let Err(e) = sink.commit() {
+                answers.push(Err(e));
+                continue;
+            }
         }
         answers.push(Ok(len));
     }
@@ -251,8 +257,14 @@ thread_local! {
     static OUT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-fn exchange(mut s: &TcpStream, info: &PeerInfo, req: Request, deadline: Instant) -> std::result::Result<(), Failure> {
-    let Request { op, local, remote, len } = req;
+fn exchange(
+    mut s: &TcpStream,
+    info: &PeerInfo,
+    req: Request<'_>,
+    deadline: Instant,
+) -> std::result::Result<(), Failure> {
+    let Request { op, local, remote } = req;
+    let len = local.len();
     let io = |e: std::io::Error| Error::disconnected(&info.name, e);
     let header = Header { size: len, addr: remote, opcode: op, v2: info.v2 }.encode();
     s.set_nonblocking(false).map_err(|e| Failure::BeforeAnswer(io(e)))?;
@@ -263,9 +275,9 @@ fn exchange(mut s: &TcpStream, info: &PeerInfo, req: Request, deadline: Instant)
         out.clear();
         out.extend_from_slice(&header);
         if op == Opcode::Write {
-            // SAFETY: the engine validated the local range (or the caller vouched for it); the
-            // call blocks until the bytes are copied out.
-            out.extend_from_slice(unsafe { memory::bytes(local, len) });
+            // `local` (borrowed for the call) keeps the range valid until the bytes are copied out.
+            let span = Span::local(local).map_err(std::io::Error::other)?;
+            out.extend_from_slice(&span.bytes().map_err(std::io::Error::other)?);
         }
         s.write_all(&out)
     });
@@ -286,9 +298,11 @@ fn exchange(mut s: &TcpStream, info: &PeerInfo, req: Request, deadline: Instant)
         }
     }
     if op == Opcode::Read {
-        // SAFETY: as above, for the destination; it is written only during this call.
-        let dst = unsafe { memory::bytes_mut(local, len) };
-        read_polling(s, dst, deadline, &mut got_any, info)?;
+        // As above, for the destination; it is written only during this call.
+        let mut span = Span::local(local).map_err(Failure::Rejected)?;
+        let mut sink = span.sink();
+        read_polling(s, sink.bytes(), deadline, &mut got_any, info)?;
+        sink.commit().map_err(Failure::Rejected)?;
     }
     Ok(())
 }

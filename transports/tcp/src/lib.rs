@@ -6,6 +6,9 @@
 //! status I/O (no allocation per request), every listener bound exactly to the configured host,
 //! and every remote access checked against registered memory before it is touched.
 //!
+//! Bytes are touched only through `mooncake-raw`: host memory in place, and memory of a device the CPU
+//! cannot read (GPU memory), local or served to peers, staged through the owning device's copies.
+//!
 //! Settings (engine options or environment): `lanes` / `MC_TCP_LANES` (default 2),
 //! `stripe_min` / `MC_TCP_STRIPE_MIN` (smallest stripe, default 256 KiB), `MC_TCP_PROTO=1`
 //! (publish and speak v1 framing), `MC_TCP_CONNECT_TIMEOUT_MS` (default 5000), `MC_TCP_DIRECT=0` (no
@@ -20,7 +23,6 @@
 
 mod client;
 mod direct;
-mod memory;
 pub mod section;
 mod server;
 pub mod wire;
@@ -32,9 +34,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use mooncake_core::registry::{Availability, TransportFactory};
 use mooncake_core::{
-    BackendConfig, BlockingRequest, Capabilities, Error, FanIn, MemoryKinds, Opcode, PeerEvents, PerfModel, PieceDone,
-    RemoteSegment, Result, SegmentDescriptor, StripePlan, StripeRounding, TransferTask, Transport, TransportContext,
-    sync,
+    Access, BackendConfig, BlockingRequest, Capabilities, Error, FanIn, LocalRange, MemoryKinds, Opcode, PeerEvents,
+    PerfModel, PieceDone, RemoteSegment, Result, SegmentDescriptor, StripePlan, StripeRounding, TransferTask,
+    Transport, TransportContext, sync,
 };
 
 use client::{LaneConfig, PeerInfo, PeerPool, Piece};
@@ -210,14 +212,15 @@ impl Transport for TcpTransport {
             }
         };
         for t in tasks {
-            let plan = StripePlan::new(t.length, pool.lanes(), self.config.stripe_min, StripeRounding::Down);
+            let length = t.length();
+            let plan = StripePlan::new(length, pool.lanes(), self.config.stripe_min, StripeRounding::Down);
             if !plan.is_striped() {
                 pool.send(
                     Piece {
                         opcode: t.opcode,
-                        local: t.local_addr,
+                        len: length,
+                        local: t.local,
                         remote: t.remote_addr,
-                        len: t.length,
                         done: PieceDone::Whole(t.completion),
                         attempts: 0,
                     },
@@ -226,17 +229,15 @@ impl Transport for TcpTransport {
                 continue;
             }
             // One page-aligned stripe per lane; the last one takes the remainder.
-            let fan = Arc::new(FanIn::new(plan.stripes() as usize, t.length, t.completion));
+            let fan = Arc::new(FanIn::new(plan.stripes() as usize, length, t.completion));
             for p in plan {
+                let done = PieceDone::Part(fan.clone());
+                let Some(local) = t.local.sub(p.offset, p.len) else {
+                    done.finish(Err(Error::InvalidArgument("stripe outside its request".into())));
+                    continue;
+                };
                 pool.send(
-                    Piece {
-                        opcode: t.opcode,
-                        local: t.local_addr + p.offset,
-                        remote: t.remote_addr + p.offset,
-                        len: p.len,
-                        done: PieceDone::Part(fan.clone()),
-                        attempts: 0,
-                    },
+                    Piece { opcode: t.opcode, len: p.len, local, remote: t.remote_addr + p.offset, done, attempts: 0 },
                     Some(p.stripe),
                 );
             }
@@ -247,12 +248,12 @@ impl Transport for TcpTransport {
         &self,
         target: &Arc<RemoteSegment>,
         opcode: Opcode,
-        local_addr: u64,
+        local: &LocalRange,
         remote_addr: u64,
-        length: u64,
         timeout: Duration,
     ) -> Option<Result<u64>> {
-        if length > direct::DIRECT_MAX || !self.config.direct {
+        // Device memory is staged on the lanes; the caller-thread path moves host memory only.
+        if local.len() > direct::DIRECT_MAX || !self.config.direct || !matches!(local.access(), Access::Host) {
             return None;
         }
         let started = self.started.get()?;
@@ -260,7 +261,7 @@ impl Transport for TcpTransport {
             Ok(i) => i,
             Err(e) => return Some(Err(e)),
         };
-        let req = direct::Request { op: opcode, local: local_addr, remote: remote_addr, len: length };
+        let req = direct::Request { op: opcode, local, remote: remote_addr };
         let r = self.direct.transfer(&info, req, timeout, self.config.connect_timeout);
         if matches!(r, Err(Error::RemoteDisconnected { .. })) {
             started.events.peer_failed(&target.name);
@@ -275,11 +276,11 @@ impl Transport for TcpTransport {
         requests: &[BlockingRequest],
         timeout: Duration,
     ) -> Option<Vec<Result<u64>>> {
-        let total = requests.iter().fold(0u64, |acc, r| acc.saturating_add(r.length));
+        let total = requests.iter().fold(0u64, |acc, r| acc.saturating_add(r.length()));
         if !self.config.direct
             || requests.len() > direct::BATCH_MAX_REQUESTS
             || total > direct::BATCH_MAX_BYTES
-            || requests.iter().any(|r| r.length > direct::DIRECT_MAX)
+            || requests.iter().any(|r| r.length() > direct::DIRECT_MAX || !matches!(r.local.access(), Access::Host))
         {
             return None;
         }

@@ -1,18 +1,19 @@
 //! The data server: serves reads and writes of registered memory to peers.
 //!
 //! Every request is checked against the region table before memory is touched, and the region
-//! guard is held while bytes move. A bad request closes only its own connection.
+//! guard is held while bytes move. A bad request closes only its own connection. Memory of a device the
+//! CPU cannot read is staged through the device (`mooncake-raw`), never dereferenced.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use mooncake_core::{Error, Opcode, RegionTable, Result};
+use mooncake_raw::Span;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
-use crate::memory;
 use crate::wire::{self, HEADER_LEN, Header};
 
 /// Buffer size of each connection's reader and writer.
@@ -111,32 +112,54 @@ async fn serve_connection(stream: TcpStream, regions: &RegionTable) -> Result<()
         let h = Header::decode(&raw)?;
         let guard = regions.lookup(h.addr, h.size);
         let deadline = payload_deadline(h.size);
-        match (h.opcode, guard) {
-            (Opcode::Write, Some(g)) => {
-                // SAFETY: `g` proves [addr, addr+size) lies in one registered region, and holding it
-                // keeps the region registered (unregister waits for guards) while we write.
-                let dst = unsafe { memory::bytes_mut(h.addr, h.size) };
-                timed(deadline, reader.read_exact(dst)).await?;
-                drop(g);
-                if h.v2 {
-                    writer.write_all(&wire::encode_status(wire::STATUS_OK)).await?;
+        // The guard proves [addr, addr+size) lies in one registered region and, held, keeps it registered
+        // (unregister waits for guards) while the bytes move. Device memory no device can copy is refused.
+        let span = match &guard {
+            Some(g) => Span::region(g, h.addr, h.size),
+            None => Err(Error::AddressNotRegistered {
+                addr: h.addr,
+                len: h.size,
+                context: format!("{} request from peer", h.opcode.as_str()),
+            }),
+        };
+        match (h.opcode, span) {
+            (Opcode::Write, Ok(mut span)) => {
+                let mut sink = span.sink();
+                timed(deadline, reader.read_exact(sink.bytes())).await?;
+                // Device memory: the device copies the staged bytes in.
+                let stored = sink.commit();
+                drop(guard);
+                match stored {
+                    Ok(()) if h.v2 => writer.write_all(&wire::encode_status(wire::STATUS_OK)).await?,
+                    Ok(()) => {}
+                    Err(e) if h.v2 => {
+                        tracing::warn!(error = %e, "tcp write into device memory failed");
+                        writer.write_all(&wire::encode_status(wire::STATUS_REJECTED)).await?;
+                    }
+                    // v1 has no way to report it: close the connection.
+                    Err(e) => return Err(e),
                 }
             }
-            (Opcode::Read, Some(g)) => {
-                if h.v2 {
-                    writer.write_all(&wire::encode_status(wire::STATUS_OK)).await?;
-                }
-                // SAFETY: as above, the guard keeps the validated range registered while we read it.
-                let src = unsafe { memory::bytes(h.addr, h.size) };
-                timed(deadline, writer.write_all(src)).await?;
-                drop(g);
-            }
-            (op, None) => {
-                let rejected = Error::AddressNotRegistered {
-                    addr: h.addr,
-                    len: h.size,
-                    context: format!("{} request from peer", op.as_str()),
+            (Opcode::Read, Ok(span)) => {
+                // Device memory is staged (copied out by the device) before the status word goes out, so that a
+                // failed copy can still be reported.
+                let src = match span.bytes() {
+                    Ok(src) => src,
+                    Err(e) if h.v2 => {
+                        tracing::warn!(error = %e, "tcp read of device memory failed");
+                        writer.write_all(&wire::encode_status(wire::STATUS_REJECTED)).await?;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
                 };
+                if h.v2 {
+                    writer.write_all(&wire::encode_status(wire::STATUS_OK)).await?;
+                }
+                timed(deadline, writer.write_all(&src)).await?;
+                drop(src);
+                drop(guard);
+            }
+            (op, Err(rejected)) => {
                 if !h.v2 {
                     // v1 has no way to report a rejection: close the connection.
                     return Err(rejected);

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mooncake_core::{
-    Batch, BlockingRequest, Error, Location, Opcode, PeerEvents, PieceDone, RegionTable, TransferState,
+    Batch, BlockingRequest, Error, LocalRange, Location, Opcode, PeerEvents, PieceDone, RegionTable, TransferState,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -26,12 +26,22 @@ struct Registered {
 impl Registered {
     fn new(len: usize, regions: &RegionTable) -> Self {
         let buf: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
-        regions.insert(buf.as_ptr() as u64, len as u64, Location::Cpu(Some(0))).unwrap();
+        // SAFETY: the vector's heap block stays allocated (and is only read by the test while no request
+        // writes it) for as long as the test's server serves this table: each test keeps `Registered` alive
+        // until its last request finished.
+        unsafe { regions.insert(buf.as_ptr() as u64, len as u64, Location::Cpu(Some(0))) }.unwrap();
         Registered { buf }
     }
     fn addr(&self) -> u64 {
         self.buf.as_ptr() as u64
     }
+}
+
+/// The local side of a request in these tests: a test buffer, unregistered, vouched for.
+fn vouched(addr: u64, len: u64) -> LocalRange {
+    // SAFETY: every test keeps its local buffers alive, and reads them only after the requests using them
+    // finished (it waits for each batch or blocking call before looking at or dropping the buffer).
+    unsafe { LocalRange::vouched(addr, len) }
 }
 
 async fn start_server(regions: Arc<RegionTable>) -> (u16, tokio::task::JoinHandle<()>) {
@@ -192,7 +202,7 @@ async fn lanes_pipeline_many_requests_both_framings() {
             let off = (i * chunk) as u64;
             let piece = Piece {
                 opcode: Opcode::Write,
-                local: src.as_ptr() as u64 + off,
+                local: vouched(src.as_ptr() as u64 + off, chunk as u64),
                 remote: mem.addr() + off,
                 len: chunk as u64,
                 done: PieceDone::Whole(batch.completion(i)),
@@ -210,7 +220,7 @@ async fn lanes_pipeline_many_requests_both_framings() {
             p.send(
                 Piece {
                     opcode: Opcode::Read,
-                    local: back.as_mut_ptr() as u64 + off,
+                    local: vouched(back.as_mut_ptr() as u64 + off, chunk as u64),
                     remote: mem.addr() + off,
                     len: chunk as u64,
                     done: PieceDone::Whole(rb.completion(i)),
@@ -240,7 +250,7 @@ async fn rejection_fails_one_request_and_the_lane_goes_on() {
         p.send(
             Piece {
                 opcode: Opcode::Read,
-                local: local.as_mut_ptr() as u64 + (i as u64) * 16,
+                local: vouched(local.as_mut_ptr() as u64 + (i as u64) * 16, len),
                 remote,
                 len,
                 done: PieceDone::Whole(batch.completion(i)),
@@ -269,7 +279,7 @@ async fn dead_peer_fails_requests_without_hanging_and_reconnects_after_restart()
         p.send(
             Piece {
                 opcode: Opcode::Read,
-                local: local.as_mut_ptr() as u64,
+                local: vouched(local.as_mut_ptr() as u64, 1 << 20),
                 remote: mem.addr(),
                 len: 1 << 20,
                 done: PieceDone::Whole(b.completion(0)),
@@ -309,30 +319,29 @@ async fn direct_path_round_trips_rejects_and_survives_a_restart() {
     let src: Vec<u8> = (0..4096).map(|i| (i % 13) as u8).collect();
     let mut back = vec![0u8; 4096];
     let (s, b) = (src.as_ptr() as u64, back.as_mut_ptr() as u64);
-    let (p, i, remote) = (pool.clone(), info.clone(), mem.addr());
-    let blocking = move |f: Box<dyn FnOnce() -> mooncake_core::Result<u64> + Send>| tokio::task::spawn_blocking(f);
-    let w = Request { op: Opcode::Write, local: s, remote, len: 4096 };
-    let r = Request { op: Opcode::Read, local: b, remote, len: 4096 };
-    let (p1, i1) = (p.clone(), i.clone());
-    blocking(Box::new(move || p1.transfer(&i1, w, t, t))).await.unwrap().unwrap();
-    let (p1, i1) = (p.clone(), i.clone());
-    blocking(Box::new(move || p1.transfer(&i1, r, t, t))).await.unwrap().unwrap();
+    let remote = mem.addr();
+    // One request on a blocking thread.
+    let run = |op: Opcode, local: u64, remote: u64| {
+        let (p, i) = (pool.clone(), info.clone());
+        tokio::task::spawn_blocking(move || {
+            let local = vouched(local, 4096);
+            p.transfer(&i, Request { op, local: &local, remote }, t, t)
+        })
+    };
+    run(Opcode::Write, s, remote).await.unwrap().unwrap();
+    run(Opcode::Read, b, remote).await.unwrap().unwrap();
     assert_eq!(back, src);
-    let bad = Request { op: Opcode::Read, local: b, remote: remote + 8000, len: 4096 };
-    let (p1, i1) = (p.clone(), i.clone());
-    let e = blocking(Box::new(move || p1.transfer(&i1, bad, t, t))).await.unwrap();
+    let e = run(Opcode::Read, b, remote + 8000).await.unwrap();
     assert!(matches!(e, Err(Error::RemoteRejected { .. })), "{e:?}");
     // Kill the server: a typed error, no hang.
     srv.abort();
     let _ = srv.await;
-    let (p1, i1) = (p.clone(), i.clone());
-    let e = blocking(Box::new(move || p1.transfer(&i1, r, t, t))).await.unwrap();
+    let e = run(Opcode::Read, b, remote).await.unwrap();
     assert!(matches!(e, Err(Error::RemoteDisconnected { .. })), "{e:?}");
     // Restart on the same port: the stale pooled connection is replaced transparently.
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
     let _srv2 = tokio::spawn(server::serve(listener, regions.clone()));
-    let (p1, i1) = (p.clone(), i.clone());
-    blocking(Box::new(move || p1.transfer(&i1, r, t, t))).await.unwrap().unwrap();
+    run(Opcode::Read, b, remote).await.unwrap().unwrap();
     assert_eq!(back, src);
 }
 
@@ -345,7 +354,7 @@ async fn many(
 ) -> Vec<mooncake_core::Result<u64>> {
     let requests: Vec<BlockingRequest> = requests
         .into_iter()
-        .map(|(local_addr, remote_addr, length)| BlockingRequest { local_addr, remote_addr, length })
+        .map(|(local_addr, remote_addr, length)| BlockingRequest { local: vouched(local_addr, length), remote_addr })
         .collect();
     let (pool, info) = (pool.clone(), info.clone());
     let t = Duration::from_secs(5);

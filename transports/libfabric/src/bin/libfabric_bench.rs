@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mooncake_core::transport::{PeerEvents, RemoteSegment, TransferTask, Transport, TransportContext};
-use mooncake_core::{BackendConfig, Batch, BufferDesc, Location, Opcode, RegionTable, SegmentDescriptor};
+use mooncake_core::{BackendConfig, Batch, BufferDesc, LocalRange, Location, Opcode, RegionTable, SegmentDescriptor};
 use mooncake_transport_libfabric::{FabricConfig, LIBFABRIC, LibfabricTransport};
 
 const USAGE: &str = "usage: libfabric_bench [--provider P]... [--sizes 4K,64K,1M,16M] [--ops write,read] \
@@ -178,7 +178,10 @@ impl Side {
         };
         rt.block_on(transport.start(&ctx)).map_err(|e| format!("starting the transport: {e}"))?;
         let buf = Buf::new(len)?;
-        regions.insert(buf.addr(), len, Location::Cpu(Some(0))).map_err(|e| e.to_string())?;
+        // SAFETY: `buf` is a mapping owned by this Side, unmapped only when the Side is dropped, after its Drop
+        // unregistered the buffer and shut the transport down (fields drop after `drop`), so no transfer uses
+        // it once unmapped; the benchmark never reads it through references.
+        unsafe { regions.insert(buf.addr(), len, Location::Cpu(Some(0))) }.map_err(|e| e.to_string())?;
         let region = regions.get(buf.addr()).ok_or("region vanished")?;
         let mut desc = BufferDesc { name: "cpu:0".into(), addr: buf.addr(), length: len, ..Default::default() };
         transport.register_memory(&region, &mut desc).map_err(|e| format!("registering: {e}"))?;
@@ -238,15 +241,16 @@ fn run_batch(side: &Side, target: &Target, op: Opcode, size: u64, n: usize, firs
     let tasks: Vec<TransferTask> = (0..n)
         .map(|i| {
             let off = ((first + i as u64) % slots) * size;
-            TransferTask {
+            let local = LocalRange::check(&side.regions, side.buf.addr() + off, size, "benchmark buffer")?;
+            Ok(TransferTask {
                 opcode: op,
-                local_addr: side.buf.addr() + off,
+                local,
                 remote_addr: target.base + off,
-                length: size,
                 completion: batch.completion(start + i),
-            }
+            })
         })
-        .collect();
+        .collect::<mooncake_core::Result<_>>()
+        .map_err(|e| e.to_string())?;
     side.transport.submit(&target.seg, tasks);
     batch.wait_blocking(Duration::from_secs(60)).map_err(|e| format!("batch: {e}"))?;
     let st = batch.overall();

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use mooncake_core::{
-    Batch, BufferDesc, Error, Location, Opcode, PeerEvents, PeerHandshake, Region, RegionTable, RemoteSegment, Result,
+    Batch, BufferDesc, Error, Location, Opcode, PeerEvents, PeerHandshake, RegionTable, RemoteSegment, Result,
     SegmentDescriptor, TransferTask, Transport, TransportContext,
 };
 use serde_json::Value;
@@ -27,6 +27,14 @@ use crate::qp::{InitAttrs, QpOps, QpState, RtrAttrs, RtsAttrs};
 use crate::segment::RemoteRdma;
 
 use super::RdmaTransport;
+
+/// The local side of a request in these tests, vouched for: the RDMA transport must still find it registered
+/// (with the engine's table and with the NICs) before the fake fabric touches it.
+fn local(addr: u64, len: u64) -> mooncake_core::LocalRange {
+    // SAFETY: the fake fabric copies only ranges the transport found registered: the nodes' buffers, alive for
+    // the whole test; anything else is refused first, which is what the tests check.
+    unsafe { mooncake_core::LocalRange::vouched(addr, len) }
+}
 
 // ---- the in-memory fabric ----------------------------------------------------------------------
 
@@ -444,9 +452,11 @@ impl Net {
         let buf = vec![0u8; LEN].into_boxed_slice();
         let addr = buf.as_ptr() as u64;
         let location = Location::Cpu(Some(0));
-        regions.insert(addr, LEN as u64, location.clone()).unwrap();
+        // SAFETY: `buf` lives in the returned node as long as its transport and table; the fake fabric copies
+        // into it only while a test's request runs, and tests read it after their requests finished.
+        unsafe { regions.insert(addr, LEN as u64, location) }.unwrap();
         let mut bd = BufferDesc { name: "cpu:0".into(), addr, length: LEN as u64, ..Default::default() };
-        t.register_memory(&Region { addr, len: LEN as u64, location }, &mut bd).unwrap();
+        t.register_memory(&regions.get(addr).unwrap(), &mut bd).unwrap();
         let mut desc =
             SegmentDescriptor { name: name.into(), protocol: "rdma".into(), buffers: vec![bd], ..Default::default() };
         t.describe(&mut desc);
@@ -471,7 +481,7 @@ impl Net {
     ) -> Result<u64> {
         let b = Batch::new(1);
         b.reserve(1).unwrap();
-        let task = TransferTask { opcode: op, local_addr, remote_addr, length: len, completion: b.completion(0) };
+        let task = TransferTask { opcode: op, local: local(local_addr, len), remote_addr, completion: b.completion(0) };
         from.t.submit(seg, vec![task]);
         b.wait_blocking(Duration::from_secs(20))?;
         let s = b.status(0)?;
@@ -643,7 +653,8 @@ fn local_memory_without_an_mr_is_rejected() {
     let b = net.node("10.0.0.2:15000", 2, &["mlx5_0"], config());
     // In the engine's region table but never registered with the NICs.
     let extra = vec![0u8; 8192].into_boxed_slice();
-    a.regions.insert(extra.as_ptr() as u64, 8192, Location::Cpu(Some(0))).unwrap();
+    // SAFETY: `extra` outlives the request, which is refused before the fake NIC touches anything.
+    unsafe { a.regions.insert(extra.as_ptr() as u64, 8192, Location::Cpu(Some(0))) }.unwrap();
     let err = net.transfer_to(&a, &b.segment(), Opcode::Write, extra.as_ptr() as u64, b.addr(), 8192).unwrap_err();
     assert!(matches!(&err, Error::AddressNotRegistered { context, .. } if context.contains("RDMA")), "{err}");
 }
@@ -798,6 +809,23 @@ fn old_peers_without_gid_are_looked_up_in_their_descriptor() {
 }
 
 #[test]
+fn local_memory_outside_the_region_table_is_rejected_before_the_nic_sees_it() {
+    let net = Net::new();
+    let a = net.node("10.0.0.1:15000", 1, &["mlx5_0"], config());
+    let b = net.node("10.0.0.2:15000", 2, &["mlx5_0"], config());
+    let stray = vec![0u8; 4096];
+    for op in [Opcode::Write, Opcode::Read] {
+        let err = net.transfer_to(&a, &b.segment(), op, stray.as_ptr() as u64, b.addr(), 4096).unwrap_err();
+        assert!(matches!(&err, Error::AddressNotRegistered { context, .. } if context.contains("RDMA")), "{err}");
+        // A range running past the registered buffer is refused too.
+        let err = net.transfer_to(&a, &b.segment(), op, a.addr() + LEN as u64 - 16, b.addr(), 32).unwrap_err();
+        assert!(matches!(err, Error::AddressNotRegistered { .. }), "{err}");
+    }
+    let st = net.wire.state();
+    assert!(st.ok_by_nic.is_empty() && st.failed_by_nic.is_empty() && st.pending.is_empty(), "nothing was posted");
+}
+
+#[test]
 fn shutdown_fails_requests_in_flight() {
     let net = Net::new();
     let a = net.node("10.0.0.1:15000", 1, &["mlx5_0"], config());
@@ -808,9 +836,8 @@ fn shutdown_fails_requests_in_flight() {
     batch.reserve(1).unwrap();
     let task = TransferTask {
         opcode: Opcode::Write,
-        local_addr: a.addr(),
+        local: local(a.addr(), 3 * 4096),
         remote_addr: b.addr(),
-        length: 3 * 4096,
         completion: batch.completion(0),
     };
     a.t.submit(&b.segment(), vec![task]);
@@ -845,17 +872,14 @@ fn start_without_nics_is_unavailable_and_submit_before_start_fails() {
     });
     t.submit(
         &seg,
-        vec![TransferTask {
-            opcode: Opcode::Read,
-            local_addr: 1,
-            remote_addr: 1,
-            length: 1,
-            completion: b.completion(0),
-        }],
+        vec![TransferTask { opcode: Opcode::Read, local: local(1, 1), remote_addr: 1, completion: b.completion(0) }],
     );
     assert!(matches!(b.status(0).unwrap().error, Some(Error::NotInitialized(_))));
     let mut bd = BufferDesc::default();
-    assert!(t.register_memory(&Region { addr: 4096, len: 1, location: Location::Cpu(Some(0)) }, &mut bd).is_err());
+    let table = RegionTable::new();
+    // SAFETY: the transport was never started and refuses the registration; nothing touches the range.
+    unsafe { table.insert(4096, 1, Location::Cpu(Some(0))) }.unwrap();
+    assert!(t.register_memory(&table.get(4096).unwrap(), &mut bd).is_err());
     let ctx = TransportContext {
         local_name: "x:1".into(),
         bind_host: "127.0.0.1".into(),

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use clap::Parser;
-use mooncake::{EngineConfig, Notification, Opcode, TransferEngine};
+use mooncake::{EngineConfig, HostBuffer, Notification, Opcode, TransferEngine};
 
 #[derive(Parser)]
 #[command(about = "Two local engines move data to each other and say what happened")]
@@ -38,29 +38,32 @@ fn run(args: Args) -> mooncake::Result<()> {
     println!("engine A: segment {} (protocols {:?})", alice.local_segment_name(), alice.protocols());
     println!("engine B: segment {} (protocols {:?})", bob.local_segment_name(), bob.protocols());
 
-    let src: Vec<u8> = (0..len).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
-    let mut back = vec![0u8; len];
-    let dst = vec![0u8; len];
-    alice.register_memory_batch(&[(src.as_ptr() as u64, len as u64), (back.as_mut_ptr() as u64, len as u64)], "*")?;
-    bob.register_memory(dst.as_ptr() as u64, len as u64, "*")?;
+    // Memory the program owns, registered without `unsafe`: the engines hold it while it is registered, and the
+    // program reads it by copy.
+    let src = HostBuffer::from_vec((0..len).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect());
+    let back = HostBuffer::zeroed(len);
+    let dst = HostBuffer::zeroed(len);
+    alice.register_owned(src.owned(), "*")?;
+    alice.register_owned(back.owned(), "*")?;
+    bob.register_owned(dst.owned(), "*")?;
     let peer = bob.local_segment_name().to_string();
     let remote = alice.first_buffer_address(&peer)?;
     println!("A opened segment {peer}: first buffer at {remote:#x}, {} bytes", len);
 
     let t = Instant::now();
-    alice.transfer_sync(&peer, Opcode::Write, src.as_ptr() as u64, remote, len as u64)?;
+    alice.transfer_sync(&peer, Opcode::Write, src.addr(), remote, len as u64)?;
     let w = t.elapsed();
     println!("A wrote {} MiB into B in {:.1} ms ({:.2} GB/s)", len >> 20, ms(w), gbps(len, w));
     let t = Instant::now();
-    alice.transfer_sync(&peer, Opcode::Read, back.as_mut_ptr() as u64, remote, len as u64)?;
+    alice.transfer_sync(&peer, Opcode::Read, back.addr(), remote, len as u64)?;
     let r = t.elapsed();
     println!("A read {} MiB back from B in {:.1} ms ({:.2} GB/s)", len >> 20, ms(r), gbps(len, r));
-    let ok = back == src && dst == src;
+    let ok = back.to_vec() == src.to_vec() && dst.to_vec() == src.to_vec();
     println!("byte-for-byte check: {}", if ok { "identical" } else { "MISMATCH" });
 
     let small: Vec<u64> = (0..128).map(|i| i * 4096).collect();
     let t = Instant::now();
-    let locals: Vec<u64> = small.iter().map(|o| src.as_ptr() as u64 + o).collect();
+    let locals: Vec<u64> = small.iter().map(|o| src.addr() + o).collect();
     let remotes: Vec<u64> = small.iter().map(|o| remote + o).collect();
     alice.batch_transfer_sync(&peer, Opcode::Write, &locals, &remotes, &[4096; 128])?;
     println!("A wrote a batch of 128 x 4 KiB in {:.1} us", t.elapsed().as_secs_f64() * 1e6);
@@ -72,7 +75,7 @@ fn run(args: Args) -> mooncake::Result<()> {
     }
     alice.probe_peer(&peer)?;
     println!("A probed B: reachable");
-    let bad = alice.transfer_sync(&peer, Opcode::Read, back.as_mut_ptr() as u64, remote + len as u64 - 8, 16);
+    let bad = alice.transfer_sync(&peer, Opcode::Read, back.addr(), remote + len as u64 - 8, 16);
     println!("A reading past B's buffer is refused: {}", bad.err().map(|e| e.to_string()).unwrap_or_default());
     alice.shutdown();
     bob.shutdown();

@@ -424,7 +424,10 @@ fn run_setup(
     replicate: &ReplicateConfig,
     header: &mut bool,
 ) -> Result<(), String> {
-    client.register_buffer(base, plan.half * 2).map_err(|e| format!("register_buffer: {e}"))?;
+    // SAFETY: `base` is the start of `run`'s `buffer` (`plan.half * 2` bytes), which is neither resized nor
+    // dropped before every client using it is closed; it is unregistered below, and never read through
+    // references while registered.
+    unsafe { client.register_buffer(base, plan.half * 2) }.map_err(|e| format!("register_buffer: {e}"))?;
     client.remove_all(true).map_err(|e| format!("remove_all: {e}"))?;
     let bench = Bench { plan, client, base, replicate, master };
     let result = (|| {

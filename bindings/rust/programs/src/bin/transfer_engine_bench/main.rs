@@ -130,9 +130,9 @@ fn engine(args: &Args) -> mooncake::Result<TransferEngine> {
     TransferEngine::new(config)
 }
 
-/// A page-aligned, pre-faulted buffer.
+/// A pre-faulted buffer the engine holds while it is registered (no `unsafe` needed).
 struct Buffer {
-    storage: Vec<u8>,
+    storage: mooncake::HostBuffer,
 }
 
 impl Buffer {
@@ -141,17 +141,20 @@ impl Buffer {
         for (i, b) in storage.iter_mut().enumerate().step_by(4096) {
             *b = i as u8;
         }
-        Buffer { storage }
+        Buffer { storage: mooncake::HostBuffer::from_vec(storage) }
     }
     fn addr(&self) -> u64 {
-        self.storage.as_ptr() as u64
+        self.storage.addr()
+    }
+    fn owned(&self) -> mooncake::OwnedMemory {
+        self.storage.owned()
     }
 }
 
 fn target(args: &Args) -> mooncake::Result<()> {
     let e = engine(args)?;
     let buf = Buffer::new(args.buffer_size);
-    e.register_memory(buf.addr(), args.buffer_size, "*")?;
+    e.register_owned(buf.owned(), "*")?;
     println!("segment {}", e.local_segment_name());
     use std::io::Write;
     let _ = std::io::stdout().flush();
@@ -208,7 +211,7 @@ fn run_on(e: &TransferEngine, args: &Args, segment: &str) -> mooncake::Result<Ru
         )));
     }
     let local = Buffer::new(args.buffer_size);
-    e.register_memory(local.addr(), args.buffer_size, "*")?;
+    e.register_owned(local.owned(), "*")?;
     let handle = e.open_segment(segment)?;
     let seg = e.segment(handle)?;
     let remote =
