@@ -1,0 +1,257 @@
+//! Memory of a device the CPU cannot read is never dereferenced: CPU transports move its bytes through the
+//! device (staging). The test-only device below keeps its bytes in vectors and hands out addresses that are
+//! mapped nowhere in this process (non-canonical on x86-64 and aarch64), so a CPU access through one of them
+//! would crash the test instead of passing by luck.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use mooncake::{
+    AllocOptions, Allocation, DeviceCapabilities, EngineConfig, Error, HostBuffer, Location, MemoryDevice, MemoryKind,
+    Opcode, OwnedMemory, Result, TransferEngine, TransferRequest,
+};
+
+/// Where the device's made-up address space starts: never mapped in a user process.
+const BASE: u64 = 0x4000_0000_0000_0000;
+
+/// The bytes of one allocation.
+type Storage = Arc<Mutex<Vec<u8>>>;
+
+/// A "GPU" whose memory lives in host vectors the CPU reaches only through `copy_to_host`/`copy_from_host`.
+#[derive(Default)]
+struct FarDevice {
+    /// Start address -> (token, bytes).
+    allocations: Mutex<BTreeMap<u64, (u64, Storage)>>,
+    next: AtomicU64,
+    copies: AtomicU64,
+}
+
+impl FarDevice {
+    fn storage(&self, a: &Allocation) -> Result<Storage> {
+        match self.allocations.lock().unwrap().get(&a.addr) {
+            Some((token, v)) if *token == a.token && v.lock().unwrap().len() as u64 == a.len => Ok(v.clone()),
+            _ => Err(Error::NotFound(format!("no far allocation at {:#x}", a.addr))),
+        }
+    }
+
+    fn bytes(&self, a: &Allocation) -> Vec<u8> {
+        self.storage(a).unwrap().lock().unwrap().clone()
+    }
+}
+
+impl MemoryDevice for FarDevice {
+    fn name(&self) -> &str {
+        "far"
+    }
+
+    fn kind(&self) -> MemoryKind {
+        MemoryKind::Cuda
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        DeviceCapabilities { host_accessible: false, device_count: 1, ..Default::default() }
+    }
+
+    fn classify(&self, addr: u64, len: u64) -> Option<Location> {
+        self.allocation_of(addr, len).map(|a| a.location)
+    }
+
+    fn allocate(&self, len: u64, _options: &AllocOptions) -> Result<Allocation> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let addr = BASE + id * (1 << 32);
+        self.allocations.lock().unwrap().insert(addr, (id, Arc::new(Mutex::new(vec![0u8; len as usize]))));
+        Ok(Allocation { addr, len, location: Location::Device(MemoryKind::Cuda, 0), token: id })
+    }
+
+    fn free(&self, a: &Allocation) -> Result<()> {
+        self.storage(a)?;
+        self.allocations.lock().unwrap().remove(&a.addr);
+        Ok(())
+    }
+
+    fn copy_to_host(&self, a: &Allocation, offset: u64, dst: &mut [u8]) -> Result<()> {
+        mooncake::device::check_bounds(a, offset, dst.len() as u64)?;
+        let v = self.storage(a)?;
+        let v = v.lock().unwrap();
+        dst.copy_from_slice(&v[offset as usize..offset as usize + dst.len()]);
+        self.copies.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn copy_from_host(&self, src: &[u8], a: &Allocation, offset: u64) -> Result<()> {
+        mooncake::device::check_bounds(a, offset, src.len() as u64)?;
+        let v = self.storage(a)?;
+        v.lock().unwrap()[offset as usize..offset as usize + src.len()].copy_from_slice(src);
+        self.copies.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn hold(&self, a: &Allocation) -> Result<OwnedMemory> {
+        let storage = self.storage(a)?;
+        // SAFETY: the range is this device's memory (the allocation was just found live); the CPU never
+        // dereferences it (the device is not host-accessible, so the engine copies through the device), and
+        // the held storage keeps the bytes alive while the registration lives.
+        Ok(unsafe { OwnedMemory::new(a.addr, a.len, Box::new(storage)) })
+    }
+
+    fn allocation_of(&self, addr: u64, len: u64) -> Option<Allocation> {
+        let map = self.allocations.lock().unwrap();
+        let (start, (token, v)) = map.range(..=addr).next_back()?;
+        let size = v.lock().unwrap().len() as u64;
+        (addr.checked_add(len)? <= start + size).then_some(Allocation {
+            addr: *start,
+            len: size,
+            location: Location::Device(MemoryKind::Cuda, 0),
+            token: *token,
+        })
+    }
+}
+
+fn engine(protocols: &[&str]) -> TransferEngine {
+    mooncake::link_all();
+    let config = EngineConfig::new("127.0.0.1", "P2PHANDSHAKE").with_protocols(protocols.iter().copied());
+    TransferEngine::new(config).expect("starting an engine")
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+}
+
+/// Over tcp, device memory moves both as the local side (the initiator stages it) and as the target (the
+/// serving side stages it), on the caller-thread path, the lanes, striped, and in async batches.
+#[test]
+fn tcp_moves_device_memory_through_the_device() {
+    let far = Arc::new(FarDevice::default());
+    let dev: Arc<dyn MemoryDevice> = far.clone();
+    let (a, b) = (engine(&["tcp"]), engine(&["tcp"]));
+    const LEN: usize = 4 << 20;
+    let gpu = dev.allocate(LEN as u64, &AllocOptions::default()).unwrap();
+    dev.copy_from_host(&pattern(1, LEN), &gpu, 0).unwrap();
+    a.register_allocation(&dev, &gpu, "*").unwrap();
+    assert_eq!(a.local_descriptor().buffers[0].name, "cuda:0", "the device classifies its memory");
+    let host = HostBuffer::zeroed(LEN);
+    b.register_owned(host.owned(), "cpu:0").unwrap();
+    let (pa, pb) = (a.local_segment_name().to_string(), b.local_segment_name().to_string());
+
+    for len in [4096u64, LEN as u64] {
+        // Initiator side: device memory is the local range.
+        dev.copy_from_host(&pattern(1, LEN), &gpu, 0).unwrap();
+        a.transfer_sync(&pb, Opcode::Write, gpu.addr, host.addr(), len).unwrap();
+        assert!(host.to_vec()[..len as usize] == pattern(1, LEN)[..len as usize], "{len}: device -> host");
+        host.write(0, &pattern(2, LEN)).unwrap();
+        a.transfer_sync(&pb, Opcode::Read, gpu.addr, host.addr(), len).unwrap();
+        assert!(far.bytes(&gpu)[..len as usize] == pattern(2, LEN)[..len as usize], "{len}: host -> device");
+        // Serving side: device memory is the target of a peer's request.
+        dev.copy_from_host(&pattern(3, LEN), &gpu, 0).unwrap();
+        b.transfer_sync(&pa, Opcode::Read, host.addr(), gpu.addr, len).unwrap();
+        assert!(host.to_vec()[..len as usize] == pattern(3, LEN)[..len as usize], "{len}: peer reads device");
+        host.write(0, &pattern(4, LEN)).unwrap();
+        b.transfer_sync(&pa, Opcode::Write, host.addr(), gpu.addr, len).unwrap();
+        assert!(far.bytes(&gpu)[..len as usize] == pattern(4, LEN)[..len as usize], "{len}: peer writes device");
+    }
+
+    // A batch of small requests at offsets, as the caller-thread batch path would take for host memory.
+    dev.copy_from_host(&pattern(5, LEN), &gpu, 0).unwrap();
+    let offsets: Vec<u64> = (0..16).map(|i| i * 8192 + 100).collect();
+    let locals: Vec<u64> = offsets.iter().map(|o| gpu.addr + o).collect();
+    let remotes: Vec<u64> = offsets.iter().map(|o| host.addr() + o).collect();
+    a.batch_transfer_sync(&pb, Opcode::Write, &locals, &remotes, &[1000; 16]).unwrap();
+    let (h, g) = (host.to_vec(), pattern(5, LEN));
+    for o in &offsets {
+        assert_eq!(h[*o as usize..*o as usize + 1000], g[*o as usize..*o as usize + 1000]);
+    }
+    // Async, through the runtime.
+    let handle = a.open_segment(&pb).unwrap();
+    let req = TransferRequest {
+        opcode: Opcode::Read,
+        local_addr: gpu.addr + 10,
+        target: handle,
+        remote_addr: host.addr(),
+        length: 5000,
+    };
+    let a2 = a.clone();
+    let r = a.block_on(async move { a2.transfer(&[req]).await }).unwrap().unwrap();
+    assert!(matches!(r[..], [Ok(5000)]), "{r:?}");
+    assert_eq!(far.bytes(&gpu)[10..5010], h[..5000]);
+    assert!(far.copies.load(Ordering::Relaxed) > 0);
+
+    // A range past the allocation is refused, on both sides, before anything moves.
+    let r = a.transfer_sync(&pb, Opcode::Write, gpu.addr + LEN as u64 - 8, host.addr(), 16);
+    assert!(matches!(r, Err(Error::AddressNotRegistered { .. })), "{r:?}");
+    let r = b.transfer_sync(&pa, Opcode::Read, host.addr(), gpu.addr + LEN as u64 - 8, 16);
+    assert!(matches!(r, Err(Error::AddressNotRegistered { .. })), "{r:?}");
+
+    // Freed while registered: the engine holds the device's storage, and the device refuses copies of an
+    // allocation it freed with a typed error; nothing is dereferenced either way.
+    dev.free(&gpu).unwrap();
+    let r = a.transfer_sync(&pb, Opcode::Write, gpu.addr, host.addr(), 64);
+    assert!(matches!(r, Err(Error::NotFound(_))), "{r:?}");
+    let r = b.transfer_sync(&pa, Opcode::Read, host.addr(), gpu.addr, 64);
+    assert!(matches!(r, Err(Error::RemoteRejected { .. })), "{r:?}");
+    a.unregister_memory(gpu.addr).unwrap();
+    a.shutdown();
+    b.shutdown();
+}
+
+/// Memory registered by address at a device location, with a device that finds its allocation
+/// (`allocation_of`), is staged too; a device location no device owns is refused with a typed error.
+#[test]
+fn device_memory_registered_by_address() {
+    let far = Arc::new(FarDevice::default());
+    let dev: Arc<dyn MemoryDevice> = far.clone();
+    let (a, b) = (engine(&["tcp"]), engine(&["tcp"]));
+    let gpu = dev.allocate(1 << 16, &AllocOptions::default()).unwrap();
+    dev.copy_from_host(&pattern(6, 1 << 16), &gpu, 0).unwrap();
+    let host = HostBuffer::zeroed(1 << 16);
+    b.register_owned(host.owned(), "cpu:0").unwrap();
+    let pb = b.local_segment_name().to_string();
+    // The engine's own device list does not have `far` (it is not linked through the registry), so memory
+    // registered by address at `cuda:0` has no owner: the CPU must not touch it.
+    // SAFETY: the range is device memory the CPU never dereferences (no owner: unreachable); it stays the
+    // device's until unregistered below.
+    unsafe { a.register_memory(gpu.addr, gpu.len, "cuda:0") }.unwrap();
+    let r = a.transfer_sync(&pb, Opcode::Write, gpu.addr, host.addr(), 64);
+    assert!(matches!(r, Err(Error::Unsupported { .. })), "{r:?}");
+    a.unregister_memory(gpu.addr).unwrap();
+    // Held through the device instead, it moves.
+    a.register_allocation(&dev, &gpu, "cuda:0").unwrap();
+    a.transfer_sync(&pb, Opcode::Write, gpu.addr + 4096, host.addr(), 4096).unwrap();
+    assert_eq!(host.to_vec()[..4096], pattern(6, 1 << 16)[4096..8192]);
+    a.unregister_memory(gpu.addr).unwrap();
+    a.shutdown();
+    b.shutdown();
+}
+
+/// shm copies with the kernel (`process_vm_*`), which cannot reach device memory either: local device memory
+/// is staged by the initiator; a peer's device memory is not published for shm (a typed error).
+#[test]
+fn shm_stages_local_device_memory() {
+    if !mooncake::registry::transport("shm").is_ok_and(|f| (f.probe)().is_available()) {
+        println!("shm unavailable here; skipped");
+        return;
+    }
+    let far = Arc::new(FarDevice::default());
+    let dev: Arc<dyn MemoryDevice> = far.clone();
+    let (a, b) = (engine(&["shm"]), engine(&["shm"]));
+    const LEN: usize = 3 << 20;
+    let gpu = dev.allocate(LEN as u64, &AllocOptions::default()).unwrap();
+    dev.copy_from_host(&pattern(7, LEN), &gpu, 0).unwrap();
+    a.register_allocation(&dev, &gpu, "*").unwrap();
+    let host = HostBuffer::zeroed(LEN);
+    b.register_owned(host.owned(), "cpu:0").unwrap();
+    let (pa, pb) = (a.local_segment_name().to_string(), b.local_segment_name().to_string());
+    for len in [4096u64, LEN as u64] {
+        a.transfer_sync(&pb, Opcode::Write, gpu.addr, host.addr(), len).unwrap();
+        assert!(host.to_vec()[..len as usize] == pattern(7, LEN)[..len as usize], "{len}: device -> host");
+        host.write(0, &pattern(8, LEN)).unwrap();
+        a.transfer_sync(&pb, Opcode::Read, gpu.addr, host.addr(), len).unwrap();
+        assert!(far.bytes(&gpu)[..len as usize] == pattern(8, LEN)[..len as usize], "{len}: host -> device");
+        dev.copy_from_host(&pattern(7, LEN), &gpu, 0).unwrap();
+    }
+    let r = b.transfer_sync(&pa, Opcode::Read, host.addr(), gpu.addr, 64);
+    assert!(matches!(r, Err(Error::AddressNotRegistered { .. })), "{r:?}");
+    a.unregister_memory(gpu.addr).unwrap();
+    a.shutdown();
+    b.shutdown();
+}
