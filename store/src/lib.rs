@@ -5,8 +5,8 @@
 //! [`dummy`] serves application processes that share one client through shared memory. The types and wire
 //! messages come from `mooncake-store-core` (re-exported here); the master service is `mooncake-store-master`.
 //! Backends are linked by the final program, never by this crate.
-// Unsafe code is denied everywhere except `client::local_copy`, the one place that copies between
-// registered memory of this process (same-process replicas), checked against the engine's regions.
+// Unsafe code is denied: bytes of registered memory are touched through `mooncake-raw` (`client::local_copy`),
+// and only the declaration of the `unsafe fn` `StoreClient::register_buffer` is allowed.
 #![deny(unsafe_code)]
 
 pub mod client;
