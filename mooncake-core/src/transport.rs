@@ -11,7 +11,7 @@ use crate::completion::Completion;
 use crate::descriptor::{BufferDesc, SegmentDescriptor};
 use crate::device::MemoryDevice;
 use crate::error::{Error, Result};
-use crate::memory::{LocalRange, Region, RegionTable};
+use crate::memory::{LocalRange, RegionGuard, RegionTable};
 use crate::types::{Opcode, SegmentHandle};
 
 /// Reports from transports back to the engine.
@@ -188,13 +188,16 @@ pub trait Transport: Send + Sync + 'static {
     async fn start(&self, ctx: &TransportContext) -> Result<()>;
 
     /// A buffer was registered; add what peers need (keys, IPC handles) to its descriptor entry,
-    /// as this transport's per-buffer [`Section`](crate::Section).
-    fn register_memory(&self, _region: &Region, _desc: &mut BufferDesc) -> Result<()> {
+    /// as this transport's per-buffer [`Section`](crate::Section). A transport that lets peers or a NIC reach
+    /// the memory without a check at access time (an RDMA key, a shared registration table) keeps a clone of
+    /// `region` until [`Transport::unregister_memory`], so the region cannot be removed (and its memory
+    /// freed) while that access is possible.
+    fn register_memory(&self, _region: &RegionGuard, _desc: &mut BufferDesc) -> Result<()> {
         Ok(())
     }
 
-    /// A buffer is being unregistered.
-    fn unregister_memory(&self, _region: &Region) -> Result<()> {
+    /// A buffer is being unregistered: stop peers' access to it and drop what was kept of it.
+    fn unregister_memory(&self, _region: &RegionGuard) -> Result<()> {
         Ok(())
     }
 

@@ -50,7 +50,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use mooncake_core::registry::{Availability, TransportFactory};
 use mooncake_core::{
-    BackendConfig, BufferDesc, Capabilities, Error, FanIn, MemoryKinds, Opcode, PerfModel, PieceDone, Region,
+    BackendConfig, BufferDesc, Capabilities, Error, FanIn, MemoryKinds, Opcode, PerfModel, PieceDone, RegionGuard,
     RegionTable, RemoteSegment, Result, SegmentDescriptor, StripePlan, StripeRounding, TransferTask, Transport,
     TransportContext, sync,
 };
@@ -73,6 +73,8 @@ pub struct LibfabricTransport {
     core: OnceLock<Arc<Core>>,
     /// The engine's registered memory (local ranges must lie in it).
     regions: OnceLock<Arc<RegionTable>>,
+    /// Regions registered with the rails, kept registered until unregistered here.
+    held: Mutex<HashMap<u64, RegionGuard>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     peers: RwLock<HashMap<String, Arc<Peer>>>,
     node: String,
@@ -134,6 +136,7 @@ impl LibfabricTransport {
             config,
             core: OnceLock::new(),
             regions: OnceLock::new(),
+            held: Mutex::new(HashMap::new()),
             thread: Mutex::new(None),
             peers: RwLock::new(HashMap::new()),
             node: desc::hostname(),
@@ -345,17 +348,20 @@ impl Transport for LibfabricTransport {
         Ok(())
     }
 
-    fn register_memory(&self, region: &Region, desc: &mut BufferDesc) -> Result<()> {
+    fn register_memory(&self, region: &RegionGuard, desc: &mut BufferDesc) -> Result<()> {
         let core = self.started()?;
         let keys = core.register(region.addr, region.len)?;
         desc::write_keys(&core.fields, &keys, desc);
+        // Peers reach the memory with the keys alone: keep the region registered until unregister_memory.
+        sync::lock(&self.held).insert(region.addr, region.clone());
         Ok(())
     }
 
-    fn unregister_memory(&self, region: &Region) -> Result<()> {
+    fn unregister_memory(&self, region: &RegionGuard) -> Result<()> {
         if let Some(core) = self.core.get() {
             core.unregister(region.addr);
         }
+        sync::lock(&self.held).remove(&region.addr);
         Ok(())
     }
 

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, RwLock};
 
-use mooncake_core::{Error, MemoryDevice, MemoryKind, Region, Result, sync};
+use mooncake_core::{Error, MemoryDevice, MemoryKind, Region, RegionGuard, Result, sync};
 
 /// Where the bytes of a registration come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +70,9 @@ struct Registered<M> {
     rkeys: Vec<u32>,
     _mrs: Vec<M>,
     _dmabuf: Option<Arc<OwnedFd>>,
+    /// The NICs let peers reach the memory with the keys alone: the region stays registered (its memory
+    /// allocated) until this registration is dropped.
+    _region: RegionGuard,
 }
 
 /// Keys of a registration, one per NIC in the transport's device order.
@@ -105,7 +108,7 @@ impl<B: MrBackend> MemoryRegistry<B> {
 
     /// Registers `region` on every NIC (all or nothing). Device memory uses `dmabuf` when given,
     /// falling back to the address path when the dmabuf registration fails.
-    pub fn register(&self, region: &Region, dmabuf: Option<Dmabuf>) -> Result<Keys> {
+    pub fn register(&self, region: &RegionGuard, dmabuf: Option<Dmabuf>) -> Result<Keys> {
         if self.devices == 0 {
             return Err(Error::unavailable("no RDMA device to register memory with"));
         }
@@ -130,7 +133,7 @@ impl<B: MrBackend> MemoryRegistry<B> {
         };
         let (lkeys, rkeys): (Vec<u32>, Vec<u32>) = mrs.iter().map(B::keys).unzip();
         let keys = Keys { rkey: rkeys.clone(), lkey: lkeys.clone() };
-        let entry = Registered { len: region.len, lkeys, rkeys, _mrs: mrs, _dmabuf: keep };
+        let entry = Registered { len: region.len, lkeys, rkeys, _mrs: mrs, _dmabuf: keep, _region: region.clone() };
         sync::write(&self.regions).insert(region.addr, entry);
         Ok(keys)
     }

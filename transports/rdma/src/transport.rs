@@ -18,7 +18,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use mooncake_core::{
     BufferDesc, Capabilities, Error, FanIn, MemoryDevice, MemoryKind, MemoryKinds, PeerEvents, PeerHandshake,
-    PerfModel, Region, RegionGuard, RegionTable, RemoteSegment, Result, SegmentDescriptor, TransferTask, Transport,
+    PerfModel, RegionGuard, RegionTable, RemoteSegment, Result, SegmentDescriptor, TransferTask, Transport,
     TransportContext, stripe, sync,
 };
 use serde_json::Value;
@@ -816,7 +816,7 @@ impl<P: FabricProvider> Transport for RdmaTransport<P> {
         Ok(())
     }
 
-    fn register_memory(&self, region: &Region, desc: &mut BufferDesc) -> Result<()> {
+    fn register_memory(&self, region: &RegionGuard, desc: &mut BufferDesc) -> Result<()> {
         let st = self.started.get().ok_or_else(|| Error::NotInitialized("rdma transport not started".into()))?;
         let dmabuf = match region.location.kind() {
             Some(k) if k != MemoryKind::Host => device_dmabuf(&st.memory_devices, region),
@@ -827,7 +827,7 @@ impl<P: FabricProvider> Transport for RdmaTransport<P> {
         Ok(())
     }
 
-    fn unregister_memory(&self, region: &Region) -> Result<()> {
+    fn unregister_memory(&self, region: &RegionGuard) -> Result<()> {
         match self.started.get() {
             Some(st) => st.memory.unregister(region.addr),
             None => Ok(()),

@@ -90,8 +90,8 @@ use async_trait::async_trait;
 use mooncake_core::registry::{Availability, TransportFactory};
 use mooncake_core::{
     Access, BackendConfig, BufferDesc, Capabilities, Error, FanIn, LocalRange, MemoryKinds, Opcode, PeerEvents,
-    PerfModel, PieceDone, Region, RegionTable, RemoteSegment, Result, SegmentDescriptor, StripePlan, StripeRounding,
-    TransferTask, Transport, TransportContext, sync,
+    PerfModel, PieceDone, RegionGuard, RegionTable, RemoteSegment, Result, SegmentDescriptor, StripePlan,
+    StripeRounding, TransferTask, Transport, TransportContext, sync,
 };
 use mooncake_raw::Span;
 
@@ -188,6 +188,8 @@ struct Started {
     table: OwnerTable,
     pool: Pool,
     regions: Arc<RegionTable>,
+    /// Regions published in the table, kept registered until their slots are retired.
+    held: std::sync::Mutex<HashMap<u64, RegionGuard>>,
     events: Arc<dyn PeerEvents>,
     info: PeerInfo,
 }
@@ -345,7 +347,14 @@ impl Transport for ShmTransport {
         let info = PeerInfo::local(me, table.fd_number(), table.slots(), table.token());
         let pool =
             Pool::spawn(self.config.workers, self.config.worker_spin, ctx.regions.clone(), ctx.peer_events.clone())?;
-        let started = Started { table, pool, regions: ctx.regions.clone(), events: ctx.peer_events.clone(), info };
+        let started = Started {
+            table,
+            pool,
+            regions: ctx.regions.clone(),
+            held: std::sync::Mutex::new(HashMap::new()),
+            events: ctx.peer_events.clone(),
+            info,
+        };
         if let Err(again) = self.started.set(started) {
             again.pool.stop();
             return Err(Error::InvalidArgument("shm transport started twice".into()));
@@ -354,7 +363,7 @@ impl Transport for ShmTransport {
         Ok(())
     }
 
-    fn register_memory(&self, region: &Region, desc: &mut BufferDesc) -> Result<()> {
+    fn register_memory(&self, region: &RegionGuard, desc: &mut BufferDesc) -> Result<()> {
         let st = self.started.get().ok_or_else(|| Error::NotInitialized("shm transport not started".into()))?;
         if !region.is_host() {
             // Device memory cannot be copied by the kernel: not published for shm (peers reach it over
@@ -363,12 +372,21 @@ impl Transport for ShmTransport {
         }
         let b = st.table.register(region.addr, region.len)?;
         peer::write_buffer(&b, desc);
+        // Peers copy into the memory through the published table: keep the region registered until
+        // unregister_memory retires the slot.
+        sync::lock(&st.held).insert(region.addr, region.clone());
         Ok(())
     }
 
-    fn unregister_memory(&self, region: &Region) -> Result<()> {
+    fn unregister_memory(&self, region: &RegionGuard) -> Result<()> {
         match self.started.get() {
-            Some(st) => st.table.unregister(region.addr, self.config.unregister_wait),
+            Some(st) => {
+                let r = st.table.unregister(region.addr, self.config.unregister_wait);
+                if r.is_ok() {
+                    sync::lock(&st.held).remove(&region.addr);
+                }
+                r
+            }
             None => Ok(()),
         }
     }

@@ -326,6 +326,23 @@ fn dead_or_foreign_targets_are_refused() {
     assert_eq!(init.events.failed(), vec!["dead".to_string()]);
 }
 
+/// Peers copy into published memory without asking: the transport keeps the region registered (its memory
+/// allocated) until the slot is retired, even if the region is removed from the table behind its back.
+#[test]
+fn published_regions_stay_registered_until_unregistered_here() {
+    let mut side = Side::new(config(1));
+    let i = side.register(4096, 1);
+    let addr = side.addr(i);
+    assert!(matches!(side.regions.remove(addr, Duration::from_millis(20)), Err(Error::Timeout(_))));
+    assert!(side.regions.lookup(addr, 1).is_none(), "removal started: no new access");
+    // The engine's order, transport first and then the table, releases it: register the range in the table
+    // again and unregister it properly (the transport retires the slot and drops the region it kept).
+    // SAFETY: `bufs[i]` still lives in the side, as in `reregister`.
+    unsafe { side.regions.insert(addr, 4096, Location::Cpu(Some(0))) }.unwrap();
+    side.unregister(i);
+    assert!(side.regions.lookup(addr, 1).is_none());
+}
+
 #[test]
 fn device_memory_is_not_published_and_descriptor_names_this_process() {
     let side = Side::new(config(1));
