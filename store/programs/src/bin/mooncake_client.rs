@@ -40,6 +40,7 @@ fn main() {
         .build()
         .unwrap_or_else(|e| exit(1, &format!("cannot start the signal runtime: {e}")));
     runtime.block_on(async {
+        let stop = shutdown_signal();
         // Dummy clients (setup_dummy in other processes on this host) attach here.
         let service = match dummy_port {
             0 => None,
@@ -51,7 +52,7 @@ fn main() {
                 Err(e) => exit(1, &e),
             },
         };
-        shutdown_signal().await;
+        stop.await;
         if let Some(s) = service {
             s.shutdown().await;
         }

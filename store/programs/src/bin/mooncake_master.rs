@@ -41,13 +41,14 @@ fn main() {
         .build()
         .unwrap_or_else(|e| exit(1, &format!("cannot start the runtime: {e}")));
     runtime.block_on(async {
+        let stop = shutdown_signal();
         let service = MasterService::start(settings.service.clone()).await.unwrap_or_else(|e| exit(1, &e.to_string()));
         println!(
             "mooncake_master rpc {} admin {}",
             service.rpc_addr(),
             service.admin_addr().map(|a| a.to_string()).unwrap_or_default()
         );
-        shutdown_signal().await;
+        stop.await;
         tracing::info!("shutting down");
         service.shutdown().await;
     });
