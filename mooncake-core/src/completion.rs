@@ -98,6 +98,16 @@ impl Batch {
         Ok(TransferStatus { state, transferred_bytes: slot.transferred.load(Ordering::Acquire), error })
     }
 
+    /// Outcome of slot `index`: the bytes moved once it completed, else its error (a slot that ended without
+    /// one, or has not ended, is a `Protocol` error naming its state).
+    pub fn result(&self, index: usize) -> Result<u64> {
+        let s = self.status(index)?;
+        match s.state {
+            TransferState::Completed => Ok(s.transferred_bytes),
+            state => Err(s.error.unwrap_or_else(|| Error::Protocol(format!("transfer ended as {state:?}")))),
+        }
+    }
+
     /// Aggregate status: completed when all are, failed (with the first error) when any failed,
     /// pending otherwise.
     pub fn overall(&self) -> TransferStatus {
@@ -313,6 +323,19 @@ mod tests {
         assert!(c.is_final());
         c.finish(Ok(1));
         assert_eq!(b.status(0).unwrap().state, TransferState::Timeout);
+        assert!(matches!(b.result(0), Err(Error::Timeout(_))), "{:?}", b.result(0));
+    }
+
+    #[test]
+    fn result_is_bytes_or_the_slot_error() {
+        let b = Batch::new(3);
+        b.reserve(3).unwrap();
+        b.completion(0).finish(Ok(10));
+        b.completion(1).finish(Err(Error::Canceled));
+        assert_eq!(b.result(0).unwrap(), 10);
+        assert!(matches!(b.result(1), Err(Error::Canceled)));
+        assert!(matches!(b.result(2), Err(Error::Protocol(m)) if m.contains("Pending")), "{:?}", b.result(2));
+        assert!(matches!(b.result(3), Err(Error::InvalidArgument(_))));
     }
 
     #[test]

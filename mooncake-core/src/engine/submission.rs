@@ -11,7 +11,7 @@ use crate::completion::Batch;
 use crate::error::{Error, Result};
 use crate::sync;
 use crate::transport::{BlockingRequest, TransferTask};
-use crate::types::{BatchId, Opcode, SegmentHandle, TransferRequest, TransferState, TransferStatus};
+use crate::types::{BatchId, Opcode, SegmentHandle, TransferRequest, TransferStatus};
 
 impl TransferEngine {
     // ---- batches ---------------------------------------------------------------------------
@@ -104,7 +104,7 @@ impl TransferEngine {
         let batch = Batch::new(requests.len());
         self.inner.launch(&batch, requests, plan)?;
         batch.wait().await;
-        Ok(results(&batch))
+        Ok((0..batch.len()).map(|i| batch.result(i)).collect())
     }
 
     /// Status of one request of a batch.
@@ -215,13 +215,7 @@ impl TransferEngine {
         self.inner.launch(&batch, &requests, plan)?;
         // A timeout marks the unfinished requests; their statuses say so.
         let _ = batch.wait_blocking(timeout);
-        Ok((0..requests.len())
-            .map(|i| match batch.status(i) {
-                Ok(s) if s.state == TransferState::Completed => Ok(()),
-                Ok(s) => Err(s.error.unwrap_or_else(|| Error::Protocol(format!("transfer ended {:?}", s.state)))),
-                Err(e) => Err(e),
-            })
-            .collect())
+        Ok((0..requests.len()).map(|i| batch.result(i).map(drop)).collect())
     }
 }
 
@@ -231,17 +225,6 @@ async fn refresh_all(inner: Arc<Inner>, handles: Vec<SegmentHandle>) -> Result<(
         inner.refresh(h).await?;
     }
     Ok(())
-}
-
-/// Per-request results of a finished batch.
-fn results(batch: &Batch) -> Vec<Result<u64>> {
-    (0..batch.len())
-        .map(|i| match batch.status(i) {
-            Ok(s) if s.state == crate::types::TransferState::Completed => Ok(s.transferred_bytes),
-            Ok(s) => Err(s.error.unwrap_or(Error::Protocol(format!("request ended as {:?}", s.state)))),
-            Err(e) => Err(e),
-        })
-        .collect()
 }
 
 impl Inner {

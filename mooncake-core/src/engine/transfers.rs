@@ -20,7 +20,7 @@ use std::sync::Arc;
 use super::TransferEngine;
 use crate::completion::Batch;
 use crate::error::{Error, Result};
-use crate::types::{Opcode, TransferRequest, TransferState};
+use crate::types::{Opcode, TransferRequest};
 
 /// Most bytes a call may move through the caller-thread path. Small calls gain from running on the calling
 /// thread; large ones from being submitted at `start` (striped over connections, overlapping the caller's work).
@@ -178,14 +178,7 @@ impl PendingTransfers {
             .into_iter()
             .map(|slot| match slot {
                 Slot::Failed(e) => Err(e),
-                Slot::Batch(i) => match batch.as_ref().map(|b| b.status(i)) {
-                    Some(Ok(s)) if s.state == TransferState::Completed => Ok(()),
-                    Some(Ok(s)) => {
-                        Err(s.error.unwrap_or_else(|| Error::Protocol(format!("transfer ended {:?}", s.state))))
-                    }
-                    Some(Err(e)) => Err(e),
-                    None => Err(Error::Canceled),
-                },
+                Slot::Batch(i) => batch.as_ref().map_or(Err(Error::Canceled), |b| b.result(i).map(drop)),
             })
             .collect()
     }
