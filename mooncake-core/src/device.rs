@@ -90,6 +90,21 @@ pub trait MemoryDevice: Send + Sync + 'static {
     /// Copies `src` into `allocation` at `offset`.
     fn copy_from_host(&self, src: &[u8], allocation: &Allocation, offset: u64) -> Result<()>;
 
+    /// Copies `len` bytes from `src` at `src_offset` to `dst` at `dst_offset` without passing through the host:
+    /// both are allocations of this device, made by it or imported with [`MemoryDevice::import_handle`]
+    /// (GPU to GPU within a node, over NVLink or PCIe peer access). Returns when the bytes have landed.
+    /// Devices that cannot return `Unsupported`; GPU IPC transports need it.
+    fn copy_between(
+        &self,
+        _src: &Allocation,
+        _src_offset: u64,
+        _dst: &Allocation,
+        _dst_offset: u64,
+        _len: u64,
+    ) -> Result<()> {
+        Err(Error::unsupported("copy_between", self.name()))
+    }
+
     /// Keeps `allocation` valid until the returned [`OwnedMemory`] is dropped, even if [`MemoryDevice::free`]
     /// runs meanwhile (the memory is then given back when the hold ends). This is how memory the engine
     /// allocates itself is registered without `unsafe` (`TransferEngine::register_allocation`). Devices
@@ -109,7 +124,10 @@ pub trait MemoryDevice: Send + Sync + 'static {
         Err(Error::unsupported("export_handle", self.name()))
     }
 
-    /// Maps memory exported by another process.
+    /// Maps memory exported by another process. The returned allocation's `addr` is where the exported
+    /// memory's first byte appears in this process; [`MemoryDevice::free`] of it unmaps it (the exporter's
+    /// memory is untouched). An import of memory that is gone (freed, or its process exited) is an error of
+    /// the device's driver, never a crash.
     fn import_handle(&self, _handle: &SharingHandle) -> Result<Allocation> {
         Err(Error::unsupported("import_handle", self.name()))
     }
@@ -121,6 +139,13 @@ pub trait MemoryDevice: Send + Sync + 'static {
     /// Implementations keep the memory valid for the whole call even if `free` runs concurrently.
     fn prefault(&self, _allocation: &Allocation) -> Result<()> {
         Ok(())
+    }
+
+    /// The PCI address (`0000:04:00.0`, lower case) of the device behind `location` (`cuda:1`), so that
+    /// transports can pick the NIC closest to it (upstream's topology matrix). `None` when unknown or not a
+    /// PCI device (host memory).
+    fn pci_address(&self, _location: &Location) -> Option<String> {
+        None
     }
 
     /// A dmabuf covering `[addr, addr+len)` of this device's memory (any range the device

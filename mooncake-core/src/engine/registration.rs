@@ -174,6 +174,7 @@ impl TransferEngine {
 impl Inner {
     pub(super) fn resolve_location(&self, addr: u64, len: u64, requested: &Location) -> Result<Location> {
         if *requested != Location::Detect {
+            self.check_device_claim(addr, len, requested)?;
             return Ok(requested.clone());
         }
         // Specific devices (GPUs, CXL) first: host memory claims every address it is asked about.
@@ -185,6 +186,29 @@ impl Inner {
             }
         }
         Ok(Location::Cpu(Some(0)))
+    }
+
+    /// Refuses a host location for memory a device the CPU cannot read claims (a GPU pointer registered as
+    /// `cpu:0`), and a device location of another kind or index than the owning device reports: publishing
+    /// either would send peers and NICs to the wrong memory.
+    fn check_device_claim(&self, addr: u64, len: u64, requested: &Location) -> Result<()> {
+        let far = self.devices.iter().filter(|d| d.kind() != MemoryKind::Host && !d.capabilities().host_accessible);
+        for d in far {
+            let Some(actual) = d.classify(addr, len) else { continue };
+            let mismatch = match requested {
+                Location::Cpu(_) => true,
+                Location::Device(..) => *requested != actual,
+                Location::Detect | Location::Other(_) => false,
+            };
+            if mismatch {
+                return Err(Error::InvalidArgument(format!(
+                    "[{addr:#x}, +{len}) was registered at location {requested} but it is {} memory at {actual} \
+                     (pass location \"{actual}\" or \"*\")",
+                    d.name()
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// The non-host device that owns `[addr, addr+len)`, with the allocation to copy it through.
