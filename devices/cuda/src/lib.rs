@@ -1,0 +1,1 @@
+//! cuda GPU memory device for mooncake-rs (in progress).

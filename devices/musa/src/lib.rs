@@ -1,0 +1,1 @@
+//! musa GPU memory device for mooncake-rs (in progress).

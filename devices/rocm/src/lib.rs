@@ -1,0 +1,1 @@
+//! rocm GPU memory device for mooncake-rs (in progress).

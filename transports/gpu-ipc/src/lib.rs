@@ -1,0 +1,1 @@
+//! GPU IPC transports (in progress).
