@@ -125,7 +125,11 @@ impl RocmDevice {
 
     /// The device, sharing shareable allocations as `mode` says.
     pub fn with_sharing(mode: SharingMode) -> Result<Self> {
-        let hip = hip()?;
+        Self::with_runtime(hip()?, mode)
+    }
+
+    /// The device over a given runtime (the process-wide one, or a test's fake).
+    pub(crate) fn with_runtime(hip: &'static Hip, mode: SharingMode) -> Result<Self> {
         let count = hip.device_count()?;
         if count <= 0 {
             return Err(RocmError::NoDevice(format!("{} reports no GPU", hip.library())).into());
@@ -214,15 +218,19 @@ impl RocmDevice {
         })
     }
 
-    /// Checks that `[addr, addr+len)` is still live device memory on `ordinal` (memory this device does not
-    /// own can be freed behind its back).
-    fn recheck(&self, addr: u64, len: u64, ordinal: u32, op: &str) -> Result<()> {
+    /// Checks with `hipMemGetAddressRange` that `[addr, addr+len)` still lies in one live allocation, and for
+    /// memory this device does not own (`foreign`: it can be freed behind the device's back) also that
+    /// `hipPointerGetAttributes` still reports device memory on `ordinal`. Imported mappings skip the
+    /// attribute check: the runtime may report them on the importing GPU.
+    fn recheck(&self, addr: u64, len: u64, ordinal: u32, foreign: bool, op: &str) -> Result<()> {
         let gone = |why: String| {
             Error::NotFound(format!("{op}: [{addr:#x}, +{len}) is no longer live memory of hip:{ordinal} ({why})"))
         };
-        let a = self.hip.pointer_attributes(addr).map_err(|e| gone(e.to_string()))?;
-        if a.r#type != ffi::hipMemoryTypeDevice || a.device != ordinal as i32 {
-            return Err(gone(format!("the runtime reports memory type {} on device {}", a.r#type, a.device)));
+        if foreign {
+            let a = self.hip.pointer_attributes(addr).map_err(|e| gone(e.to_string()))?;
+            if a.r#type != ffi::hipMemoryTypeDevice || a.device != ordinal as i32 {
+                return Err(gone(format!("the runtime reports memory type {} on device {}", a.r#type, a.device)));
+            }
         }
         let (base, size) = self.hip.address_range(addr).map_err(|e| gone(e.to_string()))?;
         if addr < base || addr.saturating_add(len) > base.saturating_add(size) {
@@ -237,7 +245,7 @@ impl RocmDevice {
         if allocation.token != 0 {
             let e = self.records.get(allocation, op)?;
             if e.origin == Origin::Imported {
-                self.recheck(e.addr, e.len, e.ordinal, op)?;
+                self.recheck(e.addr, e.len, e.ordinal, false, op)?;
             }
             return Ok(Side { addr: e.addr, ordinal: e.ordinal as i32, _keep: Some(e) });
         }
@@ -250,7 +258,7 @@ impl RocmDevice {
                 )));
             }
         };
-        self.recheck(allocation.addr, allocation.len, ordinal, op)?;
+        self.recheck(allocation.addr, allocation.len, ordinal, true, op)?;
         Ok(Side { addr: allocation.addr, ordinal: ordinal as i32, _keep: None })
     }
 
@@ -261,7 +269,9 @@ impl RocmDevice {
 
     /// `hipMemCreate` memory exportable as a POSIX fd, reserved, mapped and made accessible.
     fn allocate_vmm(&self, ordinal: i32, len: usize, alignment: usize) -> Result<(u64, Memory)> {
-        let prop = ffi::hipMemAllocationProp::pinned_posix_fd(ordinal);
+        let mut prop = ffi::hipMemAllocationProp::pinned_posix_fd(ordinal);
+        // As upstream: NICs may register it for GPUDirect RDMA.
+        prop.allocFlags.gpuDirectRDMACapable = 1;
         let granularity = self.granularity(&prop)?;
         let size = round_up(len, granularity)?;
         let handle = self.hip.mem_create(size, &prop)?;
@@ -585,6 +595,256 @@ mod tests {
                     other => panic!("expected Unavailable, got {other:?}"),
                 }
             }
+        }
+    }
+
+    mod with_a_fake_runtime {
+        use super::*;
+        use crate::fake;
+
+        fn device(mode: SharingMode) -> RocmDevice {
+            RocmDevice::with_runtime(fake::runtime(70_100_000), mode).unwrap()
+        }
+
+        fn on(n: u32) -> AllocOptions {
+            AllocOptions { location: Location::Device(MemoryKind::Rocm, n), ..Default::default() }
+        }
+
+        #[test]
+        fn allocate_classify_copy_and_free() {
+            let dev = device(SharingMode::Ipc);
+            assert_eq!(dev.device_count(), 2);
+            assert!(dev.supports_vmm(1) && !dev.supports_vmm(2));
+            assert_eq!(dev.capabilities().device_count, 2);
+            let a = dev.allocate(10_000, &on(1)).unwrap();
+            assert_eq!(a.location.to_string(), "hip:1");
+            assert!(fake::is_device_memory(a.addr));
+            assert_eq!(dev.classify(a.addr + 10, 100), Some(a.location.clone()));
+            assert_eq!(dev.classify(a.addr, a.len + 1), None, "runs past the allocation");
+            assert_eq!(dev.allocation_of(a.addr + 9_999, 1), Some(a.clone()));
+            let host = [0u8; 64];
+            assert_eq!(dev.classify(host.as_ptr() as u64, 64), None);
+            assert_eq!(dev.allocation_of(host.as_ptr() as u64, 64), None);
+
+            dev.copy_from_host(b"hello gpu", &a, 5000).unwrap();
+            let mut out = [0u8; 9];
+            dev.copy_to_host(&a, 5000, &mut out).unwrap();
+            assert_eq!(&out, b"hello gpu");
+            assert!(matches!(dev.copy_to_host(&a, 9_995, &mut out), Err(Error::AddressNotRegistered { .. })));
+            assert!(matches!(dev.copy_from_host(&out, &a, u64::MAX), Err(Error::AddressNotRegistered { .. })));
+            dev.copy_to_host(&a, a.len, &mut []).unwrap();
+
+            dev.free(&a).unwrap();
+            assert!(!fake::is_device_memory(a.addr), "hipFree ran");
+            assert!(matches!(dev.free(&a), Err(Error::NotFound(_))), "double free");
+            assert!(matches!(dev.copy_to_host(&a, 0, &mut out), Err(Error::NotFound(_))));
+            assert_eq!(dev.live_allocations(), 0);
+        }
+
+        #[test]
+        fn the_callers_current_device_is_restored() {
+            let dev = device(SharingMode::Ipc);
+            let hip = fake::runtime(70_100_000);
+            hip.set_device(1).unwrap();
+            let a = dev.allocate(4096, &on(0)).unwrap();
+            assert_eq!(a.location, Location::Device(MemoryKind::Rocm, 0));
+            dev.copy_from_host(&[1; 16], &a, 0).unwrap();
+            assert_eq!(fake::current_device(), 1, "allocation and copies leave the thread on its device");
+            let d = dev.allocate(4096, &AllocOptions::default()).unwrap();
+            assert_eq!(d.location, Location::Device(MemoryKind::Rocm, 1), "* means the current device");
+            dev.free(&a).unwrap();
+            dev.free(&d).unwrap();
+            assert_eq!(fake::current_device(), 1);
+            hip.set_device(0).unwrap();
+        }
+
+        #[test]
+        fn bad_ordinals_locations_and_sizes() {
+            let dev = device(SharingMode::Ipc);
+            assert!(matches!(dev.allocate(4096, &on(2)), Err(Error::DeviceNotFound(_))));
+            let cpu = AllocOptions { location: Location::Cpu(Some(0)), ..Default::default() };
+            assert!(matches!(dev.allocate(4096, &cpu), Err(Error::InvalidArgument(_))));
+            let cuda = AllocOptions { location: Location::Device(MemoryKind::Cuda, 0), ..Default::default() };
+            assert!(matches!(dev.allocate(4096, &cuda), Err(Error::InvalidArgument(_))));
+            assert!(matches!(dev.allocate(0, &on(0)), Err(Error::InvalidArgument(_))));
+            assert!(matches!(
+                dev.allocate(64, &AllocOptions { alignment: 48, ..on(0) }),
+                Err(Error::InvalidArgument(_))
+            ));
+            // Page-aligned hipMalloc memory cannot promise 1 GiB alignment: refused, and given back.
+            let huge_align = AllocOptions { alignment: 1 << 30, ..on(0) };
+            assert!(matches!(dev.allocate(4096, &huge_align), Err(Error::InvalidArgument(_))));
+            assert_eq!(dev.live_allocations(), 0);
+            assert_eq!(dev.pci_address(&Location::Device(MemoryKind::Rocm, 1)).as_deref(), Some("0000:c1:00.0"));
+            assert_eq!(dev.pci_address(&Location::Device(MemoryKind::Rocm, 2)), None);
+            assert_eq!(dev.pci_address(&Location::Device(MemoryKind::Cuda, 0)), None);
+        }
+
+        #[test]
+        fn copy_between_one_gpu_and_two() {
+            let dev = device(SharingMode::Ipc);
+            let a = dev.allocate(8192, &on(0)).unwrap();
+            let b = dev.allocate(8192, &on(0)).unwrap();
+            let c = dev.allocate(8192, &on(1)).unwrap();
+            let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+            dev.copy_from_host(&data, &a, 0).unwrap();
+            dev.copy_between(&a, 100, &b, 0, 8000).unwrap();
+            dev.copy_between(&b, 0, &c, 192, 8000).unwrap(); // hipMemcpyPeer
+            let mut out = vec![0u8; 8000];
+            dev.copy_to_host(&c, 192, &mut out).unwrap();
+            assert_eq!(out, data[100..8100]);
+            assert!(matches!(dev.copy_between(&a, 0, &a, 100, 200), Err(Error::InvalidArgument(_))), "overlap");
+            dev.copy_between(&a, 0, &a, 4096, 4096).unwrap();
+            assert!(matches!(dev.copy_between(&a, 1, &b, 0, 8192), Err(Error::AddressNotRegistered { .. })));
+            dev.copy_between(&a, 0, &b, 0, 0).unwrap();
+            for x in [a, b, c.clone()] {
+                dev.free(&x).unwrap();
+            }
+            assert!(matches!(dev.copy_between(&c, 0, &c, 4096, 1), Err(Error::NotFound(_))));
+        }
+
+        #[test]
+        fn foreign_memory_is_rechecked_before_each_copy() {
+            let owner = device(SharingMode::Ipc);
+            let other = device(SharingMode::Ipc);
+            let a = owner.allocate(4096, &on(1)).unwrap();
+            owner.copy_from_host(b"theirs", &a, 10).unwrap();
+            let f = other.allocation_of(a.addr + 10, 6).unwrap();
+            assert_eq!((f.addr, f.len, f.token), (a.addr, a.len, 0));
+            assert_eq!(f.location, Location::Device(MemoryKind::Rocm, 1));
+            assert_eq!(other.classify(a.addr, 4096), Some(f.location.clone()));
+            let mut out = [0u8; 6];
+            other.copy_to_host(&f, 10, &mut out).unwrap();
+            assert_eq!(&out, b"theirs");
+            assert!(matches!(other.free(&f), Err(Error::NotFound(_))));
+            assert!(matches!(other.hold(&f), Err(Error::Unsupported { .. })));
+            let wrong_gpu = Allocation { location: Location::Device(MemoryKind::Rocm, 0), ..f.clone() };
+            assert!(matches!(other.copy_to_host(&wrong_gpu, 0, &mut out), Err(Error::NotFound(_))));
+            owner.free(&a).unwrap();
+            let err = other.copy_to_host(&f, 10, &mut out).unwrap_err();
+            assert!(matches!(err, Error::NotFound(_)), "{err}");
+            assert!(err.to_string().contains("no longer live"), "{err}");
+            // A HIP call that fails leaves no sticky error behind for the application to trip over.
+            let hip = fake::runtime(70_100_000);
+            assert!(matches!(hip.address_range(a.addr), Err(RocmError::Hip { code: ffi::hipErrorNotFound, .. })));
+            assert_eq!(fake::last_error(), 0, "the failed call's sticky error was cleared");
+            assert!(matches!(other.copy_from_host(b"x", &f, 0), Err(Error::NotFound(_))));
+            assert!(matches!(other.export_handle(&f), Err(Error::NotFound(_))));
+            assert_eq!(other.allocation_of(a.addr, 1), None);
+        }
+
+        #[test]
+        fn a_hold_defers_the_free() {
+            let dev = device(SharingMode::Ipc);
+            let a = dev.allocate(4096, &on(0)).unwrap();
+            let held = dev.hold(&a).unwrap();
+            assert_eq!((held.addr(), held.len()), (a.addr, a.len));
+            dev.free(&a).unwrap();
+            assert_eq!(dev.live_allocations(), 0);
+            assert!(fake::is_device_memory(a.addr), "still allocated while held");
+            assert!(matches!(dev.hold(&a), Err(Error::NotFound(_))));
+            drop(held);
+            assert!(!fake::is_device_memory(a.addr), "freed when the hold ends");
+        }
+
+        #[test]
+        fn dropping_the_device_frees_what_it_holds() {
+            let dev = device(SharingMode::PosixFd);
+            let a = dev.allocate(4096, &on(0)).unwrap();
+            let v = dev.allocate(4096, &AllocOptions { shareable: true, ..on(0) }).unwrap();
+            drop(dev);
+            assert!(!fake::is_device_memory(a.addr) && !fake::is_device_memory(v.addr) && !fake::is_reserved(v.addr));
+        }
+
+        #[test]
+        fn ipc_export_and_import() {
+            let exporter = device(SharingMode::Ipc);
+            let importer = device(SharingMode::Ipc);
+            let a = exporter.allocate(100_000, &AllocOptions { shareable: true, ..on(1) }).unwrap();
+            exporter.copy_from_host(b"shared", &a, 0).unwrap();
+            let h = exporter.export_handle(&a).unwrap();
+            assert_eq!((h.kind.as_str(), h.data.len(), h.len), (HIP_IPC_HANDLE_KIND, 64, a.len));
+            assert!(h.fd.is_none());
+            let b = importer.import_handle(&h).unwrap();
+            assert_eq!(fake::ipc_opens(a.addr), 1);
+            assert_eq!(b.location, Location::Device(MemoryKind::Rocm, 1));
+            let mut out = [0u8; 6];
+            importer.copy_to_host(&b, 0, &mut out).unwrap();
+            assert_eq!(&out, b"shared");
+            assert!(matches!(importer.export_handle(&b), Err(Error::Unsupported { .. })), "no re-export");
+            importer.free(&b).unwrap();
+            assert_eq!(fake::ipc_opens(a.addr), 0, "free of an import closes it");
+            // Claiming more than the exporter's allocation: refused, and the mapping closed again.
+            let too_long = SharingHandle { len: a.len + 1, ..h.clone() };
+            assert!(matches!(importer.import_handle(&too_long), Err(Error::InvalidArgument(_))));
+            assert_eq!(fake::ipc_opens(a.addr), 0);
+            exporter.free(&a).unwrap();
+            // A handle of freed memory: the runtime's error, typed.
+            assert!(matches!(importer.import_handle(&h), Err(Error::InvalidArgument(_))));
+            let junk = SharingHandle { data: vec![9; 64], ..h };
+            assert!(importer.import_handle(&junk).is_err());
+        }
+
+        fn posix_fd_round_trip(version: i32) {
+            let exporter = RocmDevice::with_runtime(fake::runtime(version), SharingMode::PosixFd).unwrap();
+            let importer = RocmDevice::with_runtime(fake::runtime(version), SharingMode::Ipc).unwrap();
+            let a = exporter.allocate(100_000, &AllocOptions { shareable: true, ..on(0) }).unwrap();
+            assert_eq!(a.len, 100_000, "the usable length is what was asked");
+            let h = exporter.export_handle(&a).unwrap();
+            assert_eq!((h.kind.as_str(), h.data.len(), h.len), (HIP_POSIX_FD_HANDLE_KIND, 0, a.len));
+            let b = importer.import_handle(&h).unwrap();
+            assert_ne!(a.addr, b.addr, "a second mapping of the same memory");
+            exporter.copy_from_host(b"through the fd", &a, 99_000).unwrap();
+            let mut out = [0u8; 14];
+            importer.copy_to_host(&b, 99_000, &mut out).unwrap();
+            assert_eq!(&out, b"through the fd");
+            importer.copy_between(&b, 99_000, &b, 0, 14).unwrap();
+            exporter.copy_to_host(&a, 0, &mut out).unwrap();
+            assert_eq!(&out, b"through the fd", "writes through the import reach the exporter");
+            importer.free(&b).unwrap();
+            assert!(!fake::is_device_memory(b.addr) && !fake::is_reserved(b.addr), "import unmapped");
+            exporter.copy_to_host(&a, 0, &mut out).unwrap();
+            exporter.free(&a).unwrap();
+            assert!(!fake::is_device_memory(a.addr) && !fake::is_reserved(a.addr), "unmapped, reservation freed");
+            let no_fd = SharingHandle { fd: None, ..h };
+            assert!(matches!(importer.import_handle(&no_fd), Err(Error::InvalidArgument(_))));
+        }
+
+        #[test]
+        fn posix_fd_export_and_import_rocm_7_1() {
+            posix_fd_round_trip(70_100_000);
+        }
+
+        #[test]
+        fn posix_fd_export_and_import_before_rocm_7_1() {
+            posix_fd_round_trip(60_400_000);
+        }
+
+        #[test]
+        fn sharing_mode_decides_what_shareable_memory_is() {
+            let ipc = device(SharingMode::Ipc);
+            let a = ipc.allocate(4096, &AllocOptions { shareable: true, ..on(0) }).unwrap();
+            assert_eq!(ipc.export_handle(&a).unwrap().kind, HIP_IPC_HANDLE_KIND);
+            let fd = device(SharingMode::PosixFd);
+            let b = fd.allocate(4096, &AllocOptions { shareable: true, ..on(0) }).unwrap();
+            assert_eq!(fd.export_handle(&b).unwrap().kind, HIP_POSIX_FD_HANDLE_KIND);
+            assert!(fake::is_reserved(b.addr), "VMM memory");
+            let c = fd.allocate(4096, &on(0)).unwrap();
+            assert_eq!(fd.export_handle(&c).unwrap().kind, HIP_IPC_HANDLE_KIND, "not shareable: hipMalloc");
+            // VMM memory honours large alignments through its reservation.
+            let d = fd.allocate(4096, &AllocOptions { shareable: true, alignment: 1 << 20, ..on(1) }).unwrap();
+            assert_eq!(d.addr % (1 << 20), 0);
+            ipc.free(&a).unwrap();
+            for x in [b, c, d] {
+                fd.free(&x).unwrap();
+            }
+        }
+
+        #[test]
+        fn unsupported_handle_kinds_are_refused() {
+            let dev = device(SharingMode::Ipc);
+            let h = SharingHandle { kind: "cuda_ipc".into(), data: vec![0; 64], fd: None, len: 4096 };
+            assert!(matches!(dev.import_handle(&h), Err(Error::Unsupported { .. })));
         }
     }
 

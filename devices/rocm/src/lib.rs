@@ -4,7 +4,7 @@
 //! `hip:N` (`hipPointerGetAttributes`, checked against `hipMemGetAddressRange`), allocates with `hipMalloc`
 //! (or, for shareable memory with `MC_USE_HIP_IPC=0` on GPUs with virtual memory management, with
 //! `hipMemCreate` + reserve/map/set-access), copies between GPU and host memory with `hipMemcpy` and
-//! between GPUs with `hipMemcpy`/`hipMemcpyPeer` ([`MemoryDevice::copy_between`], for the GPU IPC
+//! between GPUs with `hipMemcpy`/`hipMemcpyPeer` ([`mooncake_core::MemoryDevice::copy_between`], for the GPU IPC
 //! transport), and shares memory with other processes as [`HIP_IPC_HANDLE_KIND`] handles (the 64 bytes of a
 //! `hipIpcMemHandle_t`) or [`HIP_POSIX_FD_HANDLE_KIND`] handles (a VMM allocation's POSIX file descriptor).
 //! [`num_streams`] reads `MC_HIP_NUM_STREAMS` for the transport.
@@ -24,7 +24,11 @@
 //! Everything that does not need a GPU runs in `cargo test` on any machine: the loader's typed errors
 //! (missing library, a library without the HIP symbols), the struct layouts and enum values against the
 //! header, handle validation, the environment parsing, and the allocation records (double free, stale
-//! tokens, deferred release by holds). The tests in `tests/gpu.rs` (allocate, classify, copies,
+//! tokens, deferred release by holds). The device itself also runs there against a fake HIP runtime
+//! (`src/fake.rs`: host memory tracked like device memory, VMM as memfd mappings) that checks pointers and
+//! arguments as HIP's contract says: allocation, classification, copies, `copy_between`, holds, foreign
+//! memory freed behind the device, IPC and file-descriptor export/import (both ways of passing the fd),
+//! restoring the caller's current device, clearing HIP's sticky error. The tests in `tests/gpu.rs` (allocate, classify, copies,
 //! `copy_between`, export and import in a child process, freed-buffer and bad-ordinal errors) return early
 //! with `no AMD GPU: skipped` without a GPU. **This crate has not been run on AMD hardware yet**: the GPU
 //! paths are written against ROCm 6/7's documented API but unverified.
@@ -50,6 +54,8 @@
 mod device;
 mod env;
 mod error;
+#[cfg(test)]
+mod fake;
 pub mod ffi;
 mod handle;
 mod records;
