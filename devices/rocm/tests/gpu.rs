@@ -14,7 +14,8 @@ use mooncake_device_rocm::{
     HIP_IPC_HANDLE_KIND, HIP_POSIX_FD_HANDLE_KIND, RocmDevice, SharingMode, probe, validate_handle,
 };
 
-/// Set in a child process: `kind;len;hex data;fd` of the handle to import.
+/// Set in a child process: `kind;len;hex data;fd;expect` of the handle to import (`expect`: `live`, or
+/// `gone` for a handle of memory the parent has freed).
 const CHILD_ENV: &str = "MC_ROCM_TEST_CHILD";
 
 fn gpu(mode: SharingMode) -> Option<RocmDevice> {
@@ -143,8 +144,8 @@ fn a_hold_outlives_free() {
     drop(held);
 }
 
-/// Runs this test again in a child process, importing `handle` there.
-fn run_child(test: &str, handle: &SharingHandle) {
+/// Runs this test again in a child process, importing `handle` there (`expect`: `live` or `gone`).
+fn run_child(test: &str, handle: &SharingHandle, expect: &str) {
     let hex: String = handle.data.iter().map(|b| format!("{b:02x}")).collect();
     let fd = match &handle.fd {
         Some(fd) => {
@@ -156,7 +157,7 @@ fn run_child(test: &str, handle: &SharingHandle) {
         }
         None => -1,
     };
-    let spec = format!("{};{};{hex};{fd}", handle.kind, handle.len);
+    let spec = format!("{};{};{hex};{fd};{expect}", handle.kind, handle.len);
     let out = Command::new(std::env::current_exe().unwrap())
         .args([test, "--exact", "--nocapture", "--test-threads=1"])
         .env(CHILD_ENV, spec)
@@ -164,13 +165,13 @@ fn run_child(test: &str, handle: &SharingHandle) {
         .unwrap();
     let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "child failed:\n{log}");
-    assert!(log.contains("child imported"), "the child did not run the import:\n{log}");
+    assert!(log.contains(&format!("child done: {expect}")), "the child did not run the import:\n{log}");
 }
 
 /// The child's side: import, check the parent's bytes, write new ones, unmap.
 fn child(spec: &str) {
     let parts: Vec<&str> = spec.split(';').collect();
-    let [kind, len, hex, fd] = parts[..] else { panic!("bad {CHILD_ENV}: {spec}") };
+    let [kind, len, hex, fd, expect] = parts[..] else { panic!("bad {CHILD_ENV}: {spec}") };
     let data: Vec<u8> = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
     let fd: i32 = fd.parse().unwrap();
     let fd = (fd >= 0).then(|| {
@@ -181,6 +182,11 @@ fn child(spec: &str) {
     let handle = SharingHandle { kind: kind.into(), data, fd, len: len.parse().unwrap() };
     validate_handle(&handle).unwrap();
     let dev = RocmDevice::new().unwrap();
+    if expect == "gone" {
+        let err = dev.import_handle(&handle).expect_err("the memory behind the handle was freed");
+        println!("child done: gone ({err})");
+        return;
+    }
     let a = dev.import_handle(&handle).unwrap();
     assert_eq!(a.len, handle.len);
     assert_eq!(dev.classify(a.addr, a.len), Some(a.location.clone()));
@@ -190,7 +196,7 @@ fn child(spec: &str) {
     dev.copy_from_host(&pattern(4096, 2), &a, 0).unwrap();
     assert!(matches!(dev.export_handle(&a), Err(Error::Unsupported { .. })), "no re-export");
     dev.free(&a).unwrap();
-    println!("child imported {kind} at {:#x}", a.addr);
+    println!("child done: live ({kind} at {:#x})", a.addr);
 }
 
 fn share_with_a_child(test: &str, dev: &RocmDevice, a: &Allocation, kind: &str) {
@@ -199,7 +205,7 @@ fn share_with_a_child(test: &str, dev: &RocmDevice, a: &Allocation, kind: &str) 
     assert_eq!(handle.kind, kind);
     assert_eq!(handle.len, a.len);
     validate_handle(&handle).unwrap();
-    run_child(test, &handle);
+    run_child(test, &handle, "live");
     let mut got = vec![0u8; 4096];
     dev.copy_to_host(a, 0, &mut got).unwrap();
     assert_eq!(got, pattern(4096, 2), "the parent sees the child's bytes");
@@ -213,11 +219,11 @@ fn ipc_handles_cross_processes() {
     let Some(dev) = gpu(SharingMode::Ipc) else { return };
     let a = dev.allocate(2 << 20, &AllocOptions { shareable: true, ..on(0) }).unwrap();
     share_with_a_child("ipc_handles_cross_processes", &dev, &a, HIP_IPC_HANDLE_KIND);
-    assert_eq!(dev.export_handle(&a).unwrap().data.len(), 64);
+    let stale = dev.export_handle(&a).unwrap();
+    assert_eq!(stale.data.len(), 64);
     dev.free(&a).unwrap();
-    // A handle of freed memory fails to import with a typed error, not a crash.
-    let stale = SharingHandle { kind: HIP_IPC_HANDLE_KIND.into(), data: vec![0xab; 64], fd: None, len: 4096 };
-    assert!(dev.import_handle(&stale).is_err());
+    // A handle of freed memory fails to import with an error, not a crash.
+    run_child("ipc_handles_cross_processes", &stale, "gone");
 }
 
 #[test]
