@@ -291,18 +291,29 @@ impl CudaDevice {
     }
 
     /// What the driver says about a device address: its pointer info and enclosing allocation,
-    /// `None` when it is not plain device memory (host, registered host, managed, unknown).
-    fn lookup(&self, addr: u64) -> Option<(PointerInfo, u64, u64)> {
+    /// `None` when it is not plain device memory (host, registered host, managed, unknown). The
+    /// range is asked in the memory's device's context, then in `ctx` (the context an import was
+    /// opened in), then in the thread's preferred one.
+    fn lookup(&self, addr: u64, ctx: Option<u32>) -> Option<(PointerInfo, u64, u64)> {
         let info = {
-            let _c = self.driver.enter_any().ok()?;
+            let _c = self.driver.enter(ctx.unwrap_or_else(|| self.driver.preferred_device())).ok()?;
             self.driver.pointer_info(addr).ok()?
         };
         if info.memory_type != MEMORYTYPE_DEVICE || info.managed || info.ordinal >= self.driver.device_count() {
             return None;
         }
-        let _c = self.driver.enter(info.ordinal).ok()?;
-        let (base, size) = self.driver.address_range(addr).ok()?;
-        Some((info, base, size))
+        let mut tried = Vec::with_capacity(3);
+        for c in [Some(info.ordinal), ctx, Some(self.driver.preferred_device())].into_iter().flatten() {
+            if tried.contains(&c) {
+                continue;
+            }
+            tried.push(c);
+            let Ok(_c) = self.driver.enter(c) else { continue };
+            if let Ok((base, size)) = self.driver.address_range(addr) {
+                return Some((info, base, size));
+            }
+        }
+        None
     }
 
     /// The memory an allocation names, checked: own and imported ones against the records (and
@@ -311,11 +322,11 @@ impl CudaDevice {
         if allocation.token != 0 {
             let e = self.records.get(allocation, op)?;
             if e.kind.is_imported() {
-                self.check_alive(e.addr, e.len, op)?;
+                self.check_alive(e.addr, e.len, e.ctx_ordinal, op)?;
             }
             return Ok(Target { addr: e.addr, ctx: e.ctx_ordinal, kind: Some(e.kind), _hold: Some(e) });
         }
-        match self.lookup(allocation.addr) {
+        match self.lookup(allocation.addr, None) {
             Some((info, base, size)) if base == allocation.addr && size == allocation.len => {
                 Ok(Target { addr: base, ctx: info.ordinal, kind: None, _hold: None })
             }
@@ -332,8 +343,8 @@ impl CudaDevice {
     }
 
     /// Checks with the driver that `[addr, addr+len)` is still mapped device memory.
-    fn check_alive(&self, addr: u64, len: u64, op: &str) -> Result<()> {
-        match self.lookup(addr) {
+    fn check_alive(&self, addr: u64, len: u64, ctx: u32, op: &str) -> Result<()> {
+        match self.lookup(addr, Some(ctx)) {
             Some((_, base, size)) if base <= addr && addr + len <= base + size => Ok(()),
             _ => Err(Error::NotFound(format!(
                 "{op}: imported CUDA memory [{addr:#x}, +{len}) is no longer mapped (its exporter freed it or exited)"
@@ -369,8 +380,12 @@ impl CudaDevice {
             Err(e) => return Err(e.into()),
         };
         let peers = self.peers_of(ordinal);
-        let ptr = self.map_handle(handle, size, align.max(granularity), &peers)?;
+        let (ptr, granted) = self.map_handle(handle, size, align.max(granularity), &peers)?;
         let memory = Memory::Mapped { ptr, size, ctx: ordinal };
+        if granted.first() != Some(&ordinal) {
+            drop(memory);
+            return Err(Error::unavailable(format!("cuMemSetAccess refused cuda:{ordinal} access to its own memory")));
+        }
         self.records.insert(ptr, len, ordinal, ordinal, AllocationKind::Vmm { fabric }, memory)
     }
 
@@ -381,9 +396,16 @@ impl CudaDevice {
         v
     }
 
-    /// Reserves address space, maps `handle` there and grants access to `access` (at least the
-    /// first device must succeed). Always consumes (releases) `handle`; a context must be current.
-    fn map_handle(&self, handle: u64, size: u64, align: u64, access: &[u32]) -> std::result::Result<u64, CudaError> {
+    /// Reserves address space, maps `handle` there and grants read-write access to the devices of
+    /// `access` that can have it (at least one must). Returns the address and the devices granted,
+    /// in `access` order. Always consumes (releases) `handle`; a context must be current.
+    fn map_handle(
+        &self,
+        handle: u64,
+        size: u64,
+        align: u64,
+        access: &[u32],
+    ) -> std::result::Result<(u64, Vec<u32>), CudaError> {
         let release = |h| {
             if let Err(e) = self.driver.mem_release(h) {
                 tracing::warn!(error = %e, "cuMemRelease failed");
@@ -410,44 +432,55 @@ impl CudaDevice {
         // The mapping holds its own reference to the physical memory.
         release(handle);
         let granted = match self.driver.set_access(ptr, size, access) {
-            Ok(()) => Ok(()),
+            Ok(()) => Ok(access.to_vec()),
             Err(all) => {
-                // Grant what can be granted one device at a time; the first device is required.
-                let mut first = Err(all);
-                for (i, &d) in access.iter().enumerate() {
-                    let r = self.driver.set_access(ptr, size, &[d]);
-                    if i == 0 {
-                        first = r;
-                    } else if let Err(e) = r {
-                        tracing::debug!(error = %e, device = d, "no access from this device");
+                // Grant what can be granted one device at a time.
+                let mut granted = Vec::new();
+                for &d in access {
+                    match self.driver.set_access(ptr, size, &[d]) {
+                        Ok(()) => granted.push(d),
+                        Err(e) => tracing::debug!(error = %e, device = d, "no access from this device"),
                     }
                 }
-                first
+                if granted.is_empty() { Err(all) } else { Ok(granted) }
             }
         };
-        if let Err(e) = granted {
-            // SAFETY: just mapped by us, never handed out.
-            if let Err(u) = unsafe { self.driver.mem_unmap(ptr, size) } {
-                tracing::warn!(error = %u, "cuMemUnmap failed");
+        match granted {
+            Ok(g) => Ok((ptr, g)),
+            Err(e) => {
+                // SAFETY: just mapped by us, never handed out.
+                if let Err(u) = unsafe { self.driver.mem_unmap(ptr, size) } {
+                    tracing::warn!(error = %u, "cuMemUnmap failed");
+                }
+                undo(ptr);
+                Err(e)
             }
-            undo(ptr);
-            return Err(e);
         }
-        Ok(ptr)
     }
 
     /// Imports a checked handle, trying the contexts of `ordinals` in turn for legacy IPC handles.
     fn import_parsed(&self, parsed: &Parsed, len: u64, ordinals: &[u32]) -> Result<Allocation> {
+        let vmm = |ctx: u32| -> Result<()> {
+            match self.driver.device(ctx) {
+                Some(d) if d.vmm => Ok(()),
+                _ => Err(Error::unsupported(
+                    format!("import_handle of fd or fabric handles on cuda:{ctx} (no virtual memory management)"),
+                    DEVICE_NAME,
+                )),
+            }
+        };
         match parsed {
             Parsed::Ipc(bytes) => self.import_ipc(bytes, len, ordinals),
             Parsed::Fabric(bytes) => {
                 let ctx = ordinals.first().copied().unwrap_or(0);
+                vmm(ctx)?;
                 let _c = self.driver.enter(ctx)?;
                 let h = self.driver.import_fabric(bytes)?;
                 self.import_vmm(h, len, ctx, true)
             }
             Parsed::PosixFd(fd) => {
                 let ctx = ordinals.first().copied().unwrap_or(0);
+                vmm(ctx)?;
                 let _c = self.driver.enter(ctx)?;
                 let h = self.driver.import_fd(*fd)?;
                 self.import_vmm(h, len, ctx, false)
@@ -513,10 +546,11 @@ impl CudaDevice {
             Some(o) => std::iter::once(o).chain((0..count).filter(|d| *d != o)).collect(),
             None => std::iter::once(ctx).chain((0..count).filter(|d| *d != ctx)).collect(),
         };
-        let ptr = self.map_handle(handle, size, granularity, &access)?;
-        let ordinal = owner.unwrap_or(access[0]);
-        let memory = Memory::Mapped { ptr, size, ctx: access[0] };
-        self.records.insert(ptr, len, ordinal, access[0], AllocationKind::ImportedVmm, memory)
+        let (ptr, granted) = self.map_handle(handle, size, granularity, &access)?;
+        // Copies run in the owner's context when it was granted access, else the first that was.
+        let ctx = owner.filter(|o| granted.contains(o)).unwrap_or(granted[0]);
+        let memory = Memory::Mapped { ptr, size, ctx };
+        self.records.insert(ptr, len, owner.unwrap_or(ctx), ctx, AllocationKind::ImportedVmm, memory)
     }
 
     /// Device to host through a lane: direct for small or pinned destinations, staged otherwise.
@@ -592,7 +626,7 @@ impl MemoryDevice for CudaDevice {
         if let Some(e) = self.records.containing(addr, len) {
             return Some(Location::Device(MemoryKind::Cuda, e.ordinal));
         }
-        let (info, base, size) = self.lookup(addr)?;
+        let (info, base, size) = self.lookup(addr, None)?;
         let end = addr.checked_add(len)?;
         (end <= base + size).then_some(Location::Device(MemoryKind::Cuda, info.ordinal))
     }
@@ -640,7 +674,7 @@ impl MemoryDevice for CudaDevice {
         if let Some(e) = self.records.containing(addr, len) {
             return Some(e.allocation());
         }
-        let (info, base, size) = self.lookup(addr)?;
+        let (info, base, size) = self.lookup(addr, None)?;
         let end = addr.checked_add(len)?;
         (end <= base + size).then_some(Allocation {
             addr: base,
@@ -769,7 +803,7 @@ impl MemoryDevice for CudaDevice {
         if len == 0 {
             return Err(Error::InvalidArgument("export_dmabuf of zero bytes".into()));
         }
-        let (info, base, size) = self.lookup(addr).ok_or_else(|| Error::AddressNotRegistered {
+        let (info, base, size) = self.lookup(addr, None).ok_or_else(|| Error::AddressNotRegistered {
             addr,
             len,
             context: "export_dmabuf: not CUDA device memory".into(),

@@ -36,6 +36,7 @@ const REQUIRED_SYMBOLS: &[&str] = &[
     "cuDeviceGetPCIBusId",
     "cuDeviceCanAccessPeer",
     "cuDevicePrimaryCtxRetain",
+    "cuDevicePrimaryCtxGetState",
     "cuCtxGetCurrent",
     "cuCtxSetCurrent",
     "cuCtxGetDevice",
@@ -396,10 +397,24 @@ impl Driver {
         self.devices.iter().position(|d| d.dev == dev).map(|i| i as u32)
     }
 
-    /// Some context for queries that work in any context (pointer attributes, address ranges): the
-    /// thread's current one if it is a primary context of ours, else device 0's.
-    pub(crate) fn enter_any(&self) -> Result<Current, CudaError> {
-        self.enter(self.current_device().unwrap_or(0))
+    /// The device whose context serves queries that work in any context (pointer attributes): the
+    /// thread's current device, else one this process already uses (retained here or active
+    /// elsewhere, e.g. by PyTorch), else device 0. So no context is created on a GPU the process
+    /// does not use when it uses another one.
+    pub(crate) fn preferred_device(&self) -> u32 {
+        if let Some(d) = self.current_device() {
+            return d;
+        }
+        if let Some(i) = self.devices.iter().position(|d| d.ctx.get().is_some_and(|c| c.is_ok())) {
+            return i as u32;
+        }
+        let active = self.devices.iter().position(|d| {
+            let (mut flags, mut active): (c_uint, c_int) = (0, 0);
+            // SAFETY: `dev` came from cuDeviceGet; both are valid out-pointers; this creates nothing.
+            let r = unsafe { sys::cuDevicePrimaryCtxGetState(d.dev, &mut flags, &mut active) };
+            r == sys::CUresult::CUDA_SUCCESS && active != 0
+        });
+        active.unwrap_or(0) as u32
     }
 
     /// Whether device `a` can map memory of device `b`.
