@@ -21,6 +21,16 @@
 //! - describes topology ([`topology`]): recorded `nvidia-smi topo -m` output, NVML, and the NICs
 //!   nearest each GPU from sysfs.
 //!
+//! # Limits
+//! - dmabuf export needs a CUDA 11.7 driver (`cuMemGetHandleForAddressRange` appeared there) and
+//!   `CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED`; older drivers still work, with
+//!   [`DeviceInfo::dmabuf`] false and `export_dmabuf` returning `Unsupported`.
+//! - Memory allocated by others is checked with the driver before each use, but can still be freed
+//!   by its owner while a copy runs; the copy then fails in the driver (or, if the address was
+//!   reused at once, touches the new allocation), as with any raw pointer.
+//! - The bindings are cudarc's for CUDA 12.8: a `CUresult` a newer driver adds is outside the Rust
+//!   enum they use.
+//!
 //! The crate registers itself in [`mooncake_core::registry`] as `cuda`; a final binary must
 //! reference it (for example by calling [`link`]) or the linker drops the registration.
 //!
