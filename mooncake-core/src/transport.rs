@@ -210,6 +210,12 @@ pub trait Transport: Send + Sync + 'static {
         true
     }
 
+    /// Whether this transport can reach the published buffer `buffer` of `target` (e.g. a GPU IPC transport
+    /// only buffers published with an IPC handle). The engine routes a request only to transports that can.
+    fn can_reach_buffer(&self, _target: &RemoteSegment, _buffer: &BufferDesc) -> bool {
+        true
+    }
+
     /// Establishes connections ahead of the first transfer (optional warm-up).
     async fn connect(&self, _target: &RemoteSegment) -> Result<()> {
         Ok(())

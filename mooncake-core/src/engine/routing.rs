@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{Inner, TransferEngine, spawn_on};
+use crate::descriptor::BufferDesc;
 use crate::error::{Error, Result};
 use crate::memory::LocalRange;
 use crate::sync;
@@ -123,12 +124,12 @@ impl Inner {
     /// Picks the transport for a request to `seg` by the target's protocols and the cost model.
     /// A transport that needs registered local memory ranks last when the local range is not
     /// registered, so another transport that can send from anywhere takes the request.
-    fn route(&self, seg: &RemoteSegment, local_registered: bool, length: u64) -> Result<usize> {
+    fn route(&self, seg: &RemoteSegment, buffer: &BufferDesc, local_registered: bool, length: u64) -> Result<usize> {
         let priority = &self.config.protocol_priority;
         let mut best: Option<(usize, (bool, usize, Duration, usize))> = None;
         for (i, t) in self.transports.iter().enumerate() {
             let Some(order) = seg.descriptor.protocol_rank(t.name()) else { continue };
-            if !t.can_reach(seg) {
+            if !t.can_reach(seg) || !t.can_reach_buffer(seg, buffer) {
                 continue;
             }
             let unmet = t.capabilities().requires_local_registration && !local_registered;
@@ -141,10 +142,12 @@ impl Inner {
         }
         best.map(|(i, _)| i).ok_or_else(|| {
             Error::unavailable(format!(
-                "segment {:?} offers {:?}; this engine has {:?} and none of them can reach it",
+                "segment {:?} offers {:?}; this engine has {:?} and none of them can reach its buffer at {:#x} ({})",
                 seg.name,
                 seg.descriptor.protocols(),
-                self.transports.iter().map(|t| t.name()).collect::<Vec<_>>()
+                self.transports.iter().map(|t| t.name()).collect::<Vec<_>>(),
+                buffer.addr,
+                buffer.name
             ))
         })
     }
@@ -171,7 +174,8 @@ impl Inner {
                 return Err(Error::InvalidArgument(format!("request {i}: address + length overflows")).into());
             }
             let (seg, fresh) = self.segments.get_with_freshness(r.target)?;
-            let inside = seg.descriptor.find_buffer(r.remote_addr, r.length).is_some();
+            let buffer = seg.descriptor.find_buffer(r.remote_addr, r.length);
+            let inside = buffer.is_some();
             if may_refresh && (!fresh || !inside) {
                 // The descriptor may be outdated (peer restarted or registered more memory).
                 if !refresh.contains(&r.target) {
@@ -179,16 +183,16 @@ impl Inner {
                 }
                 continue;
             }
-            if !inside {
+            let Some(buffer) = buffer else {
                 return Err(Error::AddressNotRegistered {
                     addr: r.remote_addr,
                     len: r.length,
                     context: format!("request {i}: not inside any buffer of segment {}", seg.name),
                 }
                 .into());
-            }
+            };
             let region = self.regions.lookup(r.local_addr, r.length);
-            let t = self.route(&seg, region.is_some(), r.length)?;
+            let t = self.route(&seg, buffer, region.is_some(), r.length)?;
             let caps = self.transports[t].capabilities();
             let unregistered = || Error::AddressNotRegistered {
                 addr: r.local_addr,
