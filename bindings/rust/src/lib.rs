@@ -2,7 +2,8 @@
 //!
 //! This facade re-exports [`mooncake_core`] (and [`raw`], the one crate that turns addresses into bytes, with
 //! [`HostBuffer`]: host memory a program registers without `unsafe`) and links the backends selected by cargo features
-//! (`tcp`, `shm` and `http` by default; `rdma`, `libfabric`, `efa`, `etcd`, `redis`, or `all`). Backends register themselves at link time; call
+//! (`tcp`, `shm` and `http` by default; `rdma`, `libfabric`, `efa`, `etcd`, `redis`, the GPU ones `cuda`, `nvlink`,
+//! `rocm`, `musa`, or `all`). Backends register themselves at link time; call
 //! [`link_all`] once from a final binary so the linker keeps every enabled one, then pick them by
 //! name at run time (`EngineConfig::with_protocols(["tcp"])`) or list them with [`backends`].
 //!
@@ -31,7 +32,13 @@ pub use mooncake_core::*;
 pub use mooncake_raw as raw;
 pub use mooncake_raw::HostBuffer;
 
+#[cfg(feature = "cuda")]
+pub use mooncake_device_cuda as device_cuda;
 pub use mooncake_device_host as device_host;
+#[cfg(feature = "musa")]
+pub use mooncake_device_musa as device_musa;
+#[cfg(feature = "rocm")]
+pub use mooncake_device_rocm as device_rocm;
 #[cfg(feature = "etcd")]
 pub use mooncake_metadata_etcd as metadata_etcd;
 #[cfg(feature = "http")]
@@ -39,6 +46,8 @@ pub use mooncake_metadata_http as metadata_http;
 pub use mooncake_metadata_p2p as metadata_p2p;
 #[cfg(feature = "redis")]
 pub use mooncake_metadata_redis as metadata_redis;
+#[cfg(any(feature = "nvlink", feature = "rocm", feature = "musa"))]
+pub use mooncake_transport_gpu_ipc as transport_gpu_ipc;
 #[cfg(any(feature = "libfabric", feature = "efa"))]
 pub use mooncake_transport_libfabric as transport_libfabric;
 #[cfg(feature = "rdma")]
@@ -66,6 +75,16 @@ pub const ENABLED_BACKENDS: &[(&str, &str)] = &[
     ("etcd", "etcd"),
     #[cfg(feature = "redis")]
     ("redis", "redis"),
+    #[cfg(feature = "cuda")]
+    ("cuda", "cuda"),
+    #[cfg(feature = "nvlink")]
+    ("nvlink", "nvlink"),
+    #[cfg(feature = "rocm")]
+    ("rocm", "rocm"),
+    #[cfg(feature = "rocm")]
+    ("rocm", "hip"),
+    #[cfg(feature = "musa")]
+    ("musa", "musa"),
 ];
 
 /// References every linked backend crate so the linker keeps their registrations.
@@ -87,6 +106,14 @@ pub fn link_all() {
     mooncake_metadata_etcd::link();
     #[cfg(feature = "redis")]
     mooncake_metadata_redis::link();
+    #[cfg(feature = "cuda")]
+    mooncake_device_cuda::link();
+    #[cfg(feature = "rocm")]
+    mooncake_device_rocm::link();
+    #[cfg(feature = "musa")]
+    mooncake_device_musa::link();
+    #[cfg(any(feature = "nvlink", feature = "rocm", feature = "musa"))]
+    mooncake_transport_gpu_ipc::link();
 }
 
 /// What is linked and whether it works here (probe results).
