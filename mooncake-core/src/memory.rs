@@ -377,6 +377,8 @@ pub struct LocalRange {
     len: u64,
     /// `None`: vouched for by the caller of an `unsafe` entry point ([`LocalRange::vouched`]).
     region: Option<RegionGuard>,
+    /// How a vouched range is reached: host memory, or device memory a linked device claimed.
+    vouched: Access,
 }
 
 impl LocalRange {
@@ -386,14 +388,14 @@ impl LocalRange {
         if len == 0 || !region.contains(addr, len) {
             return Err(Error::AddressNotRegistered { addr, len, context: context.to_string() });
         }
-        Ok(LocalRange { addr, len, region: Some(region) })
+        Ok(LocalRange { addr, len, region: Some(region), vouched: Access::Host })
     }
 
     /// `[addr, addr+len)` looked up in `table`: it must lie inside one registered region
     /// (`AddressNotRegistered`, naming `context`, otherwise).
     pub fn check(table: &RegionTable, addr: u64, len: u64, context: &str) -> Result<Self> {
         let region = table.check(addr, len, context)?;
-        Ok(LocalRange { addr, len, region: Some(region) })
+        Ok(LocalRange { addr, len, region: Some(region), vouched: Access::Host })
     }
 
     /// A range the caller vouches for, registered or not (upstream's TCP transport sends from and receives
@@ -413,7 +415,13 @@ impl LocalRange {
     /// [`LocalRange::vouched`] for the engine's `unsafe` entry points, whose contracts carry the same
     /// obligation (core declares `unsafe fn`s but contains no `unsafe` block).
     pub(crate) fn vouched_by_contract(addr: u64, len: u64) -> Self {
-        LocalRange { addr, len, region: None }
+        LocalRange { addr, len, region: None, vouched: Access::Host }
+    }
+
+    /// A vouched range that a linked device claims as its memory (an unregistered GPU buffer handed to the
+    /// Python binding's unchecked calls): transports move it through `owner`, never dereferencing it.
+    pub(crate) fn vouched_device_by_contract(addr: u64, len: u64, owner: DeviceMemory) -> Self {
+        LocalRange { addr, len, region: None, vouched: Access::Device(owner) }
     }
 
     /// Start address.
@@ -441,15 +449,20 @@ impl LocalRange {
         self.region.as_ref()
     }
 
-    /// How this process reaches the bytes (vouched ranges are host memory).
+    /// How this process reaches the bytes (vouched ranges are host memory unless a linked device claimed them).
     pub fn access(&self) -> &Access {
-        self.region.as_ref().map_or(&Access::Host, |r| r.access())
+        self.region.as_ref().map_or(&self.vouched, |r| r.access())
     }
 
     /// `len` bytes at `offset` into this range, with the same proof; `None` when they do not fit.
     pub fn sub(&self, offset: u64, len: u64) -> Option<LocalRange> {
         let end = offset.checked_add(len)?;
-        (end <= self.len).then(|| LocalRange { addr: self.addr + offset, len, region: self.region.clone() })
+        (end <= self.len).then(|| LocalRange {
+            addr: self.addr + offset,
+            len,
+            region: self.region.clone(),
+            vouched: self.vouched.clone(),
+        })
     }
 
     /// This range if it lies in registered memory, else a lookup in `table` (a transport that needs

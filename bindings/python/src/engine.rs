@@ -341,7 +341,10 @@ impl PyTransferEngine {
     /// unregistered buffers; a stray int must give an error code, not a segfault).
     fn check_local_ranges(engine: &TransferEngine, locals: &[u64], lens: &[u64]) -> mooncake::Result<()> {
         for (&addr, &len) in locals.iter().zip(lens) {
-            if engine.regions().lookup(addr, len).is_none() {
+            // GPU memory a linked device claims is moved through that device, never read by the CPU.
+            let device_memory =
+                || engine.devices().iter().any(|d| d.kind() != MemoryKind::Host && d.classify(addr, len).is_some());
+            if engine.regions().lookup(addr, len).is_none() && !device_memory() {
                 crate::mapped::check_mapped(addr, len).map_err(|why| Error::AddressNotRegistered {
                     addr,
                     len,

@@ -212,7 +212,7 @@ impl Inner {
     }
 
     /// The non-host device that owns `[addr, addr+len)`, with the allocation to copy it through.
-    fn device_owner(&self, addr: u64, len: u64) -> Option<DeviceMemory> {
+    pub(super) fn device_owner(&self, addr: u64, len: u64) -> Option<DeviceMemory> {
         self.devices.iter().filter(|d| d.kind() != MemoryKind::Host).find_map(|d| {
             d.classify(addr, len)?;
             let allocation = d.allocation_of(addr, len)?;

@@ -202,8 +202,13 @@ impl Inner {
             let local = match region {
                 Some(g) => LocalRange::in_region(g, r.local_addr, r.length, "local buffer")?,
                 None if check == LocalCheck::Vouched && !caps.requires_local_registration => {
-                    // The caller of `unchecked()` vouched for its local ranges (its `# Safety`).
-                    LocalRange::vouched_by_contract(r.local_addr, r.length)
+                    // The caller of `unchecked()` vouched for its local ranges (its `# Safety`). GPU memory a linked
+                    // device claims is moved through that device, as upstream's TCP transport does with
+                    // cudaMemcpy, never dereferenced.
+                    match self.device_owner(r.local_addr, r.length) {
+                        Some(owner) => LocalRange::vouched_device_by_contract(r.local_addr, r.length, owner),
+                        None => LocalRange::vouched_by_contract(r.local_addr, r.length),
+                    }
                 }
                 None => return Err(unregistered().into()),
             };

@@ -13,7 +13,8 @@ use crate::types::{BatchId, Opcode, TransferRequest};
 /// from [`TransferEngine::unchecked`].
 ///
 /// A local range that is registered is used as such (its region is held until the request is finished). One
-/// that is not is taken as host memory the caller vouched for; transports that need registered local memory
+/// that is not is taken as memory the caller vouched for: memory of a linked device that claims it (an
+/// unregistered GPU buffer, moved through that device as upstream's TCP transport does), else host memory; transports that need registered local memory
 /// (shm, RDMA) still refuse it with `AddressNotRegistered`, and the engine prefers one that does not (tcp).
 /// Everything else (remote ranges, lengths, limits) is checked as in the safe calls.
 #[derive(Clone, Copy)]
@@ -32,7 +33,8 @@ impl TransferEngine {
     ///
     /// # Safety
     /// For every call made through the returned value, each local range that is not inside registered memory
-    /// must be host memory of this process, mapped readable and writable, that stays allocated until that
+    /// must be host memory of this process, mapped readable and writable (or memory of a linked device that
+    /// claims it, such as a GPU allocation, which is never dereferenced), that stays allocated until that
     /// request is finished: until a blocking call returns (after a `Timeout`, requests may still be running,
     /// until their transport finishes them: for tcp, until the peer answers or the connection closes, so
     /// keep the memory until the engine is shut down), until the batch reports the request completed or

@@ -440,3 +440,25 @@ struct NoEvents;
 impl mooncake_core::PeerEvents for NoEvents {
     fn peer_failed(&self, _segment_name: &str) {}
 }
+
+/// An unregistered GPU buffer handed to the unchecked calls (the Python binding's path for upstream's TCP
+/// semantics) is moved through its device over tcp, never dereferenced by the CPU.
+#[test]
+fn unregistered_gpu_memory_moves_over_tcp_through_its_device() {
+    let (a, b) = (engine(&["tcp"]), engine(&["tcp"]));
+    let (dev, ga) = gpu(1 << 20, false, 11);
+    let host = HostBuffer::zeroed(1 << 20);
+    b.register_owned(host.owned(), "cpu:0").unwrap();
+    let pb = b.local_segment_name().to_string();
+    // SAFETY: the local range is test-gpu memory (claimed by the linked device, never dereferenced) that stays
+    // allocated until the end of the test, after the blocking calls returned.
+    let unchecked = unsafe { a.unchecked() };
+    unchecked.transfer_sync(&pb, Opcode::Write, ga.addr + 512, host.addr(), 1 << 19).unwrap();
+    assert!(host.to_vec()[..1 << 19] == pattern(11, 1 << 20)[512..512 + (1 << 19)]);
+    host.write(0, &pattern(12, 1 << 20)).unwrap();
+    unchecked.transfer_sync(&pb, Opcode::Read, ga.addr, host.addr(), 1 << 20).unwrap();
+    assert!(bytes(&dev, &ga) == pattern(12, 1 << 20));
+    a.shutdown();
+    b.shutdown();
+    dev.free(&ga).unwrap();
+}
