@@ -7,10 +7,10 @@ use std::time::Duration;
 use super::{Inner, TransferEngine, spawn_on};
 use crate::descriptor::BufferDesc;
 use crate::error::{Error, Result};
-use crate::memory::LocalRange;
+use crate::memory::{Access, LocalRange};
 use crate::sync;
 use crate::transport::RemoteSegment;
-use crate::types::{SegmentHandle, TransferRequest};
+use crate::types::{MemoryKind, SegmentHandle, TransferRequest};
 
 impl TransferEngine {
     // ---- segments --------------------------------------------------------------------------
@@ -124,7 +124,15 @@ impl Inner {
     /// Picks the transport for a request to `seg` by the target's protocols and the cost model.
     /// A transport that needs registered local memory ranks last when the local range is not
     /// registered, so another transport that can send from anywhere takes the request.
-    fn route(&self, seg: &RemoteSegment, buffer: &BufferDesc, local_registered: bool, length: u64) -> Result<usize> {
+    /// A transport that cannot move local memory of `local_kind` (its `memory_kinds`) ranks last too.
+    fn route(
+        &self,
+        seg: &RemoteSegment,
+        buffer: &BufferDesc,
+        local_registered: bool,
+        local_kind: MemoryKind,
+        length: u64,
+    ) -> Result<usize> {
         let priority = &self.config.protocol_priority;
         let mut best: Option<(usize, (bool, usize, Duration, usize))> = None;
         for (i, t) in self.transports.iter().enumerate() {
@@ -132,10 +140,12 @@ impl Inner {
             if !t.can_reach(seg) || !t.can_reach_buffer(seg, buffer) {
                 continue;
             }
-            let unmet = t.capabilities().requires_local_registration && !local_registered;
+            let caps = t.capabilities();
+            let unmet =
+                (caps.requires_local_registration && !local_registered) || !caps.memory_kinds.contains(local_kind);
             // Listed protocols first, in list order; unlisted ones after them.
             let rank = priority.iter().position(|n| n == t.name()).unwrap_or(priority.len());
-            let key = (unmet, rank, t.capabilities().model.estimate(length), order);
+            let key = (unmet, rank, caps.model.estimate(length), order);
             if best.as_ref().is_none_or(|(_, k)| key < *k) {
                 best = Some((i, key));
             }
@@ -192,7 +202,11 @@ impl Inner {
                 .into());
             };
             let region = self.regions.lookup(r.local_addr, r.length);
-            let t = self.route(&seg, buffer, region.is_some(), r.length)?;
+            let local_kind = region.as_ref().map_or(MemoryKind::Host, |g| match g.access() {
+                Access::Device(d) => d.device.kind(),
+                _ => g.location.kind().unwrap_or(MemoryKind::Host),
+            });
+            let t = self.route(&seg, buffer, region.is_some(), local_kind, r.length)?;
             let caps = self.transports[t].capabilities();
             let unregistered = || Error::AddressNotRegistered {
                 addr: r.local_addr,

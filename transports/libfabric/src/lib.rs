@@ -349,6 +349,11 @@ impl Transport for LibfabricTransport {
     }
 
     fn register_memory(&self, region: &RegionGuard, desc: &mut BufferDesc) -> Result<()> {
+        if !region.is_host() {
+            // Without FI_HMEM the provider would read GPU memory with the CPU: not published for libfabric, so
+            // peers reach it through another transport (staged over tcp).
+            return Ok(());
+        }
         let core = self.started()?;
         let keys = core.register(region.addr, region.len)?;
         desc::write_keys(&core.fields, &keys, desc);
@@ -363,6 +368,11 @@ impl Transport for LibfabricTransport {
         }
         sync::lock(&self.held).remove(&region.addr);
         Ok(())
+    }
+
+    /// Only buffers published with memory keys (host memory).
+    fn can_reach_buffer(&self, _target: &RemoteSegment, buffer: &BufferDesc) -> bool {
+        self.core.get().is_none_or(|core| buffer.fields.contains_key(&core.fields.rkey))
     }
 
     fn describe(&self, desc: &mut SegmentDescriptor) {

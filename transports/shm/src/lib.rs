@@ -89,8 +89,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use mooncake_core::registry::{Availability, TransportFactory};
 use mooncake_core::{
-    Access, BackendConfig, BufferDesc, Capabilities, Error, FanIn, LocalRange, MemoryKinds, Opcode, PeerEvents,
-    PerfModel, PieceDone, RegionGuard, RegionTable, RemoteSegment, Result, SegmentDescriptor, StripePlan,
+    Access, BackendConfig, BufferDesc, Capabilities, Error, FanIn, LocalRange, MemoryKind, MemoryKinds, Opcode,
+    PeerEvents, PerfModel, PieceDone, RegionGuard, RegionTable, RemoteSegment, Result, SegmentDescriptor, StripePlan,
     StripeRounding, TransferTask, Transport, TransportContext, sync,
 };
 use mooncake_raw::Span;
@@ -166,7 +166,9 @@ fn capabilities() -> Capabilities {
         read: true,
         write: true,
         notify: false,
-        memory_kinds: MemoryKinds::HOST,
+        // Local GPU memory is staged through its device; a peer's GPU memory is not published for shm (the
+        // kernel cannot copy into it), see `can_reach_buffer`.
+        memory_kinds: MemoryKinds::of(&[MemoryKind::Host, MemoryKind::Cuda, MemoryKind::Rocm, MemoryKind::Musa]),
         reports_peer_failure: true,
         requires_local_registration: true,
         cross_process: true,
@@ -412,6 +414,11 @@ impl Transport for ShmTransport {
             Ok(_) => true,
             Err(e) => e.is_disconnect(),
         }
+    }
+
+    /// Only buffers in the peer's registration table: its host memory (device memory is not published).
+    fn can_reach_buffer(&self, _target: &RemoteSegment, buffer: &BufferDesc) -> bool {
+        buffer.fields.contains_key(peer::FIELD_SLOT)
     }
 
     async fn connect(&self, target: &RemoteSegment) -> Result<()> {

@@ -34,9 +34,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use mooncake_core::registry::{Availability, TransportFactory};
 use mooncake_core::{
-    Access, BackendConfig, BlockingRequest, Capabilities, Error, FanIn, LocalRange, MemoryKinds, Opcode, PeerEvents,
-    PerfModel, PieceDone, RemoteSegment, Result, SegmentDescriptor, StripePlan, StripeRounding, TransferTask,
-    Transport, TransportContext, sync,
+    Access, BackendConfig, BlockingRequest, Capabilities, Error, FanIn, LocalRange, MemoryKind, MemoryKinds, Opcode,
+    PeerEvents, PerfModel, PieceDone, RemoteSegment, Result, SegmentDescriptor, StripePlan, StripeRounding,
+    TransferTask, Transport, TransportContext, sync,
 };
 
 use client::{LaneConfig, PeerInfo, PeerPool, Piece};
@@ -98,7 +98,9 @@ impl TcpTransport {
             read: true,
             write: true,
             notify: false,
-            memory_kinds: MemoryKinds::HOST,
+            // GPU memory on either side is staged through its device (mooncake-raw), as upstream does with
+            // cudaMemcpy.
+            memory_kinds: MemoryKinds::of(&[MemoryKind::Host, MemoryKind::Cuda, MemoryKind::Rocm, MemoryKind::Musa]),
             reports_peer_failure: true,
             requires_local_registration: false,
             cross_process: true,
