@@ -175,6 +175,33 @@ impl Topology {
         Topology { nics, gpus, numa_nodes }
     }
 
+    /// Renames the GPUs to the ordinals their drivers use: sysfs numbers them in PCI address order, but CUDA
+    /// numbers them fastest first (or as `CUDA_VISIBLE_DEVICES` says) and registrations name that ordinal.
+    /// `ordinals` lists `(location, PCI address)` as the drivers report them (`MemoryDevice::pci_address`);
+    /// a GPU of a vendor that reports its ordinals but is not among them (hidden from this process) is
+    /// dropped. Vendors that report nothing keep the PCI order.
+    pub fn with_driver_ordinals(mut self, ordinals: &[(String, String)]) -> Topology {
+        let vendor = |loc: &str| loc.split(':').next().unwrap_or_default().to_string();
+        let reporting: Vec<String> = ordinals.iter().map(|(loc, _)| vendor(loc)).collect();
+        self.gpus.retain_mut(|gpu| {
+            if !reporting.contains(&vendor(&gpu.location)) {
+                return true;
+            }
+            let addr = gpu.pci.addr.to_ascii_lowercase();
+            match ordinals
+                .iter()
+                .find(|(loc, pci)| vendor(loc) == vendor(&gpu.location) && pci.to_ascii_lowercase() == addr)
+            {
+                Some((loc, _)) => {
+                    gpu.location = loc.clone();
+                    true
+                }
+                None => false,
+            }
+        });
+        self
+    }
+
     fn nic_node(&self, nic: &Nic) -> Option<u32> {
         match nic.pci.as_ref().and_then(|p| p.numa_node) {
             Some(n) => Some(n),

@@ -752,7 +752,8 @@ impl<P: FabricProvider> Transport for RdmaTransport<P> {
         let config = self.config.clone();
         let found = self.provider.discover(&config)?;
         let names: Vec<String> = found.iter().map(|n| n.name.clone()).collect();
-        let topology = Topology::discover(&config.sysfs_root, &config.device_filter);
+        let topology =
+            Topology::discover(&config.sysfs_root, &config.device_filter).with_driver_ordinals(&gpu_ordinals(ctx));
         let matrix = topology.priority_matrix(&names);
         let mut order = matrix.device_order();
         order.extend(names.iter().filter(|n| !order.contains(n)).cloned().collect::<Vec<_>>());
@@ -916,3 +917,18 @@ fn restrict(matrix: &PriorityMatrix, keep: &[String]) -> PriorityMatrix {
 
 #[cfg(test)]
 mod tests;
+
+/// `(location, PCI address)` of every GPU the engine's devices know (`cuda:0` -> `0000:3b:00.0`), for the NIC
+/// priority matrix. Asks ordinals until a device reports none.
+fn gpu_ordinals(ctx: &TransportContext) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for d in ctx.devices.iter().filter(|d| d.kind() != mooncake_core::MemoryKind::Host) {
+        for n in 0..d.capabilities().device_count {
+            let loc = mooncake_core::Location::Device(d.kind(), n);
+            if let Some(pci) = d.pci_address(&loc) {
+                out.push((loc.to_string(), pci));
+            }
+        }
+    }
+    out
+}

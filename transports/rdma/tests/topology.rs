@@ -91,3 +91,22 @@ fn missing_sysfs_means_no_devices_and_one_node() {
     assert_eq!(topo.priority_matrix(&[]).to_json(), json!({"cpu:0": [[], []]}));
     assert_eq!(topo.priority_matrix(&names(&["mlx5_0"])).to_json(), json!({"cpu:0": [[], ["mlx5_0"]]}));
 }
+
+/// CUDA numbers GPUs its own way (fastest first, `CUDA_VISIBLE_DEVICES`): the matrix follows the driver's
+/// ordinals, not the PCI order, and a GPU hidden from this process is left out.
+#[test]
+fn gpus_take_the_drivers_ordinals() {
+    let topo = Topology::discover(&fixture("two_numa"), &[]);
+    let swapped = topo
+        .clone()
+        .with_driver_ordinals(&[("cuda:0".into(), "0000:83:00.0".into()), ("cuda:1".into(), "0000:03:00.0".into())]);
+    let gpus: Vec<(&str, &str)> = swapped.gpus.iter().map(|g| (g.location.as_str(), g.pci.addr.as_str())).collect();
+    assert_eq!(gpus, [("cuda:1", "0000:03:00.0"), ("cuda:0", "0000:83:00.0"), ("hip:0", "0000:07:00.0")]);
+    let matrix = swapped.priority_matrix(&names(&["mlx5_0", "mlx5_1", "mlx5_2"])).to_json();
+    assert_eq!(matrix["cuda:0"], json!([["mlx5_1"], ["mlx5_0", "mlx5_2"]]));
+    assert_eq!(matrix["cuda:1"], json!([["mlx5_0"], ["mlx5_1", "mlx5_2"]]));
+
+    let hidden = topo.clone().with_driver_ordinals(&[("cuda:0".into(), "0000:83:00.0".into())]);
+    assert_eq!(hidden.gpus.iter().map(|g| g.location.as_str()).collect::<Vec<_>>(), ["cuda:0", "hip:0"]);
+    assert_eq!(topo.clone().with_driver_ordinals(&[]), topo, "no driver reports: PCI order stays");
+}
