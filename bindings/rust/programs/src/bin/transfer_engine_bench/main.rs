@@ -7,6 +7,11 @@
 //!   blocks/s and p50/p99 batch latency, with the effective configuration.
 //! - `--mode metadata`: put/get ops per second and p50/p99 latency against `--metadata_server`
 //!   (`scripts/bench_metadata.sh` runs it against every backend and upstream's HTTP server).
+//!
+//! Buffers are host memory unless `--memory cuda|rocm|musa` (or upstream's `--use_vram`, with `--gpu_id`) puts
+//! them on a GPU; `--target_memory` sets the target's side alone. With GPU memory the sweep also measures the
+//! device's own copy (`cuMemcpy`-style, [`mooncake::MemoryDevice::copy_between`]) per block size and prints the
+//! transfer's ratio to it.
 
 mod metadata;
 
@@ -17,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
-use mooncake::{EngineConfig, Opcode, TransferEngine};
+use mooncake::{AllocOptions, Allocation, EngineConfig, Location, MemoryDevice, Opcode, TransferEngine};
 
 #[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
 enum Mode {
@@ -90,6 +95,18 @@ struct Args {
     /// Sweep: batch sizes.
     #[arg(long, value_delimiter = ',', default_value = "1,16,128")]
     batches: Vec<usize>,
+    /// Where buffers live: `host`, or a GPU memory device (`cuda`, `rocm`, `musa`).
+    #[arg(long, default_value = "host")]
+    memory: String,
+    /// Where the target's buffer lives (default: `--memory`).
+    #[arg(long = "target_memory")]
+    target_memory: Option<String>,
+    /// Upstream's flag: buffers in GPU memory (`--memory cuda`).
+    #[arg(long = "use_vram", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    use_vram: bool,
+    /// GPU ordinal of GPU buffers.
+    #[arg(long = "gpu_id", default_value_t = 0)]
+    gpu_id: u32,
     /// Sweep: protocols to compare, the first being the baseline of the ratio table (e.g.
     /// `tcp,shm,libfabric`); `available` = tcp, then every other linked transport whose probe
     /// passes here. Empty: sweep `--protocol` alone.
@@ -130,31 +147,108 @@ fn engine(args: &Args) -> mooncake::Result<TransferEngine> {
     TransferEngine::new(config)
 }
 
-/// A pre-faulted buffer the engine holds while it is registered (no `unsafe` needed).
-struct Buffer {
-    storage: mooncake::HostBuffer,
+impl Args {
+    /// The initiator's memory: `--use_vram` means `cuda`, as upstream.
+    fn local_memory(&self) -> String {
+        if self.use_vram { "cuda".into() } else { self.memory.clone() }
+    }
+
+    /// The target's memory.
+    fn target_memory(&self) -> String {
+        self.target_memory.clone().unwrap_or_else(|| self.local_memory())
+    }
+}
+
+/// A buffer the engine holds while it is registered (no `unsafe` needed): pre-faulted host memory, or an
+/// allocation of a GPU memory device.
+enum Buffer {
+    Host(mooncake::HostBuffer),
+    Device { device: Arc<dyn MemoryDevice>, allocation: Allocation },
+}
+
+/// The linked, usable memory device called `name`, or why there is none.
+fn device_named(name: &str) -> mooncake::Result<Arc<dyn MemoryDevice>> {
+    mooncake::registry::available_devices().into_iter().find(|d| d.name() == name).ok_or_else(|| {
+        let why = mooncake::registry::devices()
+            .into_iter()
+            .find(|f| f.name == name)
+            .map_or_else(|| "not linked into this build".to_string(), |f| format!("{:?}", (f.probe)()));
+        mooncake::Error::unavailable(format!("memory device {name:?} is not usable here: {why}"))
+    })
 }
 
 impl Buffer {
-    fn new(len: u64) -> Self {
-        let mut storage = vec![0u8; len as usize];
-        for (i, b) in storage.iter_mut().enumerate().step_by(4096) {
-            *b = i as u8;
+    fn new(memory: &str, gpu_id: u32, len: u64) -> mooncake::Result<Self> {
+        if memory == "host" || memory == "cpu" {
+            let mut storage = vec![0u8; len as usize];
+            for (i, b) in storage.iter_mut().enumerate().step_by(4096) {
+                *b = i as u8;
+            }
+            return Ok(Buffer::Host(mooncake::HostBuffer::from_vec(storage)));
         }
-        Buffer { storage: mooncake::HostBuffer::from_vec(storage) }
+        let device = device_named(memory)?;
+        let options = AllocOptions { location: Location::Device(device.kind(), gpu_id), ..Default::default() };
+        let allocation = device.allocate(len, &options)?;
+        let chunk = vec![0x5au8; (64usize << 20).min(len as usize)];
+        let mut off = 0;
+        while off < len {
+            let n = chunk.len().min((len - off) as usize);
+            device.copy_from_host(&chunk[..n], &allocation, off)?;
+            off += n as u64;
+        }
+        Ok(Buffer::Device { device, allocation })
     }
+
     fn addr(&self) -> u64 {
-        self.storage.addr()
+        match self {
+            Buffer::Host(h) => h.addr(),
+            Buffer::Device { allocation, .. } => allocation.addr,
+        }
     }
-    fn owned(&self) -> mooncake::OwnedMemory {
-        self.storage.owned()
+
+    fn register(&self, e: &TransferEngine) -> mooncake::Result<()> {
+        match self {
+            Buffer::Host(h) => e.register_owned(h.owned(), "*"),
+            Buffer::Device { device, allocation } => e.register_allocation(device, allocation, "*"),
+        }
     }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        if let Buffer::Device { device, allocation } = self {
+            // The engine holds the memory while registered; the free completes when its hold ends.
+            let _ = device.free(allocation);
+        }
+    }
+}
+
+/// GB/s of the device's own copy of `block` bytes between two of its allocations (the limit a GPU-to-GPU
+/// transfer within a node can reach), over about `seconds`.
+fn device_copy_gbps(memory: &str, gpu_id: u32, block: u64, seconds: f64) -> mooncake::Result<f64> {
+    let device = device_named(memory)?;
+    let options = AllocOptions { location: Location::Device(device.kind(), gpu_id), ..Default::default() };
+    let (a, b) = (device.allocate(block, &options)?, device.allocate(block, &options)?);
+    let start = Instant::now();
+    let mut copies = 0u64;
+    let result = loop {
+        if let Err(e) = device.copy_between(&a, 0, &b, 0, block) {
+            break Err(e);
+        }
+        copies += 1;
+        if start.elapsed().as_secs_f64() >= seconds {
+            break Ok((copies * block) as f64 / start.elapsed().as_secs_f64() / 1e9);
+        }
+    };
+    let _ = device.free(&a);
+    let _ = device.free(&b);
+    result
 }
 
 fn target(args: &Args) -> mooncake::Result<()> {
     let e = engine(args)?;
-    let buf = Buffer::new(args.buffer_size);
-    e.register_owned(buf.owned(), "*")?;
+    let buf = Buffer::new(&args.target_memory(), args.gpu_id, args.buffer_size)?;
+    buf.register(&e)?;
     println!("segment {}", e.local_segment_name());
     use std::io::Write;
     let _ = std::io::stdout().flush();
@@ -210,8 +304,8 @@ fn run_on(e: &TransferEngine, args: &Args, segment: &str) -> mooncake::Result<Ru
             "block_size x batch_size = {span} bytes does not fit the per-thread share {slot} of --buffer_size"
         )));
     }
-    let local = Buffer::new(args.buffer_size);
-    e.register_owned(local.owned(), "*")?;
+    let local = Buffer::new(&args.local_memory(), args.gpu_id, args.buffer_size)?;
+    local.register(e)?;
     let handle = e.open_segment(segment)?;
     let seg = e.segment(handle)?;
     let remote =
@@ -356,10 +450,16 @@ fn compared_protocols(requested: &[String]) -> Vec<String> {
 
 /// Sweeps `args.protocol` against a target child process and prints a table.
 fn sweep_protocol(args: &Args) -> mooncake::Result<Vec<Point>> {
+    for memory in [args.local_memory(), args.target_memory()] {
+        if !matches!(memory.as_str(), "host" | "cpu") {
+            device_named(&memory)?; // say why here, not through a silent child
+        }
+    }
     let exe = std::env::current_exe()?;
     let mut child = Command::new(exe)
         .args(["--mode", "target", "--protocol", &args.protocol, "--metadata_server", &args.metadata_server])
         .args(["--local_server_name", &args.local_server_name, "--buffer_size", &args.buffer_size.to_string()])
+        .args(["--memory", &args.target_memory(), "--gpu_id", &args.gpu_id.to_string()])
         .stdout(Stdio::piped())
         .spawn()?;
     let stdout = child.stdout.take().ok_or_else(|| mooncake::Error::Protocol("no target stdout".into()))?;
@@ -373,9 +473,12 @@ fn sweep_protocol(args: &Args) -> mooncake::Result<Vec<Point>> {
         .to_string();
     println!("# transfer_engine_bench sweep");
     println!(
-        "# protocol={} operation={:?} threads={} duration={}s/point buffer_size={} walk={} metadata={} target={} (child pid {})",
+        "# protocol={} operation={:?} memory={}->{} threads={} duration={}s/point buffer_size={} walk={} metadata={} \
+         target={} (child pid {})",
         args.protocol,
         args.operation,
+        args.local_memory(),
+        args.target_memory(),
         args.threads,
         args.duration,
         args.buffer_size,
@@ -392,8 +495,20 @@ fn sweep_protocol(args: &Args) -> mooncake::Result<Vec<Point>> {
     );
     let e = engine(args)?;
     let mut points = Vec::new();
-    println!("{:>10} {:>6} {:>10} {:>12} {:>12} {:>12}", "block", "batch", "GB/s", "blocks/s", "p50 us", "p99 us");
+    // With GPU memory on both sides, the device's own copy is the limit to compare with.
+    let gpu = args.local_memory() == args.target_memory() && !matches!(args.local_memory().as_str(), "host" | "cpu");
+    println!(
+        "{:>10} {:>6} {:>10} {:>12} {:>12} {:>12}{}",
+        "block",
+        "batch",
+        "GB/s",
+        "blocks/s",
+        "p50 us",
+        "p99 us",
+        if gpu { "   device copy GB/s (ratio)" } else { "" }
+    );
     for &block in &args.blocks {
+        let limit = gpu.then(|| device_copy_gbps(&args.local_memory(), args.gpu_id, block, args.duration.min(1.0)));
         for &batch in &args.batches {
             let point = Args { block_size: block, batch_size: batch, ..args.clone() };
             if block * batch as u64 * point.threads as u64 > point.buffer_size {
@@ -402,8 +517,14 @@ fn sweep_protocol(args: &Args) -> mooncake::Result<Vec<Point>> {
                 continue;
             }
             let r = run_on(&e, &point, &segment)?;
+            let versus = match &limit {
+                Some(Ok(copy)) if *copy > 0.0 => format!("   {copy:>10.3} ({:.2})", r.gbps() / copy),
+                Some(Ok(_)) => String::new(),
+                Some(Err(err)) => format!("   device copy failed: {err}"),
+                None => String::new(),
+            };
             println!(
-                "{block:>10} {batch:>6} {:>10.3} {:>12.0} {:>12.1} {:>12.1}{}",
+                "{block:>10} {batch:>6} {:>10.3} {:>12.0} {:>12.1} {:>12.1}{versus}{}",
                 r.gbps(),
                 r.blocks_per_sec(),
                 r.percentile(0.5),
