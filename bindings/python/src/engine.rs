@@ -1117,9 +1117,33 @@ fn local_topology_json() -> String {
         nodes.push(0);
     }
     nodes.sort_unstable();
-    let map: serde_json::Map<String, serde_json::Value> =
+    let mut map: serde_json::Map<String, serde_json::Value> =
         nodes.into_iter().map(|n| (format!("cpu:{n}"), serde_json::json!([[], []]))).collect();
+    map.extend(gpu_topology_entries());
     serde_json::Value::Object(map).to_string()
+}
+
+/// Upstream's `cuda:N` entries (the RDMA NICs nearest each GPU first) when a CUDA driver and GPU are here.
+#[cfg(feature = "cuda")]
+fn gpu_topology_entries() -> serde_json::Map<String, serde_json::Value> {
+    use mooncake::device_cuda::CudaDevice;
+    if !mooncake::device_cuda::probe().is_available() {
+        return serde_json::Map::new();
+    }
+    match CudaDevice::new().and_then(|d| d.nic_affinity(std::path::Path::new("/sys"))) {
+        Ok(serde_json::Value::Object(entries)) => entries,
+        Ok(_) => serde_json::Map::new(),
+        Err(e) => {
+            tracing::warn!(error = %e, "get_local_topology: no GPU entries");
+            serde_json::Map::new()
+        }
+    }
+}
+
+/// Without the `cuda` feature there are no GPU entries.
+#[cfg(not(feature = "cuda"))]
+fn gpu_topology_entries() -> serde_json::Map<String, serde_json::Value> {
+    serde_json::Map::new()
 }
 
 /// Adds the engine's classes and functions to the extension module.
