@@ -5,6 +5,9 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 use crate::transport::BackendConfig;
 
+/// Transports an engine installs next to its protocols when they are linked and usable here.
+pub const DEFAULT_AUTO_PROTOCOLS: &str = "shm,nvlink,hip,musa";
+
 /// How to start a [`crate::TransferEngine`].
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -36,9 +39,10 @@ pub struct EngineConfig {
     /// 0 turns the check off). P2P mode has nothing to check.
     pub republish_interval: Duration,
     /// Transports installed next to `protocols` whenever they are linked and their probe passes
-    /// (`MC_AUTO_PROTOCOLS`, comma-separated, default `shm`; empty turns it off). Peers that
+    /// (`MC_AUTO_PROTOCOLS`, comma-separated, default `shm,nvlink,hip,musa`; empty turns it off). Peers that
     /// publish them too (same-host engines of ours) are then reached through them when the cost
-    /// model says so; everyone else keeps using the primary protocol.
+    /// model says so (the GPU IPC transports only for GPU buffers); everyone else keeps using the primary
+    /// protocol.
     pub auto_protocols: Vec<String>,
     /// Name the segment `host:<rpc port>` in metadata mode too when `local_server_name` has no port
     /// (default false: the name is used as given, as upstream's engine does). Upstream's store
@@ -72,7 +76,7 @@ impl EngineConfig {
             cluster_id: std::env::var("MC_METADATA_CLUSTER_ID").ok(),
             protocol_priority: split_list(&std::env::var("MC_PROTOCOL_PRIORITY").unwrap_or_default()),
             republish_interval: Duration::from_millis(env("MC_METADATA_REPUBLISH_MS").unwrap_or(2000)),
-            auto_protocols: split_list(&std::env::var("MC_AUTO_PROTOCOLS").unwrap_or_else(|_| "shm".into())),
+            auto_protocols: split_list(&std::env::var("MC_AUTO_PROTOCOLS").unwrap_or_else(|_| DEFAULT_AUTO_PROTOCOLS.into())),
             name_with_rpc_port: false,
         }
     }
