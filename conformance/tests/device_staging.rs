@@ -119,13 +119,14 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
 }
 
 /// Over tcp, device memory moves both as the local side (the initiator stages it) and as the target (the
-/// serving side stages it), on the caller-thread path, the lanes, striped, and in async batches.
+/// serving side stages it), on the caller-thread path, the lanes, striped, in pipelined chunks (pieces over
+/// 4 MiB), and in async batches.
 #[test]
 fn tcp_moves_device_memory_through_the_device() {
     let far = Arc::new(FarDevice::default());
     let dev: Arc<dyn MemoryDevice> = far.clone();
     let (a, b) = (engine(&["tcp"]), engine(&["tcp"]));
-    const LEN: usize = 4 << 20;
+    const LEN: usize = (21 << 20) + 4097;
     let gpu = dev.allocate(LEN as u64, &AllocOptions::default()).unwrap();
     dev.copy_from_host(&pattern(1, LEN), &gpu, 0).unwrap();
     a.register_allocation(&dev, &gpu, "*").unwrap();
@@ -134,7 +135,7 @@ fn tcp_moves_device_memory_through_the_device() {
     b.register_owned(host.owned(), "cpu:0").unwrap();
     let (pa, pb) = (a.local_segment_name().to_string(), b.local_segment_name().to_string());
 
-    for len in [4096u64, LEN as u64] {
+    for len in [4096u64, (6 << 20) + 3, LEN as u64] {
         // Initiator side: device memory is the local range.
         dev.copy_from_host(&pattern(1, LEN), &gpu, 0).unwrap();
         a.transfer_sync(&pb, Opcode::Write, gpu.addr, host.addr(), len).unwrap();
@@ -188,6 +189,12 @@ fn tcp_moves_device_memory_through_the_device() {
     let r = a.transfer_sync(&pb, Opcode::Write, gpu.addr, host.addr(), 64);
     assert!(matches!(r, Err(Error::NotFound(_))), "{r:?}");
     let r = b.transfer_sync(&pa, Opcode::Read, host.addr(), gpu.addr, 64);
+    assert!(matches!(r, Err(Error::RemoteRejected { .. })), "{r:?}");
+    // The same for requests large enough to be staged in pipelined chunks: the first chunk is copied before
+    // anything is sent, so the refusal is this request's alone.
+    let r = a.transfer_sync(&pb, Opcode::Write, gpu.addr, host.addr(), LEN as u64);
+    assert!(matches!(r, Err(Error::NotFound(_))), "{r:?}");
+    let r = b.transfer_sync(&pa, Opcode::Read, host.addr(), gpu.addr, LEN as u64);
     assert!(matches!(r, Err(Error::RemoteRejected { .. })), "{r:?}");
     a.unregister_memory(gpu.addr).unwrap();
     a.shutdown();

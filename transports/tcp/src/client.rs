@@ -14,6 +14,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::{Notify, mpsc};
 
+use crate::staging::{self, StageIn, StageOut, StagedSink, StagedSource};
 use crate::wire::{self, Header};
 
 const IO_BUFFER: usize = 64 << 10;
@@ -270,7 +271,23 @@ async fn run_connection(
                 continue;
             }
         };
-        let payload = match span.as_ref().map(Span::bytes).transpose() {
+        // Large device-memory writes are staged in chunks that overlap the network; the first chunk is copied
+        // before the header goes out, so a device that refuses the range fails this piece alone.
+        let mut staged = match &span {
+            Some(s) if !s.is_host() && staging::pipelined(len) => {
+                let mut source = StagedSource::start(stage_out(&piece.local), len);
+                match source.next().await {
+                    Some(Ok(first)) => Some((first, source)),
+                    Some(Err(e)) => {
+                        complete(piece, Err(e), load);
+                        continue;
+                    }
+                    None => None,
+                }
+            }
+            _ => None,
+        };
+        let payload = match span.as_ref().filter(|_| staged.is_none()).map(Span::bytes).transpose() {
             Ok(p) => p,
             Err(e) => {
                 complete(piece, Err(e), load);
@@ -300,6 +317,16 @@ async fn run_connection(
             if let Some(payload) = &payload {
                 // `source` keeps the local region registered until the payload is written.
                 writer.write_all(payload).await?;
+            }
+            if let Some((first, mut rest)) = staged.take() {
+                writer.write_all(&first).await?;
+                rest.recycle(first);
+                while let Some(chunk) = rest.next().await {
+                    // The header promised the bytes: a device copy failing midway can only end the connection.
+                    let chunk = chunk.map_err(std::io::Error::other)?;
+                    writer.write_all(&chunk).await?;
+                    rest.recycle(chunk);
+                }
             }
             std::io::Result::Ok(())
         }
@@ -393,10 +420,32 @@ async fn receive(reader: &mut BufReader<OwnedReadHalf>, piece: &Piece, info: &Pe
         // The piece holds the local range (and its region) until it completes, after this read. The range was
         // checked before the request was sent, so the span cannot fail here.
         let mut span = Span::local(&piece.local).map_err(|e| Error::Protocol(format!("local range: {e}")))?;
+        if !span.is_host() && staging::pipelined(piece.len) {
+            // Device memory: the device copies each chunk in while the next one is received.
+            let mut sink = StagedSink::new(stage_in(&piece.local));
+            for (off, len) in staging::chunks(piece.len) {
+                let mut buf = sink.buffer(len);
+                reader.read_exact(&mut buf).await.map_err(io)?;
+                sink.push(off, buf).await;
+            }
+            return Ok(sink.finish().await);
+        }
         let mut sink = span.sink();
         reader.read_exact(sink.bytes()).await.map_err(io)?;
         // Device memory: the device copies the staged bytes in now.
         return Ok(sink.commit());
     }
     Ok(Ok(()))
+}
+
+/// Copies chunks of `range` (device memory) out through its device.
+fn stage_out(range: &LocalRange) -> StageOut {
+    let range = range.clone();
+    Arc::new(move |off, buf: &mut [u8]| Span::local_part(&range, off, buf.len() as u64)?.read_into(0, buf))
+}
+
+/// Copies chunks into `range` (device memory) through its device.
+fn stage_in(range: &LocalRange) -> StageIn {
+    let range = range.clone();
+    Arc::new(move |off, bytes: &[u8]| Span::local_part(&range, off, bytes.len() as u64)?.write_from(0, bytes))
 }

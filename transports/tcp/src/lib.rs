@@ -25,6 +25,7 @@ mod client;
 mod direct;
 pub mod section;
 mod server;
+mod staging;
 pub mod wire;
 
 use std::collections::HashMap;

@@ -8,12 +8,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mooncake_core::{Error, Opcode, RegionTable, Result};
+use mooncake_core::{Error, Opcode, RegionGuard, RegionTable, Result};
 use mooncake_raw::Span;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
+use crate::staging::{self, StageIn, StageOut, StagedSink, StagedSource};
 use crate::wire::{self, HEADER_LEN, Header};
 
 /// Buffer size of each connection's reader and writer.
@@ -123,22 +124,63 @@ async fn serve_connection(stream: TcpStream, regions: &RegionTable) -> Result<()
             }),
         };
         match (h.opcode, span) {
+            (Opcode::Write, Ok(span)) if !span.is_host() && staging::pipelined(h.size) => {
+                // Device memory: each chunk is copied in by the device while the next one is received.
+                let region = guard.clone().ok_or_else(|| Error::Protocol("staged write without a region".into()))?;
+                let mut sink = StagedSink::new(stage_in(region, h.addr));
+                let received = timed(deadline, async {
+                    for (off, len) in staging::chunks(h.size) {
+                        let mut buf = sink.buffer(len);
+                        reader.read_exact(&mut buf).await?;
+                        sink.push(off, buf).await;
+                    }
+                    std::io::Result::Ok(())
+                })
+                .await;
+                let stored = sink.finish().await;
+                received?;
+                drop(guard);
+                reply_stored(&mut writer, h.v2, stored).await?;
+            }
+            (Opcode::Read, Ok(span)) if !span.is_host() && staging::pipelined(h.size) => {
+                // Device memory: the first chunk is copied out before the status word (a refusal can still be
+                // reported), the rest while the previous chunk is on the wire.
+                let region = guard.clone().ok_or_else(|| Error::Protocol("staged read without a region".into()))?;
+                let mut source = StagedSource::start(stage_out(region, h.addr), h.size);
+                let first = match source.next().await {
+                    Some(Ok(first)) => first,
+                    Some(Err(e)) if h.v2 => {
+                        tracing::warn!(error = %e, "tcp read of device memory failed");
+                        writer.write_all(&wire::encode_status(wire::STATUS_REJECTED)).await?;
+                        continue;
+                    }
+                    Some(Err(e)) => return Err(e),
+                    None => Vec::new(),
+                };
+                if h.v2 {
+                    writer.write_all(&wire::encode_status(wire::STATUS_OK)).await?;
+                }
+                timed(deadline, async {
+                    writer.write_all(&first).await?;
+                    source.recycle(first);
+                    while let Some(chunk) = source.next().await {
+                        // The status word promised the bytes: a copy failing midway can only end the connection.
+                        let chunk = chunk.map_err(std::io::Error::other)?;
+                        writer.write_all(&chunk).await?;
+                        source.recycle(chunk);
+                    }
+                    std::io::Result::Ok(())
+                })
+                .await?;
+                drop(guard);
+            }
             (Opcode::Write, Ok(mut span)) => {
                 let mut sink = span.sink();
                 timed(deadline, reader.read_exact(sink.bytes())).await?;
                 // Device memory: the device copies the staged bytes in.
                 let stored = sink.commit();
                 drop(guard);
-                match stored {
-                    Ok(()) if h.v2 => writer.write_all(&wire::encode_status(wire::STATUS_OK)).await?,
-                    Ok(()) => {}
-                    Err(e) if h.v2 => {
-                        tracing::warn!(error = %e, "tcp write into device memory failed");
-                        writer.write_all(&wire::encode_status(wire::STATUS_REJECTED)).await?;
-                    }
-                    // v1 has no way to report it: close the connection.
-                    Err(e) => return Err(e),
-                }
+                reply_stored(&mut writer, h.v2, stored).await?;
             }
             (Opcode::Read, Ok(span)) => {
                 // Device memory is staged (copied out by the device) before the status word goes out, so that a
@@ -177,6 +219,31 @@ async fn serve_connection(stream: TcpStream, regions: &RegionTable) -> Result<()
             }
         }
     }
+}
+
+/// Answers a write: the status word (v2), or, when the bytes could not be stored and v1 has no way to say so,
+/// the error that closes the connection.
+async fn reply_stored<W: tokio::io::AsyncWrite + Unpin>(writer: &mut W, v2: bool, stored: Result<()>) -> Result<()> {
+    match stored {
+        Ok(()) if v2 => writer.write_all(&wire::encode_status(wire::STATUS_OK)).await?,
+        Ok(()) => {}
+        Err(e) if v2 => {
+            tracing::warn!(error = %e, "tcp write into device memory failed");
+            writer.write_all(&wire::encode_status(wire::STATUS_REJECTED)).await?;
+        }
+        Err(e) => return Err(e),
+    }
+    Ok(())
+}
+
+/// Copies chunks of the registered region out through its device, from `base` on.
+fn stage_out(region: RegionGuard, base: u64) -> StageOut {
+    Arc::new(move |off, buf: &mut [u8]| Span::region(&region, base + off, buf.len() as u64)?.read_into(0, buf))
+}
+
+/// Copies chunks into the registered region through its device, from `base` on.
+fn stage_in(region: RegionGuard, base: u64) -> StageIn {
+    Arc::new(move |off, bytes: &[u8]| Span::region(&region, base + off, bytes.len() as u64)?.write_from(0, bytes))
 }
 
 async fn drain<R: tokio::io::AsyncBufRead + Unpin>(reader: &mut R, mut left: u64) -> std::io::Result<()> {
