@@ -23,6 +23,13 @@ order). The block (all fields little-endian, no padding):
 Sharded writes also keep a 96-byte manifest object (magic 0x574D414E, version 1, header size 96, dtype, ndim,
 split dim, shard count, reserved, 8 x int64 global shape) under ``<key>__parallelism_manifest`` or
 ``<key>__writer_manifest``. The methods need PyTorch; everything else in the store works without it.
+
+Tensors on a GPU (or any device other than the CPU) are never read or written by the CPU here: a write copies the
+tensor (or each shard) once into pinned host memory (``_memory.host_copy``), and the methods that take an int address
+ask where it lives (``_memory.address_device``): for CUDA memory the native ``get_into`` / ``put_from`` move the
+object through the device, the metadata block comes over in one 304-byte copy, the returned tensor is a CUDA tensor
+over that memory, and the fallbacks for unregistered memory copy through torch (host-to-device, device-to-host)
+instead of ``memmove``.
 """
 
 import ctypes
@@ -31,6 +38,8 @@ import mmap
 import struct
 import warnings
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+
+from . import _memory
 
 _log = logging.getLogger("mooncake.store")
 
@@ -497,23 +506,30 @@ class _Parts:
         self.shape = shape
 
 
-def _host(tensor):
-    """`tensor` as a contiguous CPU tensor (no copy when it already is one), or None when it is not a tensor."""
+def _tensor(tensor):
+    """`tensor` detached, wherever it lives (nothing is copied or read), or None when it is not a tensor."""
     torch = _torch()
     if not isinstance(tensor, torch.Tensor):
         return None
-    t = tensor.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    if t.is_conj() or t.is_neg():
-        t = t.resolve_conj().resolve_neg()
-    if not t.is_contiguous():
-        t = t.contiguous()
-    return t
+    return tensor.detach()
+
+
+def _on_host(t, context: str):
+    """`t`'s elements as a contiguous CPU tensor (`_memory.host_copy`: no copy for one already, one device-to-host
+    copy into pinned memory for a CUDA tensor), or None (logged) when they cannot be read (a `meta` tensor, a device
+    error)."""
+    try:
+        return _memory.host_copy(t)
+    except (RuntimeError, NotImplementedError, ValueError) as e:
+        _log.warning("%s: cannot copy the %s tensor to the host: %s", context, t.device, e)
+        return None
 
 
 def _bytes_of(t):
-    """A buffer over the bytes of contiguous CPU tensor `t` (no copy)."""
+    """A buffer over the bytes of contiguous CPU tensor `t` (no copy). Only host memory gets here: every other tensor
+    is copied to the host first (`_on_host`)."""
+    if t.device.type != "cpu":
+        raise ValueError(f"_bytes_of needs a CPU tensor, got one on {t.device}")
     if t.numel() == 0:
         return b""
     return t.reshape(-1).view(_torch().uint8).numpy()
@@ -528,7 +544,7 @@ def _dtype_code(t, context: str) -> Optional[int]:
 
 def _full_parts(tensor, context: str) -> Optional[_Parts]:
     """A whole tensor in the layout, or None (logged) when it cannot be stored."""
-    t = _host(tensor)
+    t = _tensor(tensor)
     if t is None:
         _log.warning("%s: input is not a PyTorch tensor", context)
         return None
@@ -538,13 +554,20 @@ def _full_parts(tensor, context: str) -> Optional[_Parts]:
     if t.dim() > MAX_DIMS:
         _log.warning("%s: tensor has more than %d dimensions: %d", context, MAX_DIMS, t.dim())
         return None
+    t = _on_host(t, context)
+    if t is None:
+        return None
     shape = tuple(t.shape)
     nbytes = t.numel() * t.element_size()
     return _Parts(encode_metadata(code, shape, shape, nbytes), _bytes_of(t), t, code, shape)
 
 
-def _shard_parts(shard, code: int, global_shape, axes: Sequence[_Axis]) -> _Parts:
-    """Contiguous CPU `shard` as a shard of a tensor of `global_shape`, with `axes` in its metadata."""
+def _shard_parts(shard, code: int, global_shape, axes: Sequence[_Axis], context: str) -> Optional[_Parts]:
+    """`shard` (any device) as a shard of a tensor of `global_shape`, with `axes` in its metadata; None (logged) when
+    its elements cannot be copied to the host."""
+    shard = _on_host(shard, context)
+    if shard is None:
+        return None
     shape = tuple(shard.shape)
     nbytes = shard.numel() * shard.element_size()
     header = encode_metadata(code, global_shape, shape, nbytes, LAYOUT_SHARD, axes)
@@ -589,7 +612,8 @@ def tensor_from_bytes(data) -> Any:
 
 
 def _at(addr: int, size: int):
-    """A writable ctypes buffer over `size` bytes at address `addr`."""
+    """A writable ctypes buffer over `size` bytes at address `addr`: host memory only (callers ask
+    `_memory.address_device` first; GPU memory goes through `_memory.span`)."""
     return (ctypes.c_ubyte * size).from_address(addr)
 
 
@@ -605,11 +629,76 @@ def _size(size) -> int:
     return size
 
 
-def _meta_at(addr: int, size: int) -> Optional[Metadata]:
-    """The metadata of a tensor object laid out at `addr` (`size` bytes), or None."""
+# What a device copy or a view of device memory raises (torch's device errors are RuntimeErrors; a device this module
+# cannot address gives ValueError). Caught only on the device paths: host paths behave as before.
+_DEVICE_ERRORS = (RuntimeError, ValueError, NotImplementedError)
+
+
+def _meta_at(addr: int, size: int, device: Optional[str] = None) -> Optional[Metadata]:
+    """The metadata of a tensor object laid out at `addr` (`size` bytes), or None. `device` is where `addr` lives
+    (`_memory.address_device`): None reads the block in place, a GPU's block comes over in one 304-byte copy."""
     if addr == 0 or size < METADATA_SIZE:
         return None
-    return decode_metadata(_at(addr, METADATA_SIZE), size)
+    if device is None:
+        return decode_metadata(_at(addr, METADATA_SIZE), size)
+    try:
+        header = _memory.span(addr, METADATA_SIZE, device).cpu().numpy()
+    except _DEVICE_ERRORS as e:
+        _log.warning("cannot read the tensor metadata at %#x on %s: %s", addr, device, e)
+        return None
+    return decode_metadata(header, size)
+
+
+def _object_at(addr: int, size: int, meta: Metadata, device: Optional[str]):
+    """The tensor `meta` describes inside the object at `[addr, +size)`, over that memory (no copy): a CPU tensor for
+    host memory, a tensor on `device` for GPU memory (None, logged, when that memory cannot be wrapped)."""
+    if device is None:
+        return _tensor_view(_at(addr, size), meta.data_offset, meta, True)
+    torch = _torch()
+    try:
+        if meta.data_bytes == 0:
+            return torch.empty(meta.local_shape, dtype=meta.dtype, device=device)
+        data = _memory.span(addr + meta.data_offset, meta.data_bytes, device)
+        return data.view(meta.dtype).reshape(meta.local_shape)
+    except _DEVICE_ERRORS as e:
+        _log.warning("cannot view the tensor at %#x on %s: %s", addr, device, e)
+        return None
+
+
+def _host_bytes(piece):
+    """A uint8 CPU tensor over host buffer `piece` (a CPU tensor, a BufferHandle, bytes...), without a copy."""
+    torch = _torch()
+    if isinstance(piece, torch.Tensor):
+        if piece.device.type != "cpu" or not piece.is_contiguous():
+            raise ValueError("_host_bytes needs a contiguous CPU tensor")
+        return piece.reshape(-1).view(torch.uint8)
+    if len(memoryview(piece)) == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    with warnings.catch_warnings():
+        # Read-only sources (BufferHandle, bytes) are only read from.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(piece, dtype=torch.uint8)
+
+
+def _copy_in(addr: int, device: Optional[str], *pieces) -> int:
+    """Writes host buffers `pieces` one after another from `addr`: a memmove into host memory, a host-to-device copy
+    into GPU memory (the CPU never writes there). The bytes written."""
+    at = addr
+    for piece in pieces:
+        src = _host_bytes(piece)
+        n = src.numel()
+        if n:
+            if device is None:
+                ctypes.memmove(at, src.data_ptr(), n)
+            else:
+                _memory.span(at, n, device).copy_(src)
+        at += n
+    return at - addr
+
+
+def _staged_from(addr: int, size: int, device: str):
+    """The `size` bytes at GPU address `addr`, copied once into (pinned) host memory: a uint8 CPU tensor."""
+    return _memory.host_copy(_memory.span(addr, size, device))
 
 
 def _keys(keys, name: str = "keys") -> List[str]:
@@ -719,7 +808,9 @@ class _TensorMethods:
         return self._write(key, _full_parts(tensor, context), config, upsert)
 
     def put_tensor(self, key: str, tensor: Any) -> int:
-        """Stores a tensor (CPU tensors are written from their own memory; others are copied to the CPU first)."""
+        """Stores a tensor. A contiguous CPU tensor is written from its own memory; a CUDA (or other device) tensor is
+        copied once to pinned host memory first (the CPU never reads device memory). 0 or a negative code
+        (INVALID_PARAMS also when the elements cannot be read, as for a ``meta`` tensor)."""
         return self._single(key, tensor, None, False, "put_tensor")
 
     def pub_tensor(self, key: str, tensor: Any, config: Optional[Any] = None) -> int:
@@ -823,31 +914,38 @@ class _TensorMethods:
             out.append(None if handle is None else tensor_from_bytes(handle))
         return out
 
-    def _read_into(self, key: str, addr: int, size: int):
-        """Reads object `key` into `[addr, addr+size)`; its length, or None."""
-        n = self.get_into(key, addr, size)
+    def _read_into(self, key: str, addr: int, size: int, device: Optional[str] = None):
+        """Reads object `key` into `[addr, addr+size)` (GPU memory when `device` names one); its length, or None."""
+        n = self.get_into(key, addr, size)  # the native call moves GPU memory through its device
         if n == INVALID_PARAMS and addr != 0 and size > 0:
             # The native call refuses memory that was never registered; upstream's TCP path copies into it anyway.
+            # Here the object comes to host memory and is copied over (host-to-device for GPU memory).
             handle = self.get_buffer(key)
             if handle is None or len(handle) > size:
                 return None
-            if len(handle):
-                ctypes.memmove(addr, _buffer_address(handle), len(handle))
-            return len(handle)
+            return _copy_in(addr, device, handle)
         return n if n >= 0 else None
 
     def get_tensor_into(self, key: str, buffer_ptr: int, size: int) -> Any:
         """Reads the tensor object under ``key`` into ``[buffer_ptr, +size)`` (a registered buffer) and returns a
-        tensor over that memory (its data start 304 bytes in), or None."""
+        tensor over that memory (its data start 304 bytes in), or None. A CUDA address gives a CUDA tensor: the
+        object is moved by the device, the CPU never touches it."""
         key, addr, size = _key(key), _addr(buffer_ptr), _size(size)
         _torch()
-        n = self._read_into(key, addr, size)
-        if n is None:
+        device = _memory.address_device(addr)
+        try:
+            n = self._read_into(key, addr, size, device)
+            if n is None:
+                return None
+            meta = _meta_at(addr, n, device)
+            if meta is None:
+                return None
+            return _object_at(addr, n, meta, device)
+        except _DEVICE_ERRORS as e:
+            if device is None:
+                raise
+            _log.warning("get_tensor_into: reading %s into %s memory failed: %s", key, device, e)
             return None
-        meta = _meta_at(addr, n)
-        if meta is None:
-            return None
-        return _tensor_view(_at(addr, n), meta.data_offset, meta, True)
 
     def batch_get_tensor_into(self, keys: Sequence[str], buffer_ptrs: Sequence[int], sizes: Sequence[int]) -> List[Any]:
         """``get_tensor_into`` per key (INVALID_PARAMS per key when the three lists differ in length)."""
@@ -860,7 +958,8 @@ class _TensorMethods:
 
     def _write_from(self, key, addr, size, config, upsert: bool, context: str) -> int:
         key, addr, size = _key(key), _addr(addr), _size(size)
-        if _meta_at(addr, size) is None:
+        device = _memory.address_device(addr)
+        if _meta_at(addr, size, device) is None:
             _log.warning("%s: invalid tensor object metadata", context)
             return INVALID_PARAMS
         rc = _config_error(config)
@@ -869,9 +968,17 @@ class _TensorMethods:
         write = self.upsert_from if upsert else self.put_from
         rc = write(key, addr, size) if config is None else write(key, addr, size, config)
         if rc == INVALID_PARAMS:
-            # Not a registered buffer: write from the memory directly, as upstream's TCP path does.
+            # Not a registered buffer: write from the memory directly, as upstream's TCP path does (GPU memory is
+            # first copied once to the host).
             parts = self.upsert_parts if upsert else self.put_parts
-            view = _at(addr, size)
+            if device is None:
+                view = _at(addr, size)
+            else:
+                try:
+                    view = _staged_from(addr, size, device).numpy()
+                except _DEVICE_ERRORS as e:
+                    _log.warning("%s: cannot copy %s memory to the host: %s", context, device, e)
+                    return INVALID_PARAMS
             rc = parts(key, view) if config is None else parts(key, view, config=config)
         return rc
 
@@ -888,7 +995,9 @@ class _TensorMethods:
         keys, ptrs, lens = _keys(keys), _ints(buffer_ptrs, "buffer_ptrs"), _ints(sizes, "sizes")
         if not keys:
             return []
-        if len(ptrs) != len(keys) or len(lens) != len(keys) or any(_meta_at(p, s) is None for p, s in zip(ptrs, lens)):
+        if len(ptrs) != len(keys) or len(lens) != len(keys) or any(
+            _meta_at(p, s, _memory.address_device(p)) is None for p, s in zip(ptrs, lens)
+        ):
             _log.warning("%s: mismatched lists or an invalid tensor object buffer", context)
             return [INVALID_PARAMS] * len(keys)
         return [self._write_from(k, p, s, None, upsert, context) for k, p, s in zip(keys, ptrs, lens)]
@@ -908,7 +1017,7 @@ class _TensorMethods:
     def _tp_write(self, key, tensor, config, tp_size, split_dim, upsert, context, axes=()) -> int:
         """Splits `tensor` into `tp_size` equal shards along `split_dim` and writes every one (``<key>_tp_<r>``, or
         the parallelism key of `axes` with the TP rank set). 0 or the first failure's code."""
-        t = _host(tensor)
+        t = _tensor(tensor)
         if t is None:
             _log.warning("%s: input is not a PyTorch tensor", context)
             return INVALID_PARAMS
@@ -918,14 +1027,15 @@ class _TensorMethods:
         step = t.shape[split_dim] // tp_size
         global_shape = tuple(t.shape)
         for rank in range(tp_size):
-            shard = t.narrow(split_dim, rank * step, step).contiguous()
+            # A view of the shard, on the tensor's device: `_shard_parts` copies it to the host once.
+            shard = t.narrow(split_dim, rank * step, step)
             if axes:
                 shard_axes = _with_tp_rank(axes, rank)
                 shard_key = parallelism_key(key, shard_axes)
             else:
                 shard_axes = [(AXIS_KINDS["tp"], rank, tp_size, split_dim, None, None)]
                 shard_key = tp_key(key, rank)
-            rc = self._write(shard_key, _shard_parts(shard, code, global_shape, shard_axes), config, upsert)
+            rc = self._write(shard_key, _shard_parts(shard, code, global_shape, shard_axes, context), config, upsert)
             if rc != 0:
                 return rc
         return 0
@@ -1033,13 +1143,16 @@ class _TensorMethods:
     def _tp_write_from(self, key, addr, size, tp_size, split_dim, config, upsert, context, axes=()) -> int:
         """`_tp_write` for a tensor object laid out in memory: each shard is written from ranges of it."""
         key, addr, size = _key(key), _addr(addr), _size(size)
-        meta = _meta_at(addr, size)
+        device = _memory.address_device(addr)
+        meta = _meta_at(addr, size, device)
         if meta is None:
             _log.warning("%s: invalid tensor object metadata", context)
             return INVALID_PARAMS
         if meta.layout_kind != LAYOUT_FULL or not _uniform(meta.global_shape, split_dim, tp_size, context):
             return INVALID_PARAMS
-        tensor = _tensor_view(_at(addr, size), meta.data_offset, meta, True)
+        tensor = _object_at(addr, size, meta, device)  # on the GPU for GPU memory: each shard is staged once
+        if tensor is None:
+            return INVALID_PARAMS
         return self._tp_write(key, tensor, config, tp_size, split_dim, upsert, context, axes)
 
     def put_tensor_with_tp_from(
@@ -1093,7 +1206,7 @@ class _TensorMethods:
         axes = _validate_axes(_parse_axes(parallelism), context)
         if axes is None:
             return INVALID_PARAMS
-        t = _host(tensor)
+        t = _tensor(tensor)
         if t is None:
             _log.warning("%s: input is not a PyTorch tensor", context)
             return INVALID_PARAMS
@@ -1104,7 +1217,7 @@ class _TensorMethods:
         tp = _tp_index(axes)
         if tp is None:
             # DP, EP, PP only: the tensor is stored as given, its metadata naming the axes.
-            return self._write(parallelism_key(key, axes), _shard_parts(t, code, local, axes), config, upsert)
+            return self._write(parallelism_key(key, axes), _shard_parts(t, code, local, axes, context), config, upsert)
         _kind, rank, size, tp_split, _e, _s = axes[tp]
         split_dim = tp_split if tp_split is not None else -1  # validated: a TP axis has one
         if not 0 <= split_dim < len(local):
@@ -1120,8 +1233,9 @@ class _TensorMethods:
                 return INVALID_PARAMS
             global_shape = local
             step = local[split_dim] // size
-            shard = t.narrow(split_dim, rank * step, step).contiguous()
-        rc = self._write(parallelism_key(key, axes), _shard_parts(shard, code, global_shape, axes), config, upsert)
+            shard = t.narrow(split_dim, rank * step, step)
+        parts = _shard_parts(shard, code, global_shape, axes, context)
+        rc = self._write(parallelism_key(key, axes), parts, config, upsert)
         if rc != 0:
             return rc
         manifest = encode_manifest(code, global_shape, split_dim, size)
@@ -1129,7 +1243,7 @@ class _TensorMethods:
 
     def _writer_write(self, key, tensor, w: _WriterPartition, config, upsert, context) -> int:
         """Writer partition `w` of a whole tensor: its slice under the writer key, then the writer manifest."""
-        t = _host(tensor)
+        t = _tensor(tensor)
         if t is None:
             _log.warning("%s: input is not a PyTorch tensor", context)
             return INVALID_PARAMS
@@ -1137,9 +1251,9 @@ class _TensorMethods:
         if code is None or t.dim() > MAX_DIMS or not _uniform(t.shape, w.split_dim, w.size, context):
             return INVALID_PARAMS
         step = t.shape[w.split_dim] // w.size
-        shard = t.narrow(w.split_dim, w.rank * step, step).contiguous()
+        shard = t.narrow(w.split_dim, w.rank * step, step)
         axes = [(AXIS_KINDS["tp"], w.rank, w.size, w.split_dim, None, None)]
-        parts = _shard_parts(shard, code, tuple(t.shape), axes)
+        parts = _shard_parts(shard, code, tuple(t.shape), axes, context)
         rc = self._write(writer_key(key, w.rank, w.size, w.split_dim), parts, config, upsert)
         if rc != 0:
             return rc
@@ -1240,11 +1354,14 @@ class _TensorMethods:
         key, addr, size = _key(key), _addr(addr), _size(size)
         if parallelism is None and writer_partition is None:
             return self._write_from(key, addr, size, config, upsert, context)
-        meta = _meta_at(addr, size)
+        device = _memory.address_device(addr)
+        meta = _meta_at(addr, size, device)
         if meta is None:
             _log.warning("%s: invalid tensor object metadata", context)
             return INVALID_PARAMS
-        tensor = _tensor_view(_at(addr, size), meta.data_offset, meta, True)
+        tensor = _object_at(addr, size, meta, device)
+        if tensor is None:
+            return INVALID_PARAMS
         if parallelism is not None and writer_partition is None:
             axes = _validate_axes(_parse_axes(parallelism), context)
             if axes is None:
@@ -1476,8 +1593,15 @@ class _TensorMethods:
             n = len(handle)
             if n > size or addr == 0:
                 return None
-            ctypes.memmove(addr, _buffer_address(handle), n)
-            return _tensor_view(_at(addr, n), meta.data_offset, meta, True)
+            device = _memory.address_device(addr)
+            try:
+                _copy_in(addr, device, handle)
+                return _object_at(addr, n, meta, device)
+            except _DEVICE_ERRORS as e:
+                if device is None:
+                    raise
+                _log.warning("get_tensor_with_parallelism_into: copy into %s memory failed: %s", device, e)
+                return None
         full = self._read_target(key, target)
         if full is None:
             return None
@@ -1486,11 +1610,16 @@ class _TensorMethods:
         if parts is None or n > size or addr == 0:
             _log.warning("buffer too small for reconstructed tensor")
             return None
-        ctypes.memmove(addr, parts.header, METADATA_SIZE)
-        if n > METADATA_SIZE:
-            ctypes.memmove(addr + METADATA_SIZE, full.data_ptr(), n - METADATA_SIZE)
-        meta = _meta_at(addr, n)
-        return None if meta is None else _tensor_view(_at(addr, n), meta.data_offset, meta, True)
+        device = _memory.address_device(addr)
+        try:
+            _copy_in(addr, device, parts.header, parts.owner)
+            meta = _meta_at(addr, n, device)
+            return None if meta is None else _object_at(addr, n, meta, device)
+        except _DEVICE_ERRORS as e:
+            if device is None:
+                raise
+            _log.warning("get_tensor_with_parallelism_into: copy into %s memory failed: %s", device, e)
+            return None
 
     def get_tensor_with_parallelism_into(
         self, key: str, buffer_ptr: int, size: int, target: Optional[ReadTarget] = None
@@ -1577,12 +1706,3 @@ class _TensorMethods:
             return None
         return tensor
 
-
-def _buffer_address(buf) -> int:
-    """The address of the first byte of a non-empty BufferHandle (or any other buffer-protocol object)."""
-    ptr = getattr(buf, "ptr", None)
-    if callable(ptr):
-        return int(ptr())
-    import numpy as np  # noqa: PLC0415 (only for buffers other than BufferHandle)
-
-    return int(np.frombuffer(buf, dtype=np.uint8).ctypes.data)
