@@ -7,8 +7,10 @@ head's table once; ``lookup`` gathers rows by id with one ranged read per row st
 lookup moves only the rows it returns.
 """
 
+import sys
 from typing import Any, List, Optional
 
+from . import _memory
 from ._tensors import _checked, _int
 
 __all__ = ["EngramStore", "EngramStoreConfig"]
@@ -20,6 +22,18 @@ def _np():
     import numpy  # noqa: PLC0415 (numpy is needed only by these classes)
 
     return numpy
+
+
+def _host_array(buf: Any) -> Any:
+    """`buf`, with a torch tensor on a GPU (or any other device) copied once to host memory first: numpy reads only
+    CPU memory, and a device tensor's elements must reach it through the device, not a CPU read."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(buf, torch.Tensor) and buf.device.type != "cpu":
+        try:
+            return _memory.host_copy(buf.detach())
+        except (RuntimeError, NotImplementedError) as e:
+            raise RuntimeError(f"embedding buffer on {buf.device} cannot be copied to the host: {e}") from e
+    return buf
 
 
 def _int_list(value: Any, name: str) -> List[int]:
@@ -77,8 +91,9 @@ class EngramStore:
         return [f"engram:l{self._layer}:h{h}" for h in range(len(self._vocab))]
 
     def populate(self, embedding_buffers: list) -> None:
-        """Stores each head's table (arrays of shape ``[vocab_sizes[h], embedding_dim]``, converted to float32).
-        ``RuntimeError`` for a wrong count or shape, no store, or tables that are stored already."""
+        """Stores each head's table (arrays of shape ``[vocab_sizes[h], embedding_dim]``, converted to float32; a torch
+        tensor on a GPU is copied to host memory once first). ``RuntimeError`` for a wrong count or shape, a tensor
+        whose elements cannot be read, no store, or tables that are stored already."""
         if not isinstance(embedding_buffers, list):
             raise TypeError(f"populate(): embedding_buffers must be a list, got {type(embedding_buffers).__name__}")
         np = _np()
@@ -86,7 +101,7 @@ class EngramStore:
             raise RuntimeError("embedding_buffers size must match num_heads")
         tables = []
         for h, buf in enumerate(embedding_buffers):
-            table = np.ascontiguousarray(np.asarray(buf), dtype=np.float32)
+            table = np.ascontiguousarray(np.asarray(_host_array(buf)), dtype=np.float32)
             if table.shape != (self._vocab[h], self._dim):
                 raise RuntimeError("embedding buffer shape does not match get_table_vocab_sizes()/get_embedding_dim()")
             tables.append(table)

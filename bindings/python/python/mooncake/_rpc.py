@@ -34,6 +34,8 @@ import sys
 import threading
 import weakref
 
+from . import _memory
+
 __all__ = [
     "RpcInterface",
     "CoroRPCInterface",
@@ -247,22 +249,28 @@ def _tensor_parts(tensor):
             raise AttributeError(f"'{kind}' object has no attribute '{attr}' (expected a torch.Tensor)")
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(tensor, torch.Tensor):
-        t = tensor.detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-        t = t.resolve_conj().resolve_neg().contiguous()
+        # A contiguous CPU tensor as it is; a CUDA (or other device) tensor copied once to pinned host memory, never
+        # read by the CPU where it lives. A tensor without storage (meta) raises NotImplementedError.
+        t = _memory.host_copy(tensor.detach())
         meta = {"dtype": _dtype_name(t.dtype), "shape": [int(d) for d in t.shape]}
         size = t.numel() * t.element_size()
         if size == 0:
             return meta, b"", t
-        # A view of the tensor's own memory (kept alive by returning `t`): no copy for a contiguous CPU tensor.
+        # A view of the host tensor's memory (kept alive by returning `t`): no copy for a contiguous CPU tensor.
         return meta, memoryview((ctypes.c_ubyte * size).from_address(t.data_ptr())).cast("B"), t
-    # Another object with a tensor's attributes: its elements are read from data_ptr as host memory, as upstream does.
+    # Another object with a tensor's attributes: its elements are read from data_ptr as host memory, as upstream does,
+    # unless data_ptr is CUDA memory: then they come over in one device-to-host copy.
     shape = [int(operator.index(d)) for d in tensor.shape]
     size = int(tensor.numel()) * int(tensor.element_size())
     ptr = int(tensor.data_ptr())
     if size and not ptr:
         raise ValueError("the tensor's data_ptr() is 0")
+    device = _memory.address_device(ptr) if size else None
+    if device is not None:
+        if torch is None:
+            raise ValueError(f"the tensor's data_ptr() is {device} memory, which needs torch to copy")
+        staged = _memory.host_copy(_memory.span(ptr, size, device))
+        return {"dtype": _dtype_name(tensor.dtype), "shape": shape}, staged.numpy(), (tensor, staged)
     data = ctypes.string_at(ptr, size) if size else b""
     return {"dtype": _dtype_name(tensor.dtype), "shape": shape}, data, tensor
 
@@ -720,8 +728,8 @@ class RpcInterface:
             return -1
         try:
             meta, payload, keep = _tensor_parts(tensor)
-        except (AttributeError, TypeError, ValueError, RuntimeError) as e:
-            log.warning("mooncake rpc: send_tensor: not a tensor: %s", e)
+        except (AttributeError, TypeError, ValueError, RuntimeError, NotImplementedError) as e:
+            log.warning("mooncake rpc: send_tensor: not a tensor (or its elements cannot be read): %s", e)
             return -1
         rc = client.send(target_address, _KIND_TENSOR, json.dumps(meta).encode("utf-8"), payload)
         del keep
