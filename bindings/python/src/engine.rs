@@ -1102,6 +1102,30 @@ fn available_transports(py: Python<'_>) -> PyResult<Bound<'_, PyList>> {
     Ok(list)
 }
 
+/// Every memory device linked into this build: `{"name", "available", "reason"}` each (private: the
+/// `SUPPORT_*` flags of `mooncake.engine` read it).
+#[pyfunction]
+#[pyo3(name = "_memory_devices")]
+fn memory_devices(py: Python<'_>) -> PyResult<Bound<'_, PyList>> {
+    let list = PyList::empty(py);
+    for f in registry::devices() {
+        let d = PyDict::new(py);
+        d.set_item("name", f.name)?;
+        match (f.probe)() {
+            Availability::Available => {
+                d.set_item("available", true)?;
+                d.set_item("reason", py.None())?;
+            }
+            Availability::Unavailable(reason) => {
+                d.set_item("available", false)?;
+                d.set_item("reason", reason)?;
+            }
+        }
+        list.append(d)?;
+    }
+    Ok(list)
+}
+
 /// NUMA nodes of this host (from sysfs) as upstream's topology JSON; no NIC lists without an RDMA build.
 fn local_topology_json() -> String {
     let mut nodes: Vec<u32> = std::fs::read_dir("/sys/devices/system/node")
@@ -1153,6 +1177,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyTransferEngine>()?;
     m.add_class::<PyInnerEngine>()?;
     m.add_function(wrap_pyfunction!(available_transports, m)?)?;
+    m.add_function(wrap_pyfunction!(memory_devices, m)?)?;
     Ok(())
 }
 

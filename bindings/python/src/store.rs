@@ -1034,13 +1034,21 @@ impl PyStore {
             return Ok(if d.in_pool(a.addr, len) { 0 } else { ErrorCode::InvalidParams.code() });
         }
         let Some(c) = self.client() else { return Ok(UNAVAILABLE) };
-        if let Err(why) = crate::mapped::check_mapped(a.addr, len) {
+        // GPU memory a linked device claims is the device's to check (it is never dereferenced); host memory must
+        // be mapped.
+        let device_memory = c
+            .engine()
+            .devices()
+            .iter()
+            .any(|d| d.kind() != mooncake::MemoryKind::Host && d.classify(a.addr, len).is_some());
+        if !device_memory && let Err(why) = crate::mapped::check_mapped(a.addr, len) {
             tracing::warn!("MooncakeDistributedStore.register_buffer: {why}");
             return Ok(ErrorCode::InvalidParams.code());
         }
         // SAFETY: the Python API contract (docs/python-api.md, "Memory the calls use"): a registered buffer is the
         // caller's memory (an int address, or a buffer object it keeps alive), valid until `unregister_buffer`
-        // returns 0, as upstream's `register_buffer` requires; it was checked to be mapped just above.
+        // returns 0, as upstream's `register_buffer` requires; host memory was checked to be mapped just above,
+        // device memory is claimed by its device, which moves it.
         Ok(code(&py.detach(|| unsafe { c.register_buffer(a.addr, len) })))
     }
 

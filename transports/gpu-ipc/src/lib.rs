@@ -38,65 +38,11 @@ pub mod section;
 mod sys;
 mod transport;
 
-use std::sync::Arc;
-
-use mooncake_core::registry::{self, Availability, TransportFactory};
-use mooncake_core::{BackendConfig, MemoryKind, Result, Transport};
-
 pub use flavor::{Flavor, HIP, MUSA, NVLINK};
 pub use transport::GpuIpcTransport;
 
-/// Available when a linked memory device of `kind` probes usable here, else why not.
-fn probe_for(flavor: &Flavor) -> Availability {
-    let kind_name = |k: MemoryKind| match k {
-        MemoryKind::Cuda => "cuda",
-        MemoryKind::Rocm => "rocm",
-        MemoryKind::Musa => "musa",
-        _ => "?",
-    };
-    let wanted = kind_name(flavor.kind);
-    match registry::devices().into_iter().find(|d| d.name == wanted) {
-        None => Availability::Unavailable(format!(
-            "the {} memory device is not linked into this build (enable the `{wanted}` feature)",
-            flavor.vendor
-        )),
-        Some(d) => match (d.probe)() {
-            Availability::Available => Availability::Available,
-            Availability::Unavailable(why) => Availability::Unavailable(why),
-        },
-    }
-}
-
-fn create(flavor: &'static Flavor, config: &BackendConfig) -> Result<Arc<dyn Transport>> {
-    Ok(Arc::new(GpuIpcTransport::new(flavor, config)))
-}
-
-mooncake_core::inventory::submit! {
-    TransportFactory {
-        name: "nvlink",
-        summary: "NVIDIA GPU to GPU within a node: CUDA IPC (or fabric) handles, copies over NVLink/PCIe",
-        probe: || probe_for(&NVLINK),
-        create: |c| create(&NVLINK, c),
-    }
-}
-
-mooncake_core::inventory::submit! {
-    TransportFactory {
-        name: "hip",
-        summary: "AMD GPU to GPU within a node: HIP IPC handles or shareable fds",
-        probe: || probe_for(&HIP),
-        create: |c| create(&HIP, c),
-    }
-}
-
-mooncake_core::inventory::submit! {
-    TransportFactory {
-        name: "musa",
-        summary: "Moore Threads GPU to GPU within a node: MUSA IPC handles",
-        probe: || probe_for(&MUSA),
-        create: |c| create(&MUSA, c),
-    }
-}
+#[cfg(any(feature = "nvlink", feature = "hip", feature = "musa"))]
+mod registration;
 
 /// Call from a final binary to make sure the linker keeps this crate's registrations.
 #[inline(never)]

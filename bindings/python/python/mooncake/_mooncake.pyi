@@ -1,5 +1,7 @@
 """Type stubs of the native extension (re-exported by mooncake.engine and mooncake.store)."""
 
+from typing import List, Optional, TypedDict
+
 from .engine import TransferEngine as TransferEngine
 from .engine import TransferNotify as TransferNotify
 from .engine import TransferOpcode as TransferOpcode
@@ -16,6 +18,13 @@ from .store import ReplicateConfig as ReplicateConfig
 from .store import SoftPinAction as SoftPinAction
 
 __version__: str
+
+class _MemoryDeviceInfo(TypedDict):
+    name: str
+    available: bool
+    reason: Optional[str]
+
+def _memory_devices() -> List[_MemoryDeviceInfo]: ...
 
 class HttpMetadataServer:
     def __init__(self, host: str = "0.0.0.0", port: int = 8080) -> None: ...

@@ -6,11 +6,14 @@ Same names, signatures and return codes as upstream's ``mooncake.engine`` (0 or 
 ``RpcInterface`` (alias ``CoroRPCInterface``) sends bytes and tensors to a peer's Python callback, with upstream's
 calls; it is pure Python (``mooncake/_rpc.py``, docs/python-rpc.md) and speaks only to peers running this package.
 
-``SUPPORT_*`` say, as upstream's do, whether this build carries a backend: ``SUPPORT_EFA`` is true when the ``efa``
-transport is linked (``FEATURES=all``); the GPU ones (CUDA, HIP, MUSA, NVLink) are false until those backends exist.
+``SUPPORT_*`` say, as upstream's do, whether this build carries a backend (not whether it works on this machine:
+``available_transports()`` says that): ``SUPPORT_EFA`` when the ``efa`` transport is linked (``FEATURES=all``),
+``SUPPORT_CUDA`` and ``SUPPORT_INTRA_NVLINK`` when the ``cuda`` device and the ``nvlink`` transport are (the default
+wheel), ``SUPPORT_HIP`` and ``SUPPORT_MUSA`` with the ``rocm`` and ``musa`` features. ``SUPPORT_MNNVL`` (multi-node
+NVLink) is false: fabric handles across hosts are not offered yet.
 """
 
-from ._mooncake import InnerTransferEngine, TransferEngine, TransferNotify, TransferOpcode, available_transports
+from ._mooncake import InnerTransferEngine, TransferEngine, TransferNotify, TransferOpcode, _memory_devices, available_transports
 from ._rpc import CoroRPCInterface, ReceivedData, ReceivedTensor, RpcInterface, create_rpc_client, create_rpc_server
 from ._shared_memory import SharedSegment
 
@@ -42,9 +45,10 @@ Read = TransferOpcode.Read
 Write = TransferOpcode.Write
 
 _LINKED = frozenset(t["name"] for t in available_transports())
+_DEVICES = frozenset(d["name"] for d in _memory_devices())
 SUPPORT_EFA = "efa" in _LINKED
-SUPPORT_CUDA = False
-SUPPORT_HIP = False
-SUPPORT_MUSA = False
-SUPPORT_INTRA_NVLINK = False
+SUPPORT_CUDA = "cuda" in _DEVICES
+SUPPORT_HIP = "rocm" in _DEVICES and "hip" in _LINKED
+SUPPORT_MUSA = "musa" in _DEVICES and "musa" in _LINKED
+SUPPORT_INTRA_NVLINK = SUPPORT_CUDA and "nvlink" in _LINKED
 SUPPORT_MNNVL = False
