@@ -18,10 +18,12 @@
 //! ```
 //!
 //! Suites: [`transport_suite`] (two engines in one process, plus a peer in a child process for
-//! cross-process transports, see [`peer`]), [`device_suite`], [`metadata_suite`]. A backend may
+//! cross-process transports, see [`peer`]; its data cases run under every [`MemoryPair`] of host and
+//! device memory that can run here), [`device_suite`], [`metadata_suite`]. A backend may
 //! check in disabled tests with a reason ([`SuiteOptions::disabled`], [`checked_in_disabled`]).
 #![forbid(unsafe_code)]
 
+mod buffer;
 mod device;
 mod metadata;
 pub mod peer;
@@ -39,7 +41,7 @@ use std::time::{Duration, Instant};
 pub use device::device_suite;
 pub use metadata::metadata_suite;
 pub use report::Report;
-pub use transport::{size_sweep, transport_suite};
+pub use transport::{MemoryPair, kind_name, size_sweep, transport_suite};
 
 /// What one test ended as.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -214,6 +216,10 @@ pub struct SuiteOptions {
     pub max_size: u64,
     /// Connection string for metadata stores (`P2PHANDSHAKE`, `http://...`).
     pub metadata_conn: Option<String>,
+    /// The (local, remote) memory kinds the transport suite runs its data cases under. `None` (the default):
+    /// host/host, and for every non-host memory device available here the pairs `gpu->host`, `host->gpu` and
+    /// `gpu->gpu` of each transport that declares that kind (see [`MemoryPair`]).
+    pub memory_pairs: Option<Vec<MemoryPair>>,
 }
 
 impl Default for SuiteOptions {
@@ -224,6 +230,7 @@ impl Default for SuiteOptions {
             timeout: Duration::from_secs(120),
             max_size: 64 << 20,
             metadata_conn: None,
+            memory_pairs: None,
         }
     }
 }

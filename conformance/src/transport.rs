@@ -1,18 +1,35 @@
 //! The Transport suite: two engines in one process (and a child-process peer for cross-process
-//! transports) moving bytes through the transport under test.
+//! transports) moving bytes through the transport under test, under every memory pair that can run here.
+//!
+//! # Memory pairs
+//! A memory pair is the kind of memory on each end of a transfer: the initiator's local buffer and the
+//! peer's published buffer (`cuda->host`: local GPU memory, remote host memory). Every case runs with
+//! host memory on both ends (`host->host`, trial names without a suffix). For each non-host memory device
+//! that probes available in this process, the data-moving cases (the write/read size sweep, whose large
+//! sizes are striped, the batches, the out-of-bounds and unregistered-range rejections, unregistering during
+//! a transfer) run again under `gpu->host`, `host->gpu` and `gpu->gpu` for every transport whose
+//! [`Capabilities::memory_kinds`] holds that kind, with the pair in the trial name
+//! (`write_read_4KiB[cuda->host]`); the control-path, cross-process and fault cases stay host-only. Buffers on a device are filled and read only through
+//! the device's copies. A pair that cannot run is one skipped trial `memory_pair[..]` with the reason (no
+//! such device here, with its probe's answer; or the transport does not declare that kind). A remote buffer
+//! the transport does not reach ([`Transport::can_reach_buffer`](mooncake_core::Transport::can_reach_buffer)
+//! is false, and the engine indeed has no route: `Unavailable`) turns that pair's cases into skips; a pair
+//! the transport declares and reaches but fails is a failure.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use mooncake_core::registry::{self, Availability};
 use mooncake_core::{
-    BackendConfig, Capabilities, EngineConfig, Error, MemoryKind, Notification, Opcode, SegmentDescriptor,
-    SegmentHandle, TransferEngine, TransferRequest, TransferState,
+    BackendConfig, Capabilities, EngineConfig, Error, MemoryDevice, MemoryKind, Notification, Opcode,
+    SegmentDescriptor, SegmentHandle, TransferEngine, TransferRequest, TransferState,
 };
 
+use crate::buffer::{Memory, TestBuffer};
 use crate::peer::{PeerArgs, PeerProcess};
 use crate::util::{
-    HostBuf, OrFail, block_on_plain, block_on_timeout, check_equal, check_pattern, ensure, human, pattern, wait_until,
+    OrFail, block_on_plain, block_on_timeout, check_equal, check_pattern, ensure, human, pattern, wait_until,
 };
 use crate::{Outcome, SuiteOptions, TestResult, Trial};
 
@@ -22,11 +39,175 @@ const LIMIT: Duration = Duration::from_secs(60);
 /// Bound on starting a child peer.
 const PEER_START: Duration = Duration::from_secs(30);
 
-/// What every test sees: the protocol, what it declares, the suite options.
+// ---- memory pairs -------------------------------------------------------------------------------
+
+/// The kinds of memory on the two ends of a transfer: the initiator's local buffer and the peer's buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MemoryPair {
+    /// Kind of the initiator's (engine A's) buffer.
+    pub local: MemoryKind,
+    /// Kind of the peer's (engine B's) published buffer.
+    pub remote: MemoryKind,
+}
+
+impl MemoryPair {
+    /// Host memory on both ends: every case runs under it.
+    pub const HOST: MemoryPair = MemoryPair { local: MemoryKind::Host, remote: MemoryKind::Host };
+
+    /// The pair `local->remote`.
+    pub fn new(local: MemoryKind, remote: MemoryKind) -> Self {
+        MemoryPair { local, remote }
+    }
+
+    /// The three pairs a device of `kind` adds: `kind->host`, `host->kind`, `kind->kind`.
+    pub fn with_device(kind: MemoryKind) -> [MemoryPair; 3] {
+        let h = MemoryKind::Host;
+        [MemoryPair::new(kind, h), MemoryPair::new(h, kind), MemoryPair::new(kind, kind)]
+    }
+
+    /// What trial names of this pair end with: nothing for [`MemoryPair::HOST`] (the names every backend
+    /// has always had), else `[local->remote]`.
+    pub fn suffix(&self) -> String {
+        if *self == MemoryPair::HOST { String::new() } else { format!("[{self}]") }
+    }
+}
+
+impl std::fmt::Display for MemoryPair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}->{}", kind_name(self.local), kind_name(self.remote))
+    }
+}
+
+/// The lower-case name of a memory kind as trial names spell it (`host`, `cuda`, `rocm`, `musa`, ...).
+pub fn kind_name(kind: MemoryKind) -> &'static str {
+    match kind {
+        MemoryKind::Host => "host",
+        MemoryKind::Cuda => "cuda",
+        MemoryKind::Rocm => "rocm",
+        MemoryKind::Musa => "musa",
+        MemoryKind::Cxl => "cxl",
+        MemoryKind::Nvme => "nvme",
+    }
+}
+
+/// The memory kind of the device drivers this workspace ships, by registry name: how an unavailable device
+/// (which cannot be created to ask) is still listed with its kind.
+fn kind_of_driver(name: &str) -> Option<MemoryKind> {
+    match name {
+        "cuda" => Some(MemoryKind::Cuda),
+        "rocm" | "hip" => Some(MemoryKind::Rocm),
+        "musa" => Some(MemoryKind::Musa),
+        "cxl" => Some(MemoryKind::Cxl),
+        "nvme" => Some(MemoryKind::Nvme),
+        _ => None,
+    }
+}
+
+/// The non-host memory devices linked into this process, one per kind: a device that probes available
+/// and could be created, else why there is none (`no cuda device here: libcuda.so.1 not found ...`).
+fn scan_devices() -> BTreeMap<MemoryKind, Result<Arc<dyn MemoryDevice>, String>> {
+    let mut out: BTreeMap<MemoryKind, Result<Arc<dyn MemoryDevice>, String>> = BTreeMap::new();
+    let mut missing = |kind: MemoryKind, why: String| {
+        out.entry(kind).or_insert_with(|| Err(format!("no {} device here: {why}", kind_name(kind))));
+    };
+    let mut found = Vec::new();
+    for f in registry::devices() {
+        match (f.probe)() {
+            Availability::Available => match (f.create)() {
+                Ok(d) if d.kind() != MemoryKind::Host => found.push(d),
+                Ok(_) => {}
+                Err(e) => {
+                    if let Some(k) = kind_of_driver(f.name) {
+                        missing(k, format!("device {:?} probes available but cannot be created: {e}", f.name));
+                    }
+                }
+            },
+            Availability::Unavailable(why) => {
+                if let Some(k) = kind_of_driver(f.name) {
+                    missing(k, why);
+                }
+            }
+        }
+    }
+    for d in found {
+        let slot = out.entry(d.kind()).or_insert_with(|| Ok(d.clone()));
+        if slot.is_err() {
+            *slot = Ok(d);
+        }
+    }
+    out
+}
+
+/// How one memory pair runs for one transport.
+enum PairPlan {
+    Run { local: Memory, remote: Memory },
+    Skip(String),
+}
+
+fn declared_kinds(caps: &Capabilities) -> String {
+    caps.memory_kinds.iter().map(kind_name).collect::<Vec<_>>().join(", ")
+}
+
+/// The memory pairs of `protocol`: those `opts` names, else host/host and every pair of the non-host
+/// devices here (see the module docs), each runnable or skipped with the reason.
+fn plan_pairs(protocol: &str, caps: &Capabilities, opts: &SuiteOptions) -> Vec<(MemoryPair, PairPlan)> {
+    let devices = scan_devices();
+    let undeclared = |k: MemoryKind| {
+        format!("{protocol} does not declare {} memory (memory_kinds: {})", kind_name(k), declared_kinds(caps))
+    };
+    let memory = |k: MemoryKind| -> Result<Memory, String> {
+        if k == MemoryKind::Host {
+            return Ok(Memory::Host);
+        }
+        match devices.get(&k) {
+            Some(Ok(d)) => Ok(Memory::Device(d.clone())),
+            Some(Err(why)) => Err(why.clone()),
+            None => Err(format!("no {} device is linked into this binary", kind_name(k))),
+        }
+    };
+    let plan = |pair: MemoryPair| -> PairPlan {
+        if pair != MemoryPair::HOST && !caps.memory_kinds.contains(pair.local) {
+            return PairPlan::Skip(undeclared(pair.local));
+        }
+        match (memory(pair.local), memory(pair.remote)) {
+            (Ok(local), Ok(remote)) => PairPlan::Run { local, remote },
+            (Err(why), _) | (_, Err(why)) => PairPlan::Skip(why),
+        }
+    };
+    if let Some(pairs) = &opts.memory_pairs {
+        return pairs.iter().map(|p| (*p, plan(*p))).collect();
+    }
+    let mut out = vec![(MemoryPair::HOST, PairPlan::Run { local: Memory::Host, remote: Memory::Host })];
+    for (kind, device) in &devices {
+        let declared = caps.memory_kinds.contains(*kind);
+        for pair in MemoryPair::with_device(*kind) {
+            match device {
+                Ok(_) if declared => out.push((pair, plan(pair))),
+                Ok(_) => out.push((pair, PairPlan::Skip(undeclared(*kind)))),
+                Err(why) if declared => out.push((pair, PairPlan::Skip(why.clone()))),
+                // Neither here nor declared: nothing to say about this pair.
+                Err(_) => {}
+            }
+        }
+    }
+    out
+}
+
+// ---- cases --------------------------------------------------------------------------------------
+
+/// What every test sees: the protocol, what it declares, the suite options, the memory pair.
 struct Target {
     protocol: String,
     caps: Capabilities,
     opts: SuiteOptions,
+    pair: MemoryPair,
+    /// Where engine A's (the initiator's) buffers live.
+    local: Memory,
+    /// Where engine B's (the peer's) buffers live.
+    remote: Memory,
+    /// Whether the transport reaches the peer's memory of this pair: `Ok(Some(why))` when it does not
+    /// (the pair's cases skip). Found out once, by the first case that moves data.
+    reach: OnceLock<Result<Option<String>, String>>,
 }
 
 type Body = Arc<dyn Fn(&Target) -> TestResult + Send + Sync>;
@@ -36,10 +217,25 @@ struct Case {
     name: String,
     gate: Gate,
     body: Body,
+    /// Moves data to the peer: skipped (with the reason) when the transport cannot reach the peer's memory.
+    moves_data: bool,
+    /// Runs under every memory pair, not only host/host.
+    every_pair: bool,
 }
 
+/// A data-moving case that runs under host/host only.
 fn case(name: impl Into<String>, gate: Gate, body: impl Fn(&Target) -> TestResult + Send + Sync + 'static) -> Case {
-    Case { name: name.into(), gate, body: Arc::new(body) }
+    Case { name: name.into(), gate, body: Arc::new(body), moves_data: true, every_pair: false }
+}
+
+/// A case about the declaration and the control path (no data to the peer's memory): host/host only.
+fn control(name: &str, body: impl Fn(&Target) -> TestResult + Send + Sync + 'static) -> Case {
+    Case { moves_data: false, ..case(name, always, body) }
+}
+
+/// A data-moving case that runs under every memory pair.
+fn paired(name: impl Into<String>, gate: Gate, body: impl Fn(&Target) -> TestResult + Send + Sync + 'static) -> Case {
+    Case { every_pair: true, ..case(name, gate, body) }
 }
 
 // ---- gates ------------------------------------------------------------------------------------
@@ -48,19 +244,24 @@ fn always(_: &Target) -> Option<String> {
     None
 }
 
-fn host(t: &Target) -> Option<String> {
-    (!t.caps.memory_kinds.contains(MemoryKind::Host))
-        .then(|| "transport cannot touch host memory (memory_kinds lacks Host); this suite uses host buffers".into())
+fn local_kind(t: &Target) -> Option<String> {
+    let k = t.local.kind();
+    (!t.caps.memory_kinds.contains(k)).then(|| {
+        format!(
+            "transport cannot move local {} memory (memory_kinds lacks {k:?}); this run uses {} buffers",
+            kind_name(k),
+            kind_name(k)
+        )
+    })
 }
 
 fn read_write(t: &Target) -> Option<String> {
-    host(t).or_else(|| (!(t.caps.read && t.caps.write)).then(|| "needs both read and write capabilities".into()))
+    local_kind(t).or_else(|| (!(t.caps.read && t.caps.write)).then(|| "needs both read and write capabilities".into()))
 }
 
 fn read_or_write(t: &Target) -> Option<String> {
-    host(t).or_else(|| (!(t.caps.read || t.caps.write)).then(|| "declares neither read nor write".into()))
+    local_kind(t).or_else(|| (!(t.caps.read || t.caps.write)).then(|| "declares neither read nor write".into()))
 }
-
 fn aligned(t: &Target) -> Option<String> {
     read_or_write(t).or_else(|| (t.caps.alignment <= 1).then(|| "alignment is 1: every address is aligned".into()))
 }
@@ -113,7 +314,9 @@ pub fn size_sweep(caps: &Capabilities, max: u64) -> Vec<u64> {
     v
 }
 
-/// Every Transport test for the linked transport `protocol`, gated on its declared capabilities.
+/// Every Transport test for the linked transport `protocol`, gated on its declared capabilities, under
+/// every memory pair of [`SuiteOptions::memory_pairs`] (by default host/host and the pairs of the
+/// non-host devices available here; see the module docs).
 ///
 /// Engines are built as `EngineConfig::new("127.0.0.1", "P2PHANDSHAKE").with_protocols([protocol])`,
 /// so the P2P handshake (`mooncake-metadata-p2p`) must be linked too. A transport whose probe fails
@@ -130,56 +333,125 @@ pub fn transport_suite(protocol: &str, opts: &SuiteOptions) -> Vec<Trial> {
         Ok(t) => t.capabilities().clone(),
         Err(e) => return vec![Trial::fixed(KIND, protocol, "create", Outcome::Failed(format!("create: {e}")))],
     };
-    let target = Arc::new(Target { protocol: protocol.to_string(), caps, opts: opts.clone() });
+    let mut trials = Vec::new();
+    for (pair, plan) in plan_pairs(protocol, &caps, opts) {
+        match plan {
+            PairPlan::Skip(why) => trials.push(Trial::fixed(
+                KIND,
+                protocol,
+                format!("memory_pair{}", pair.suffix()),
+                Outcome::Skipped(why),
+            )),
+            PairPlan::Run { local, remote } => {
+                let target = Arc::new(Target {
+                    protocol: protocol.to_string(),
+                    caps: caps.clone(),
+                    opts: opts.clone(),
+                    pair,
+                    local,
+                    remote,
+                    reach: OnceLock::new(),
+                });
+                trials.extend(pair_trials(&target));
+            }
+        }
+    }
+    trials
+}
 
+/// The trials of one memory pair: every case under host/host, the data-moving ones under the others.
+fn pair_trials(target: &Arc<Target>) -> Vec<Trial> {
+    let (protocol, opts) = (target.protocol.as_str(), &target.opts);
     let mut cases = vec![
-        case("capabilities_sane", always, capabilities_sane),
-        case("probe_and_peer_probe", always, probe_and_peer_probe),
-        case("descriptor_published", always, descriptor_published),
+        control("capabilities_sane", capabilities_sane),
+        control("probe_and_peer_probe", probe_and_peer_probe),
+        control("descriptor_published", descriptor_published),
     ];
     for size in size_sweep(&target.caps, opts.max_size) {
-        cases.push(case(format!("write_read_{}", human(size)), read_or_write, move |t: &Target| write_read(t, size)));
+        cases.push(paired(format!("write_read_{}", human(size)), read_or_write, move |t: &Target| write_read(t, size)));
     }
     cases.extend([
         case("self_segment_write_read", read_write, self_segment),
-        case("large_batch_1024x4KiB", read_write, large_batch),
-        case("mixed_size_batch", read_write, mixed_batch),
-        case("sync_batch_per_request_results", read_write, sync_batch_each),
-        case("sync_batch_stale_range_fails_alone", read_or_write, sync_batch_stale_range),
+        paired("large_batch_1024x4KiB", read_write, large_batch),
+        paired("mixed_size_batch", read_write, mixed_batch),
+        paired("sync_batch_per_request_results", read_write, sync_batch_each),
+        paired("sync_batch_stale_range_fails_alone", read_or_write, sync_batch_stale_range),
         case("concurrent_submitters", read_write, concurrent),
         case("async_transfer", read_or_write, async_transfer),
         case("async_transfer_without_tokio", read_or_write, async_without_tokio),
         case("polling_batch_lifecycle", read_or_write, polling),
-        case("out_of_bounds_remote_rejected", read_or_write, out_of_bounds),
-        case("unregistered_remote_range_rejected", read_or_write, stale_remote_range),
+        paired("out_of_bounds_remote_rejected", read_or_write, out_of_bounds),
+        paired("unregistered_remote_range_rejected", read_or_write, stale_remote_range),
         case("overflowing_address_rejected", read_or_write, overflow),
         case("zero_length_rejected", read_or_write, zero_length),
-        case("unregistered_local_buffer_rejected", read_or_write, unregistered_local),
-        case("unregister_waits_for_local_transfers", read_or_write, unregister_waits_for_local_use),
+        paired("unregistered_local_buffer_rejected", read_or_write, unregistered_local),
+        paired("unregister_waits_for_local_transfers", read_or_write, unregister_waits_for_local_use),
         case("misaligned_request_rejected", aligned, misaligned),
         case("oversized_request_rejected", limited, oversized),
-        case("notifications", always, notifications),
+        control("notifications", notifications),
         case("peer_shutdown_reported", read_or_write, peer_shutdown),
         case("cross_process_read_write", cross_process, cross_read_write),
         case("cross_process_peer_gone_before_post", peer_failure, cross_gone_before_post),
         case("cross_process_peer_killed_mid_batch", peer_failure, cross_killed_mid_batch),
         case("cross_process_peer_restart_same_port", cross_process, cross_restart),
     ]);
-
+    let host = target.pair == MemoryPair::HOST;
+    let suffix = target.pair.suffix();
     cases
         .into_iter()
+        .filter(|c| host || c.every_pair)
         .map(|c| {
-            if let Some(reason) = opts.disabled_reason(&c.name) {
-                Trial::fixed(KIND, protocol, c.name, Outcome::Disabled(reason.to_string()))
-            } else if let Some(reason) = (c.gate)(&target) {
-                Trial::fixed(KIND, protocol, c.name, Outcome::Skipped(reason))
+            let name = format!("{}{suffix}", c.name);
+            // A test disabled by its plain name is disabled under every memory pair.
+            if let Some(reason) = opts.disabled_reason(&name).or_else(|| opts.disabled_reason(&c.name)) {
+                Trial::fixed(KIND, protocol, name, Outcome::Disabled(reason.to_string()))
+            } else if let Some(reason) = (c.gate)(target) {
+                Trial::fixed(KIND, protocol, name, Outcome::Skipped(reason))
             } else {
                 let t = target.clone();
-                let body = c.body;
-                Trial::new(KIND, protocol, c.name, opts.timeout, move || body(&t))
+                let (body, moves_data) = (c.body, c.moves_data);
+                Trial::new(KIND, protocol, name, opts.timeout, move || {
+                    if moves_data {
+                        match t.reach.get_or_init(|| remote_reach(&t)) {
+                            Ok(None) => {}
+                            Ok(Some(why)) => return Ok(Outcome::Skipped(why.clone())),
+                            Err(e) => return Err(e.clone()),
+                        }
+                    }
+                    body(&t)
+                })
             }
         })
         .collect()
+}
+
+/// Whether the transport reaches the peer's memory of `t`'s pair: `Ok(None)` when it does; `Ok(Some(why))`
+/// when it does not publish that memory (its `can_reach_buffer` is false) and the engine, as it must, finds
+/// no route (`Unavailable`); `Err` when the two disagree.
+fn remote_reach(t: &Target) -> Result<Option<String>, String> {
+    let p = Pair::new(t, 4096, 4096)?;
+    let seg = p.a.segment(p.seg).or_fail("A's view of B")?;
+    let buffer = seg.descriptor.find_buffer(p.bbuf.addr(), p.bbuf.len()).or_fail("B's buffer in A's view of B")?;
+    let transport = p.a.transport(&t.protocol).or_fail("the engine's transport")?;
+    if transport.can_reach(&seg) && transport.can_reach_buffer(&seg, buffer) {
+        return Ok(None);
+    }
+    let kind = kind_name(t.remote.kind());
+    let what = format!("the peer's {kind} buffer (at {})", buffer.name);
+    let op = if t.caps.write { Opcode::Write } else { Opcode::Read };
+    match single_error(p.run(&[p.req(op, 0, 0, 64)])?, &format!("a transfer to {what}")) {
+        Ok(Error::Unavailable { reason }) => Ok(Some(format!(
+            "{} does not reach {what}: it does not publish {kind} memory (can_reach_buffer is false), and the \
+             engine has no route: {reason}",
+            t.protocol
+        ))),
+        Ok(e) => Err(format!(
+            "{} says it cannot reach {what} (can_reach_buffer is false), but a transfer to it failed with {e:?} \
+             instead of Unavailable (no route)",
+            t.protocol
+        )),
+        Err(e) => Err(format!("{} says it cannot reach {what} (can_reach_buffer is false): {e}", t.protocol)),
+    }
 }
 
 // ---- fixtures ---------------------------------------------------------------------------------
@@ -202,12 +474,13 @@ fn bounded<T: Send + 'static>(
     rx.recv_timeout(limit).map_err(|_| format!("{what}: did not return within {limit:?} (hang)"))
 }
 
-/// Engine A with buffer `abuf`, engine B with buffer `bbuf`, and A's handle of B's segment.
+/// Engine A with buffer `abuf` (on the pair's local memory), engine B with buffer `bbuf` (on the pair's
+/// remote memory), and A's handle of B's segment.
 struct Pair {
     a: TransferEngine,
     b: TransferEngine,
-    abuf: HostBuf,
-    bbuf: HostBuf,
+    abuf: TestBuffer,
+    bbuf: TestBuffer,
     seg: SegmentHandle,
     b_down: bool,
 }
@@ -216,10 +489,10 @@ impl Pair {
     fn new(t: &Target, a_len: u64, b_len: u64) -> Result<Pair, String> {
         let a = engine(t)?;
         let b = engine(t)?;
-        let abuf = HostBuf::zeroed(a_len as usize);
-        let bbuf = HostBuf::zeroed(b_len as usize);
-        a.register_owned(abuf.owned(), "cpu:0").or_fail("registering A's buffer")?;
-        b.register_owned(bbuf.owned(), "cpu:0").or_fail("registering B's buffer")?;
+        let abuf = TestBuffer::zeroed(&t.local, a_len)?;
+        let bbuf = TestBuffer::zeroed(&t.remote, b_len)?;
+        abuf.register(&a).or_fail("registering A's buffer")?;
+        bbuf.register(&b).or_fail("registering B's buffer")?;
         let mut pair = Pair { a, b, abuf, bbuf, seg: 0, b_down: false };
         pair.seg = pair.a.open_segment(pair.b.local_segment_name()).or_fail("A opening B's segment")?;
         Ok(pair)
@@ -257,17 +530,17 @@ impl Drop for Pair {
     }
 }
 
-/// One engine with one registered buffer (for cross-process tests).
+/// One engine with one registered host buffer (for cross-process tests).
 struct Solo {
     engine: TransferEngine,
-    buf: HostBuf,
+    buf: TestBuffer,
 }
 
 impl Solo {
     fn new(t: &Target, len: u64) -> Result<Solo, String> {
         let engine = engine(t)?;
-        let buf = HostBuf::zeroed(len as usize);
-        engine.register_owned(buf.owned(), "cpu:0").or_fail("registering the local buffer")?;
+        let buf = TestBuffer::zeroed(&Memory::Host, len)?;
+        buf.register(&engine).or_fail("registering the local buffer")?;
         Ok(Solo { engine, buf })
     }
 }
@@ -390,28 +663,28 @@ fn write_read(t: &Target, size: u64) -> TestResult {
     let off = align_up(3, t.caps.alignment);
     let n = size as usize;
     let p = Pair::new(t, 2 * size, size + 2 * off)?;
-    p.abuf.write(0, &pattern(size, n));
+    p.abuf.write(0, &pattern(size, n))?;
     if t.caps.write {
         p.run_ok(&[p.req(Opcode::Write, 0, off, size)], "write")?;
-        let b = p.bbuf.bytes();
+        let b = p.bbuf.bytes()?;
         check_pattern(&b[off as usize..off as usize + n], size, 0, "remote bytes after write")?;
         ensure!(b[..off as usize].iter().all(|x| *x == 0), "write touched bytes before the target range");
         ensure!(b[off as usize + n..].iter().all(|x| *x == 0), "write touched bytes after the target range");
     } else {
-        p.bbuf.write(off, &pattern(size, n));
+        p.bbuf.write(off, &pattern(size, n))?;
     }
     if t.caps.read {
         p.run_ok(&[p.req(Opcode::Read, size, off, size)], "read")?;
-        check_pattern(&p.abuf.bytes()[n..], size, 0, "local bytes after read")?;
+        check_pattern(&p.abuf.read(size, size)?, size, 0, "local bytes after read")?;
     }
     Ok(Outcome::Passed)
 }
 
 fn self_segment(t: &Target) -> TestResult {
     let a = engine(t)?;
-    let buf = HostBuf::zeroed(8192);
-    buf.write(0, &pattern(3, 4096));
-    a.register_owned(buf.owned(), "cpu:0").or_fail("registering")?;
+    let buf = TestBuffer::zeroed(&t.local, 8192)?;
+    buf.write(0, &pattern(3, 4096))?;
+    buf.register(&a).or_fail("registering")?;
     let res = (|| {
         let me = a.open_segment(a.local_segment_name()).or_fail("opening our own segment")?;
         let w = TransferRequest {
@@ -426,7 +699,7 @@ fn self_segment(t: &Target) -> TestResult {
     let _ = a.unregister_memory(buf.addr());
     a.shutdown();
     res?;
-    check_pattern(&buf.bytes()[4096..], 3, 0, "bytes written through our own segment")?;
+    check_pattern(&buf.read(4096, 4096)?, 3, 0, "bytes written through our own segment")?;
     Ok(Outcome::Passed)
 }
 
@@ -435,7 +708,7 @@ fn large_batch(t: &Target) -> TestResult {
     const CHUNK: u64 = 4096;
     let total = N * CHUNK;
     let p = Pair::new(t, 2 * total, total)?;
-    p.abuf.write(0, &pattern(41, total as usize));
+    p.abuf.write(0, &pattern(41, total as usize))?;
     // Writes through the polling API, in submissions no larger than max_batch_size.
     let writes: Vec<_> = (0..N).map(|i| p.req(Opcode::Write, i * CHUNK, i * CHUNK, CHUNK)).collect();
     let id = p.a.allocate_batch(N as usize).or_fail("allocate_batch(1024)")?;
@@ -456,13 +729,14 @@ fn large_batch(t: &Target) -> TestResult {
         );
     }
     p.a.free_batch(id).or_fail("free_batch")?;
-    check_pattern(&p.bbuf.bytes(), 41, 0, "remote bytes after 1024 writes")?;
+    check_pattern(&p.bbuf.bytes()?, 41, 0, "remote bytes after 1024 writes")?;
     // Reads through the async API, reversing the chunk order.
     let reads: Vec<_> = (0..N).map(|i| p.req(Opcode::Read, total + (N - 1 - i) * CHUNK, i * CHUNK, CHUNK)).collect();
     p.run_ok(&reads, "1024 reads")?;
+    let back = p.abuf.read(total, total)?;
     for i in 0..N {
-        let local = (total + (N - 1 - i) * CHUNK) as usize;
-        check_pattern(&p.abuf.bytes()[local..local + CHUNK as usize], 41, i * CHUNK, &format!("read {i}"))?;
+        let local = ((N - 1 - i) * CHUNK) as usize;
+        check_pattern(&back[local..local + CHUNK as usize], 41, i * CHUNK, &format!("read {i}"))?;
     }
     Ok(Outcome::Passed)
 }
@@ -474,7 +748,7 @@ fn sync_batch_each(t: &Target) -> TestResult {
     const CHUNK: u64 = 1024;
     let total = N * CHUNK;
     let p = Pair::new(t, 2 * total, total)?;
-    p.abuf.write(0, &pattern(43, total as usize));
+    p.abuf.write(0, &pattern(43, total as usize))?;
     let (a, name) = (p.a.clone(), p.b.local_segment_name().to_string());
     let (abuf, bbuf) = (p.abuf.addr(), p.bbuf.addr());
     let offsets: Vec<u64> = (0..N).map(|i| i * CHUNK).collect();
@@ -483,15 +757,16 @@ fn sync_batch_each(t: &Target) -> TestResult {
             .or_fail("32 writes")?;
     ensure!(writes.len() == N as usize, "{} results for {N} writes", writes.len());
     ensure!(writes.iter().all(Result::is_ok), "writes failed: {writes:?}");
-    check_pattern(&p.bbuf.bytes(), 43, 0, "remote bytes after 32 writes")?;
+    check_pattern(&p.bbuf.bytes()?, 43, 0, "remote bytes after 32 writes")?;
     // Reads into the second half, in reverse chunk order.
     let locals = (0..N).map(|i| abuf + total + (N - 1 - i) * CHUNK);
     let reads =
         sync_each(&a, &name, Opcode::Read, locals, offsets.iter().map(|o| bbuf + o), CHUNK)?.or_fail("32 reads")?;
     ensure!(reads.len() == N as usize && reads.iter().all(Result::is_ok), "reads failed: {reads:?}");
+    let back = p.abuf.read(total, total)?;
     for i in 0..N {
-        let local = (total + (N - 1 - i) * CHUNK) as usize;
-        check_pattern(&p.abuf.bytes()[local..local + CHUNK as usize], 43, i * CHUNK, &format!("read {i}"))?;
+        let local = ((N - 1 - i) * CHUNK) as usize;
+        check_pattern(&back[local..local + CHUNK as usize], 43, i * CHUNK, &format!("read {i}"))?;
     }
     drop(p);
     Ok(Outcome::Passed)
@@ -504,11 +779,11 @@ fn sync_batch_stale_range(t: &Target) -> TestResult {
     const N: u64 = 32;
     const CHUNK: u64 = 1024;
     let total = N * CHUNK;
-    let extra = HostBuf::with_pattern(9, CHUNK as usize);
+    let extra = TestBuffer::with_pattern(&t.remote, 9, CHUNK)?;
     let p = Pair::new(t, total, total)?;
-    p.abuf.write(0, &pattern(44, total as usize));
-    p.bbuf.write(0, &pattern(45, total as usize));
-    p.b.register_owned(extra.owned(), "cpu:0").or_fail("registering B's extra buffer")?;
+    p.abuf.write(0, &pattern(44, total as usize))?;
+    p.bbuf.write(0, &pattern(45, total as usize))?;
+    extra.register(&p.b).or_fail("registering B's extra buffer")?;
     let seg = p.a.refresh_segment(p.seg).or_fail("A refreshing B")?;
     ensure!(seg.descriptor.find_buffer(extra.addr(), CHUNK).is_some(), "A does not see B's extra buffer");
     p.b.unregister_memory(extra.addr()).or_fail("B unregistering the extra buffer")?;
@@ -536,8 +811,8 @@ fn sync_batch_stale_range(t: &Target) -> TestResult {
     }
     // The neighbours moved their bytes (request 3's local chunk stays as it was).
     let (moved, want_seed, stays) = match op {
-        Opcode::Read => (p.abuf.bytes(), 45, pattern(44, total as usize)),
-        Opcode::Write => (p.bbuf.bytes(), 44, pattern(45, total as usize)),
+        Opcode::Read => (p.abuf.bytes()?, 45, pattern(44, total as usize)),
+        Opcode::Write => (p.bbuf.bytes()?, 44, pattern(45, total as usize)),
     };
     for i in (0..N as usize).filter(|&i| i != 3) {
         let range = i * CHUNK as usize..(i + 1) * CHUNK as usize;
@@ -545,7 +820,7 @@ fn sync_batch_stale_range(t: &Target) -> TestResult {
     }
     let range = 3 * CHUNK as usize..4 * CHUNK as usize;
     check_equal(&moved[range.clone()], &stays[range], "the chunk of the refused request")?;
-    check_pattern(&extra.bytes(), 9, 0, "unregistered remote buffer (must be untouched)")?;
+    check_pattern(&extra.bytes()?, 9, 0, "unregistered remote buffer (must be untouched)")?;
     drop(p);
     drop(extra);
     Ok(Outcome::Passed)
@@ -584,26 +859,22 @@ fn mixed_batch(t: &Target) -> TestResult {
     }
     let total = end;
     let p = Pair::new(t, 2 * total, 2 * total)?;
-    p.abuf.write(0, &pattern(66, total as usize));
-    p.bbuf.write(total, &pattern(77, total as usize));
+    p.abuf.write(0, &pattern(66, total as usize))?;
+    p.bbuf.write(total, &pattern(77, total as usize))?;
     let mut reqs = Vec::new();
     for (o, s) in offs.iter().zip(&sizes) {
         reqs.push(p.req(Opcode::Write, *o, *o, *s));
         reqs.push(p.req(Opcode::Read, total + o, total + o, *s));
     }
     p.run_ok(&reqs, "mixed batch")?;
+    let (remote, local) = (p.bbuf.read(0, total)?, p.abuf.read(total, total)?);
     for (o, s) in offs.iter().zip(&sizes) {
         let (o, s) = (*o as usize, *s as usize);
-        check_pattern(&p.bbuf.bytes()[o..o + s], 66, o as u64, &format!("remote chunk at {o} ({s} bytes)"))?;
-        check_pattern(
-            &p.abuf.bytes()[total as usize + o..total as usize + o + s],
-            77,
-            o as u64,
-            &format!("local chunk at {o} ({s} bytes)"),
-        )?;
+        check_pattern(&remote[o..o + s], 66, o as u64, &format!("remote chunk at {o} ({s} bytes)"))?;
+        check_pattern(&local[o..o + s], 77, o as u64, &format!("local chunk at {o} ({s} bytes)"))?;
         let next = o + s;
         let gap_end = (next + gap as usize).min(total as usize);
-        ensure!(p.bbuf.bytes()[next..gap_end].iter().all(|b| *b == 0), "write {s}B at {o} spilled past its end");
+        ensure!(remote[next..gap_end].iter().all(|b| *b == 0), "write {s}B at {o} spilled past its end");
     }
     Ok(Outcome::Passed)
 }
@@ -616,7 +887,7 @@ fn concurrent(t: &Target) -> TestResult {
     let p = Pair::new(t, 2 * total, total)?;
     for k in 0..THREADS {
         let s = (k * SLICE) as usize;
-        p.abuf.write(s as u64, &pattern(100 + k, SLICE as usize));
+        p.abuf.write(s as u64, &pattern(100 + k, SLICE as usize))?;
     }
     let peer = p.b.local_segment_name().to_string();
     let errors: Vec<String> = std::thread::scope(|scope| {
@@ -657,12 +928,12 @@ fn concurrent(t: &Target) -> TestResult {
             .collect()
     });
     ensure!(errors.is_empty(), "{}", errors.join("; "));
+    let (remote, back) = (p.bbuf.read(0, total)?, p.abuf.read(total, total)?);
     for k in 0..THREADS {
         let s = (k * SLICE) as usize;
         let e = s + SLICE as usize;
-        check_pattern(&p.bbuf.bytes()[s..e], 100 + k, 0, &format!("remote slice of thread {k}"))?;
-        let (bs, be) = (total as usize + s, total as usize + e);
-        check_pattern(&p.abuf.bytes()[bs..be], 100 + k, 0, &format!("read-back slice of thread {k}"))?;
+        check_pattern(&remote[s..e], 100 + k, 0, &format!("remote slice of thread {k}"))?;
+        check_pattern(&back[s..e], 100 + k, 0, &format!("read-back slice of thread {k}"))?;
     }
     Ok(Outcome::Passed)
 }
@@ -785,12 +1056,12 @@ fn out_of_bounds(t: &Target) -> TestResult {
         let e = single_error(p.run(&[r])?, what)?;
         ensure!(is_address_error(&e), "{what}: error {e:?} is not AddressNotRegistered/RemoteRejected/InvalidArgument");
     }
-    ensure!(p.bbuf.bytes().iter().all(|b| *b == 0), "a rejected request modified the remote buffer");
+    ensure!(p.bbuf.bytes()?.iter().all(|b| *b == 0), "a rejected request modified the remote buffer");
     // The peer keeps serving: a valid transfer right after succeeds.
-    p.abuf.write(0, &pattern(9, 4096));
+    p.abuf.write(0, &pattern(9, 4096))?;
     p.run_ok(&[p.req(op, 0, 0, 4096)], "valid transfer after rejected ones")?;
     if t.caps.write {
-        check_pattern(&p.bbuf.bytes(), 9, 0, "remote bytes after the valid write")?;
+        check_pattern(&p.bbuf.bytes()?, 9, 0, "remote bytes after the valid write")?;
     }
     Ok(Outcome::Passed)
 }
@@ -798,9 +1069,9 @@ fn out_of_bounds(t: &Target) -> TestResult {
 fn stale_remote_range(t: &Target) -> TestResult {
     // The peer unregisters a buffer A still has in its cached descriptor: the transport's own
     // server-side check (not the engine's descriptor check) must refuse the access.
-    let extra = HostBuf::with_pattern(5, 4096);
+    let extra = TestBuffer::with_pattern(&t.remote, 5, 4096)?;
     let p = Pair::new(t, 8192, 4096)?;
-    p.b.register_owned(extra.owned(), "cpu:0").or_fail("registering B's extra buffer")?;
+    extra.register(&p.b).or_fail("registering B's extra buffer")?;
     let seg = p.a.refresh_segment(p.seg).or_fail("A refreshing B")?;
     ensure!(seg.descriptor.find_buffer(extra.addr(), 4096).is_some(), "A does not see B's extra buffer");
     p.b.unregister_memory(extra.addr()).or_fail("B unregistering the extra buffer")?;
@@ -819,8 +1090,8 @@ fn stale_remote_range(t: &Target) -> TestResult {
             "{op:?} of a range the peer unregistered: {e:?}, expected RemoteRejected or AddressNotRegistered"
         );
     }
-    check_pattern(&extra.bytes(), 5, 0, "unregistered remote buffer (must be untouched)")?;
-    ensure!(p.abuf.bytes()[4096..].iter().all(|b| *b == 0), "a refused read still delivered bytes");
+    check_pattern(&extra.bytes()?, 5, 0, "unregistered remote buffer (must be untouched)")?;
+    ensure!(p.abuf.read(4096, 4096)?.iter().all(|b| *b == 0), "a refused read still delivered bytes");
     let op = if t.caps.write { Opcode::Write } else { Opcode::Read };
     p.run_ok(&[p.req(op, 0, 0, 4096)], "valid transfer after the refusal")?;
     drop(p);
@@ -862,7 +1133,7 @@ fn zero_length(t: &Target) -> TestResult {
 /// `requires_local_registration` is false: only the `unsafe` `TransferEngine::unchecked` calls skip the check).
 fn unregistered_local(t: &Target) -> TestResult {
     let p = Pair::new(t, 4096, 4096)?;
-    let stray = HostBuf::zeroed(4096);
+    let stray = TestBuffer::zeroed(&t.local, 4096)?;
     for op in [Opcode::Write, Opcode::Read]
         .into_iter()
         .filter(|op| if *op == Opcode::Write { t.caps.write } else { t.caps.read })
@@ -894,8 +1165,8 @@ fn unregistered_local(t: &Target) -> TestResult {
             p.a.free_batch(id).or_fail("free_batch")?;
         }
     }
-    ensure!(p.bbuf.bytes().iter().all(|b| *b == 0), "a refused request touched the remote buffer");
-    ensure!(stray.bytes().iter().all(|b| *b == 0), "a refused request touched the unregistered local buffer");
+    ensure!(p.bbuf.bytes()?.iter().all(|b| *b == 0), "a refused request touched the remote buffer");
+    ensure!(stray.bytes()?.iter().all(|b| *b == 0), "a refused request touched the unregistered local buffer");
     Ok(Outcome::Passed)
 }
 
@@ -915,7 +1186,7 @@ fn unregister_waits_for_local_use(t: &Target) -> TestResult {
         let s = batch.overall();
         ensure!(s.error.is_none(), "the transfer failed: {:?}", s.error);
         p.a.free_batch(id).or_fail("free_batch")?;
-        p.a.register_owned(p.abuf.owned(), "cpu:0").or_fail("registering the local buffer again")?;
+        p.abuf.register(&p.a).or_fail("registering the local buffer again")?;
     }
     Ok(Outcome::Passed)
 }
@@ -1023,14 +1294,13 @@ fn cross_read_write(t: &Target) -> TestResult {
     let (local, remote) = (s.buf.addr(), peer.info.addr);
     let r = [remote_req(h, Opcode::Read, local, remote, SIZE)];
     all_ok(run(&s.engine, &r)?, &r, "reading the child's buffer")?;
-    check_pattern(&s.buf.bytes()[..SIZE as usize], 11, 0, "bytes read from the child")?;
-    let s = s;
-    s.buf.write(SIZE, &pattern(12, 65536));
+    check_pattern(&s.buf.read(0, SIZE)?, 11, 0, "bytes read from the child")?;
+    s.buf.write(SIZE, &pattern(12, 65536))?;
     let w = [remote_req(h, Opcode::Write, local + SIZE, remote + 4096, 65536)];
     all_ok(run(&s.engine, &w)?, &w, "writing into the child")?;
     let r = [remote_req(h, Opcode::Read, local, remote, 8192 + 65536)];
     all_ok(run(&s.engine, &r)?, &r, "reading back from the child")?;
-    let b = s.buf.bytes();
+    let b = s.buf.bytes()?;
     check_pattern(&b[..4096], 11, 0, "child bytes before the written range")?;
     check_pattern(&b[4096..4096 + 65536], 12, 0, "child bytes written and read back")?;
     check_pattern(&b[4096 + 65536..8192 + 65536], 11, 4096 + 65536, "child bytes after the written range")?;
@@ -1096,7 +1366,7 @@ fn cross_killed_mid_batch(t: &Target) -> TestResult {
             (TransferState::Completed, _) => {
                 let o = i * chunk as usize;
                 let start = i as u64 * chunk;
-                check_pattern(&s.buf.bytes()[o..o + chunk as usize], 17, start, &format!("completed request {i}"))?;
+                check_pattern(&s.buf.read(o as u64, chunk)?, 17, start, &format!("completed request {i}"))?;
             }
             (TransferState::Failed, Some(e)) if e.is_disconnect() => {}
             (state, e) => bad.push(format!("request {i}: {state:?} {e:?}")),
@@ -1146,13 +1416,24 @@ fn cross_restart(t: &Target) -> TestResult {
     );
     let r = [remote_req(h, Opcode::Read, s.buf.addr(), second.info.addr, 65536)];
     all_ok(run(&s.engine, &r)?, &r, "reading from the restarted child")?;
-    check_pattern(&s.buf.bytes(), 22, 0, "bytes from the restarted child")?;
+    check_pattern(&s.buf.bytes()?, 22, 0, "bytes from the restarted child")?;
     Ok(Outcome::Passed)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_pairs_name_their_trials() {
+        assert_eq!(MemoryPair::HOST.suffix(), "");
+        let [gpu_host, host_gpu, gpu_gpu] = MemoryPair::with_device(MemoryKind::Rocm);
+        assert_eq!(gpu_host.suffix(), "[rocm->host]");
+        assert_eq!(host_gpu.to_string(), "host->rocm");
+        assert_eq!(gpu_gpu, MemoryPair::new(MemoryKind::Rocm, MemoryKind::Rocm));
+        assert_eq!(kind_of_driver("cuda"), Some(MemoryKind::Cuda));
+        assert_eq!(kind_of_driver("host"), None);
+    }
 
     #[test]
     fn sweep_follows_limits() {

@@ -96,6 +96,11 @@ impl HostBuf {
         self.mem.to_vec()
     }
 
+    /// Copies `dst.len()` bytes at `offset` into `dst`.
+    pub(crate) fn read(&self, offset: u64, dst: &mut [u8]) -> Result<(), String> {
+        self.mem.read(offset, dst).or_fail("reading the test buffer")
+    }
+
     /// Copies `data` into the buffer at `offset` (panics past the end: a bug in the suite).
     pub(crate) fn write(&self, offset: u64, data: &[u8]) {
         self.mem.write(offset, data).expect("write inside the test buffer");

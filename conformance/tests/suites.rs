@@ -4,7 +4,8 @@
 //! (against real servers started on free 127.0.0.1 ports by `mooncake-testkit`).
 
 use mooncake_conformance::{
-    PeerCommand, Report, SuiteOptions, checked_in_disabled, device_suite, metadata_suite, run_trials, transport_suite,
+    Outcome, PeerCommand, Report, SuiteOptions, checked_in_disabled, device_suite, metadata_suite, run_trials,
+    transport_suite,
 };
 
 fn link() {
@@ -55,19 +56,42 @@ fn loopback_transport_conforms() {
     assert_clean(&run_trials(transport_suite("loopback", &options("loopback")), None));
 }
 
+/// The GPU memory pairs a transport declares but no device here provides are listed as skipped, with the
+/// device probe's reason (`tests/gpu_pairs.rs` runs them against a stand-in GPU).
+fn check_gpu_pairs_listed(report: &Report) {
+    for r in report.results.iter().filter(|r| r.name.contains('[')) {
+        assert!(r.name.starts_with("memory_pair["), "{}: a GPU pair ran without a GPU device: {:?}", r.name, r.outcome);
+    }
+    for (driver, kind) in [("cuda", "cuda"), ("rocm", "rocm"), ("musa", "musa")] {
+        let probe = mooncake_core::registry::devices().into_iter().find(|f| f.name == driver).map(|f| (f.probe)());
+        let Some(mooncake_core::registry::Availability::Unavailable(why)) = probe else { continue };
+        for pair in [format!("{kind}->host"), format!("host->{kind}"), format!("{kind}->{kind}")] {
+            let name = format!("memory_pair[{pair}]");
+            let r = report.results.iter().find(|r| r.name == name).unwrap_or_else(|| panic!("{name} not listed"));
+            let want = format!("no {kind} device here: {why}");
+            assert!(
+                matches!(&r.outcome, Outcome::Skipped(w) if *w == want),
+                "{name}: {:?}, expected {want:?}",
+                r.outcome
+            );
+        }
+    }
+}
+
 #[test]
 fn tcp_transport_conforms() {
     link();
     let report = run_trials(transport_suite("tcp", &options("tcp")), None);
     assert_clean(&report);
+    check_gpu_pairs_listed(&report);
+    // Host memory on both ends moves: the data cases ran (a transport that cannot reach a remote's memory
+    // skips its cases; tcp reaches host memory).
+    for r in report.results.iter().filter(|r| r.name.starts_with("write_read_")) {
+        assert_eq!(r.outcome, Outcome::Passed, "{}", r.name);
+    }
     // tcp is cross-process: the child-process cases must have run, not skipped.
     for r in report.results.iter().filter(|r| r.name.starts_with("cross_process")) {
-        assert!(
-            matches!(r.outcome, mooncake_conformance::Outcome::Passed | mooncake_conformance::Outcome::Disabled(_)),
-            "{}: {:?}",
-            r.name,
-            r.outcome
-        );
+        assert!(matches!(r.outcome, Outcome::Passed | Outcome::Disabled(_)), "{}: {:?}", r.name, r.outcome);
     }
 }
 
@@ -76,11 +100,15 @@ fn shm_transport_conforms() {
     link();
     let report = run_trials(transport_suite("shm", &options("shm")), None);
     assert_clean(&report);
+    check_gpu_pairs_listed(&report);
+    for r in report.results.iter().filter(|r| r.name.starts_with("write_read_")) {
+        assert_eq!(r.outcome, Outcome::Passed, "{}", r.name);
+    }
     // Same-host cross-process transfers are what shm is for: those cases must have run.
     let cross = report.results.iter().filter(|r| r.name.starts_with("cross_process")).count();
     assert!(cross >= 4, "expected 4 cross-process cases, found {cross}");
     for r in report.results.iter().filter(|r| r.name.starts_with("cross_process")) {
-        assert!(matches!(r.outcome, mooncake_conformance::Outcome::Passed), "{}: {:?}", r.name, r.outcome);
+        assert!(matches!(r.outcome, Outcome::Passed), "{}: {:?}", r.name, r.outcome);
     }
 }
 
@@ -117,7 +145,7 @@ fn metadata_conforms(backend: &str, conn: String) -> Report {
         .iter()
         .filter(|r| ["shared_visibility", "service_down_is_unavailable"].contains(&r.name.as_str()))
     {
-        assert!(matches!(r.outcome, mooncake_conformance::Outcome::Passed), "{}: {:?}", r.name, r.outcome);
+        assert!(matches!(r.outcome, Outcome::Passed), "{}: {:?}", r.name, r.outcome);
     }
     report
 }
@@ -137,7 +165,7 @@ fn etcd_metadata_conforms() {
     let etcd = mooncake_testkit::EtcdServer::start().expect("etcd");
     let report = metadata_conforms("etcd", etcd.conn());
     for r in report.results.iter().filter(|r| r.name.starts_with("lease") || r.name.starts_with("watch")) {
-        assert!(matches!(r.outcome, mooncake_conformance::Outcome::Passed), "{}: {:?}", r.name, r.outcome);
+        assert!(matches!(r.outcome, Outcome::Passed), "{}: {:?}", r.name, r.outcome);
     }
 }
 
