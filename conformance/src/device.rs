@@ -1,4 +1,8 @@
-//! The MemoryDevice suite: allocate, classify, copy to and from host, free, and the error cases.
+//! The MemoryDevice suite: allocate, classify, copy to and from host, free, and the error cases; for devices
+//! the CPU cannot reach that export handles (GPUs), device-to-device copies through imported handles, as the
+//! GPU IPC transports make them.
+//!
+//! It runs on every device driver whose probe passes in the process (the runner runs it for each one linked).
 
 use std::sync::Arc;
 
@@ -23,7 +27,7 @@ pub fn device_suite(name: &str, opts: &SuiteOptions) -> Vec<Trial> {
     if let Availability::Unavailable(why) = (factory.probe)() {
         return vec![Trial::fixed(KIND, name, "probe", Outcome::Skipped(format!("probe: {why}")))];
     }
-    let cases: [(&str, Body); 10] = [
+    let cases: [(&str, Body); 11] = [
         ("declaration", declaration),
         ("allocate_free", allocate_free),
         ("classify_own_memory", classify),
@@ -34,6 +38,7 @@ pub fn device_suite(name: &str, opts: &SuiteOptions) -> Vec<Trial> {
         ("double_free_rejected", double_free),
         ("concurrent_allocations", concurrent),
         ("sharing_handles", sharing),
+        ("copy_between_and_imported_handles", copy_between),
     ];
     cases
         .into_iter()
@@ -224,4 +229,74 @@ fn sharing(dev: &dyn MemoryDevice, caps: &DeviceCapabilities) -> TestResult {
     })();
     dev.free(&a).or_fail("freeing")?;
     r
+}
+
+/// What a GPU IPC transport does with a device: copies device to device ([`MemoryDevice::copy_between`])
+/// between its own allocations, and from and into memory imported from an exported handle, checked with
+/// host copies; out-of-bounds copies are refused with a typed error. Devices the CPU reads directly, or that
+/// export no handles, skip it.
+fn copy_between(dev: &dyn MemoryDevice, caps: &DeviceCapabilities) -> TestResult {
+    if caps.host_accessible || !caps.export_handles {
+        return Ok(Outcome::Skipped(format!(
+            "for devices the CPU cannot read that export handles (GPUs); this one has host_accessible = {}, \
+             export_handles = {}",
+            caps.host_accessible, caps.export_handles
+        )));
+    }
+    const LEN: u64 = (1 << 20) + 4096;
+    let options = AllocOptions { shareable: true, ..AllocOptions::default() };
+    let a = dev.allocate(LEN, &options).or_fail("allocating the source")?;
+    let b = match dev.allocate(LEN, &AllocOptions::default()).or_fail("allocating the destination") {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = dev.free(&a);
+            return Err(e);
+        }
+    };
+    let mut imported = None;
+    let r = (|| {
+        let src = pattern(51, LEN as usize);
+        dev.copy_from_host(&src, &a, 0).or_fail("copy_from_host")?;
+        dev.copy_from_host(&vec![0u8; LEN as usize], &b, 0).or_fail("zeroing the destination")?;
+        // Own allocations, at offsets.
+        dev.copy_between(&a, 4096, &b, 100, 1 << 20).or_fail("copy_between 1 MiB")?;
+        let mut back = vec![0u8; LEN as usize];
+        dev.copy_to_host(&b, 0, &mut back).or_fail("copy_to_host")?;
+        check_equal(&back[100..100 + (1 << 20)], &src[4096..4096 + (1 << 20)], "bytes copied device to device")?;
+        ensure!(back[..100].iter().all(|x| *x == 0), "copy_between wrote before its destination range");
+        ensure!(back[100 + (1 << 20)..].iter().all(|x| *x == 0), "copy_between wrote past its destination range");
+        dev.copy_between(&a, 0, &b, 0, 0).or_fail("zero-length copy_between")?;
+        // Memory imported from a handle, as a peer process maps it: read from it, write into it.
+        let h = dev.export_handle(&a).or_fail("export_handle")?;
+        let m = imported.insert(dev.import_handle(&h).or_fail("import_handle")?);
+        dev.copy_between(m, 0, &b, 0, 8192).or_fail("copy_between from the imported mapping")?;
+        let mut got = vec![0u8; 8192];
+        dev.copy_to_host(&b, 0, &mut got).or_fail("copy_to_host")?;
+        check_equal(&got, &src[..8192], "bytes copied from the imported mapping")?;
+        let fresh = pattern(52, 8192);
+        dev.copy_from_host(&fresh, &b, 0).or_fail("copy_from_host")?;
+        dev.copy_between(&b, 0, m, 65536, 8192).or_fail("copy_between into the imported mapping")?;
+        dev.copy_to_host(&a, 65536, &mut got).or_fail("copy_to_host of the exporter's allocation")?;
+        check_equal(&got, &fresh, "exporter's bytes after a copy into its imported mapping")?;
+        // Out of bounds on either side: typed errors, nothing copied.
+        for (what, r) in [
+            ("source range past its end", dev.copy_between(&a, LEN - 10, &b, 0, 100)),
+            ("destination range past its end", dev.copy_between(&a, 0, &b, LEN - 10, 100)),
+            ("overflowing offset", dev.copy_between(&a, u64::MAX - 10, &b, 0, 100)),
+        ] {
+            match r {
+                Err(Error::AddressNotRegistered { .. } | Error::InvalidArgument(_)) => {}
+                Err(e) => return Err(format!("copy_between with a {what}: {e:?}, expected a typed bounds error")),
+                Ok(()) => return Err(format!("copy_between with a {what} was accepted")),
+            }
+        }
+        Ok(Outcome::Passed)
+    })();
+    if let Some(m) = imported {
+        let _ = dev.free(&m);
+    }
+    let freed = dev.free(&b).and(dev.free(&a));
+    let out = r?;
+    freed.or_fail("freeing")?;
+    Ok(out)
 }

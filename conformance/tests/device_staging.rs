@@ -1,112 +1,15 @@
 //! Memory of a device the CPU cannot read is never dereferenced: CPU transports move its bytes through the
-//! device (staging). The test-only device below keeps its bytes in vectors and hands out addresses that are
-//! mapped nowhere in this process (non-canonical on x86-64 and aarch64), so a CPU access through one of them
-//! would crash the test instead of passing by luck.
+//! device (staging). The test-only device (`common::far::FarDevice`) keeps its bytes in vectors and hands out
+//! addresses that are mapped nowhere in this process, so a CPU access through one of them would crash the test
+//! instead of passing by luck. It is not in this binary's registry: the tests hand it to the engines.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+mod common;
 
-use mooncake::{
-    AllocOptions, Allocation, DeviceCapabilities, EngineConfig, Error, HostBuffer, Location, MemoryDevice, MemoryKind,
-    Opcode, OwnedMemory, Result, TransferEngine, TransferRequest,
-};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
-/// Where the device's made-up address space starts: never mapped in a user process.
-const BASE: u64 = 0x4000_0000_0000_0000;
-
-/// The bytes of one allocation.
-type Storage = Arc<Mutex<Vec<u8>>>;
-
-/// A "GPU" whose memory lives in host vectors the CPU reaches only through `copy_to_host`/`copy_from_host`.
-#[derive(Default)]
-struct FarDevice {
-    /// Start address -> (token, bytes).
-    allocations: Mutex<BTreeMap<u64, (u64, Storage)>>,
-    next: AtomicU64,
-    copies: AtomicU64,
-}
-
-impl FarDevice {
-    fn storage(&self, a: &Allocation) -> Result<Storage> {
-        match self.allocations.lock().unwrap().get(&a.addr) {
-            Some((token, v)) if *token == a.token && v.lock().unwrap().len() as u64 == a.len => Ok(v.clone()),
-            _ => Err(Error::NotFound(format!("no far allocation at {:#x}", a.addr))),
-        }
-    }
-
-    fn bytes(&self, a: &Allocation) -> Vec<u8> {
-        self.storage(a).unwrap().lock().unwrap().clone()
-    }
-}
-
-impl MemoryDevice for FarDevice {
-    fn name(&self) -> &str {
-        "far"
-    }
-
-    fn kind(&self) -> MemoryKind {
-        MemoryKind::Cuda
-    }
-
-    fn capabilities(&self) -> DeviceCapabilities {
-        DeviceCapabilities { host_accessible: false, device_count: 1, ..Default::default() }
-    }
-
-    fn classify(&self, addr: u64, len: u64) -> Option<Location> {
-        self.allocation_of(addr, len).map(|a| a.location)
-    }
-
-    fn allocate(&self, len: u64, _options: &AllocOptions) -> Result<Allocation> {
-        let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
-        let addr = BASE + id * (1 << 32);
-        self.allocations.lock().unwrap().insert(addr, (id, Arc::new(Mutex::new(vec![0u8; len as usize]))));
-        Ok(Allocation { addr, len, location: Location::Device(MemoryKind::Cuda, 0), token: id })
-    }
-
-    fn free(&self, a: &Allocation) -> Result<()> {
-        self.storage(a)?;
-        self.allocations.lock().unwrap().remove(&a.addr);
-        Ok(())
-    }
-
-    fn copy_to_host(&self, a: &Allocation, offset: u64, dst: &mut [u8]) -> Result<()> {
-        mooncake::device::check_bounds(a, offset, dst.len() as u64)?;
-        let v = self.storage(a)?;
-        let v = v.lock().unwrap();
-        dst.copy_from_slice(&v[offset as usize..offset as usize + dst.len()]);
-        self.copies.fetch_add(1, Ordering::Relaxed);
-        Ok(())
-    }
-
-    fn copy_from_host(&self, src: &[u8], a: &Allocation, offset: u64) -> Result<()> {
-        mooncake::device::check_bounds(a, offset, src.len() as u64)?;
-        let v = self.storage(a)?;
-        v.lock().unwrap()[offset as usize..offset as usize + src.len()].copy_from_slice(src);
-        self.copies.fetch_add(1, Ordering::Relaxed);
-        Ok(())
-    }
-
-    fn hold(&self, a: &Allocation) -> Result<OwnedMemory> {
-        let storage = self.storage(a)?;
-        // SAFETY: the range is this device's memory (the allocation was just found live); the CPU never
-        // dereferences it (the device is not host-accessible, so the engine copies through the device), and
-        // the held storage keeps the bytes alive while the registration lives.
-        Ok(unsafe { OwnedMemory::new(a.addr, a.len, Box::new(storage)) })
-    }
-
-    fn allocation_of(&self, addr: u64, len: u64) -> Option<Allocation> {
-        let map = self.allocations.lock().unwrap();
-        let (start, (token, v)) = map.range(..=addr).next_back()?;
-        let size = v.lock().unwrap().len() as u64;
-        (addr.checked_add(len)? <= start + size).then_some(Allocation {
-            addr: *start,
-            len: size,
-            location: Location::Device(MemoryKind::Cuda, 0),
-            token: *token,
-        })
-    }
-}
+use common::far::FarDevice;
+use mooncake::{AllocOptions, EngineConfig, Error, HostBuffer, MemoryDevice, Opcode, TransferEngine, TransferRequest};
 
 fn engine(protocols: &[&str]) -> TransferEngine {
     mooncake::link_all();
