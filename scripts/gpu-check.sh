@@ -24,6 +24,8 @@ build() {
     cargo build --release -q -p mooncake-programs --features cuda --bin transfer_engine_bench
     cargo build --release -q -p mooncake-conformance --no-default-features --features gpu --bin mooncake-conformance
     cp target/release/transfer_engine_bench target/release/mooncake-conformance "$out/bin/"
+    # Debug info would triple the size; the folder is meant to be carried to a GPU machine.
+    strip --strip-debug "$out"/bin/* 2>/dev/null || true
     rm -f target/wheels/mooncake_rs-*.whl
     scripts/build_wheel.sh >/dev/null
     rm -f "$out"/wheel/*.whl

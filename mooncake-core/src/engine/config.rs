@@ -76,7 +76,9 @@ impl EngineConfig {
             cluster_id: std::env::var("MC_METADATA_CLUSTER_ID").ok(),
             protocol_priority: split_list(&std::env::var("MC_PROTOCOL_PRIORITY").unwrap_or_default()),
             republish_interval: Duration::from_millis(env("MC_METADATA_REPUBLISH_MS").unwrap_or(2000)),
-            auto_protocols: split_list(&std::env::var("MC_AUTO_PROTOCOLS").unwrap_or_else(|_| DEFAULT_AUTO_PROTOCOLS.into())),
+            auto_protocols: split_list(
+                &std::env::var("MC_AUTO_PROTOCOLS").unwrap_or_else(|_| DEFAULT_AUTO_PROTOCOLS.into()),
+            ),
             name_with_rpc_port: false,
         }
     }
