@@ -21,6 +21,9 @@ pub const FIELD_OFFSET: &str = "ipc_offset";
 pub const FIELD_ALLOC_LENGTH: &str = "ipc_alloc_length";
 /// Top-level field: the exporting host's boot id (ours).
 pub const FIELD_HOST_ID: &str = "ipc_host_id";
+/// Top-level field: the exporting process's pid (ours): a peer in the same process copies directly, as a process
+/// cannot open its own legacy IPC handles.
+pub const FIELD_PID: &str = "ipc_pid";
 
 /// Bytes of a legacy IPC handle or a CUDA fabric handle.
 pub const IPC_HANDLE_BYTES: usize = 64;
@@ -69,20 +72,26 @@ impl Section for IpcBuffer {
     }
 }
 
-/// The top-level field: which host the segment's handles belong to.
+/// The top-level fields: which host and process the segment's handles belong to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IpcHost {
     /// The kernel boot id of the exporting host.
     pub host_id: String,
+    /// The exporting process, when published.
+    pub pid: Option<u32>,
 }
 
 impl Section for IpcHost {
     fn read(fields: &Fields) -> Result<Option<Self>, FieldError> {
-        Ok(fields.get_as::<String>(FIELD_HOST_ID)?.map(|host_id| IpcHost { host_id }))
+        let Some(host_id) = fields.get_as::<String>(FIELD_HOST_ID)? else { return Ok(None) };
+        Ok(Some(IpcHost { host_id, pid: fields.get_as(FIELD_PID)? }))
     }
 
     fn write(&self, fields: &mut Fields) {
         fields.insert(FIELD_HOST_ID, self.host_id.as_str());
+        if let Some(pid) = self.pid {
+            fields.insert(FIELD_PID, pid);
+        }
     }
 }
 
@@ -167,12 +176,12 @@ mod tests {
             alloc_length: Some(2 << 20),
         };
         d.buffers[0].set_section(&ours);
-        d.set_section(&IpcHost { host_id: "0f3c-boot".into() });
+        d.set_section(&IpcHost { host_id: "0f3c-boot".into(), pid: Some(77) });
         let json = d.to_json();
         assert!(json.contains(r#""shm_name":"1100000092100000""#), "{json}");
         let back = SegmentDescriptor::from_json(json.as_bytes()).unwrap();
         assert_eq!(back.buffers[0].section::<IpcBuffer>().unwrap().unwrap(), ours);
-        assert_eq!(back.section::<IpcHost>().unwrap().unwrap().host_id, "0f3c-boot");
+        assert_eq!(back.section::<IpcHost>().unwrap().unwrap(), IpcHost { host_id: "0f3c-boot".into(), pid: Some(77) });
         assert_eq!(decode_fd_handle(&ours.handle), Some((17, 4242)));
     }
 

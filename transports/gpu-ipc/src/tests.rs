@@ -385,6 +385,8 @@ fn bad_handles_are_typed_errors() {
             |e| matches!(e, Error::RemoteDisconnected { .. }),
         ),
     ];
+    // As a peer in another process sees it (no pid of ours): the handles are imported.
+    let seg = Arc::new(another_process(&seg));
     for (name, edit, expected) in cases {
         let mut bad = (*seg).clone();
         edit(&mut bad.descriptor.buffers[0].fields);
@@ -403,6 +405,36 @@ fn bad_handles_are_typed_errors() {
 
 fn tokio_runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+/// `seg` as a peer in another process of this host sees it: without our pid, so its handles are imported.
+fn another_process(seg: &mooncake_core::RemoteSegment) -> mooncake_core::RemoteSegment {
+    let mut other = seg.clone();
+    assert!(other.descriptor.fields.remove(crate::section::FIELD_PID).is_some(), "our engines publish their pid");
+    other
+}
+
+/// Both handle forms, imported as a peer in another process would (a legacy-style handle, and a shareable fd
+/// fetched with pidfd_getfd), land on the right bytes; the mapping is cached once per buffer.
+#[test]
+fn handles_are_imported_by_peers_in_other_processes() {
+    for shareable in [false, true] {
+        let (a, b) = (engine(&["nvlink"]), engine(&["nvlink"]));
+        let (dev, ga) = gpu(1 << 16, false, 13);
+        let (_, gb) = gpu(1 << 16, shareable, 14);
+        a.register_allocation(&dev, &ga, "*").unwrap();
+        b.register_allocation(&dev, &gb, "*").unwrap();
+        let pb = b.local_segment_name().to_string();
+        let seg = Arc::new(another_process(&a.segment(a.open_segment(&pb).unwrap()).unwrap()));
+        let rt = tokio_runtime();
+        let transport = started_transport(&rt);
+        assert_eq!(run_on(&transport, &a, seg.clone(), ga.addr).unwrap(), 4096);
+        assert_eq!(run_on(&transport, &a, seg, ga.addr).unwrap(), 4096);
+        assert_eq!(transport.mapped(), 1, "imported once");
+        assert!(bytes(&dev, &gb)[..4096] == pattern(13, 1 << 16)[..4096], "shareable={shareable}");
+        a.shutdown();
+        b.shutdown();
+    }
 }
 
 /// A transport started like an engine would start it, with the test device.

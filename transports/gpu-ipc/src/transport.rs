@@ -7,14 +7,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use mooncake_core::{
-    Access, BackendConfig, BufferDesc, Capabilities, Error, LocalRange, MemoryDevice, MemoryKind, MemoryKinds, Opcode,
-    PerfModel, RegionGuard, RemoteSegment, Result, SegmentDescriptor, SharingHandle, TransferTask, Transport,
-    TransportContext, sync,
+    Access, Allocation, BackendConfig, BufferDesc, Capabilities, Error, LocalRange, MemoryDevice, MemoryKind,
+    MemoryKinds, Opcode, PerfModel, RegionGuard, RemoteSegment, Result, SegmentDescriptor, SharingHandle, TransferTask,
+    Transport, TransportContext, sync,
 };
 use mooncake_raw::Span;
 
 use crate::flavor::Flavor;
-use crate::imports::{Imports, Mapping};
+use crate::imports::Imports;
 use crate::section::{FIELD_HANDLE, IpcBuffer, IpcHost, encode_fd_handle};
 use crate::sys;
 
@@ -138,10 +138,35 @@ impl Shared {
                 ),
             }
         })?;
+        if self.same_process(target) {
+            // Our own memory (another engine of this program): no handle to open, the address is valid here.
+            let remote = st.device.allocation_of(remote_addr, len).ok_or_else(|| Error::AddressNotRegistered {
+                addr: remote_addr,
+                len,
+                context: format!(
+                    "segment {} (this process): no {} memory there any more",
+                    target.name,
+                    st.device.name()
+                ),
+            })?;
+            copy(&st.device, &remote, remote_addr - remote.addr, local, opcode)?;
+            return Ok(len);
+        }
         let mapping = self.imports.get(self.flavor, &st.device, &target.name, buffer, &ipc)?;
         let remote_offset = ipc.offset + (remote_addr - buffer.addr);
-        copy(&st.device, &mapping, remote_offset, local, opcode)?;
+        copy(&st.device, &mapping.allocation, remote_offset, local, opcode)?;
         Ok(len)
+    }
+
+    /// Whether `target` is an engine of this very process (same host identity and pid).
+    fn same_process(&self, target: &RemoteSegment) -> bool {
+        let ours = self.started.get().and_then(|s| s.host_id.as_deref());
+        match target.descriptor.section::<IpcHost>() {
+            Ok(Some(IpcHost { host_id, pid: Some(pid) })) => {
+                Some(host_id.as_str()) == ours && pid == std::process::id()
+            }
+            _ => false,
+        }
     }
 }
 
@@ -150,13 +175,12 @@ impl Shared {
 /// memory staged by `mooncake-raw`).
 fn copy(
     device: &Arc<dyn MemoryDevice>,
-    mapping: &Mapping,
+    remote: &Allocation,
     remote_offset: u64,
     local: &LocalRange,
     opcode: Opcode,
 ) -> Result<()> {
     let len = local.len();
-    let remote = &mapping.allocation;
     if let Access::Device(d) = local.access()
         && same_driver(&d.device, device)
     {
@@ -293,7 +317,7 @@ impl Transport for GpuIpcTransport {
 
     fn describe(&self, desc: &mut SegmentDescriptor) {
         if let Some(host_id) = self.shared.started.get().and_then(|s| s.host_id.clone()) {
-            desc.set_section(&IpcHost { host_id });
+            desc.set_section(&IpcHost { host_id, pid: Some(std::process::id()) });
         }
     }
 
