@@ -298,11 +298,29 @@ struct WireBuffer {
 impl<'de> Deserialize<'de> for SegmentDescriptor {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
         let w = WireSegment::deserialize(deserializer)?;
+        let mut buffers = w.buffers;
+        match Addressing::of(&w.protocol) {
+            Addressing::Virtual => {}
+            Addressing::RegionOffset => {
+                for b in &mut buffers {
+                    if let Some(offset) = b.fields.get(FIELD_OFFSET).and_then(Value::as_u64) {
+                        b.addr = offset;
+                    }
+                }
+            }
+            Addressing::Concatenated => {
+                let mut start = 0u64;
+                for b in &mut buffers {
+                    b.addr = start;
+                    start = start.saturating_add(b.length);
+                }
+            }
+        }
         Ok(SegmentDescriptor {
             name: w.name,
             protocol: w.protocol,
             timestamp: w.timestamp,
-            buffers: w.buffers,
+            buffers,
             fields: w.fields.into(),
         })
     }
@@ -321,9 +339,35 @@ pub const MAX_DESCRIPTOR_BYTES: usize = 16 << 20;
 /// The engine's own top-level field: every protocol the segment serves, primary first.
 pub const FIELD_PROTOCOLS: &str = "protocols";
 
-/// Protocols whose buffers are addressed by absolute virtual address.
+/// How requests name the bytes of a segment's buffers (docs/wire-formats.md section 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Addressing {
+    /// By absolute virtual address in the owner's process (`addr`): every protocol but the two below.
+    Virtual,
+    /// By offset into a shared region that every peer maps itself (`cxl`): buffers carry `offset`, which the
+    /// decoder puts into [`BufferDesc::addr`].
+    RegionOffset,
+    /// By offset into the concatenation of the segment's buffers in order (`nvmeof` file segments): the decoder
+    /// puts each buffer's start in that concatenation into [`BufferDesc::addr`], and a request may span buffers.
+    Concatenated,
+}
+
+impl Addressing {
+    /// The addressing of segments of `protocol`.
+    pub fn of(protocol: &str) -> Addressing {
+        match protocol {
+            "cxl" => Addressing::RegionOffset,
+            "nvmeof" => Addressing::Concatenated,
+            _ => Addressing::Virtual,
+        }
+    }
+}
+
+/// Per-buffer field of region-offset segments: the buffer's offset in the shared region.
+pub const FIELD_OFFSET: &str = "offset";
+
 fn uses_addresses(protocol: &str) -> bool {
-    !matches!(protocol, "cxl" | "nvmeof")
+    Addressing::of(protocol) == Addressing::Virtual
 }
 
 impl SegmentDescriptor {
@@ -417,6 +461,31 @@ impl SegmentDescriptor {
         let end = addr.checked_add(len)?;
         self.buffers.iter().find(|b| addr >= b.addr && end <= b.addr.saturating_add(b.length))
     }
+
+    /// How requests address this segment's buffers.
+    pub fn addressing(&self) -> Addressing {
+        Addressing::of(&self.protocol)
+    }
+
+    /// The buffer holding the first byte of `[addr, addr+len)` when the whole range is addressable in this
+    /// segment: inside that one buffer, or, for [`Addressing::Concatenated`] segments, inside the concatenation
+    /// of all buffers (a request may span several files). `None` otherwise (zero length and overflow included).
+    pub fn locate(&self, addr: u64, len: u64) -> Option<&BufferDesc> {
+        if len == 0 {
+            return None;
+        }
+        match self.addressing() {
+            Addressing::Virtual | Addressing::RegionOffset => self.find_buffer(addr, len),
+            Addressing::Concatenated => {
+                let end = addr.checked_add(len)?;
+                let total = self.buffers.iter().fold(0u64, |acc, b| acc.saturating_add(b.length));
+                if end > total {
+                    return None;
+                }
+                self.buffers.iter().find(|b| addr >= b.addr && addr < b.addr.saturating_add(b.length))
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -426,6 +495,32 @@ mod tests {
     const UPSTREAM: &str = r#"{"name":"10.0.0.1:15123","protocol":"tcp","tcp_data_port":15876,"tcp_proto_version":2,
  "timestamp":"2026-11-21 10:00:00.000000",
  "buffers":[{"name":"cpu:0","addr":140234567680000,"length":1073741824}]}"#;
+
+    #[test]
+    fn cxl_buffers_are_addressed_by_region_offset() {
+        let json = r#"{"name":"a","protocol":"cxl","cxl_name":"/dev/dax0.0","cxl_base_addr":139637976727552,
+            "buffers":[{"name":"a","offset":0,"length":4096},{"name":"a","offset":1048576,"length":65536}]}"#;
+        let d = SegmentDescriptor::from_json(json.as_bytes()).unwrap();
+        assert_eq!(d.addressing(), Addressing::RegionOffset);
+        assert_eq!((d.buffers[0].addr, d.buffers[1].addr), (0, 1 << 20));
+        assert_eq!(d.locate(1 << 20, 4096).map(|b| b.length), Some(65536));
+        assert!(d.locate(4000, 200).is_none(), "past the first buffer");
+        assert!(d.locate(0, 0).is_none());
+    }
+
+    #[test]
+    fn nvmeof_buffers_are_addressed_by_their_concatenation() {
+        let json = r#"{"name":"nvmeof/ckpt","protocol":"nvmeof","buffers":[
+            {"file_path":"/mnt/a","length":1000,"local_path_map":{"h1":"/mnt/a"}},
+            {"file_path":"/mnt/b","length":500,"local_path_map":{"h1":"/data/b"}}]}"#;
+        let d = SegmentDescriptor::from_json(json.as_bytes()).unwrap();
+        assert_eq!(d.addressing(), Addressing::Concatenated);
+        assert_eq!((d.buffers[0].addr, d.buffers[1].addr), (0, 1000));
+        assert_eq!(d.locate(900, 200).map(|b| b.addr), Some(0), "a request may span files");
+        assert_eq!(d.locate(1000, 500).map(|b| b.addr), Some(1000));
+        assert!(d.locate(1400, 101).is_none(), "past the end");
+        assert!(d.locate(u64::MAX, 2).is_none());
+    }
 
     #[test]
     fn parses_upstream_descriptor() {

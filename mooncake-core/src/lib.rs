@@ -43,7 +43,7 @@ pub mod types;
 
 pub use capabilities::{Capabilities, DeviceCapabilities, PerfModel};
 pub use completion::{Batch, Completion};
-pub use descriptor::{BufferDesc, FieldError, Fields, Section, SegmentDescriptor};
+pub use descriptor::{Addressing, BufferDesc, FieldError, Fields, Section, SegmentDescriptor};
 pub use device::{AllocOptions, Allocation, DmabufExport, MemoryDevice, SharingHandle};
 pub use engine::{
     CALLER_THREAD_MAX_BYTES, EngineConfig, PendingTransfers, Transfer, TransferEngine, UncheckedTransfers,

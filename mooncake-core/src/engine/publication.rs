@@ -29,6 +29,17 @@ impl Inner {
         for t in &self.transports {
             t.describe(&mut desc);
         }
+        if desc.addressing() == crate::descriptor::Addressing::RegionOffset {
+            // Peers name the shared region's bytes by offset (upstream's cxl): a buffer its transport published
+            // with an offset is addressed by it; buffers without one are not in the region.
+            desc.buffers.retain_mut(|b| match b.fields.get(crate::descriptor::FIELD_OFFSET).and_then(Value::as_u64) {
+                Some(offset) => {
+                    b.addr = offset;
+                    true
+                }
+                None => false,
+            });
+        }
         desc
     }
 

@@ -184,7 +184,7 @@ impl Inner {
                 return Err(Error::InvalidArgument(format!("request {i}: address + length overflows")).into());
             }
             let (seg, fresh) = self.segments.get_with_freshness(r.target)?;
-            let buffer = seg.descriptor.find_buffer(r.remote_addr, r.length);
+            let buffer = seg.descriptor.locate(r.remote_addr, r.length);
             let inside = buffer.is_some();
             if may_refresh && (!fresh || !inside) {
                 // The descriptor may be outdated (peer restarted or registered more memory).
