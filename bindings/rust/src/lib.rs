@@ -3,7 +3,7 @@
 //! This facade re-exports [`mooncake_core`] (and [`raw`], the one crate that turns addresses into bytes, with
 //! [`HostBuffer`]: host memory a program registers without `unsafe`) and links the backends selected by cargo features
 //! (`tcp`, `shm` and `http` by default; `rdma`, `libfabric`, `efa`, `etcd`, `redis`, the GPU ones `cuda`, `nvlink`,
-//! `rocm`, `musa`, or `all`). Backends register themselves at link time; call
+//! `rocm`, `musa`, file segments `nvmeof`, or `all`). Backends register themselves at link time; call
 //! [`link_all`] once from a final binary so the linker keeps every enabled one, then pick them by
 //! name at run time (`EngineConfig::with_protocols(["tcp"])`) or list them with [`backends`].
 //!
@@ -50,6 +50,8 @@ pub use mooncake_metadata_redis as metadata_redis;
 pub use mooncake_transport_gpu_ipc as transport_gpu_ipc;
 #[cfg(any(feature = "libfabric", feature = "efa"))]
 pub use mooncake_transport_libfabric as transport_libfabric;
+#[cfg(feature = "nvmeof")]
+pub use mooncake_transport_nvmeof as transport_nvmeof;
 #[cfg(feature = "rdma")]
 pub use mooncake_transport_rdma as transport_rdma;
 #[cfg(feature = "shm")]
@@ -85,6 +87,8 @@ pub const ENABLED_BACKENDS: &[(&str, &str)] = &[
     ("rocm", "hip"),
     #[cfg(feature = "musa")]
     ("musa", "musa"),
+    #[cfg(feature = "nvmeof")]
+    ("nvmeof", "nvmeof"),
 ];
 
 /// References every linked backend crate so the linker keeps their registrations.
@@ -114,6 +118,8 @@ pub fn link_all() {
     mooncake_device_musa::link();
     #[cfg(any(feature = "nvlink", feature = "rocm", feature = "musa"))]
     mooncake_transport_gpu_ipc::link();
+    #[cfg(feature = "nvmeof")]
+    mooncake_transport_nvmeof::link();
 }
 
 /// What is linked and whether it works here (probe results).
