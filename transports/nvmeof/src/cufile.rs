@@ -97,7 +97,8 @@ impl CuFile {
         if let Some((handle, _)) = h.get(&key) {
             return Ok(*handle as *mut c_void);
         }
-        let mut descr = CuFileDescr { kind: HANDLE_TYPE_OPAQUE_FD, fd: i64::from(file.raw_fd(true)), fs_ops: std::ptr::null() };
+        let mut descr =
+            CuFileDescr { kind: HANDLE_TYPE_OPAQUE_FD, fd: i64::from(file.raw_fd(true)), fs_ops: std::ptr::null() };
         let mut handle: *mut c_void = std::ptr::null_mut();
         // SAFETY: both pointers point at live locals; the fd stays open while the handle is registered (the map
         // keeps the OpenFile).

@@ -132,8 +132,17 @@ impl OpenFile {
         } else {
             None
         };
-        sync::lock(&OPENED).get_or_insert_with(HashMap::new).insert(path.to_path_buf(), if direct.is_some() { IoMode::Direct } else { IoMode::Buffered });
-        Ok(OpenFile { id: NEXT.fetch_add(1, Ordering::Relaxed), path: path.to_path_buf(), buffered, direct, writable, align })
+        sync::lock(&OPENED)
+            .get_or_insert_with(HashMap::new)
+            .insert(path.to_path_buf(), if direct.is_some() { IoMode::Direct } else { IoMode::Buffered });
+        Ok(OpenFile {
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
+            path: path.to_path_buf(),
+            buffered,
+            direct,
+            writable,
+            align,
+        })
     }
 
     /// Whether reads and writes bypass the page cache (O_DIRECT).
@@ -651,7 +660,8 @@ impl Ring {
         let (off, len, a) = (op.file_off, op.len(), file.align);
         let aligned_io = off % a == 0 && len % a == 0;
         let direct = file.is_direct() && (aligned_io || op.opcode == Opcode::Read);
-        let (io_off, io_len) = if direct && !aligned_io { (off / a * a, (off + len).div_ceil(a) * a - off / a * a) } else { (off, len) };
+        let (io_off, io_len) =
+            if direct && !aligned_io { (off / a * a, (off + len).div_ceil(a) * a - off / a * a) } else { (off, len) };
         let in_place = match host {
             Some(addr) if !direct => Some(addr),
             Some(addr) if aligned_io && addr % a == 0 => Some(addr),
@@ -668,7 +678,8 @@ impl Ring {
                 let Some(index) = self.free_bounce.pop() else { return Some(op) };
                 if op.opcode == Opcode::Write {
                     // Stage the caller's bytes (host or device memory) into the bounce buffer.
-                    let staged = Span::local(&op.local).and_then(|s| s.read_into(0, self.bounce[index].slice_mut(0, len as usize)));
+                    let staged = Span::local(&op.local)
+                        .and_then(|s| s.read_into(0, self.bounce[index].slice_mut(0, len as usize)));
                     if let Err(e) = staged {
                         self.free_bounce.push(index);
                         op.finish(Err(e));
@@ -727,7 +738,9 @@ impl Ring {
                     (true, None, true) => opcode::ReadFixed::new(raw, buf, len, bi).offset(off).build(),
                     (true, Some(i), false) => opcode::Read::new(types::Fixed(i), buf, len).offset(off).build(),
                     (true, None, false) => opcode::Read::new(raw, buf, len).offset(off).build(),
-                    (false, Some(i), true) => opcode::WriteFixed::new(types::Fixed(i), buf, len, bi).offset(off).build(),
+                    (false, Some(i), true) => {
+                        opcode::WriteFixed::new(types::Fixed(i), buf, len, bi).offset(off).build()
+                    }
                     (false, None, true) => opcode::WriteFixed::new(raw, buf, len, bi).offset(off).build(),
                     (false, Some(i), false) => opcode::Write::new(types::Fixed(i), buf, len).offset(off).build(),
                     (false, None, false) => opcode::Write::new(raw, buf, len).offset(off).build(),
@@ -875,13 +888,16 @@ mod tests {
         assert_eq!(cut(0, 8192, 4096), vec![(0, 4096), (4096, 4096)]);
         assert_eq!(cut(10, 20, 1 << 20), vec![(0, 20)]);
         assert_eq!(cut(4000, 200, 1 << 20), vec![(0, 96), (96, 104)]);
-        assert_eq!(cut(100, 3 << 20, 1 << 20), vec![
-            (0, 3996),
-            (3996, 1 << 20),
-            (3996 + (1 << 20), 1 << 20),
-            (3996 + (2 << 20), (1 << 20) - 4096),
-            (3996 + (3 << 20) - 4096, 100),
-        ]);
+        assert_eq!(
+            cut(100, 3 << 20, 1 << 20),
+            vec![
+                (0, 3996),
+                (3996, 1 << 20),
+                (3996 + (1 << 20), 1 << 20),
+                (3996 + (2 << 20), (1 << 20) - 4096),
+                (3996 + (3 << 20) - 4096, 100),
+            ]
+        );
         let total: u64 = cut(7, 1_000_003, 65536).iter().map(|p| p.1).sum();
         assert_eq!(total, 1_000_003);
     }

@@ -303,10 +303,9 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(files_of(&d), Err(Error::MalformedJson(_))));
-        let d = SegmentDescriptor::from_json(
-            br#"{"name":"m","protocol":"nvmeof","buffers":[{"file_path":7,"length":9}]}"#,
-        )
-        .unwrap();
+        let d =
+            SegmentDescriptor::from_json(br#"{"name":"m","protocol":"nvmeof","buffers":[{"file_path":7,"length":9}]}"#)
+                .unwrap();
         assert!(matches!(files_of(&d), Err(Error::MalformedJson(m)) if m.contains("file_path")));
     }
 }

@@ -142,9 +142,9 @@ impl NvmeofTransport {
         let mut total = 0u64;
         for spec in &specs {
             let path = PathBuf::from(spec.resolve(&st.names));
-            let reuse = old.as_ref().and_then(|o| {
-                o.files.iter().find(|f| f.path == path && f.published == spec.length).cloned()
-            });
+            let reuse = old
+                .as_ref()
+                .and_then(|o| o.files.iter().find(|f| f.path == path && f.published == spec.length).cloned());
             files.push(reuse.unwrap_or_else(|| {
                 Arc::new(FileEntry::new(
                     path,
@@ -269,7 +269,8 @@ impl Transport for NvmeofTransport {
                 i += 1;
             }
             if pieces.is_empty() {
-                t.completion.finish(Err(Error::InvalidArgument(format!("nvmeof: nothing to move for [{start}, +{len})"))));
+                t.completion
+                    .finish(Err(Error::InvalidArgument(format!("nvmeof: nothing to move for [{start}, +{len})"))));
                 continue;
             }
             let mut dones: Vec<PieceDone> = if pieces.len() == 1 {
