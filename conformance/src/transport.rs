@@ -15,6 +15,15 @@
 //! the transport does not reach ([`Transport::can_reach_buffer`](mooncake_core::Transport::can_reach_buffer)
 //! is false, and the engine indeed has no route: `Unavailable`) turns that pair's cases into skips; a pair
 //! the transport declares and reaches but fails is a failure.
+//!
+//! # File segments
+//! A protocol whose segments are files (core's [`Addressing::Concatenated`]: `nvmeof`) has no peer engine: the
+//! initiator reads and writes the segment's files itself. For it the peer's buffer is a file segment of two
+//! temporary files (the remote address is an offset into their concatenation, so transfers span files),
+//! published with upstream's descriptor through the shared metadata service of [`SuiteOptions::metadata_conn`]
+//! (without one its data cases skip, saying so). Cases that need a live peer (probing it, notifications, a peer
+//! that shuts down or dies, a range the peer unregistered, cross-process peers, an engine's own segment) skip
+//! with that reason, and only host memory is on the file segment's side of a memory pair.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
@@ -22,8 +31,9 @@ use std::time::Duration;
 
 use mooncake_core::registry::{self, Availability};
 use mooncake_core::{
-    BackendConfig, Capabilities, EngineConfig, Error, MemoryDevice, MemoryKind, Notification, Opcode,
-    SegmentDescriptor, SegmentHandle, TransferEngine, TransferRequest, TransferState,
+    Addressing, BackendConfig, Capabilities, EngineConfig, Error, MemoryDevice, MemoryKind, MetadataKeys,
+    MetadataStore, Notification, Opcode, SegmentDescriptor, SegmentHandle, TransferEngine, TransferRequest,
+    TransferState,
 };
 
 use crate::buffer::{Memory, TestBuffer};
@@ -169,6 +179,12 @@ fn plan_pairs(protocol: &str, caps: &Capabilities, opts: &SuiteOptions) -> Vec<(
         if pair != MemoryPair::HOST && !caps.memory_kinds.contains(pair.local) {
             return PairPlan::Skip(undeclared(pair.local));
         }
+        if is_file_protocol(protocol) && pair.remote != MemoryKind::Host {
+            return PairPlan::Skip(format!(
+                "{protocol} segments are files: the remote side of a transfer is a file, not {} memory",
+                kind_name(pair.remote)
+            ));
+        }
         match (memory(pair.local), memory(pair.remote)) {
             (Ok(local), Ok(remote)) => PairPlan::Run { local, remote },
             (Err(why), _) | (_, Err(why)) => PairPlan::Skip(why),
@@ -255,6 +271,29 @@ fn local_kind(t: &Target) -> Option<String> {
     })
 }
 
+/// Whether `protocol`'s segments are files the initiator reads and writes itself (no peer engine serves them).
+fn is_file_protocol(protocol: &str) -> bool {
+    Addressing::of(protocol) == Addressing::Concatenated
+}
+
+/// Cases that need a peer engine serving its segment: not for file segments.
+fn live_peer(t: &Target) -> Option<String> {
+    is_file_protocol(&t.protocol).then(|| {
+        format!(
+            "{} segments are files the initiator reads and writes itself (one-sided): no peer engine serves them",
+            t.protocol
+        )
+    })
+}
+
+fn served_read_write(t: &Target) -> Option<String> {
+    live_peer(t).or_else(|| read_write(t))
+}
+
+fn served_read_or_write(t: &Target) -> Option<String> {
+    live_peer(t).or_else(|| read_or_write(t))
+}
+
 fn read_write(t: &Target) -> Option<String> {
     local_kind(t).or_else(|| (!(t.caps.read && t.caps.write)).then(|| "needs both read and write capabilities".into()))
 }
@@ -279,7 +318,7 @@ fn limited(t: &Target) -> Option<String> {
 }
 
 fn cross_process(t: &Target) -> Option<String> {
-    read_write(t)
+    served_read_write(t)
         .or_else(|| (!t.caps.cross_process).then(|| "in-process transport (cross_process = false)".into()))
         .or_else(|| {
             t.opts.peer.is_none().then(|| {
@@ -371,25 +410,25 @@ fn pair_trials(target: &Arc<Target>) -> Vec<Trial> {
         cases.push(paired(format!("write_read_{}", human(size)), read_or_write, move |t: &Target| write_read(t, size)));
     }
     cases.extend([
-        case("self_segment_write_read", read_write, self_segment),
+        case("self_segment_write_read", served_read_write, self_segment),
         paired("large_batch_1024x4KiB", read_write, large_batch),
         paired("mixed_size_batch", read_write, mixed_batch),
         paired("sync_batch_per_request_results", read_write, sync_batch_each),
-        paired("sync_batch_stale_range_fails_alone", read_or_write, sync_batch_stale_range),
+        paired("sync_batch_stale_range_fails_alone", served_read_or_write, sync_batch_stale_range),
         case("concurrent_submitters", read_write, concurrent),
         case("async_transfer", read_or_write, async_transfer),
         case("async_transfer_without_tokio", read_or_write, async_without_tokio),
         case("polling_batch_lifecycle", read_or_write, polling),
         paired("out_of_bounds_remote_rejected", read_or_write, out_of_bounds),
-        paired("unregistered_remote_range_rejected", read_or_write, stale_remote_range),
+        paired("unregistered_remote_range_rejected", served_read_or_write, stale_remote_range),
         case("overflowing_address_rejected", read_or_write, overflow),
         case("zero_length_rejected", read_or_write, zero_length),
         paired("unregistered_local_buffer_rejected", read_or_write, unregistered_local),
         paired("unregister_waits_for_local_transfers", read_or_write, unregister_waits_for_local_use),
         case("misaligned_request_rejected", aligned, misaligned),
         case("oversized_request_rejected", limited, oversized),
-        control("notifications", notifications),
-        case("peer_shutdown_reported", read_or_write, peer_shutdown),
+        Case { gate: live_peer, ..control("notifications", notifications) },
+        case("peer_shutdown_reported", served_read_or_write, peer_shutdown),
         case("cross_process_read_write", cross_process, cross_read_write),
         case("cross_process_peer_gone_before_post", peer_failure, cross_gone_before_post),
         case("cross_process_peer_killed_mid_batch", peer_failure, cross_killed_mid_batch),
@@ -429,9 +468,12 @@ fn pair_trials(target: &Arc<Target>) -> Vec<Trial> {
 /// when it does not publish that memory (its `can_reach_buffer` is false) and the engine, as it must, finds
 /// no route (`Unavailable`); `Err` when the two disagree.
 fn remote_reach(t: &Target) -> Result<Option<String>, String> {
+    if let Some(why) = no_file_service(t) {
+        return Ok(Some(why));
+    }
     let p = Pair::new(t, 4096, 4096)?;
     let seg = p.a.segment(p.seg).or_fail("A's view of B")?;
-    let buffer = seg.descriptor.find_buffer(p.bbuf.addr(), p.bbuf.len()).or_fail("B's buffer in A's view of B")?;
+    let buffer = seg.descriptor.locate(p.bbuf.addr(), p.bbuf.len()).or_fail("B's buffer in A's view of B")?;
     let transport = p.a.transport(&t.protocol).or_fail("the engine's transport")?;
     if transport.can_reach(&seg) && transport.can_reach_buffer(&seg, buffer) {
         return Ok(None);
@@ -457,8 +499,150 @@ fn remote_reach(t: &Target) -> Result<Option<String>, String> {
 // ---- fixtures ---------------------------------------------------------------------------------
 
 fn engine(t: &Target) -> Result<TransferEngine, String> {
+    if is_file_protocol(&t.protocol) {
+        // File segments are found through a shared metadata service; name engines by their rpc port so that
+        // several share one service.
+        let conn = t.opts.metadata_conn.as_deref().ok_or("no metadata service for file segments")?;
+        let mut c = EngineConfig::new("127.0.0.1", conn).with_protocols([t.protocol.as_str()]);
+        c.name_with_rpc_port = true;
+        return TransferEngine::new(c).or_fail(&format!("starting an engine with metadata service {conn}"));
+    }
     TransferEngine::new(EngineConfig::new("127.0.0.1", "P2PHANDSHAKE").with_protocols([t.protocol.as_str()]))
         .or_fail("starting an engine (is mooncake-metadata-p2p linked?)")
+}
+
+/// For file segments without a shared metadata service: why their cases skip.
+fn no_file_service(t: &Target) -> Option<String> {
+    (is_file_protocol(&t.protocol) && t.opts.metadata_conn.is_none()).then(|| {
+        format!(
+            "{} segments are files published through a shared metadata service: SuiteOptions::metadata_conn is not \
+             set (e.g. the URL of an HTTP metadata server)",
+            t.protocol
+        )
+    })
+}
+
+/// The peer's side of a [`Pair`]: a buffer engine B registered, or the files of a file segment.
+enum Remote {
+    Memory(TestBuffer),
+    Files(FileSegment),
+}
+
+impl Remote {
+    fn addr(&self) -> u64 {
+        match self {
+            Remote::Memory(b) => b.addr(),
+            Remote::Files(_) => 0,
+        }
+    }
+
+    fn len(&self) -> u64 {
+        match self {
+            Remote::Memory(b) => b.len(),
+            Remote::Files(f) => f.files.iter().map(|(_, l)| l).sum(),
+        }
+    }
+
+    fn bytes(&self) -> Result<Vec<u8>, String> {
+        self.read(0, self.len())
+    }
+
+    fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, String> {
+        match self {
+            Remote::Memory(b) => b.read(offset, len),
+            Remote::Files(f) => {
+                let mut out = vec![0u8; len as usize];
+                f.each(offset, len, |file, file_off, at, n| {
+                    use std::os::unix::fs::FileExt;
+                    file.read_exact_at(&mut out[at..at + n], file_off)
+                })?;
+                Ok(out)
+            }
+        }
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), String> {
+        match self {
+            Remote::Memory(b) => b.write(offset, data),
+            Remote::Files(f) => f.each(offset, data.len() as u64, |file, file_off, at, n| {
+                use std::os::unix::fs::FileExt;
+                file.write_all_at(&data[at..at + n], file_off)
+            }),
+        }
+    }
+}
+
+/// A file segment of two temporary files (one when it is a single byte), published with upstream's descriptor
+/// (`{file_path, length, local_path_map}` buffers) under the segment name `<protocol>/conformance-<pid>-<n>`;
+/// unpublished and removed when dropped.
+struct FileSegment {
+    name: String,
+    dir: std::path::PathBuf,
+    files: Vec<(std::path::PathBuf, u64)>,
+    store: Arc<dyn MetadataStore>,
+    key: String,
+}
+
+impl FileSegment {
+    fn create(t: &Target, initiator: &str, len: u64) -> Result<FileSegment, String> {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let conn = t.opts.metadata_conn.as_deref().ok_or("no metadata service for file segments")?;
+        let name = format!("{}/conformance-{}-{n}", t.protocol, std::process::id());
+        let dir = std::env::temp_dir().join(format!("mooncake-conformance-files-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).or_fail("creating the file segment's directory")?;
+        let len = len.max(1);
+        let first = if len >= 2 { len / 2 } else { len };
+        let mut files = vec![(dir.join("0"), first)];
+        if len > first {
+            files.push((dir.join("1"), len - first));
+        }
+        for (p, l) in &files {
+            std::fs::File::create(p).and_then(|f| f.set_len(*l)).or_fail("creating a segment file")?;
+        }
+        let buffers: Vec<serde_json::Value> = files
+            .iter()
+            .map(|(p, l)| {
+                let p = p.to_string_lossy();
+                serde_json::json!({"file_path": p, "length": l, "local_path_map": {initiator: p}})
+            })
+            .collect();
+        let json = serde_json::json!({"name": name, "protocol": t.protocol, "buffers": buffers}).to_string();
+        let store = registry::create_metadata(conn).or_fail("metadata client for the file segment")?;
+        let key = MetadataKeys::from_env().segment(&name);
+        let seg = FileSegment { name, dir, files, store, key };
+        block_on_timeout(LIMIT, "publishing the file segment", seg.store.put(&seg.key, json.as_bytes()))?
+            .or_fail("publishing the file segment")?;
+        Ok(seg)
+    }
+
+    /// Calls `f(file, offset in it, offset in the range, bytes)` for each file `[offset, offset+len)` touches.
+    fn each(
+        &self,
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(&std::fs::File, u64, usize, usize) -> std::io::Result<()>,
+    ) -> Result<(), String> {
+        let mut start = 0u64;
+        for (path, flen) in &self.files {
+            let (lo, hi) = (offset.max(start), (offset + len).min(start + flen));
+            if lo < hi {
+                let file = std::fs::OpenOptions::new().read(true).write(true).open(path).or_fail("opening a file")?;
+                f(&file, lo - start, (lo - offset) as usize, (hi - lo) as usize)
+                    .or_fail(&format!("file {} of the segment", path.display()))?;
+            }
+            start += flen;
+        }
+        ensure!(offset + len <= start, "range past the file segment's end");
+        Ok(())
+    }
+}
+
+impl Drop for FileSegment {
+    fn drop(&mut self) {
+        let _ = block_on_timeout(Duration::from_secs(5), "unpublishing", self.store.delete(&self.key));
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// Runs a blocking engine call on its own thread; `Err` when it does not return within `limit`.
@@ -475,12 +659,13 @@ fn bounded<T: Send + 'static>(
 }
 
 /// Engine A with buffer `abuf` (on the pair's local memory), engine B with buffer `bbuf` (on the pair's
-/// remote memory), and A's handle of B's segment.
+/// remote memory; for file segments there is no B and `bbuf` is a [`FileSegment`]), and A's handle of B's
+/// segment.
 struct Pair {
     a: TransferEngine,
-    b: TransferEngine,
+    b: Option<TransferEngine>,
     abuf: TestBuffer,
-    bbuf: TestBuffer,
+    bbuf: Remote,
     seg: SegmentHandle,
     b_down: bool,
 }
@@ -488,14 +673,35 @@ struct Pair {
 impl Pair {
     fn new(t: &Target, a_len: u64, b_len: u64) -> Result<Pair, String> {
         let a = engine(t)?;
-        let b = engine(t)?;
         let abuf = TestBuffer::zeroed(&t.local, a_len)?;
-        let bbuf = TestBuffer::zeroed(&t.remote, b_len)?;
         abuf.register(&a).or_fail("registering A's buffer")?;
+        if is_file_protocol(&t.protocol) {
+            let files = FileSegment::create(t, a.local_segment_name(), b_len)?;
+            let mut pair = Pair { a, b: None, abuf, bbuf: Remote::Files(files), seg: 0, b_down: false };
+            let name = pair.remote_name();
+            pair.seg = pair.a.open_segment(&name).or_fail("A opening the file segment")?;
+            return Ok(pair);
+        }
+        let b = engine(t)?;
+        let bbuf = TestBuffer::zeroed(&t.remote, b_len)?;
         bbuf.register(&b).or_fail("registering B's buffer")?;
-        let mut pair = Pair { a, b, abuf, bbuf, seg: 0, b_down: false };
-        pair.seg = pair.a.open_segment(pair.b.local_segment_name()).or_fail("A opening B's segment")?;
+        let mut pair = Pair { a, b: Some(b), abuf, bbuf: Remote::Memory(bbuf), seg: 0, b_down: false };
+        pair.seg = pair.a.open_segment(&pair.remote_name()).or_fail("A opening B's segment")?;
         Ok(pair)
+    }
+
+    /// Engine B (cases that need one are gated off for file segments).
+    fn peer(&self) -> Result<&TransferEngine, String> {
+        self.b.as_ref().ok_or_else(|| "no peer engine: the remote side is a file segment".to_string())
+    }
+
+    /// The segment A opens: B's, or the file segment's.
+    fn remote_name(&self) -> String {
+        match (&self.b, &self.bbuf) {
+            (_, Remote::Files(f)) => f.name.clone(),
+            (Some(b), _) => b.local_segment_name().to_string(),
+            (None, _) => String::new(),
+        }
     }
 
     fn req(&self, opcode: Opcode, local_off: u64, remote_off: u64, length: u64) -> TransferRequest {
@@ -522,11 +728,13 @@ impl Drop for Pair {
     fn drop(&mut self) {
         // Unregistering waits for in-flight remote accesses; only then may the buffers go.
         let _ = self.a.unregister_memory(self.abuf.addr());
-        if !self.b_down {
-            let _ = self.b.unregister_memory(self.bbuf.addr());
+        if let Some(b) = &self.b {
+            if !self.b_down {
+                let _ = b.unregister_memory(self.bbuf.addr());
+            }
+            b.shutdown();
         }
         self.a.shutdown();
-        self.b.shutdown();
     }
 }
 
@@ -630,8 +838,12 @@ fn probe_and_peer_probe(t: &Target) -> TestResult {
         "probe_all() does not list {:?}",
         t.protocol
     );
+    if is_file_protocol(&t.protocol) {
+        // No peer engine to probe: a file segment is files.
+        return Ok(Outcome::Passed);
+    }
     let p = Pair::new(t, 4096, 4096)?;
-    let (a, name) = (p.a.clone(), p.b.local_segment_name().to_string());
+    let (a, name) = (p.a.clone(), p.remote_name());
     bounded(LIMIT, "probe_peer", move || a.probe_peer(&name))?.or_fail("probing a live peer")?;
     // A port nobody listens on: the probe must fail, and promptly.
     let dead = std::net::TcpListener::bind("127.0.0.1:0").or_fail("binding a scratch port")?;
@@ -644,8 +856,25 @@ fn probe_and_peer_probe(t: &Target) -> TestResult {
 }
 
 fn descriptor_published(t: &Target) -> TestResult {
+    if let Some(why) = no_file_service(t) {
+        return Ok(Outcome::Skipped(why));
+    }
     let p = Pair::new(t, 4096, 8192)?;
-    let d = p.b.local_descriptor();
+    if is_file_protocol(&t.protocol) {
+        // Upstream's file-segment descriptor, as A decodes it: files addressed by their concatenation.
+        let seen = p.a.segment(p.seg).or_fail("A's view of the file segment")?;
+        let d = &seen.descriptor;
+        ensure!(d.protocol == t.protocol, "file segment protocol {:?}, expected {:?}", d.protocol, t.protocol);
+        ensure!(d.buffers.len() == 2 && d.buffers[1].addr == d.buffers[0].length, "files not concatenated: {d:?}");
+        ensure!(d.locate(0, p.bbuf.len()).is_some(), "the whole file segment is not addressable");
+        ensure!(d.locate(0, p.bbuf.len() + 1).is_none(), "a range past the last file is addressable");
+        let again = SegmentDescriptor::from_json(d.to_json().as_bytes()).or_fail("descriptor JSON round trip")?;
+        ensure!(again.locate(0, p.bbuf.len()).is_some(), "round-tripped descriptor lost the files");
+        let tr = p.a.transport(&t.protocol).or_fail("the engine's transport")?;
+        ensure!(tr.can_reach(&seen), "{} cannot reach the file segment", t.protocol);
+        return Ok(Outcome::Passed);
+    }
+    let d = p.peer()?.local_descriptor();
     ensure!(d.protocol == t.protocol, "descriptor protocol {:?}, expected {:?}", d.protocol, t.protocol);
     ensure!(d.find_buffer(p.bbuf.addr(), p.bbuf.len()).is_some(), "registered buffer missing from the descriptor");
     let again = SegmentDescriptor::from_json(d.to_json().as_bytes()).or_fail("descriptor JSON round trip")?;
@@ -749,7 +978,7 @@ fn sync_batch_each(t: &Target) -> TestResult {
     let total = N * CHUNK;
     let p = Pair::new(t, 2 * total, total)?;
     p.abuf.write(0, &pattern(43, total as usize))?;
-    let (a, name) = (p.a.clone(), p.b.local_segment_name().to_string());
+    let (a, name) = (p.a.clone(), p.remote_name());
     let (abuf, bbuf) = (p.abuf.addr(), p.bbuf.addr());
     let offsets: Vec<u64> = (0..N).map(|i| i * CHUNK).collect();
     let writes =
@@ -783,11 +1012,11 @@ fn sync_batch_stale_range(t: &Target) -> TestResult {
     let p = Pair::new(t, total, total)?;
     p.abuf.write(0, &pattern(44, total as usize))?;
     p.bbuf.write(0, &pattern(45, total as usize))?;
-    extra.register(&p.b).or_fail("registering B's extra buffer")?;
+    extra.register(p.peer()?).or_fail("registering B's extra buffer")?;
     let seg = p.a.refresh_segment(p.seg).or_fail("A refreshing B")?;
     ensure!(seg.descriptor.find_buffer(extra.addr(), CHUNK).is_some(), "A does not see B's extra buffer");
-    p.b.unregister_memory(extra.addr()).or_fail("B unregistering the extra buffer")?;
-    let (a, name) = (p.a.clone(), p.b.local_segment_name().to_string());
+    p.peer()?.unregister_memory(extra.addr()).or_fail("B unregistering the extra buffer")?;
+    let (a, name) = (p.a.clone(), p.remote_name());
     let (abuf, bbuf) = (p.abuf.addr(), p.bbuf.addr());
     let op = if t.caps.read { Opcode::Read } else { Opcode::Write };
     let mut remotes: Vec<u64> = (0..N).map(|i| bbuf + i * CHUNK).collect();
@@ -889,7 +1118,7 @@ fn concurrent(t: &Target) -> TestResult {
         let s = (k * SLICE) as usize;
         p.abuf.write(s as u64, &pattern(100 + k, SLICE as usize))?;
     }
-    let peer = p.b.local_segment_name().to_string();
+    let peer = p.remote_name();
     let errors: Vec<String> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..THREADS)
             .map(|k| {
@@ -1049,7 +1278,10 @@ fn out_of_bounds(t: &Target) -> TestResult {
     let cases = [
         ("straddling the end of the remote buffer", p.req(op, 0, 4000, 200)),
         ("ending one byte past the remote buffer", p.req(op, 0, 1, 4096)),
-        ("before the remote buffer", TransferRequest { remote_addr: p.bbuf.addr() - 4096, ..p.req(op, 0, 0, 64) }),
+        (
+            "before the remote buffer",
+            TransferRequest { remote_addr: p.bbuf.addr().wrapping_sub(4096), ..p.req(op, 0, 0, 64) },
+        ),
         ("in unmapped high memory", TransferRequest { remote_addr: 0xFFFF_FFFF_0000_0000, ..p.req(op, 0, 0, 64) }),
     ];
     for (what, r) in cases {
@@ -1071,10 +1303,10 @@ fn stale_remote_range(t: &Target) -> TestResult {
     // server-side check (not the engine's descriptor check) must refuse the access.
     let extra = TestBuffer::with_pattern(&t.remote, 5, 4096)?;
     let p = Pair::new(t, 8192, 4096)?;
-    extra.register(&p.b).or_fail("registering B's extra buffer")?;
+    extra.register(p.peer()?).or_fail("registering B's extra buffer")?;
     let seg = p.a.refresh_segment(p.seg).or_fail("A refreshing B")?;
     ensure!(seg.descriptor.find_buffer(extra.addr(), 4096).is_some(), "A does not see B's extra buffer");
-    p.b.unregister_memory(extra.addr()).or_fail("B unregistering the extra buffer")?;
+    p.peer()?.unregister_memory(extra.addr()).or_fail("B unregistering the extra buffer")?;
     let mut ops = Vec::new();
     if t.caps.write {
         ops.push(Opcode::Write);
@@ -1150,7 +1382,7 @@ fn unregistered_local(t: &Target) -> TestResult {
                 matches!(e, Error::AddressNotRegistered { .. }),
                 "{op:?} async from {what}: {e:?}, expected AddressNotRegistered"
             );
-            let seg = p.b.local_segment_name().to_string();
+            let seg = p.remote_name();
             let e = p.a.transfer_sync(&seg, op, local_addr, p.bbuf.addr(), length);
             ensure!(
                 matches!(e, Err(Error::AddressNotRegistered { .. })),
@@ -1219,7 +1451,8 @@ fn oversized(t: &Target) -> TestResult {
 
 fn notifications(t: &Target) -> TestResult {
     let p = Pair::new(t, 4096, 4096)?;
-    let (a_name, b_name) = (p.a.local_segment_name().to_string(), p.b.local_segment_name().to_string());
+    let peer = p.peer()?.clone();
+    let (a_name, b_name) = (p.a.local_segment_name().to_string(), p.remote_name());
     let msg = "ping \"quoted\" \u{1F680} \u{4E2D}\u{6587}\n";
     let n = Notification { name: a_name.clone(), message: msg.into() };
     let a = p.a.clone();
@@ -1230,13 +1463,13 @@ fn notifications(t: &Target) -> TestResult {
         .or_fail("A notifying B (async)")?;
     let mut got = Vec::new();
     wait_until(LIMIT, || {
-        got.extend(p.b.drain_notifications());
+        got.extend(peer.drain_notifications());
         got.len() >= 2
     });
     ensure!(got.contains(&n) && got.contains(&n2), "B received {got:?}, expected {n:?} and {n2:?}");
-    ensure!(p.b.drain_notifications().is_empty(), "drain did not empty the queue");
+    ensure!(peer.drain_notifications().is_empty(), "drain did not empty the queue");
     let back = Notification { name: b_name, message: "pong".into() };
-    let b = p.b.clone();
+    let b = peer.clone();
     let (an, bk) = (a_name, back.clone());
     bounded(LIMIT, "send_notify", move || b.send_notify(&an, bk))?.or_fail("B notifying A")?;
     let mut got = Vec::new();
@@ -1256,7 +1489,7 @@ fn peer_shutdown(t: &Target) -> TestResult {
     let mut p = Pair::new(t, 4096, 4096)?;
     let op = if t.caps.write { Opcode::Write } else { Opcode::Read };
     p.run_ok(&[p.req(op, 0, 0, 4096)], "transfer before the peer shut down")?;
-    p.b.shutdown();
+    p.peer()?.shutdown();
     p.b_down = true;
     match p.run(&[p.req(op, 0, 0, 4096)])? {
         Ok(v) => match v.first() {
