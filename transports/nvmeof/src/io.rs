@@ -343,10 +343,30 @@ pub struct IoConfig {
 struct Shared {
     queue: Mutex<VecDeque<Op>>,
     ready: Condvar,
+    /// The thread sleeps on `ready` (nothing in flight).
     sleeping: AtomicBool,
+    /// The thread waits in the kernel for completions: a push wakes it through `wake` (an eventfd the ring
+    /// keeps a read pending on), so new operations do not wait for the next completion.
+    in_kernel: AtomicBool,
+    wake: std::os::fd::OwnedFd,
     stop: AtomicBool,
     queued: AtomicUsize,
 }
+
+impl Shared {
+    fn kick(&self) {
+        if self.sleeping.load(Ordering::Acquire) {
+            self.ready.notify_one();
+        } else if self.in_kernel.load(Ordering::Acquire) {
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: writes 8 bytes from a local array to our eventfd.
+            let _ = unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), 8) };
+        }
+    }
+}
+
+/// `user_data` of the eventfd read.
+const WAKE: u64 = u64::MAX;
 
 /// The I/O threads; operations are spread over them by submission.
 pub struct IoPool {
@@ -366,10 +386,19 @@ impl IoPool {
         let mut lanes = Vec::new();
         for i in 0..config.threads.max(1) {
             let ring = Ring::new(config)?;
+            // SAFETY: eventfd takes an initial value and flags; no memory is passed.
+            let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+            if efd < 0 {
+                return Err(Error::unavailable(format!("nvmeof: eventfd: {}", std::io::Error::last_os_error())));
+            }
+            // SAFETY: a descriptor eventfd just returned; we own it.
+            let wake = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(efd) };
             let shared = Arc::new(Shared {
                 queue: Mutex::new(VecDeque::new()),
                 ready: Condvar::new(),
                 sleeping: AtomicBool::new(false),
+                in_kernel: AtomicBool::new(false),
+                wake,
                 stop: AtomicBool::new(false),
                 queued: AtomicUsize::new(0),
             });
@@ -400,9 +429,7 @@ impl IoPool {
         lane.queued.fetch_add(ops.len(), Ordering::Release);
         q.extend(ops);
         drop(q);
-        if lane.sleeping.load(Ordering::Acquire) {
-            lane.ready.notify_one();
-        }
+        lane.kick();
     }
 
     /// Stops the threads: queued operations fail; those in flight finish first.
@@ -489,6 +516,9 @@ struct InFlight {
 
 struct Ring {
     ring: IoUring,
+    /// Target of the pending eventfd read (outlives the ring: dropped after it).
+    wake_buf: Box<u64>,
+    wake_armed: bool,
     qd: usize,
     max_io: u64,
     slots: Vec<Option<InFlight>>,
@@ -509,11 +539,13 @@ impl Ring {
     fn new(config: IoConfig) -> Result<Ring> {
         let qd = config.queue_depth.clamp(1, 4096);
         let ring = IoUring::builder()
-            .build((qd as u32).next_power_of_two())
+            .build((qd as u32 + 1).next_power_of_two())
             .map_err(|e| Error::unavailable(format!("nvmeof: io_uring_setup failed: {e}")))?;
         let fixed_files = ring.submitter().register_files_sparse(FILE_SLOTS).is_ok();
         Ok(Ring {
             ring,
+            wake_buf: Box::new(0),
+            wake_armed: false,
             qd,
             max_io: config.max_io,
             slots: (0..qd).map(|_| None).collect(),
@@ -557,8 +589,17 @@ impl Ring {
                 }
             }
             self.prepare_pending();
-            let want = usize::from(self.inflight() > 0);
-            match self.ring.submit_and_wait(want) {
+            let mut want = usize::from(self.inflight() > 0);
+            if want > 0 && !self.wake_armed {
+                self.arm_wake(s);
+            }
+            s.in_kernel.store(want > 0, Ordering::Release);
+            if want > 0 && s.queued.load(Ordering::Acquire) > 0 {
+                want = 0;
+            }
+            let r = self.ring.submit_and_wait(want);
+            s.in_kernel.store(false, Ordering::Release);
+            match r {
                 Ok(_) => {}
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) => {}
                 Err(e) => {
@@ -568,6 +609,15 @@ impl Ring {
             }
             self.reap();
         }
+    }
+
+    /// Keeps a read of the wake eventfd pending, so a push ends the wait for completions.
+    fn arm_wake(&mut self, s: &Shared) {
+        let buf: *mut u64 = &mut *self.wake_buf;
+        let sqe = opcode::Read::new(types::Fd(s.wake.as_raw_fd()), buf.cast(), 8).build().user_data(WAKE);
+        // SAFETY: `wake_buf` lives as long as the ring (dropped after it) and the eventfd as long as `s`, which
+        // outlives this thread's loop.
+        self.wake_armed = unsafe { self.ring.submission().push(&sqe) }.is_ok();
     }
 
     fn take(&mut self, q: &mut VecDeque<Op>, s: &Shared) {
@@ -795,6 +845,10 @@ impl Ring {
     fn reap(&mut self) {
         let done: Vec<(u64, i32)> = self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
         for (slot, res) in done {
+            if slot == WAKE {
+                self.wake_armed = false;
+                continue;
+            }
             let slot = slot as usize;
             let Some(mut f) = self.slots.get_mut(slot).and_then(Option::take) else { continue };
             match self.complete(&mut f, res) {

@@ -127,6 +127,12 @@ impl NvmeofTransport {
         self.started.get().map_or_else(|| segment::local_names(""), |s| s.names.clone())
     }
 
+    /// Whether `target` is the segment version whose files are cached (every file resolved to a path): routing
+    /// asks for every request, so this spares re-reading the descriptor's fields.
+    fn cached(&self, target: &RemoteSegment) -> bool {
+        sync::read(&self.segments).get(&target.name).is_some_and(|s| std::ptr::eq(Arc::as_ptr(&s.seg), target))
+    }
+
     /// The files of `target` as this host resolves them, reusing open files of an earlier version of its
     /// descriptor when a file keeps its path and length.
     fn files_for(&self, st: &Started, target: &Arc<RemoteSegment>) -> Result<Arc<SegFiles>> {
@@ -142,6 +148,12 @@ impl NvmeofTransport {
         let mut total = 0u64;
         for spec in &specs {
             let path = PathBuf::from(spec.resolve(&st.names));
+            if path.as_os_str().is_empty() {
+                return Err(Error::unavailable(format!(
+                    "segment {:?}: a file has no path on this host (empty file_path, no local_path_map entry for {:?})",
+                    target.name, st.names
+                )));
+            }
             let reuse = old
                 .as_ref()
                 .and_then(|o| o.files.iter().find(|f| f.path == path && f.published == spec.length).cloned());
@@ -205,11 +217,17 @@ impl Transport for NvmeofTransport {
 
     /// A file segment whose every file has a path on this host (its `local_path_map` entry, or `file_path`).
     fn can_reach(&self, target: &RemoteSegment) -> bool {
+        if self.cached(target) {
+            return true;
+        }
         let names = self.names();
         segment::files_of(&target.descriptor).is_ok_and(|f| !f.is_empty() && f.iter().all(|s| resolvable(s, &names)))
     }
 
-    fn can_reach_buffer(&self, _target: &RemoteSegment, buffer: &BufferDesc) -> bool {
+    fn can_reach_buffer(&self, target: &RemoteSegment, buffer: &BufferDesc) -> bool {
+        if self.cached(target) {
+            return true;
+        }
         let names = self.names();
         matches!(FileSpec::from_buffer(buffer), Ok(Some(f)) if resolvable(&f, &names))
     }

@@ -301,8 +301,9 @@ fn device_errors_fail_only_their_file() {
 /// the engine it starts (and the engine's threads, which inherit it) meets file permissions as a user would.
 fn as_nobody<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     std::thread::spawn(move || {
-        // SAFETY: setfsuid/setfsgid change only the calling thread's file-system ids; no memory is passed.
+        // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } == 0 {
+            // SAFETY: setfsuid/setfsgid change only the calling thread's file-system ids; no memory is passed.
             unsafe {
                 libc::syscall(libc::SYS_setfsgid, 65534);
                 libc::syscall(libc::SYS_setfsuid, 65534);
