@@ -5,6 +5,8 @@
 //!   requests of `--block_size` bytes for `--duration` seconds; prints `throughput X GB/s`.
 //! - `--mode sweep`: starts a target child process itself and prints block x batch -> GB/s,
 //!   blocks/s and p50/p99 batch latency, with the effective configuration.
+//!   With `nvmeof` among the protocols the target is a file segment on /tmp instead, and `fio` runs on the same
+//!   file next to the engine (see `files.rs`).
 //! - `--mode metadata`: put/get ops per second and p50/p99 latency against `--metadata_server`
 //!   (`scripts/bench_metadata.sh` runs it against every backend and upstream's HTTP server).
 //!
@@ -13,6 +15,7 @@
 //! device's own copy (`cuMemcpy`-style, [`mooncake::MemoryDevice::copy_between`]) per block size and prints the
 //! transfer's ratio to it.
 
+mod files;
 mod metadata;
 
 use std::io::{BufRead, BufReader};
@@ -180,7 +183,8 @@ fn device_named(name: &str) -> mooncake::Result<Arc<dyn MemoryDevice>> {
 impl Buffer {
     fn new(memory: &str, gpu_id: u32, len: u64) -> mooncake::Result<Self> {
         if memory == "host" || memory == "cpu" {
-            let mut storage = vec![0u8; len as usize];
+            // One page more, so that `addr` can start on a page (O_DIRECT file I/O needs aligned memory).
+            let mut storage = vec![0u8; len as usize + 4096];
             for (i, b) in storage.iter_mut().enumerate().step_by(4096) {
                 *b = i as u8;
             }
@@ -199,7 +203,16 @@ impl Buffer {
         Ok(Buffer::Device { device, allocation })
     }
 
+    /// Where the buffer's `len` bytes start (page-aligned for host memory).
     fn addr(&self) -> u64 {
+        match self {
+            Buffer::Host(h) => h.addr().next_multiple_of(4096),
+            Buffer::Device { allocation, .. } => allocation.addr,
+        }
+    }
+
+    /// Where the registration starts (for `unregister_memory`).
+    fn start(&self) -> u64 {
         match self {
             Buffer::Host(h) => h.addr(),
             Buffer::Device { allocation, .. } => allocation.addr,
@@ -311,7 +324,7 @@ fn run_on(e: &TransferEngine, args: &Args, segment: &str) -> mooncake::Result<Ru
     let remote =
         seg.descriptor.buffers.first().ok_or_else(|| mooncake::Error::NotFound("target has no buffer".into()))?;
     if remote.length < args.buffer_size {
-        e.unregister_memory(local.addr())?;
+        e.unregister_memory(local.start())?;
         return Err(mooncake::Error::InvalidArgument(format!(
             "target buffer ({} bytes) is smaller than --buffer_size {}",
             remote.length, args.buffer_size
@@ -372,7 +385,7 @@ fn run_on(e: &TransferEngine, args: &Args, segment: &str) -> mooncake::Result<Ru
     }
     r.elapsed = start.elapsed();
     r.latencies_us.sort_by(f64::total_cmp);
-    e.unregister_memory(local.addr())?;
+    e.unregister_memory(local.start())?;
     Ok(r)
 }
 
@@ -450,6 +463,9 @@ fn compared_protocols(requested: &[String]) -> Vec<String> {
 
 /// Sweeps `args.protocol` against a target child process and prints a table.
 fn sweep_protocol(args: &Args) -> mooncake::Result<Vec<Point>> {
+    if args.protocol == "nvmeof" {
+        return files::sweep(args);
+    }
     for memory in [args.local_memory(), args.target_memory()] {
         if !matches!(memory.as_str(), "host" | "cpu") {
             device_named(&memory)?; // say why here, not through a silent child
