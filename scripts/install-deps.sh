@@ -18,6 +18,8 @@ command -v pkg-config >/dev/null || need+=(pkg-config)
 # bindgen loads libclang itself (libclang.so from libclang-dev); libclang-cpp.so, which LLVM's
 # packages bring, is another library and does not do.
 ls /usr/lib/llvm-*/lib/libclang.so >/dev/null 2>&1 || need+=(libclang-dev)
+# fio: transfer_engine_bench compares the nvmeof transport with it on the same file.
+command -v fio >/dev/null || need+=(fio)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "missing system packages: ${need[*]} (run as root or: sudo apt-get install ${need[*]})" >&2
