@@ -111,6 +111,11 @@ fn list(disabled: &dyn Fn(&str) -> Vec<(String, String)>) {
     }
 }
 
+/// Records that a transport's suite runs without the metadata service it wanted.
+fn skip_without_metadata(trials: &mut Vec<Trial>, backend: &str, why: String) {
+    trials.push(Trial::fixed("transport", backend, "metadata_service", Outcome::Skipped(why)));
+}
+
 fn run(cli: &Cli, disabled: &dyn Fn(&str) -> Vec<(String, String)>) -> Report {
     let wanted = |kind: &str, name: &str| {
         (cli.kinds.is_empty() || cli.kinds.iter().any(|k| k == kind))
@@ -125,9 +130,22 @@ fn run(cli: &Cli, disabled: &dyn Fn(&str) -> Vec<(String, String)>) -> Report {
     let mut services = Services::default();
     let mut trials: Vec<Trial> = Vec::new();
     for f in registry::transports() {
-        if wanted("transport", f.name) {
-            trials.extend(transport_suite(f.name, &opts_for(f.name)));
+        if !wanted("transport", f.name) {
+            continue;
         }
+        let mut opts = opts_for(f.name);
+        if mooncake_core::Addressing::of(f.name) == mooncake_core::Addressing::Concatenated {
+            // File segments are published through a metadata service that every engine reads (not P2P): give the
+            // suite the HTTP server the metadata suite uses.
+            let http = registry::metadata_stores().into_iter().find(|m| m.name == "http");
+            if let Some(http) = http {
+                match services.conn_for(http, &cli.metadata_conns) {
+                    Ok(conn) => opts.metadata_conn = conn,
+                    Err(why) => skip_without_metadata(&mut trials, f.name, why),
+                }
+            }
+        }
+        trials.extend(transport_suite(f.name, &opts));
     }
     for f in registry::devices() {
         if wanted("device", f.name) {
