@@ -223,6 +223,9 @@ fn compare_fio(e: &TransferEngine, segment: &str, file: &Path, args: &Args) -> m
     for (rw, bs, qd) in
         [("randread", 4096u64, 32usize), ("randwrite", 4096, 32), ("read", 1 << 20, 8), ("write", 1 << 20, 8)]
     {
+        if !args.fio_jobs.iter().any(|j| j == rw) {
+            continue;
+        }
         let op = if rw.contains("write") { Opcode::Write } else { Opcode::Read };
         let ours = engine_qd(e, handle, local.addr(), size, op, bs, qd, rw.starts_with("rand"), args.duration)?;
         match fio(file, size, rw, bs, qd, args.duration) {

@@ -110,6 +110,10 @@ struct Args {
     /// GPU ordinal of GPU buffers.
     #[arg(long = "gpu_id", default_value_t = 0)]
     gpu_id: u32,
+    /// nvmeof sweep: the fio comparison jobs to run (`randread`, `randwrite`, `read`, `write`; `none`: no job),
+    /// e.g. one job at a time under a profiler.
+    #[arg(long = "fio_jobs", value_delimiter = ',', default_value = "randread,randwrite,read,write")]
+    fio_jobs: Vec<String>,
     /// Sweep: protocols to compare, the first being the baseline of the ratio table (e.g.
     /// `tcp,shm,libfabric`); `available` = tcp, then every other linked transport whose probe
     /// passes here. Empty: sweep `--protocol` alone.
