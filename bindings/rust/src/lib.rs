@@ -3,8 +3,8 @@
 //! This facade re-exports [`mooncake_core`] (and [`raw`], the one crate that turns addresses into bytes, with
 //! [`HostBuffer`]: host memory a program registers without `unsafe`) and links the backends selected by cargo features
 //! (`tcp`, `shm` and `http` by default; `rdma`, `libfabric`, `efa`, `etcd`, `redis`, the GPU ones `cuda`, `nvlink`,
-//! `rocm`, `musa`, file segments `nvmeof`, or `all`). Backends register themselves at link time; call
-//! [`link_all`] once from a final binary so the linker keeps every enabled one, then pick them by
+//! `rocm`, `musa`, file segments `nvmeof`, CXL shared memory `cxl`, or `all`). Backends register themselves at link
+//! time; call [`link_all`] once from a final binary so the linker keeps every enabled one, then pick them by
 //! name at run time (`EngineConfig::with_protocols(["tcp"])`) or list them with [`backends`].
 //!
 //! ```no_run
@@ -34,6 +34,8 @@ pub use mooncake_raw::HostBuffer;
 
 #[cfg(feature = "cuda")]
 pub use mooncake_device_cuda as device_cuda;
+#[cfg(feature = "cxl")]
+pub use mooncake_device_cxl as device_cxl;
 pub use mooncake_device_host as device_host;
 #[cfg(feature = "musa")]
 pub use mooncake_device_musa as device_musa;
@@ -46,6 +48,8 @@ pub use mooncake_metadata_http as metadata_http;
 pub use mooncake_metadata_p2p as metadata_p2p;
 #[cfg(feature = "redis")]
 pub use mooncake_metadata_redis as metadata_redis;
+#[cfg(feature = "cxl")]
+pub use mooncake_transport_cxl as transport_cxl;
 #[cfg(any(feature = "nvlink", feature = "rocm", feature = "musa"))]
 pub use mooncake_transport_gpu_ipc as transport_gpu_ipc;
 #[cfg(any(feature = "libfabric", feature = "efa"))]
@@ -89,6 +93,8 @@ pub const ENABLED_BACKENDS: &[(&str, &str)] = &[
     ("musa", "musa"),
     #[cfg(feature = "nvmeof")]
     ("nvmeof", "nvmeof"),
+    #[cfg(feature = "cxl")]
+    ("cxl", "cxl"),
 ];
 
 /// References every linked backend crate so the linker keeps their registrations.
@@ -120,6 +126,11 @@ pub fn link_all() {
     mooncake_transport_gpu_ipc::link();
     #[cfg(feature = "nvmeof")]
     mooncake_transport_nvmeof::link();
+    #[cfg(feature = "cxl")]
+    {
+        mooncake_device_cxl::link();
+        mooncake_transport_cxl::link();
+    }
 }
 
 /// What is linked and whether it works here (probe results).
