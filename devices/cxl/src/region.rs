@@ -902,6 +902,11 @@ impl Region {
         let count = self.slot_word(p.slot, S_INFLIGHT);
         count.fetch_add(1, Ordering::SeqCst);
         let access = SlotAccess { count };
+        // The owner first: a target that shut down (retired, then withdrew everything) reads as gone, not as a
+        // stale buffer.
+        if !self.owner_live(u64::from(owner.index) + 1, owner.generation) {
+            return Err(Refusal::OwnerGone);
+        }
         if self.slot_word(p.slot, S_SEQ).load(Ordering::SeqCst) != p.seq
             || self.slot_word(p.slot, S_OWNER).load(Ordering::Relaxed) != u64::from(owner.index) + 1
             || self.slot_word(p.slot, S_OWNER_GEN).load(Ordering::Relaxed) != owner.generation
@@ -913,9 +918,6 @@ impl Region {
         let inside = offset >= start && offset.checked_add(len).is_some_and(|e| e <= start.saturating_add(plen));
         if !inside || !self.data_range_ok(offset, len) {
             return Err(Refusal::OutOfRange);
-        }
-        if !self.owner_live(u64::from(owner.index) + 1, owner.generation) {
-            return Err(Refusal::OwnerGone);
         }
         Ok(access)
     }
