@@ -8,6 +8,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -21,34 +22,66 @@ use serde_json::Value;
 const MIB: u64 = 1 << 20;
 const CHILD_ENV: &str = "MC_CXL_TEST_CHILD";
 
-struct Setup {
-    _dir: Option<tempfile::TempDir>,
-    path: PathBuf,
-}
+/// Tests of this binary that call setup() (the child roles run in other processes): the last to finish removes
+/// the region.
+const TESTS: usize = 5;
 
-/// The region file every engine of this binary maps (created on first use; a child inherits its parent's).
-fn setup() -> &'static Path {
-    static S: OnceLock<Setup> = OnceLock::new();
-    let s = S.get_or_init(|| {
+/// The region file every engine of this binary maps (created on first use; a child inherits its parent's), and a
+/// guard the test holds. Regions of earlier runs whose process is gone are removed first.
+fn setup() -> Done {
+    static S: OnceLock<(PathBuf, bool)> = OnceLock::new();
+    let (path, owned) = S.get_or_init(|| {
         mooncake::link_all();
         mooncake_transport_cxl::link();
         if let Ok(p) = std::env::var("MC_CXL_DEV_PATH") {
-            return Setup { _dir: None, path: PathBuf::from(p) };
+            return (PathBuf::from(p), false);
         }
         let base = if Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
-        let dir = tempfile::Builder::new().prefix("mc-cxl-transport").tempdir_in(base).unwrap();
-        let path = dir.path().join("region");
+        for old in std::fs::read_dir(&base).into_iter().flatten().flatten() {
+            let name = old.file_name().to_string_lossy().to_string();
+            if let Some(pid) = name.strip_prefix("mc-cxl-transport-") {
+                if !Path::new("/proc").join(pid).exists() {
+                    let _ = std::fs::remove_dir_all(old.path());
+                }
+            }
+        }
+        let dir = base.join(format!("mc-cxl-transport-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("region");
         std::fs::File::create(&path).unwrap().set_len(256 * MIB).unwrap();
         // SAFETY: set once, before any engine or device of this binary reads the environment (every test calls
         // setup() first, and the OnceLock makes the others wait).
         unsafe { std::env::set_var("MC_CXL_DEV_PATH", &path) };
-        Setup { _dir: Some(dir), path }
+        (path, true)
     });
-    &s.path
+    Done { path, owned: *owned }
+}
+
+/// Counts finished tests; the last removes the region's directory (when this process made it).
+struct Done {
+    path: &'static Path,
+    owned: bool,
+}
+
+impl Done {
+    fn path(&self) -> &'static Path {
+        self.path
+    }
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        static FINISHED: AtomicUsize = AtomicUsize::new(0);
+        if self.owned && FINISHED.fetch_add(1, Ordering::AcqRel) + 1 == TESTS {
+            if let Some(dir) = self.path.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
 }
 
 fn engine() -> TransferEngine {
-    setup();
+    assert!(std::env::var_os("MC_CXL_DEV_PATH").is_some(), "call setup() first");
     TransferEngine::new(EngineConfig::new("127.0.0.1", "P2PHANDSHAKE").with_protocols(["cxl"])).unwrap()
 }
 
@@ -105,7 +138,8 @@ fn upstream_decode(v: &Value) -> Result<UpstreamCxlSegment, String> {
 
 #[test]
 fn our_descriptor_is_what_upstream_decodes() {
-    let path = setup();
+    let done = setup();
+    let path = done.path();
     let e = engine();
     let dev = device(&e);
     let a = dev.allocate(MIB + 100, &AllocOptions::default()).unwrap();
@@ -130,7 +164,8 @@ fn our_descriptor_is_what_upstream_decodes() {
 
 #[test]
 fn upstreams_descriptor_decodes_and_its_buffers_are_reached_by_offset() {
-    let path = setup();
+    let done = setup();
+    let path = done.path();
     let text =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/upstream_cxl_segment.json"))
             .unwrap();
@@ -187,6 +222,7 @@ fn upstreams_descriptor_decodes_and_its_buffers_are_reached_by_offset() {
 
 #[test]
 fn engines_of_one_process_move_bytes_by_offset_and_refuse_stale_or_gone_peers() {
+    let _done = setup();
     let a = engine();
     let b = engine();
     let dev = device(&b);
@@ -241,6 +277,7 @@ fn engines_of_one_process_move_bytes_by_offset_and_refuse_stale_or_gone_peers() 
 #[test]
 fn child() {
     let Ok(role) = std::env::var(CHILD_ENV) else { return };
+    let _done = setup();
     let say = |line: String| {
         let mut out = std::io::stdout().lock();
         writeln!(out, "{line}").unwrap();
@@ -278,7 +315,6 @@ fn child() {
 }
 
 fn spawn(role: &str, env: &[(&str, &str)]) -> (std::process::Child, BufReader<std::process::ChildStdout>) {
-    setup();
     let mut cmd = Command::new(std::env::current_exe().unwrap());
     cmd.args(["--exact", "child", "--nocapture", "--test-threads=1"])
         .env(CHILD_ENV, role)
@@ -304,6 +340,7 @@ fn expect(out: &mut BufReader<std::process::ChildStdout>, prefix: &str) -> Vec<S
 
 #[test]
 fn a_second_process_mapping_the_file_reads_and_writes_by_offset() {
+    let _done = setup();
     let (mut child, mut out) = spawn("peer", &[]);
     let w = expect(&mut out, "serving ");
     let (segment, off, their_base): (String, u64, u64) = (w[0].clone(), w[1].parse().unwrap(), w[2].parse().unwrap());
@@ -347,6 +384,7 @@ fn a_second_process_mapping_the_file_reads_and_writes_by_offset() {
 
 #[test]
 fn flush_mode_moves_the_same_bytes() {
+    let _done = setup();
     let (mut child, mut out) = spawn("flush", &[("MC_CXL_FLUSH", "1")]);
     let w = expect(&mut out, "flush ");
     assert_eq!(w, vec!["true".to_string(), "true".to_string()], "flush mode on, bytes right");
