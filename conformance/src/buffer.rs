@@ -43,6 +43,8 @@ impl std::fmt::Debug for Memory {
 /// it valid until it is unregistered).
 pub(crate) struct TestBuffer {
     mem: Mem,
+    /// The address the segment it was last registered with publishes it at (see [`TestBuffer::remote_addr`]).
+    published: std::sync::Mutex<Option<u64>>,
 }
 
 enum Mem {
@@ -51,16 +53,20 @@ enum Mem {
 }
 
 impl TestBuffer {
+    fn new(mem: Mem) -> Self {
+        TestBuffer { mem, published: std::sync::Mutex::new(None) }
+    }
+
     /// `len` zero bytes (at least 1) on `memory`.
     pub(crate) fn zeroed(memory: &Memory, len: u64) -> Result<Self, String> {
         match memory {
-            Memory::Host => Ok(TestBuffer { mem: Mem::Host(HostBuf::zeroed(len as usize)) }),
+            Memory::Host => Ok(TestBuffer::new(Mem::Host(HostBuf::zeroed(len as usize)))),
             Memory::Device(device) => {
                 let len = len.max(1);
                 let alloc = device
                     .allocate(len, &AllocOptions::default())
                     .or_fail(&format!("allocating {len} bytes on {}", device.name()))?;
-                let buf = TestBuffer { mem: Mem::Device { device: device.clone(), alloc } };
+                let buf = TestBuffer::new(Mem::Device { device: device.clone(), alloc });
                 // Device memory comes uninitialised: zero it, in bounded pieces.
                 const PIECE: u64 = 8 << 20;
                 let zeros = vec![0u8; PIECE.min(len) as usize];
@@ -78,7 +84,7 @@ impl TestBuffer {
     /// `len` bytes (at least 1) of pattern `seed` on `memory`.
     pub(crate) fn with_pattern(memory: &Memory, seed: u64, len: u64) -> Result<Self, String> {
         match memory {
-            Memory::Host => Ok(TestBuffer { mem: Mem::Host(HostBuf::with_pattern(seed, len as usize)) }),
+            Memory::Host => Ok(TestBuffer::new(Mem::Host(HostBuf::with_pattern(seed, len as usize)))),
             Memory::Device(_) => {
                 let buf = TestBuffer::zeroed(memory, len)?;
                 buf.write(0, &pattern(seed, len.max(1) as usize))?;
@@ -138,11 +144,27 @@ impl TestBuffer {
 
     /// Registers the buffer with `engine`: host memory as `cpu:0` (held by the engine), a device allocation
     /// through its device at the location the device reports.
+    ///
+    /// Remembers the address `engine`'s segment publishes the buffer at ([`TestBuffer::remote_addr`]).
     pub(crate) fn register(&self, engine: &TransferEngine) -> mooncake_core::Result<()> {
+        let before = engine.local_descriptor().buffers;
         match &self.mem {
-            Mem::Host(h) => engine.register_owned(h.owned(), "cpu:0"),
-            Mem::Device { device, alloc } => engine.register_allocation(device, alloc, "*"),
+            Mem::Host(h) => engine.register_owned(h.owned(), "cpu:0")?,
+            Mem::Device { device, alloc } => engine.register_allocation(device, alloc, "*")?,
         }
+        let after = engine.local_descriptor().buffers;
+        let new = after
+            .iter()
+            .find(|b| b.length == self.len() && !before.iter().any(|o| o.addr == b.addr && o.length == b.length));
+        *mooncake_core::sync::lock(&self.published) = new.map(|b| b.addr);
+        Ok(())
+    }
+
+    /// The address peers name this buffer by in the segment it was last registered with: where that segment
+    /// publishes it, which is its own address, or its offset in the shared region for region-offset protocols
+    /// (cxl); its own address when the segment does not publish it.
+    pub(crate) fn remote_addr(&self) -> u64 {
+        mooncake_core::sync::lock(&self.published).unwrap_or_else(|| self.addr())
     }
 }
 

@@ -24,6 +24,14 @@
 //! (without one its data cases skip, saying so). Cases that need a live peer (probing it, notifications, a peer
 //! that shuts down or dies, a range the peer unregistered, cross-process peers, an engine's own segment) skip
 //! with that reason, and only host memory is on the file segment's side of a memory pair.
+//!
+//! # Region-offset protocols
+//! A protocol whose segments are addressed by offset into one shared region (core's [`Addressing::RegionOffset`]:
+//! `cxl`) publishes only memory inside that region. For it every case runs under `host->cxl` (the initiator's
+//! buffer in host memory, the peer's in the region) instead of host/host, and the data cases again under
+//! `cxl->cxl`; pairs whose remote memory is not the region's are skipped saying so. Requests name the peer's
+//! buffer by the address its segment publishes (the offset), and the cross-process cases skip: the `serve-peer`
+//! child registers host memory, which such a protocol does not publish.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
@@ -176,8 +184,16 @@ fn plan_pairs(protocol: &str, caps: &Capabilities, opts: &SuiteOptions) -> Vec<(
         }
     };
     let plan = |pair: MemoryPair| -> PairPlan {
-        if pair != MemoryPair::HOST && !caps.memory_kinds.contains(pair.local) {
+        if pair != base_pair(protocol) && !caps.memory_kinds.contains(pair.local) {
             return PairPlan::Skip(undeclared(pair.local));
+        }
+        if let Some(region) = region_kind(protocol).filter(|k| *k != pair.remote) {
+            return PairPlan::Skip(format!(
+                "{protocol} publishes only memory in its shared region ({} memory): the peer's buffer cannot be {} \
+                 memory",
+                kind_name(region),
+                kind_name(pair.remote)
+            ));
         }
         if is_file_protocol(protocol) && pair.remote != MemoryKind::Host {
             return PairPlan::Skip(format!(
@@ -193,7 +209,7 @@ fn plan_pairs(protocol: &str, caps: &Capabilities, opts: &SuiteOptions) -> Vec<(
     if let Some(pairs) = &opts.memory_pairs {
         return pairs.iter().map(|p| (*p, plan(*p))).collect();
     }
-    let mut out = vec![(MemoryPair::HOST, PairPlan::Run { local: Memory::Host, remote: Memory::Host })];
+    let mut out = vec![(MemoryPair::HOST, plan(MemoryPair::HOST))];
     for (kind, device) in &devices {
         let declared = caps.memory_kinds.contains(*kind);
         for pair in MemoryPair::with_device(*kind) {
@@ -271,6 +287,17 @@ fn local_kind(t: &Target) -> Option<String> {
     })
 }
 
+/// The memory kind of the shared region a region-offset protocol (`cxl`) publishes, the only memory its peers
+/// reach; `None` for other protocols.
+fn region_kind(protocol: &str) -> Option<MemoryKind> {
+    (Addressing::of(protocol) == Addressing::RegionOffset).then(|| kind_of_driver(protocol)).flatten()
+}
+
+/// The pair every case runs under: host/host, or `host-><region>` for region-offset protocols.
+fn base_pair(protocol: &str) -> MemoryPair {
+    region_kind(protocol).map_or(MemoryPair::HOST, |k| MemoryPair::new(MemoryKind::Host, k))
+}
+
 /// Whether `protocol`'s segments are files the initiator reads and writes itself (no peer engine serves them).
 fn is_file_protocol(protocol: &str) -> bool {
     Addressing::of(protocol) == Addressing::Concatenated
@@ -319,6 +346,17 @@ fn limited(t: &Target) -> Option<String> {
 
 fn cross_process(t: &Target) -> Option<String> {
     served_read_write(t)
+        .or_else(|| {
+            region_kind(&t.protocol).map(|k| {
+                format!(
+                    "the serve-peer child registers host memory, which {} does not publish (only {} memory in its \
+                     shared region); the {} crates test a second process themselves",
+                    t.protocol,
+                    kind_name(k),
+                    t.protocol
+                )
+            })
+        })
         .or_else(|| (!t.caps.cross_process).then(|| "in-process transport (cross_process = false)".into()))
         .or_else(|| {
             t.opts.peer.is_none().then(|| {
@@ -434,11 +472,11 @@ fn pair_trials(target: &Arc<Target>) -> Vec<Trial> {
         case("cross_process_peer_killed_mid_batch", peer_failure, cross_killed_mid_batch),
         case("cross_process_peer_restart_same_port", cross_process, cross_restart),
     ]);
-    let host = target.pair == MemoryPair::HOST;
+    let base = target.pair == base_pair(&target.protocol);
     let suffix = target.pair.suffix();
     cases
         .into_iter()
-        .filter(|c| host || c.every_pair)
+        .filter(|c| base || c.every_pair)
         .map(|c| {
             let name = format!("{}{suffix}", c.name);
             // A test disabled by its plain name is disabled under every memory pair.
@@ -473,7 +511,7 @@ fn remote_reach(t: &Target) -> Result<Option<String>, String> {
     }
     let p = Pair::new(t, 4096, 4096)?;
     let seg = p.a.segment(p.seg).or_fail("A's view of B")?;
-    let buffer = seg.descriptor.locate(p.bbuf.addr(), p.bbuf.len()).or_fail("B's buffer in A's view of B")?;
+    let buffer = seg.descriptor.locate(p.bbuf.remote_addr(), p.bbuf.len()).or_fail("B's buffer in A's view of B")?;
     let transport = p.a.transport(&t.protocol).or_fail("the engine's transport")?;
     if transport.can_reach(&seg) && transport.can_reach_buffer(&seg, buffer) {
         return Ok(None);
@@ -532,6 +570,14 @@ impl Remote {
     fn addr(&self) -> u64 {
         match self {
             Remote::Memory(b) => b.addr(),
+            Remote::Files(_) => 0,
+        }
+    }
+
+    /// The address requests name the peer's buffer by (the offset a region-offset segment publishes).
+    fn remote_addr(&self) -> u64 {
+        match self {
+            Remote::Memory(b) => b.remote_addr(),
             Remote::Files(_) => 0,
         }
     }
@@ -709,7 +755,7 @@ impl Pair {
             opcode,
             local_addr: self.abuf.addr() + local_off,
             target: self.seg,
-            remote_addr: self.bbuf.addr() + remote_off,
+            remote_addr: self.bbuf.remote_addr() + remote_off,
             length,
         }
     }
@@ -876,11 +922,14 @@ fn descriptor_published(t: &Target) -> TestResult {
     }
     let d = p.peer()?.local_descriptor();
     ensure!(d.protocol == t.protocol, "descriptor protocol {:?}, expected {:?}", d.protocol, t.protocol);
-    ensure!(d.find_buffer(p.bbuf.addr(), p.bbuf.len()).is_some(), "registered buffer missing from the descriptor");
+    ensure!(
+        d.find_buffer(p.bbuf.remote_addr(), p.bbuf.len()).is_some(),
+        "registered buffer missing from the descriptor"
+    );
     let again = SegmentDescriptor::from_json(d.to_json().as_bytes()).or_fail("descriptor JSON round trip")?;
     ensure!(again.protocols().contains(&t.protocol), "round-tripped descriptor lost the protocol");
     let seen = p.a.segment(p.seg).or_fail("A's view of B")?;
-    ensure!(seen.descriptor.find_buffer(p.bbuf.addr(), p.bbuf.len()).is_some(), "A does not see B's buffer");
+    ensure!(seen.descriptor.find_buffer(p.bbuf.remote_addr(), p.bbuf.len()).is_some(), "A does not see B's buffer");
     ensure!(p.a.transport(&t.protocol).is_some(), "engine does not list the transport");
     Ok(Outcome::Passed)
 }
@@ -911,7 +960,9 @@ fn write_read(t: &Target, size: u64) -> TestResult {
 
 fn self_segment(t: &Target) -> TestResult {
     let a = engine(t)?;
-    let buf = TestBuffer::zeroed(&t.local, 8192)?;
+    // On the pair's remote memory, which the segment publishes (the same as the local memory but for
+    // region-offset protocols, whose segments publish only region memory).
+    let buf = TestBuffer::zeroed(&t.remote, 8192)?;
     buf.write(0, &pattern(3, 4096))?;
     buf.register(&a).or_fail("registering")?;
     let res = (|| {
@@ -920,7 +971,7 @@ fn self_segment(t: &Target) -> TestResult {
             opcode: Opcode::Write,
             local_addr: buf.addr(),
             target: me,
-            remote_addr: buf.addr() + 4096,
+            remote_addr: buf.remote_addr() + 4096,
             length: 4096,
         };
         all_ok(run(&a, &[w])?, &[w], "write to our own segment")
@@ -979,7 +1030,7 @@ fn sync_batch_each(t: &Target) -> TestResult {
     let p = Pair::new(t, 2 * total, total)?;
     p.abuf.write(0, &pattern(43, total as usize))?;
     let (a, name) = (p.a.clone(), p.remote_name());
-    let (abuf, bbuf) = (p.abuf.addr(), p.bbuf.addr());
+    let (abuf, bbuf) = (p.abuf.addr(), p.bbuf.remote_addr());
     let offsets: Vec<u64> = (0..N).map(|i| i * CHUNK).collect();
     let writes =
         sync_each(&a, &name, Opcode::Write, offsets.iter().map(|o| abuf + o), offsets.iter().map(|o| bbuf + o), CHUNK)?
@@ -1014,13 +1065,13 @@ fn sync_batch_stale_range(t: &Target) -> TestResult {
     p.bbuf.write(0, &pattern(45, total as usize))?;
     extra.register(p.peer()?).or_fail("registering B's extra buffer")?;
     let seg = p.a.refresh_segment(p.seg).or_fail("A refreshing B")?;
-    ensure!(seg.descriptor.find_buffer(extra.addr(), CHUNK).is_some(), "A does not see B's extra buffer");
+    ensure!(seg.descriptor.find_buffer(extra.remote_addr(), CHUNK).is_some(), "A does not see B's extra buffer");
     p.peer()?.unregister_memory(extra.addr()).or_fail("B unregistering the extra buffer")?;
     let (a, name) = (p.a.clone(), p.remote_name());
-    let (abuf, bbuf) = (p.abuf.addr(), p.bbuf.addr());
+    let (abuf, bbuf) = (p.abuf.addr(), p.bbuf.remote_addr());
     let op = if t.caps.read { Opcode::Read } else { Opcode::Write };
     let mut remotes: Vec<u64> = (0..N).map(|i| bbuf + i * CHUNK).collect();
-    remotes[3] = extra.addr();
+    remotes[3] = extra.remote_addr();
     let outcome = sync_each(&a, &name, op, (0..N).map(|i| abuf + i * CHUNK), remotes, CHUNK)?;
     let results = match outcome {
         Err(e) => {
@@ -1127,7 +1178,7 @@ fn concurrent(t: &Target) -> TestResult {
                 scope.spawn(move || -> Result<(), String> {
                     let local = p.abuf.addr() + k * SLICE;
                     let back = p.abuf.addr() + total + k * SLICE;
-                    let remote = p.bbuf.addr() + k * SLICE;
+                    let remote = p.bbuf.remote_addr() + k * SLICE;
                     for round in 0..ROUNDS {
                         if k % 2 == 0 {
                             // Blocking API.
@@ -1280,7 +1331,7 @@ fn out_of_bounds(t: &Target) -> TestResult {
         ("ending one byte past the remote buffer", p.req(op, 0, 1, 4096)),
         (
             "before the remote buffer",
-            TransferRequest { remote_addr: p.bbuf.addr().wrapping_sub(4096), ..p.req(op, 0, 0, 64) },
+            TransferRequest { remote_addr: p.bbuf.remote_addr().wrapping_sub(4096), ..p.req(op, 0, 0, 64) },
         ),
         ("in unmapped high memory", TransferRequest { remote_addr: 0xFFFF_FFFF_0000_0000, ..p.req(op, 0, 0, 64) }),
     ];
@@ -1305,7 +1356,7 @@ fn stale_remote_range(t: &Target) -> TestResult {
     let p = Pair::new(t, 8192, 4096)?;
     extra.register(p.peer()?).or_fail("registering B's extra buffer")?;
     let seg = p.a.refresh_segment(p.seg).or_fail("A refreshing B")?;
-    ensure!(seg.descriptor.find_buffer(extra.addr(), 4096).is_some(), "A does not see B's extra buffer");
+    ensure!(seg.descriptor.find_buffer(extra.remote_addr(), 4096).is_some(), "A does not see B's extra buffer");
     p.peer()?.unregister_memory(extra.addr()).or_fail("B unregistering the extra buffer")?;
     let mut ops = Vec::new();
     if t.caps.write {
@@ -1315,7 +1366,7 @@ fn stale_remote_range(t: &Target) -> TestResult {
         ops.push(Opcode::Read);
     }
     for op in ops {
-        let r = TransferRequest { remote_addr: extra.addr(), ..p.req(op, 4096, 0, 4096) };
+        let r = TransferRequest { remote_addr: extra.remote_addr(), ..p.req(op, 4096, 0, 4096) };
         let e = single_error(p.run(&[r])?, &format!("{op:?} of a range the peer unregistered"))?;
         ensure!(
             matches!(e, Error::RemoteRejected { .. } | Error::AddressNotRegistered { .. }),
@@ -1383,7 +1434,7 @@ fn unregistered_local(t: &Target) -> TestResult {
                 "{op:?} async from {what}: {e:?}, expected AddressNotRegistered"
             );
             let seg = p.remote_name();
-            let e = p.a.transfer_sync(&seg, op, local_addr, p.bbuf.addr(), length);
+            let e = p.a.transfer_sync(&seg, op, local_addr, p.bbuf.remote_addr(), length);
             ensure!(
                 matches!(e, Err(Error::AddressNotRegistered { .. })),
                 "{op:?} sync from {what}: {e:?}, expected AddressNotRegistered"
