@@ -14,6 +14,11 @@
 //! them on a GPU; `--target_memory` sets the target's side alone. With GPU memory the sweep also measures the
 //! device's own copy (`cuMemcpy`-style, [`mooncake::MemoryDevice::copy_between`]) per block size and prints the
 //! transfer's ratio to it.
+//!
+//! With `cxl` (a region-offset protocol: the target publishes only memory of the shared CXL region,
+//! `MC_CXL_DEV_PATH`) the target's buffer is allocated in the region unless `--target_memory` says otherwise,
+//! and the sweep also measures a single-thread `memcpy` of the same blocks (host to host, in this process) and
+//! prints the transfer's ratio to it: the transport is a CPU copy, so that is its limit per thread.
 
 mod files;
 mod metadata;
@@ -160,9 +165,21 @@ impl Args {
         if self.use_vram { "cuda".into() } else { self.memory.clone() }
     }
 
-    /// The target's memory.
+    /// The target's memory. A region-offset protocol (`cxl`) publishes only memory of its region: its target
+    /// allocates from the memory device named like the protocol.
     fn target_memory(&self) -> String {
-        self.target_memory.clone().unwrap_or_else(|| self.local_memory())
+        if let Some(m) = &self.target_memory {
+            return m.clone();
+        }
+        if self.region_offset() {
+            return self.protocol.clone();
+        }
+        self.local_memory()
+    }
+
+    /// Whether the protocol addresses its segments by offset into a shared region (`cxl`).
+    fn region_offset(&self) -> bool {
+        mooncake::Addressing::of(&self.protocol) == mooncake::Addressing::RegionOffset
     }
 }
 
@@ -260,6 +277,26 @@ fn device_copy_gbps(memory: &str, gpu_id: u32, block: u64, seconds: f64) -> moon
     let _ = device.free(&a);
     let _ = device.free(&b);
     result
+}
+
+/// GB/s of one thread copying `batch` blocks of `block` bytes between two host buffers (what the cxl transport's
+/// CPU copy does per request), over about `seconds`.
+fn memcpy_gbps(block: u64, batch: usize, seconds: f64) -> f64 {
+    let span = (block as usize) * batch;
+    let src: Vec<u8> = (0..span).map(|i| i as u8).collect();
+    // Written once before timing, so that page faults are not counted (the transfer's buffers are faulted in).
+    let mut dst = vec![1u8; span];
+    let b = block as usize;
+    let start = Instant::now();
+    let mut bytes = 0u64;
+    while start.elapsed().as_secs_f64() < seconds {
+        for i in 0..batch {
+            dst[i * b..(i + 1) * b].copy_from_slice(&src[i * b..(i + 1) * b]);
+        }
+        std::hint::black_box(&mut dst);
+        bytes += span as u64;
+    }
+    bytes as f64 / start.elapsed().as_secs_f64() / 1e9
 }
 
 fn target(args: &Args) -> mooncake::Result<()> {
@@ -515,8 +552,10 @@ fn sweep_protocol(args: &Args) -> mooncake::Result<Vec<Point>> {
     );
     let e = engine(args)?;
     let mut points = Vec::new();
-    // With GPU memory on both sides, the device's own copy is the limit to compare with.
+    // With GPU memory on both sides, the device's own copy is the limit to compare with; for cxl, a single-thread
+    // memcpy.
     let gpu = args.local_memory() == args.target_memory() && !matches!(args.local_memory().as_str(), "host" | "cpu");
+    let memcpy = args.region_offset();
     println!(
         "{:>10} {:>6} {:>10} {:>12} {:>12} {:>12}{}",
         "block",
@@ -525,7 +564,13 @@ fn sweep_protocol(args: &Args) -> mooncake::Result<Vec<Point>> {
         "blocks/s",
         "p50 us",
         "p99 us",
-        if gpu { "   device copy GB/s (ratio)" } else { "" }
+        if gpu {
+            "   device copy GB/s (ratio)"
+        } else if memcpy {
+            "   memcpy GB/s (ratio)"
+        } else {
+            ""
+        }
     );
     for &block in &args.blocks {
         let limit = gpu.then(|| device_copy_gbps(&args.local_memory(), args.gpu_id, block, args.duration.min(1.0)));
@@ -537,6 +582,11 @@ fn sweep_protocol(args: &Args) -> mooncake::Result<Vec<Point>> {
                 continue;
             }
             let r = run_on(&e, &point, &segment)?;
+            let limit = match &limit {
+                Some(l) => Some(l.clone()),
+                None if memcpy => Some(Ok(memcpy_gbps(block, batch, args.duration.min(1.0)))),
+                None => None,
+            };
             let versus = match &limit {
                 Some(Ok(copy)) if *copy > 0.0 => format!("   {copy:>10.3} ({:.2})", r.gbps() / copy),
                 Some(Ok(_)) => String::new(),
