@@ -27,7 +27,9 @@ pub struct Batch {
     /// Submitted slots not yet final.
     outstanding: AtomicUsize,
     async_done: Notify,
-    blocking_lock: Mutex<()>,
+    /// Threads blocked in [`Batch::wait_done_for`]; the last completion signals `blocking_done` only when
+    /// there are any (a condition variable's signal is a system call even when nobody waits).
+    blocking_lock: Mutex<usize>,
     blocking_done: Condvar,
 }
 
@@ -39,7 +41,7 @@ impl Batch {
             used: AtomicUsize::new(0),
             outstanding: AtomicUsize::new(0),
             async_done: Notify::new(),
-            blocking_lock: Mutex::new(()),
+            blocking_lock: Mutex::new(0),
             blocking_done: Condvar::new(),
         })
     }
@@ -174,17 +176,21 @@ impl Batch {
         self.spin_until_done(spin_budget().min(timeout));
         let deadline = Instant::now().checked_add(timeout);
         let mut guard = sync::lock(&self.blocking_lock);
+        *guard += 1;
+        let mut done = true;
         while !self.is_done() {
             let left = match deadline {
                 Some(d) => d.saturating_duration_since(Instant::now()),
                 None => Duration::from_secs(3600),
             };
             if left.is_zero() {
-                return false;
+                done = false;
+                break;
             }
             guard = sync::wait_timeout(&self.blocking_done, guard, left).0;
         }
-        true
+        *guard -= 1;
+        done
     }
 
     /// Polls for completion for up to `budget` before the caller goes to sleep. Waking a sleeping
@@ -232,8 +238,11 @@ impl Batch {
         slot.transferred.store(bytes, Ordering::Release);
         if self.outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.async_done.notify_waiters();
-            let _g = sync::lock(&self.blocking_lock);
-            self.blocking_done.notify_all();
+            // A waiter counts itself and checks `is_done` under the lock, and sleeps releasing it: either it
+            // sees this completion, or it is counted here.
+            if *sync::lock(&self.blocking_lock) > 0 {
+                self.blocking_done.notify_all();
+            }
         }
         true
     }
