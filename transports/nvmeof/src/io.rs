@@ -338,6 +338,9 @@ pub struct IoConfig {
     pub max_io: u64,
     /// I/O threads (one ring each).
     pub threads: usize,
+    /// Most submission entries handed to the kernel per `io_uring_enter` (1: each operation as soon as it is
+    /// prepared).
+    pub submit_batch: usize,
 }
 
 struct Shared {
@@ -530,6 +533,11 @@ struct Ring {
     files: HashMap<(u64, bool), (u32, Arc<OpenFile>)>,
     free_file_slots: Vec<u32>,
     pending: VecDeque<Op>,
+    /// Entries pushed since the last `io_uring_enter`, and how many may wait for the next one.
+    unsubmitted: usize,
+    submit_batch: usize,
+    /// Completions being handled (kept to reuse its allocation).
+    cqes: Vec<(u64, i32)>,
 }
 
 // SAFETY: the raw pointers (bounce buffers) are owned by the ring and only used by the one thread that owns it.
@@ -557,6 +565,9 @@ impl Ring {
             files: HashMap::new(),
             free_file_slots: if fixed_files { (0..FILE_SLOTS).rev().collect() } else { Vec::new() },
             pending: VecDeque::new(),
+            unsubmitted: 0,
+            submit_batch: config.submit_batch.clamp(1, qd),
+            cqes: Vec::with_capacity(qd + 1),
         })
     }
 
@@ -599,6 +610,9 @@ impl Ring {
             }
             let r = self.ring.submit_and_wait(want);
             s.in_kernel.store(false, Ordering::Release);
+            if r.is_ok() {
+                self.unsubmitted = 0;
+            }
             match r {
                 Ok(_) => {}
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) => {}
@@ -607,7 +621,7 @@ impl Ring {
                     self.fail_inflight(&Error::unavailable(format!("nvmeof: io_uring_enter failed: {e}")));
                 }
             }
-            self.reap();
+            self.reap(s);
         }
     }
 
@@ -749,16 +763,36 @@ impl Ring {
         let pushed = unsafe { self.ring.submission().push(&sqe) };
         if pushed.is_err() {
             // The ring was sized for qd entries: submit what is queued and retry once.
-            let _ = self.ring.submit();
+            self.flush();
             // SAFETY: as above.
             if unsafe { self.ring.submission().push(&sqe) }.is_err() {
                 if let Some(mut f) = self.slots[slot].take() {
                     f.op.finish(Err(Error::unavailable("nvmeof: io_uring submission queue full")));
                     self.release(slot, &f);
                 }
+                return None;
             }
         }
+        self.pushed();
         None
+    }
+
+    /// Counts an entry pushed; hands the kernel what was pushed once `submit_batch` entries wait. Submitting
+    /// each operation at once (the default) lets the device start on it while the next ones are prepared and
+    /// completed, as fio does (`iodepth_batch_submit=1`); a large batch arrives at the device all at once.
+    fn pushed(&mut self) {
+        self.unsubmitted += 1;
+        if self.unsubmitted >= self.submit_batch {
+            self.flush();
+        }
+    }
+
+    /// Submits the pushed entries without waiting (errors are left to the main loop's next `io_uring_enter`,
+    /// which submits whatever is left).
+    fn flush(&mut self) {
+        if self.unsubmitted > 0 && self.ring.submit().is_ok() {
+            self.unsubmitted = 0;
+        }
     }
 
     /// The submission entry for what is left of `f`.
@@ -842,9 +876,13 @@ impl Ring {
         self.free_slots.push(slot);
     }
 
-    fn reap(&mut self) {
-        let done: Vec<(u64, i32)> = self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
-        for (slot, res) in done {
+    /// Handles the completions at hand. Each finished operation frees a slot, which goes at once to an
+    /// operation queued meanwhile (its submitter was often woken by an earlier completion of this round), so
+    /// the device is not left short of work while the rest of the round is finished.
+    fn reap(&mut self, s: &Shared) {
+        let mut done = std::mem::take(&mut self.cqes);
+        done.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+        for &(slot, res) in &done {
             if slot == WAKE {
                 self.wake_armed = false;
                 continue;
@@ -855,6 +893,11 @@ impl Ring {
                 Some(r) => {
                     f.op.finish(r);
                     self.release(slot, &f);
+                    if s.queued.load(Ordering::Acquire) > 0 {
+                        let mut q = sync::lock(&s.queue);
+                        self.take(&mut q, s);
+                    }
+                    self.prepare_pending();
                 }
                 None => {
                     // Short transfer: resubmit the rest.
@@ -866,10 +909,14 @@ impl Ring {
                             f.op.finish(Err(Error::unavailable("nvmeof: io_uring submission queue full")));
                             self.release(slot, &f);
                         }
+                    } else {
+                        self.pushed();
                     }
                 }
             }
         }
+        done.clear();
+        self.cqes = done;
     }
 
     /// The outcome of a completion, or `None` to resubmit the rest.
