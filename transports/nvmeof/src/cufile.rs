@@ -172,7 +172,7 @@ impl CuWorker {
             let mut count = 0u64;
             while let Ok(mut op) = rx.recv() {
                 count += 1;
-                let file = match op.file.get(op.recheck) {
+                let file = match op.file.get() {
                     Ok(f) => f,
                     Err(e) => {
                         if let Some(d) = op.done.take() {

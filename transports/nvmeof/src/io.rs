@@ -19,7 +19,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -171,8 +171,16 @@ impl OpenFile {
         self.buffered.metadata().ok().map(|m| m.len())
     }
 
+    /// Whether the (regular) file was removed since it was opened: one `fstat`.
     fn unlinked(&self) -> bool {
-        self.buffered.metadata().is_ok_and(|m| m.nlink() == 0 && m.file_type().is_file())
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: fstat writes one `struct stat` through the pointer, which points at a local of that type.
+        if unsafe { libc::fstat(self.buffered.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+            return false;
+        }
+        // SAFETY: fstat succeeded, so it filled the struct.
+        let st = unsafe { st.assume_init() };
+        st.st_nlink == 0 && st.st_mode & libc::S_IFMT == libc::S_IFREG
     }
 }
 
@@ -212,19 +220,26 @@ impl FileEntry {
         }
     }
 
-    /// The open file; with `recheck`, a file removed since it was opened is opened again by path (which then
-    /// fails with `NotFound`, or finds the file that replaced it).
-    pub fn get(&self, recheck: bool) -> std::result::Result<Arc<OpenFile>, FileError> {
+    /// The open file, opening it on first use.
+    pub fn get(&self) -> std::result::Result<Arc<OpenFile>, FileError> {
         let mut g = sync::lock(&self.open);
         if let Some(f) = g.as_ref() {
-            if !(recheck && f.unlinked()) {
-                return Ok(f.clone());
-            }
-            *g = None;
+            return Ok(f.clone());
         }
         let f = Arc::new(OpenFile::open(&self.path, self.want_direct)?);
         *g = Some(f.clone());
         Ok(f)
+    }
+
+    /// Forgets the open file if it was removed since it was opened (one `fstat`), so that the next
+    /// [`FileEntry::get`] opens the path again (which then fails with `NotFound`, or finds the file that replaced
+    /// it). The transport calls it on the submitting thread before the first operation of each submission on
+    /// the file, which keeps the check off the I/O thread.
+    pub fn forget_if_unlinked(&self) {
+        let mut g = sync::lock(&self.open);
+        if g.as_ref().is_some_and(|f| f.unlinked()) {
+            *g = None;
+        }
     }
 
     /// The open file, if it was opened.
@@ -246,8 +261,6 @@ pub struct Op {
     pub local: LocalRange,
     /// Where the outcome goes.
     pub done: Option<PieceDone>,
-    /// Check that the file was not removed before running (the first operation on a file in a submission).
-    pub recheck: bool,
 }
 
 impl Op {
@@ -693,7 +706,7 @@ impl Ring {
             op.finish(Err(Error::Canceled));
             return None;
         }
-        let file = match op.file.get(op.recheck) {
+        let file = match op.file.get() {
             Ok(f) => f,
             Err(e) => {
                 if matches!(e.kind, FileErrorKind::NotFound) {

@@ -308,8 +308,11 @@ impl Transport for NvmeofTransport {
                     continue;
                 };
                 let file = seg.files[i].clone();
-                let recheck = touched.insert(Arc::as_ptr(&file));
-                let op = Op { file, file_off, opcode: t.opcode, local, done: Some(done), recheck };
+                if touched.insert(Arc::as_ptr(&file)) {
+                    // A file removed since it was opened is opened again by path: writes never land in it.
+                    file.forget_if_unlinked();
+                }
+                let op = Op { file, file_off, opcode: t.opcode, local, done: Some(done) };
                 match &st.cu {
                     Some(cu) if io::is_cuda(&op.local) => {
                         if let Some(op) = cu.push(op) {
