@@ -23,6 +23,7 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use io_uring::{IoUring, opcode, squeue, types};
 use mooncake_core::{Error, LocalRange, MemoryKind, Opcode, PeerEvents, PieceDone, Result, sync};
@@ -354,6 +355,8 @@ pub struct IoConfig {
     /// Most submission entries handed to the kernel per `io_uring_enter` (1: each operation as soon as it is
     /// prepared).
     pub submit_batch: usize,
+    /// How long an I/O thread that just reported an outcome keeps looking for new work before it sleeps.
+    pub linger: Duration,
 }
 
 struct Shared {
@@ -367,13 +370,43 @@ struct Shared {
     wake: std::os::fd::OwnedFd,
     stop: AtomicBool,
     queued: AtomicUsize,
+    /// Operations done whose outcome is not reported yet: reporting one wakes its submitter, a system call
+    /// when that is another thread. The I/O thread reports the first of a round of completions itself and
+    /// leaves the rest here; the next submitter (often the one just woken) reports them from its own thread,
+    /// where waking a task of its own runtime is cheap, while the I/O thread gets on with submitting. The I/O
+    /// thread reports what is left whenever it has nothing to submit, so nothing waits on a submitter.
+    finished: Mutex<Vec<(Op, Result<u64>)>>,
+    finished_len: AtomicUsize,
 }
 
 impl Shared {
+    /// Reports the outcomes left in `finished` (on the calling thread).
+    fn report_finished(&self) {
+        if self.finished_len.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let done = std::mem::take(&mut *sync::lock(&self.finished));
+        self.finished_len.fetch_sub(done.len(), Ordering::AcqRel);
+        for (mut op, r) in done {
+            op.finish(r);
+        }
+    }
+
+    /// Reports one outcome left in `finished`; false when there was none.
+    fn report_one(&self) -> bool {
+        if self.finished_len.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        let Some((mut op, r)) = sync::lock(&self.finished).pop() else { return false };
+        self.finished_len.fetch_sub(1, Ordering::AcqRel);
+        op.finish(r);
+        true
+    }
+
     fn kick(&self) {
         if self.sleeping.load(Ordering::Acquire) {
             self.ready.notify_one();
-        } else if self.in_kernel.load(Ordering::Acquire) {
+        } else if self.in_kernel.load(Ordering::SeqCst) {
             let one = 1u64.to_ne_bytes();
             // SAFETY: writes 8 bytes from a local array to our eventfd.
             let _ = unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), 8) };
@@ -417,6 +450,8 @@ impl IoPool {
                 wake,
                 stop: AtomicBool::new(false),
                 queued: AtomicUsize::new(0),
+                finished: Mutex::new(Vec::new()),
+                finished_len: AtomicUsize::new(0),
             });
             let s = shared.clone();
             std::thread::Builder::new()
@@ -442,10 +477,13 @@ impl IoPool {
             }
             return;
         }
-        lane.queued.fetch_add(ops.len(), Ordering::Release);
+        lane.queued.fetch_add(ops.len(), Ordering::SeqCst);
         q.extend(ops);
         drop(q);
         lane.kick();
+        for lane in &self.lanes {
+            lane.report_finished();
+        }
     }
 
     /// Stops the threads: queued operations fail; those in flight finish first.
@@ -551,6 +589,9 @@ struct Ring {
     submit_batch: usize,
     /// Completions being handled (kept to reuse its allocation).
     cqes: Vec<(u64, i32)>,
+    /// When this thread last reported an outcome, and how long it then waits for new work before sleeping.
+    reported_at: Option<Instant>,
+    linger: Duration,
 }
 
 // SAFETY: the raw pointers (bounce buffers) are owned by the ring and only used by the one thread that owns it.
@@ -581,6 +622,8 @@ impl Ring {
             unsubmitted: 0,
             submit_batch: config.submit_batch.clamp(1, qd),
             cqes: Vec::with_capacity(qd + 1),
+            reported_at: None,
+            linger: config.linger,
         })
     }
 
@@ -591,6 +634,26 @@ impl Ring {
     fn run(mut self, s: &Shared) {
         loop {
             let stop = s.stop.load(Ordering::Acquire);
+            if s.queued.load(Ordering::Acquire) > 0 {
+                let mut q = sync::lock(&s.queue);
+                self.take(&mut q, s);
+            }
+            if stop {
+                for mut op in self.pending.drain(..) {
+                    op.finish(Err(stopped()));
+                }
+            }
+            self.prepare_pending();
+            if s.queued.load(Ordering::Acquire) == 0 {
+                if s.report_one() {
+                    // Nothing to submit: report an outcome no submitter took, then look again.
+                    self.reported_at = Some(Instant::now());
+                    continue;
+                }
+                if !stop && self.linger(s) {
+                    continue;
+                }
+            }
             if self.inflight() == 0 && self.pending.is_empty() {
                 if stop {
                     break;
@@ -602,23 +665,14 @@ impl Ring {
                     q = sync::wait(&s.ready, q);
                     s.sleeping.store(false, Ordering::Release);
                 }
-                self.take(&mut q, s);
-            } else if s.queued.load(Ordering::Acquire) > 0 {
-                let mut q = sync::lock(&s.queue);
-                self.take(&mut q, s);
+                continue;
             }
-            if stop {
-                for mut op in self.pending.drain(..) {
-                    op.finish(Err(stopped()));
-                }
-            }
-            self.prepare_pending();
             let mut want = usize::from(self.inflight() > 0);
             if want > 0 && !self.wake_armed {
                 self.arm_wake(s);
             }
-            s.in_kernel.store(want > 0, Ordering::Release);
-            if want > 0 && s.queued.load(Ordering::Acquire) > 0 {
+            s.in_kernel.store(want > 0, Ordering::SeqCst);
+            if want > 0 && s.queued.load(Ordering::SeqCst) > 0 {
                 want = 0;
             }
             let r = self.ring.submit_and_wait(want);
@@ -635,6 +689,26 @@ impl Ring {
                 }
             }
             self.reap(s);
+        }
+    }
+
+    /// Waits a little, without sleeping, for the operations a submitter is likely to queue right after an
+    /// outcome reported to it (the usual way to keep a queue depth: a new request per finished one), or for a
+    /// completion. Sleeping instead (in the kernel or on `ready`) and being woken costs tens of microseconds on
+    /// a virtual machine, during which the device may run dry. True when something arrived.
+    fn linger(&mut self, s: &Shared) -> bool {
+        let Some(at) = self.reported_at.take() else { return false };
+        let until = at + self.linger;
+        loop {
+            if s.queued.load(Ordering::Acquire) > 0 || !self.ring.completion().is_empty() {
+                return true;
+            }
+            if s.stop.load(Ordering::Acquire) || Instant::now() >= until {
+                return false;
+            }
+            for _ in 0..64 {
+                std::hint::spin_loop();
+            }
         }
     }
 
@@ -889,12 +963,13 @@ impl Ring {
         self.free_slots.push(slot);
     }
 
-    /// Handles the completions at hand. Each finished operation frees a slot, which goes at once to an
-    /// operation queued meanwhile (its submitter was often woken by an earlier completion of this round), so
-    /// the device is not left short of work while the rest of the round is finished.
+    /// Handles the completions at hand: the first outcome is reported at once (it wakes a submitter), the
+    /// others are left in `finished` (see there). Each finished operation frees a slot, which goes at once to
+    /// an operation queued meanwhile, so the device is not left short of work.
     fn reap(&mut self, s: &Shared) {
         let mut done = std::mem::take(&mut self.cqes);
         done.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+        let mut reported = false;
         for &(slot, res) in &done {
             if slot == WAKE {
                 self.wake_armed = false;
@@ -904,8 +979,15 @@ impl Ring {
             let Some(mut f) = self.slots.get_mut(slot).and_then(Option::take) else { continue };
             match self.complete(&mut f, res) {
                 Some(r) => {
-                    f.op.finish(r);
                     self.release(slot, &f);
+                    if reported {
+                        sync::lock(&s.finished).push((f.op, r));
+                        s.finished_len.fetch_add(1, Ordering::AcqRel);
+                    } else {
+                        f.op.finish(r);
+                        reported = true;
+                        self.reported_at = Some(Instant::now());
+                    }
                     if s.queued.load(Ordering::Acquire) > 0 {
                         let mut q = sync::lock(&s.queue);
                         self.take(&mut q, s);

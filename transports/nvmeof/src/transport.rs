@@ -31,6 +31,10 @@ pub struct NvmeofConfig {
     /// Most operations handed to the kernel per `io_uring_enter` (`submit_batch` / `MC_NVMEOF_SUBMIT_BATCH`,
     /// default 1: each as soon as it is prepared, as fio does; see docs/nvmeof.md).
     pub submit_batch: usize,
+    /// Microseconds an I/O thread that just reported an outcome waits (polling, without sleeping) for the
+    /// submitter's next operation before it sleeps (`linger_us` / `MC_NVMEOF_LINGER_US`, default 100; 0: sleep
+    /// at once). A submitter keeping a queue depth sends its next request right after it hears of one.
+    pub linger_us: u64,
 }
 
 impl Default for NvmeofConfig {
@@ -49,6 +53,7 @@ impl NvmeofConfig {
             max_io: max_io / io::FILE_ALIGN * io::FILE_ALIGN,
             direct: c.get::<u32>("direct", "MC_NVMEOF_DIRECT") != Some(0),
             submit_batch: c.get::<usize>("submit_batch", "MC_NVMEOF_SUBMIT_BATCH").unwrap_or(1).clamp(1, 4096),
+            linger_us: c.get::<u64>("linger_us", "MC_NVMEOF_LINGER_US").unwrap_or(100).min(10_000),
         }
     }
 }
@@ -200,6 +205,7 @@ impl Transport for NvmeofTransport {
             max_io: self.config.max_io,
             threads: self.config.io_threads,
             submit_batch: self.config.submit_batch,
+            linger: Duration::from_micros(self.config.linger_us),
         })?);
         let cu = match cufile::get() {
             Ok(cf) => Some(CuWorker::start(cf, io.clone()).map_err(|e| Error::unavailable(format!("nvmeof: {e}")))?),
