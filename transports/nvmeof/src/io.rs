@@ -26,7 +26,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use io_uring::{IoUring, opcode, squeue, types};
-use mooncake_core::{Error, LocalRange, MemoryKind, Opcode, PeerEvents, PieceDone, Result, sync};
+use mooncake_core::{Error, LocalRange, MemoryKind, Opcode, PeerEvents, PieceDone, RegionGuard, Result, sync};
 use mooncake_raw::Span;
 
 use crate::error::{FileError, FileErrorKind};
@@ -35,6 +35,10 @@ use crate::error::{FileError, FileErrorKind};
 pub const FILE_ALIGN: u64 = 4096;
 /// Fixed-file slots each ring registers.
 const FILE_SLOTS: u32 = 256;
+/// Fixed-buffer slots each ring keeps for registered memory, after its bounce buffers' slots.
+const REGION_SLOTS: u32 = 1024;
+/// Largest fixed buffer (the kernel refuses more than 1 GiB): registered memory is registered in chunks.
+const FIXED_CHUNK: u64 = 1 << 30;
 
 /// The size of the file or block device at `path`.
 pub fn file_size(path: &Path) -> Result<u64> {
@@ -357,6 +361,39 @@ pub struct IoConfig {
     pub submit_batch: usize,
     /// How long an I/O thread that just reported an outcome keeps looking for new work before it sleeps.
     pub linger: Duration,
+    /// Register the engine's host memory with the rings as fixed buffers (see [`FixedRegions`]).
+    pub fixed_buffers: bool,
+}
+
+/// The engine's registered host memory, which each ring registers with the kernel as fixed buffers the first
+/// time an operation moves bytes in place from or to it: the kernel then skips pinning the pages of every
+/// operation (`ReadFixed`/`WriteFixed`). The pages stay pinned while the memory is registered, as RDMA
+/// registration pins them. Memory that cannot be registered (a locked-memory limit, a kernel without sparse
+/// buffer tables) is read and written as before.
+#[derive(Debug, Default)]
+pub struct FixedRegions {
+    /// Bumped on every change, so rings notice removals.
+    generation: AtomicU64,
+    next_id: AtomicU64,
+    /// By start address: a registration's id and the region (held until it is unregistered, as the
+    /// `Transport::register_memory` contract allows).
+    regions: Mutex<HashMap<u64, (u64, RegionGuard)>>,
+}
+
+impl FixedRegions {
+    fn add(&self, region: &RegionGuard) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        sync::lock(&self.regions).insert(region.addr, (id, region.clone()));
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn remove(&self, addr: u64) -> bool {
+        let removed = sync::lock(&self.regions).remove(&addr).is_some();
+        if removed {
+            self.generation.fetch_add(1, Ordering::AcqRel);
+        }
+        removed
+    }
 }
 
 struct Shared {
@@ -421,6 +458,7 @@ const WAKE: u64 = u64::MAX;
 pub struct IoPool {
     lanes: Vec<Arc<Shared>>,
     next: AtomicUsize,
+    fixed: Option<Arc<FixedRegions>>,
 }
 
 impl std::fmt::Debug for IoPool {
@@ -433,8 +471,9 @@ impl IoPool {
     /// Starts `config.threads` threads, each with a ring of `config.queue_depth` entries.
     pub fn start(config: IoConfig) -> Result<IoPool> {
         let mut lanes = Vec::new();
+        let fixed = config.fixed_buffers.then(|| Arc::new(FixedRegions::default()));
         for i in 0..config.threads.max(1) {
-            let ring = Ring::new(config)?;
+            let ring = Ring::new(config, fixed.clone())?;
             // SAFETY: eventfd takes an initial value and flags; no memory is passed.
             let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
             if efd < 0 {
@@ -460,7 +499,27 @@ impl IoPool {
                 .map_err(|e| Error::unavailable(format!("nvmeof: cannot start I/O thread {i}: {e}")))?;
             lanes.push(shared);
         }
-        Ok(IoPool { lanes, next: AtomicUsize::new(0) })
+        Ok(IoPool { lanes, next: AtomicUsize::new(0), fixed })
+    }
+
+    /// The engine registered `region`: host memory becomes a fixed buffer of each ring on first use.
+    pub fn register_region(&self, region: &RegionGuard) {
+        if let Some(fixed) = &self.fixed {
+            if region.is_host() {
+                fixed.add(region);
+            }
+        }
+    }
+
+    /// The engine unregisters the memory at `addr`: the rings drop its fixed buffers (unpinning its pages) at
+    /// once; operations already submitted keep what they use until they complete.
+    pub fn unregister_region(&self, addr: u64) {
+        if self.fixed.as_ref().is_some_and(|f| f.remove(addr)) {
+            for lane in &self.lanes {
+                let _q = sync::lock(&lane.queue);
+                lane.kick();
+            }
+        }
     }
 
     /// Queues the operations of one submission on one thread (they fail at once after [`IoPool::stop`]).
@@ -551,8 +610,8 @@ impl Drop for Bounce {
 /// How an operation in flight moves its bytes.
 #[derive(Debug, Clone, Copy)]
 enum Way {
-    /// Straight into or out of the caller's host memory at `addr`.
-    InPlace { addr: u64 },
+    /// Straight into or out of the caller's host memory at `addr` (inside fixed buffer `buf`, if any).
+    InPlace { addr: u64, buf: Option<u16> },
     /// Through bounce buffer `index`; the file range `[io_off, io_off + io_len)` covers the operation.
     Bounce { index: usize },
 }
@@ -592,18 +651,29 @@ struct Ring {
     /// When this thread last reported an outcome, and how long it then waits for new work before sleeping.
     reported_at: Option<Instant>,
     linger: Duration,
+    /// A sparse table of `qd + REGION_SLOTS` fixed buffers is registered: bounce buffers at `0..qd`, the
+    /// engine's memory after them.
+    buf_table: bool,
+    fixed: Option<Arc<FixedRegions>>,
+    fixed_seen: u64,
+    /// Registered memory this ring registered, by start address: the registration's id and a slot per
+    /// [`FIXED_CHUNK`] (none: not registrable, moved with plain reads and writes).
+    fixed_slots: HashMap<u64, (u64, Vec<u16>)>,
+    free_buf_slots: Vec<u16>,
 }
 
 // SAFETY: the raw pointers (bounce buffers) are owned by the ring and only used by the one thread that owns it.
 unsafe impl Send for Ring {}
 
 impl Ring {
-    fn new(config: IoConfig) -> Result<Ring> {
+    fn new(config: IoConfig, fixed: Option<Arc<FixedRegions>>) -> Result<Ring> {
         let qd = config.queue_depth.clamp(1, 4096);
         let ring = IoUring::builder()
             .build((qd as u32 + 1).next_power_of_two())
             .map_err(|e| Error::unavailable(format!("nvmeof: io_uring_setup failed: {e}")))?;
         let fixed_files = ring.submitter().register_files_sparse(FILE_SLOTS).is_ok();
+        let buf_table = ring.submitter().register_buffers_sparse(qd as u32 + REGION_SLOTS).is_ok();
+        let fixed = fixed.filter(|_| buf_table);
         Ok(Ring {
             ring,
             wake_buf: Box::new(0),
@@ -624,6 +694,15 @@ impl Ring {
             cqes: Vec::with_capacity(qd + 1),
             reported_at: None,
             linger: config.linger,
+            buf_table,
+            free_buf_slots: if fixed.is_some() {
+                (qd as u16..(qd as u32 + REGION_SLOTS) as u16).rev().collect()
+            } else {
+                Vec::new()
+            },
+            fixed,
+            fixed_seen: 0,
+            fixed_slots: HashMap::new(),
         })
     }
 
@@ -643,6 +722,7 @@ impl Ring {
                     op.finish(Err(stopped()));
                 }
             }
+            self.sync_fixed();
             self.prepare_pending();
             if s.queued.load(Ordering::Acquire) == 0 {
                 if s.report_one() {
@@ -659,8 +739,9 @@ impl Ring {
                     break;
                 }
                 self.purge_files();
+                self.sync_fixed();
                 let mut q = sync::lock(&s.queue);
-                while q.is_empty() && !s.stop.load(Ordering::Acquire) {
+                while q.is_empty() && !s.stop.load(Ordering::Acquire) && !self.fixed_changed() {
                     s.sleeping.store(true, Ordering::Release);
                     q = sync::wait(&s.ready, q);
                     s.sleeping.store(false, Ordering::Release);
@@ -754,6 +835,98 @@ impl Ring {
         }
     }
 
+    fn fixed_changed(&self) -> bool {
+        self.fixed.as_ref().is_some_and(|f| f.generation.load(Ordering::Acquire) != self.fixed_seen)
+    }
+
+    /// Drops the fixed buffers of memory the engine unregistered (and forgets what could not be registered,
+    /// to try again).
+    fn sync_fixed(&mut self) {
+        let Some(fixed) = self.fixed.clone() else { return };
+        let generation = fixed.generation.load(Ordering::Acquire);
+        if generation == self.fixed_seen {
+            return;
+        }
+        self.fixed_seen = generation;
+        let stale: Vec<u64> = {
+            let live = sync::lock(&fixed.regions);
+            self.fixed_slots
+                .iter()
+                .filter(|(addr, (id, slots))| slots.is_empty() || live.get(addr).is_none_or(|(now, _)| now != id))
+                .map(|(addr, _)| *addr)
+                .collect()
+        };
+        for addr in stale {
+            if let Some((_, slots)) = self.fixed_slots.remove(&addr) {
+                self.clear_buf_slots(&slots);
+            }
+        }
+    }
+
+    fn clear_buf_slots(&mut self, slots: &[u16]) {
+        let none = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }];
+        for &slot in slots {
+            // SAFETY: an empty entry references no memory; the kernel keeps what submitted operations use.
+            if unsafe { self.ring.submitter().register_buffers_update(u32::from(slot), &none, None) }.is_ok() {
+                self.free_buf_slots.push(slot);
+            }
+        }
+    }
+
+    /// The fixed buffer holding `[addr, addr+len)` of `local`'s registered region, registering the region
+    /// with this ring on first use; `None` for plain reads and writes.
+    fn fixed_index(&mut self, local: &LocalRange, addr: u64, len: u64) -> Option<u16> {
+        let fixed = self.fixed.clone()?;
+        let region = local.region()?;
+        let base = region.addr;
+        if !self.fixed_slots.contains_key(&base) {
+            let found = sync::lock(&fixed.regions).get(&base).map(|(id, g)| (*id, g.clone()));
+            let slots = match found {
+                Some((id, g)) if g.is_host() => (id, self.register_fixed(&g)),
+                _ => (0, Vec::new()),
+            };
+            self.fixed_slots.insert(base, slots);
+        }
+        let (_, slots) = self.fixed_slots.get(&base)?;
+        let first = addr.checked_sub(base)? / FIXED_CHUNK;
+        if (addr + len.max(1) - 1 - base) / FIXED_CHUNK != first {
+            return None; // straddles two chunks
+        }
+        slots.get(first as usize).copied()
+    }
+
+    /// Registers `region` as fixed buffers (one per chunk); none when it cannot be.
+    fn register_fixed(&mut self, region: &RegionGuard) -> Vec<u16> {
+        let chunks = region.len.div_ceil(FIXED_CHUNK) as usize;
+        if chunks > self.free_buf_slots.len() {
+            return Vec::new();
+        }
+        let mut slots = Vec::with_capacity(chunks);
+        for k in 0..chunks as u64 {
+            let Some(slot) = self.free_buf_slots.pop() else { break };
+            let start = k * FIXED_CHUNK;
+            let iov = [libc::iovec {
+                iov_base: (region.addr + start) as *mut libc::c_void,
+                iov_len: (region.len - start).min(FIXED_CHUNK) as usize,
+            }];
+            // SAFETY: registered host memory stays mapped while the engine holds it registered; the kernel
+            // pins its pages, and this ring stops using the slot (and unregisters it) once the engine
+            // unregisters the memory (`sync_fixed`). Operations still in flight then hold the region, and the
+            // kernel keeps the pages they use until they complete.
+            match unsafe { self.ring.submitter().register_buffers_update(u32::from(slot), &iov, None) } {
+                Ok(()) => slots.push(slot),
+                Err(e) => {
+                    self.free_buf_slots.push(slot);
+                    tracing::debug!(error = %e, addr = region.addr, len = region.len,
+                        "nvmeof: cannot register memory as an io_uring fixed buffer; plain reads and writes");
+                    self.clear_buf_slots(&slots);
+                    return Vec::new();
+                }
+            }
+        }
+        slots
+    }
+
     fn ensure_bounce(&mut self) -> bool {
         if !self.bounce.is_empty() {
             return true;
@@ -768,9 +941,18 @@ impl Ring {
         self.free_bounce = (0..self.bounce.len()).rev().collect();
         let iovecs: Vec<libc::iovec> =
             self.bounce.iter().map(|b| libc::iovec { iov_base: b.ptr.cast(), iov_len: b.len }).collect();
-        // SAFETY: the buffers stay allocated (and at these addresses) until the ring is dropped, which
-        // unregisters them; the kernel writes into them only for operations we submit.
-        self.fixed_bufs = !iovecs.is_empty() && unsafe { self.ring.submitter().register_buffers(&iovecs) }.is_ok();
+        // The bounce buffers take slots 0..qd (of the sparse table when there is one).
+        let registered = if iovecs.is_empty() {
+            false
+        } else if self.buf_table {
+            // SAFETY: the buffers stay allocated (and at these addresses) until the ring is dropped, which
+            // unregisters them; the kernel writes into them only for operations we submit.
+            unsafe { self.ring.submitter().register_buffers_update(0, &iovecs, None) }.is_ok()
+        } else {
+            // SAFETY: as above.
+            unsafe { self.ring.submitter().register_buffers(&iovecs) }.is_ok()
+        };
+        self.fixed_bufs = registered;
         !self.bounce.is_empty()
     }
 
@@ -819,7 +1001,7 @@ impl Ring {
             _ => None,
         };
         let way = match in_place {
-            Some(addr) => Way::InPlace { addr },
+            Some(addr) => Way::InPlace { addr, buf: self.fixed_index(&op.local, addr, io_len) },
             None => {
                 if io_len > self.max_io.max(FILE_ALIGN) || !self.ensure_bounce() {
                     let e = Error::NoSpace(format!("nvmeof: no bounce buffer for a {io_len}-byte operation"));
@@ -891,13 +1073,22 @@ impl Ring {
         let raw = types::Fd(f.file.fd(f.direct));
         let read = f.op.opcode == Opcode::Read;
         let entry = match f.way {
-            Way::InPlace { addr } => {
+            Way::InPlace { addr, buf: None } => {
                 let buf = (addr + p) as *mut u8;
                 match (read, fixed) {
                     (true, Some(i)) => opcode::Read::new(types::Fixed(i), buf, len).offset(off).build(),
                     (true, None) => opcode::Read::new(raw, buf, len).offset(off).build(),
                     (false, Some(i)) => opcode::Write::new(types::Fixed(i), buf, len).offset(off).build(),
                     (false, None) => opcode::Write::new(raw, buf, len).offset(off).build(),
+                }
+            }
+            Way::InPlace { addr, buf: Some(bi) } => {
+                let buf = (addr + p) as *mut u8;
+                match (read, fixed) {
+                    (true, Some(i)) => opcode::ReadFixed::new(types::Fixed(i), buf, len, bi).offset(off).build(),
+                    (true, None) => opcode::ReadFixed::new(raw, buf, len, bi).offset(off).build(),
+                    (false, Some(i)) => opcode::WriteFixed::new(types::Fixed(i), buf, len, bi).offset(off).build(),
+                    (false, None) => opcode::WriteFixed::new(raw, buf, len, bi).offset(off).build(),
                 }
             }
             Way::Bounce { index } => {
@@ -1064,7 +1255,7 @@ impl Ring {
 impl Drop for Ring {
     fn drop(&mut self) {
         self.fail_inflight(&stopped());
-        if self.fixed_bufs {
+        if self.fixed_bufs || self.buf_table {
             let _ = self.ring.submitter().unregister_buffers();
         }
     }

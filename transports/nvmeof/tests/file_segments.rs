@@ -143,6 +143,11 @@ fn ext4_files_use_o_direct() {
 }
 
 #[test]
+fn fixed_buffers_move_the_same_bytes() {
+    assert_eq!(round_trip_across_files("/tmp", &[("fixed_buffers", "1")]), IoMode::Direct);
+}
+
+#[test]
 fn buffered_io_when_o_direct_is_off() {
     assert_eq!(round_trip_across_files("/tmp", &[("direct", "0")]), IoMode::Buffered);
 }
