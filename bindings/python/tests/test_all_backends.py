@@ -68,10 +68,18 @@ def test_libfabric_moves_bytes():
 def serve_and_transfer(args, port: int, metadata: str) -> None:
     """Starts a metadata server (`args`, listening on `port`), moves bytes with it as the metadata, stops it."""
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # A server that just opened its port may still be starting (a fresh etcd elects itself leader first), which
+    # takes longer than the 3 s default metadata timeout on a loaded machine.
+    saved = os.environ.get("MC_METADATA_TIMEOUT_MS")
+    os.environ["MC_METADATA_TIMEOUT_MS"] = "20000"
     try:
         wait_port(port, proc=proc)
         transfer_between_two_engines(metadata, "tcp")
     finally:
+        if saved is None:
+            os.environ.pop("MC_METADATA_TIMEOUT_MS", None)
+        else:
+            os.environ["MC_METADATA_TIMEOUT_MS"] = saved
         stop(proc)
 
 
