@@ -365,11 +365,11 @@ pub struct IoConfig {
     pub fixed_buffers: bool,
 }
 
-/// The engine's registered host memory, which each ring registers with the kernel as fixed buffers the first
-/// time an operation moves bytes in place from or to it: the kernel then skips pinning the pages of every
-/// operation (`ReadFixed`/`WriteFixed`). The pages stay pinned while the memory is registered, as RDMA
-/// registration pins them. Memory that cannot be registered (a locked-memory limit, a kernel without sparse
-/// buffer tables) is read and written as before.
+/// The engine's registered host memory, which each ring registers with the kernel as fixed buffers, a
+/// 1 GiB chunk at a time, the first time an operation moves bytes in place from or to that chunk: the
+/// kernel then skips pinning the pages of every operation (`ReadFixed`/`WriteFixed`). Those pages stay pinned
+/// while the memory is registered, as RDMA registration pins them. Memory that cannot be registered (a
+/// locked-memory limit, a kernel without sparse buffer tables) is read and written as before.
 #[derive(Debug, Default)]
 pub struct FixedRegions {
     /// Bumped on every change, so rings notice removals.
@@ -607,6 +607,24 @@ impl Drop for Bounce {
     }
 }
 
+/// One registered region as a ring sees it: its chunks of [`FIXED_CHUNK`] bytes are registered as fixed
+/// buffers on first use, so only what file I/O touches gets pinned.
+struct FixedRegion {
+    /// The registration's id in [`FixedRegions`]; 0 for memory not registrable here (moved with plain reads
+    /// and writes until the table changes).
+    id: u64,
+    len: u64,
+    chunks: Vec<Chunk>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    Untried,
+    Slot(u16),
+    /// The kernel refused it (a locked-memory limit): plain reads and writes until the table changes.
+    Failed,
+}
+
 /// How an operation in flight moves its bytes.
 #[derive(Debug, Clone, Copy)]
 enum Way {
@@ -656,9 +674,8 @@ struct Ring {
     buf_table: bool,
     fixed: Option<Arc<FixedRegions>>,
     fixed_seen: u64,
-    /// Registered memory this ring registered, by start address: the registration's id and a slot per
-    /// [`FIXED_CHUNK`] (none: not registrable, moved with plain reads and writes).
-    fixed_slots: HashMap<u64, (u64, Vec<u16>)>,
+    /// Registered memory this ring has seen operations on, by start address.
+    fixed_slots: HashMap<u64, FixedRegion>,
     free_buf_slots: Vec<u16>,
 }
 
@@ -852,12 +869,16 @@ impl Ring {
             let live = sync::lock(&fixed.regions);
             self.fixed_slots
                 .iter()
-                .filter(|(addr, (id, slots))| slots.is_empty() || live.get(addr).is_none_or(|(now, _)| now != id))
+                .filter(|(addr, r)| {
+                    r.id == 0 || r.chunks.contains(&Chunk::Failed) || live.get(addr).is_none_or(|(id, _)| *id != r.id)
+                })
                 .map(|(addr, _)| *addr)
                 .collect()
         };
         for addr in stale {
-            if let Some((_, slots)) = self.fixed_slots.remove(&addr) {
+            if let Some(r) = self.fixed_slots.remove(&addr) {
+                let slots: Vec<u16> =
+                    r.chunks.iter().filter_map(|c| if let Chunk::Slot(s) = c { Some(*s) } else { None }).collect();
                 self.clear_buf_slots(&slots);
             }
         }
@@ -873,58 +894,68 @@ impl Ring {
         }
     }
 
-    /// The fixed buffer holding `[addr, addr+len)` of `local`'s registered region, registering the region
-    /// with this ring on first use; `None` for plain reads and writes.
+    /// The fixed buffer holding `[addr, addr+len)` of `local`'s registered region (registering its chunk with
+    /// this ring on first use); `None` for plain reads and writes.
+    ///
+    /// The table is checked for changes first: memory the engine unregistered before this operation was
+    /// submitted (and perhaps registered again at the same address) is never looked up in stale slots.
     fn fixed_index(&mut self, local: &LocalRange, addr: u64, len: u64) -> Option<u16> {
-        let fixed = self.fixed.clone()?;
+        self.fixed.as_ref()?;
         let region = local.region()?;
-        let base = region.addr;
-        if !self.fixed_slots.contains_key(&base) {
-            let found = sync::lock(&fixed.regions).get(&base).map(|(id, g)| (*id, g.clone()));
-            let slots = match found {
-                Some((id, g)) if g.is_host() => (id, self.register_fixed(&g)),
-                _ => (0, Vec::new()),
-            };
-            self.fixed_slots.insert(base, slots);
+        if self.fixed_changed() {
+            self.sync_fixed();
         }
-        let (_, slots) = self.fixed_slots.get(&base)?;
-        let first = addr.checked_sub(base)? / FIXED_CHUNK;
-        if (addr + len.max(1) - 1 - base) / FIXED_CHUNK != first {
+        let fixed = self.fixed.as_ref()?;
+        let base = region.addr;
+        let off = addr.checked_sub(base)?;
+        let k = (off / FIXED_CHUNK) as usize;
+        if (off + len.max(1) - 1) / FIXED_CHUNK != k as u64 {
             return None; // straddles two chunks
         }
-        slots.get(first as usize).copied()
-    }
-
-    /// Registers `region` as fixed buffers (one per chunk); none when it cannot be.
-    fn register_fixed(&mut self, region: &RegionGuard) -> Vec<u16> {
-        let chunks = region.len.div_ceil(FIXED_CHUNK) as usize;
-        if chunks > self.free_buf_slots.len() {
-            return Vec::new();
-        }
-        let mut slots = Vec::with_capacity(chunks);
-        for k in 0..chunks as u64 {
-            let Some(slot) = self.free_buf_slots.pop() else { break };
-            let start = k * FIXED_CHUNK;
-            let iov = [libc::iovec {
-                iov_base: (region.addr + start) as *mut libc::c_void,
-                iov_len: (region.len - start).min(FIXED_CHUNK) as usize,
-            }];
-            // SAFETY: registered host memory stays mapped while the engine holds it registered; the kernel
-            // pins its pages, and this ring stops using the slot (and unregisters it) once the engine
-            // unregisters the memory (`sync_fixed`). Operations still in flight then hold the region, and the
-            // kernel keeps the pages they use until they complete.
-            match unsafe { self.ring.submitter().register_buffers_update(u32::from(slot), &iov, None) } {
-                Ok(()) => slots.push(slot),
-                Err(e) => {
-                    self.free_buf_slots.push(slot);
-                    tracing::debug!(error = %e, addr = region.addr, len = region.len,
-                        "nvmeof: cannot register memory as an io_uring fixed buffer; plain reads and writes");
-                    self.clear_buf_slots(&slots);
-                    return Vec::new();
+        let entry = match self.fixed_slots.entry(base) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let found = sync::lock(&fixed.regions).get(&base).map(|(id, g)| (*id, g.len, g.is_host()));
+                v.insert(match found {
+                    Some((id, len, true)) => {
+                        FixedRegion { id, len, chunks: vec![Chunk::Untried; len.div_ceil(FIXED_CHUNK) as usize] }
+                    }
+                    _ => FixedRegion { id: 0, len: 0, chunks: Vec::new() },
+                })
+            }
+        };
+        match *entry.chunks.get(k)? {
+            Chunk::Slot(slot) => Some(slot),
+            Chunk::Failed => None,
+            Chunk::Untried => {
+                let start = k as u64 * FIXED_CHUNK;
+                let chunk = (base + start, (entry.len - start).min(FIXED_CHUNK));
+                let got = self.register_chunk(chunk);
+                if let Some(r) = self.fixed_slots.get_mut(&base) {
+                    r.chunks[k] = got.map_or(Chunk::Failed, Chunk::Slot);
                 }
+                got
             }
         }
-        slots
+    }
+
+    /// Registers `(addr, len)`, a chunk of registered host memory, as a fixed buffer.
+    fn register_chunk(&mut self, (addr, len): (u64, u64)) -> Option<u16> {
+        let slot = self.free_buf_slots.pop()?;
+        let iov = [libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: len as usize }];
+        // SAFETY: registered host memory stays mapped while the engine holds it registered; the kernel pins its
+        // pages, and this ring stops using the slot (and unregisters it) once the engine unregisters the memory
+        // (`sync_fixed`, also run before every lookup that follows a change). Operations still in flight then
+        // hold the region, and the kernel keeps the pages they use until they complete.
+        match unsafe { self.ring.submitter().register_buffers_update(u32::from(slot), &iov, None) } {
+            Ok(()) => Some(slot),
+            Err(e) => {
+                self.free_buf_slots.push(slot);
+                tracing::debug!(error = %e, addr, len,
+                    "nvmeof: cannot register memory as an io_uring fixed buffer; plain reads and writes");
+                None
+            }
+        }
     }
 
     fn ensure_bounce(&mut self) -> bool {

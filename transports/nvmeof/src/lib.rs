@@ -14,7 +14,7 @@
 //!   `unregister_`/`unpublish_` forms remove it. Upstream's `register.py`/`mount.py` produce the same JSON.
 //! - **Routing**: an engine with this transport installed (`with_protocols(["tcp", "nvmeof"])`) routes requests
 //!   for a segment whose descriptor says `nvmeof` here when every file resolves to a path on this host
-//!   ([`Transport::can_reach`](mooncake_core::Transport::can_reach)).
+//!   ([`Transport::can_reach`]).
 //! - **I/O**: each request is cut into per-file slices and those into operations of at most `max_io` bytes at
 //!   4 KiB file offsets (unaligned head and tail apart), run by I/O threads that each own an io_uring (queue
 //!   depth `MC_NVMEOF_QUEUE_DEPTH`, default 32) with fixed files and fixed bounce buffers. Files are opened

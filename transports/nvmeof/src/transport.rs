@@ -35,10 +35,10 @@ pub struct NvmeofConfig {
     /// submitter's next operation before it sleeps (`linger_us` / `MC_NVMEOF_LINGER_US`, default 100; 0: sleep
     /// at once). A submitter keeping a queue depth sends its next request right after it hears of one.
     pub linger_us: u64,
-    /// Register the engine's host memory with the rings as io_uring fixed buffers on first use, sparing the
-    /// kernel a page pinning per operation (`fixed_buffers` / `MC_NVMEOF_FIXED_BUFFERS`, default 0: no gain
-    /// measured on the virtual disk here, see docs/nvmeof.md). The pages stay pinned while registered, as
-    /// RDMA registration pins them.
+    /// Register the engine's host memory with the rings as io_uring fixed buffers, 1 GiB chunk by chunk as file
+    /// I/O first touches them, sparing the kernel a page pinning per operation (`fixed_buffers` /
+    /// `MC_NVMEOF_FIXED_BUFFERS`, default 1). Those pages stay pinned while the memory is registered, as RDMA
+    /// registration pins them; memory the kernel refuses to pin (a locked-memory limit) is moved as before.
     pub fixed_buffers: bool,
 }
 
@@ -59,7 +59,7 @@ impl NvmeofConfig {
             direct: c.get::<u32>("direct", "MC_NVMEOF_DIRECT") != Some(0),
             submit_batch: c.get::<usize>("submit_batch", "MC_NVMEOF_SUBMIT_BATCH").unwrap_or(1).clamp(1, 4096),
             linger_us: c.get::<u64>("linger_us", "MC_NVMEOF_LINGER_US").unwrap_or(100).min(10_000),
-            fixed_buffers: c.get::<u32>("fixed_buffers", "MC_NVMEOF_FIXED_BUFFERS") == Some(1),
+            fixed_buffers: c.get::<u32>("fixed_buffers", "MC_NVMEOF_FIXED_BUFFERS") != Some(0),
         }
     }
 }
