@@ -160,6 +160,16 @@ impl OpenFile {
         &self.path
     }
 
+    /// Whether it was opened for writing.
+    pub(crate) fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    /// Its block size: O_DIRECT offsets, lengths and memory must be multiples of it.
+    pub(crate) fn align(&self) -> u64 {
+        self.align
+    }
+
     /// The descriptor: the O_DIRECT one when asked for and there is one.
     pub(crate) fn raw_fd(&self, direct: bool) -> i32 {
         self.fd(direct)
@@ -219,7 +229,7 @@ impl FileEntry {
         FileEntry { path, published, want_direct, open: Mutex::new(None), missing }
     }
 
-    fn report_missing(&self) {
+    pub(crate) fn report_missing(&self) {
         if let Some((events, segment)) = &self.missing {
             events.peer_failed(segment);
         }
@@ -337,7 +347,7 @@ pub mod testing {
         ACTIVE.store(!f.is_empty(), Ordering::Release);
     }
 
-    pub(super) fn injected(path: &Path) -> Option<i32> {
+    pub(crate) fn injected(path: &Path) -> Option<i32> {
         if !ACTIVE.load(Ordering::Relaxed) {
             return None;
         }
@@ -1239,38 +1249,9 @@ impl Ring {
     /// The outcome of a completion, or `None` to resubmit the rest.
     fn complete(&mut self, f: &mut InFlight, res: i32) -> Option<Result<u64>> {
         let op = &f.op;
-        if res < 0 {
-            let errno = -res;
-            let mut e = FileError::os(&f.file.path, errno, &op.what());
-            if errno == libc::EINVAL && f.direct {
-                e.detail.push_str(" (O_DIRECT refused this operation's alignment)");
-            }
-            if errno == libc::EBADF && op.opcode == Opcode::Write {
-                e.kind = FileErrorKind::ReadOnly;
-            }
-            return Some(Err(e.into_error()));
-        }
-        f.progress += res as u64;
-        // Bytes the operation needs from the covering range (reads may stop at end of file past them).
-        let needed = op.file_off + op.len() - f.io_off;
-        let enough = if op.opcode == Opcode::Read { f.progress >= needed } else { f.progress >= f.io_len };
-        if !enough {
-            if res == 0 || f.direct {
-                if op.opcode == Opcode::Read {
-                    let size = f.file.size().map_or("unknown".into(), |s| s.to_string());
-                    let detail = format!(
-                        "{}: end of file after {} bytes (the file has {size} bytes, the segment publishes {}; truncated \
-                         underneath, or published too long)",
-                        op.what(),
-                        f.progress.min(needed),
-                        op.file.published
-                    );
-                    return Some(Err(FileError::new(&f.file.path, FileErrorKind::ShortFile, detail).into_error()));
-                }
-                let detail = format!("{}: short write ({} of {} bytes)", op.what(), f.progress, f.io_len);
-                return Some(Err(FileError::new(&f.file.path, FileErrorKind::Other, detail).into_error()));
-            }
-            return None;
+        match outcome(op, &f.file, f.direct, f.io_off, f.io_len, &mut f.progress, res)? {
+            Ok(_) => {}
+            Err(e) => return Some(Err(e)),
         }
         if let (Way::Bounce { index }, Opcode::Read) = (f.way, op.opcode) {
             let start = (op.file_off - f.io_off) as usize;
@@ -1290,6 +1271,54 @@ impl Drop for Ring {
             let _ = self.ring.submitter().unregister_buffers();
         }
     }
+}
+
+/// What completion `res` means for `op`, whose I/O covers `[io_off, io_off + io_len)` of `file` (`direct`: through
+/// its O_DIRECT descriptor) and had moved `progress` bytes before (updated): `Some(Ok(len))` when it is done,
+/// `None` when the rest must be submitted again (a short buffered transfer), or the typed error.
+pub(crate) fn outcome(
+    op: &Op,
+    file: &OpenFile,
+    direct: bool,
+    io_off: u64,
+    io_len: u64,
+    progress: &mut u64,
+    res: i32,
+) -> Option<Result<u64>> {
+    if res < 0 {
+        let errno = -res;
+        let mut e = FileError::os(&file.path, errno, &op.what());
+        if errno == libc::EINVAL && direct {
+            e.detail.push_str(" (O_DIRECT refused this operation's alignment)");
+        }
+        if errno == libc::EBADF && op.opcode == Opcode::Write {
+            e.kind = FileErrorKind::ReadOnly;
+        }
+        return Some(Err(e.into_error()));
+    }
+    *progress += res as u64;
+    // Bytes the operation needs from the covering range (reads may stop at end of file past them).
+    let needed = op.file_off + op.len() - io_off;
+    let enough = if op.opcode == Opcode::Read { *progress >= needed } else { *progress >= io_len };
+    if !enough {
+        if res == 0 || direct {
+            if op.opcode == Opcode::Read {
+                let size = file.size().map_or("unknown".into(), |s| s.to_string());
+                let detail = format!(
+                    "{}: end of file after {} bytes (the file has {size} bytes, the segment publishes {}; truncated \
+                     underneath, or published too long)",
+                    op.what(),
+                    (*progress).min(needed),
+                    op.file.published
+                );
+                return Some(Err(FileError::new(&file.path, FileErrorKind::ShortFile, detail).into_error()));
+            }
+            let detail = format!("{}: short write ({} of {} bytes)", op.what(), *progress, io_len);
+            return Some(Err(FileError::new(&file.path, FileErrorKind::Other, detail).into_error()));
+        }
+        return None;
+    }
+    Some(Ok(op.len()))
 }
 
 /// Whether the local range is CUDA memory (for cuFile).

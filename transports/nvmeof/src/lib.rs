@@ -41,6 +41,7 @@
 //! # let _ = handle; Ok(()) }
 //! ```
 
+mod caller;
 mod cufile;
 mod error;
 pub mod io;

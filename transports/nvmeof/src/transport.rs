@@ -8,10 +8,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use mooncake_core::{
-    Access, BackendConfig, BufferDesc, Capabilities, Error, FanIn, MemoryKind, MemoryKinds, PeerEvents, PerfModel,
-    PieceDone, RegionGuard, RemoteSegment, Result, SegmentDescriptor, TransferTask, Transport, TransportContext, sync,
+    Access, BackendConfig, BlockingRequest, BufferDesc, Capabilities, Error, FanIn, LocalRange, MemoryKind,
+    MemoryKinds, Opcode, PeerEvents, PerfModel, PieceDone, RegionGuard, RemoteSegment, Result, SegmentDescriptor,
+    TransferTask, Transport, TransportContext, sync,
 };
 
+use crate::caller;
 use crate::cufile::{self, CuWorker};
 use crate::io::{self, FileEntry, IoConfig, IoPool, Op};
 use crate::segment::{self, FileSpec, PROTOCOL};
@@ -40,6 +42,10 @@ pub struct NvmeofConfig {
     /// `MC_NVMEOF_FIXED_BUFFERS`, default 1). Those pages stay pinned while the memory is registered, as RDMA
     /// registration pins them; memory the kernel refuses to pin (a locked-memory limit) is moved as before.
     pub fixed_buffers: bool,
+    /// Synchronous calls (`batch_transfer_sync` and friends) submit and reap on the calling thread, with a ring
+    /// of its own, when their host memory and alignment need no bounce buffer (`caller_thread` /
+    /// `MC_NVMEOF_CALLER_THREAD`, default 1).
+    pub caller_thread: bool,
 }
 
 impl Default for NvmeofConfig {
@@ -60,6 +66,7 @@ impl NvmeofConfig {
             submit_batch: c.get::<usize>("submit_batch", "MC_NVMEOF_SUBMIT_BATCH").unwrap_or(1).clamp(1, 4096),
             linger_us: c.get::<u64>("linger_us", "MC_NVMEOF_LINGER_US").unwrap_or(100).min(10_000),
             fixed_buffers: c.get::<u32>("fixed_buffers", "MC_NVMEOF_FIXED_BUFFERS") != Some(0),
+            caller_thread: c.get::<u32>("caller_thread", "MC_NVMEOF_CALLER_THREAD") != Some(0),
         }
     }
 }
@@ -98,11 +105,66 @@ struct Started {
 }
 
 /// The files of one segment version, in order.
-struct SegFiles {
+pub(crate) struct SegFiles {
     seg: Arc<RemoteSegment>,
-    files: Vec<Arc<FileEntry>>,
+    pub(crate) files: Vec<Arc<FileEntry>>,
     starts: Vec<u64>,
     total: u64,
+}
+
+impl SegFiles {
+    /// The operations of a request of `local.len()` bytes at offset `start` of the segment (named `name`):
+    /// `(file index, file offset, offset in the request, length)`, per-file slices cut by [`io::cut`]; or the
+    /// request's error (past the end, memory no device owns).
+    pub(crate) fn pieces(
+        &self,
+        name: &str,
+        local: &LocalRange,
+        start: u64,
+        max_io: u64,
+    ) -> Result<Vec<(usize, u64, u64, u64)>> {
+        let len = local.len();
+        let end = match start.checked_add(len) {
+            Some(end) if len > 0 && end <= self.total => end,
+            _ => {
+                return Err(Error::AddressNotRegistered {
+                    addr: start,
+                    len,
+                    context: format!(
+                        "past the end of file segment {name} ({} bytes in {} files)",
+                        self.total,
+                        self.files.len()
+                    ),
+                });
+            }
+        };
+        if matches!(local.access(), Access::Unreachable) {
+            return Err(Error::unsupported(
+                "moving device memory no linked device owns",
+                format!("{PROTOCOL} (register the memory through its device)"),
+            ));
+        }
+        let mut pieces = Vec::new();
+        let mut i = self.starts.partition_point(|s| *s <= start).saturating_sub(1);
+        let mut cur = start;
+        while cur < end && i < self.files.len() {
+            let file_start = self.starts[i];
+            let file_end = file_start + self.files[i].published;
+            let slice_end = end.min(file_end);
+            if slice_end > cur {
+                let file_off = cur - file_start;
+                for (o, n) in io::cut(file_off, slice_end - cur, max_io) {
+                    pieces.push((i, file_off + o, cur - start + o, n));
+                }
+                cur = slice_end;
+            }
+            i += 1;
+        }
+        if pieces.is_empty() {
+            return Err(Error::InvalidArgument(format!("nvmeof: nothing to move for [{start}, +{len})")));
+        }
+        Ok(pieces)
+    }
 }
 
 /// The `nvmeof` transport.
@@ -277,52 +339,13 @@ impl Transport for NvmeofTransport {
         let mut touched: HashSet<*const FileEntry> = HashSet::new();
         for t in tasks {
             let len = t.length();
-            let start = t.remote_addr;
-            let end = match start.checked_add(len) {
-                Some(end) if len > 0 && end <= seg.total => end,
-                _ => {
-                    t.completion.finish(Err(Error::AddressNotRegistered {
-                        addr: start,
-                        len,
-                        context: format!(
-                            "past the end of file segment {} ({} bytes in {} files)",
-                            target.name,
-                            seg.total,
-                            seg.files.len()
-                        ),
-                    }));
+            let pieces = match seg.pieces(&target.name, &t.local, t.remote_addr, self.config.max_io) {
+                Ok(p) => p,
+                Err(e) => {
+                    t.completion.finish(Err(e));
                     continue;
                 }
             };
-            if matches!(t.local.access(), Access::Unreachable) {
-                t.completion.finish(Err(Error::unsupported(
-                    "moving device memory no linked device owns",
-                    format!("{PROTOCOL} (register the memory through its device)"),
-                )));
-                continue;
-            }
-            // Per-file slices, each cut into operations.
-            let mut pieces: Vec<(usize, u64, u64, u64)> = Vec::new();
-            let mut i = seg.starts.partition_point(|s| *s <= start).saturating_sub(1);
-            let mut cur = start;
-            while cur < end && i < seg.files.len() {
-                let file_start = seg.starts[i];
-                let file_end = file_start + seg.files[i].published;
-                let slice_end = end.min(file_end);
-                if slice_end > cur {
-                    let file_off = cur - file_start;
-                    for (o, n) in io::cut(file_off, slice_end - cur, self.config.max_io) {
-                        pieces.push((i, file_off + o, cur - start + o, n));
-                    }
-                    cur = slice_end;
-                }
-                i += 1;
-            }
-            if pieces.is_empty() {
-                t.completion
-                    .finish(Err(Error::InvalidArgument(format!("nvmeof: nothing to move for [{start}, +{len})"))));
-                continue;
-            }
             let mut dones: Vec<PieceDone> = if pieces.len() == 1 {
                 vec![PieceDone::Whole(t.completion)]
             } else {
@@ -351,6 +374,35 @@ impl Transport for NvmeofTransport {
             }
         }
         st.io.push(ops);
+    }
+
+    /// Small synchronous calls run on the calling thread ([`caller`](crate::caller)): no hand-off to the I/O
+    /// thread and back. `None` (the queued path) for what needs a bounce buffer or a device's copies.
+    fn transfer_blocking(
+        &self,
+        target: &Arc<RemoteSegment>,
+        opcode: Opcode,
+        local: &LocalRange,
+        remote_addr: u64,
+        timeout: Duration,
+    ) -> Option<Result<u64>> {
+        let one = [BlockingRequest { local: local.clone(), remote_addr }];
+        self.transfer_blocking_batch(target, opcode, &one, timeout).and_then(|mut v| v.pop())
+    }
+
+    fn transfer_blocking_batch(
+        &self,
+        target: &Arc<RemoteSegment>,
+        opcode: Opcode,
+        requests: &[BlockingRequest],
+        _timeout: Duration,
+    ) -> Option<Vec<Result<u64>>> {
+        if !self.config.caller_thread {
+            return None;
+        }
+        let st = self.started.get()?;
+        let seg = self.files_for(st, target).ok()?;
+        caller::run(&seg, &target.name, opcode, requests, self.config.max_io, self.config.submit_batch)
     }
 
     fn forget_peer(&self, segment_name: &str) {
