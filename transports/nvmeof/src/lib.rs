@@ -17,7 +17,9 @@
 //!   ([`Transport::can_reach`]).
 //! - **I/O**: each request is cut into per-file slices and those into operations of at most `max_io` bytes at
 //!   4 KiB file offsets (unaligned head and tail apart), run by I/O threads that each own an io_uring (queue
-//!   depth `MC_NVMEOF_QUEUE_DEPTH`, default 32) with fixed files and fixed bounce buffers. Files are opened
+//!   depth `MC_NVMEOF_QUEUE_DEPTH`, default 32) with fixed files, fixed bounce buffers and the engine's
+//!   registered host memory as fixed buffers; synchronous calls that need no bounce buffer submit and reap on
+//!   the calling thread instead (docs/nvmeof.md says how and why). Files are opened
 //!   O_DIRECT where the file system allows it (not tmpfs: buffered I/O then, see [`io_mode`]); unaligned memory,
 //!   offsets or lengths go through aligned bounce buffers (unaligned writes through the page cache). Local host
 //!   memory is read and written in place; GPU memory goes through cuFile when `libcufile.so.0` loads (CUDA),
