@@ -132,6 +132,16 @@ pub trait MemoryDevice: Send + Sync + 'static {
         Err(Error::unsupported("import_handle", self.name()))
     }
 
+    /// Attaches to the area called `name` that every process mapping this device shares: the first caller
+    /// (in any process) reserves `len` bytes under the name (`0`: the largest free range), later callers get a
+    /// view of the same bytes whatever `len` they pass (compare the returned length with what you need). The
+    /// area outlives the processes that attached it; [`MemoryDevice::free`] of the view leaves it reserved.
+    /// [`MemoryDevice::export_handle`] of the view tells where it lies (for a file region, its offset). The
+    /// store places objects in such an area when clients use a shared memory pool (CXL).
+    fn attach_named(&self, _name: &str, _len: u64) -> Result<Allocation> {
+        Err(Error::unsupported("attach_named (a named area shared between processes)", self.name()))
+    }
+
     /// Faults in every page of `allocation` now, so that first writes into it (by this process or
     /// by peers through a transport) run at memory speed instead of paying a page fault each. A
     /// hint: contents are unchanged and it is safe while the memory is in use; devices for which it

@@ -262,6 +262,16 @@ impl MemoryDevice for CxlDevice {
         Ok(self.insert(offset, handle.len, true))
     }
 
+    /// The named area of the region's header (see [`Region::reserve_shared`]): reserved by the first process
+    /// that asks, a view for everyone after. The name is hashed (FNV-1a) into the header's table.
+    fn attach_named(&self, name: &str, len: u64) -> Result<Allocation> {
+        if name.is_empty() {
+            return Err(Error::InvalidArgument("a shared CXL area needs a name".into()));
+        }
+        let (offset, len) = self.region.reserve_shared(sys::fnv1a(name.as_bytes()), len)?;
+        Ok(self.insert(offset, len, true))
+    }
+
     fn prefault(&self, allocation: &Allocation) -> Result<()> {
         let e = self.lookup(allocation, "prefault")?;
         if let Err(err) = sys::populate_write(e.addr() as usize, e.len as usize) {

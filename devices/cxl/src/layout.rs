@@ -108,6 +108,9 @@ pub const A_LEN: u64 = 8;
 pub const A_OWNER: u64 = 16;
 /// Byte offset of a word in an allocation table entry.
 pub const A_OWNER_GEN: u64 = 24;
+/// [`A_OWNER`] of a named shared area: no process owns it, it is never reclaimed, and [`A_OWNER_GEN`] holds
+/// the hash of its name.
+pub const SHARED_OWNER: u64 = u64::MAX;
 
 /// Where everything is in a region: read from its header, or computed for a fresh one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

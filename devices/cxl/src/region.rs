@@ -700,7 +700,7 @@ impl Region {
                 continue;
             }
             let owner = self.alloc_word(a, A_OWNER).load(Ordering::Relaxed);
-            if self.owner_live(owner, self.alloc_word(a, A_OWNER_GEN).load(Ordering::Relaxed)) {
+            if owner == SHARED_OWNER || self.owner_live(owner, self.alloc_word(a, A_OWNER_GEN).load(Ordering::Relaxed)) {
                 continue;
             }
             let start = self.alloc_word(a, A_START).load(Ordering::Relaxed);
@@ -746,16 +746,85 @@ impl Region {
         Ok(offset)
     }
 
-    /// First fit over the gaps between live allocations.
-    fn find_gap(&self, need: u64, align: u64) -> std::result::Result<u64, String> {
-        let l = &self.layout;
-        let mut live: Vec<(u64, u64)> = (0..l.max_allocations)
+    /// The named area `tag` (a hash of its name): found in the allocation table, or reserved now with `len`
+    /// bytes rounded up to the granularity (`0`: the largest free range). Returns `(offset, length)`. Named
+    /// areas belong to no process: nothing reclaims or releases them (zeroing the header page does).
+    pub fn reserve_shared(&self, tag: u64, len: u64) -> Result<(u64, u64)> {
+        let g = self.layout.granularity;
+        let _l = self.lock()?;
+        let found = (0..self.layout.max_allocations).find(|a| {
+            self.alloc_word(*a, A_LEN).load(Ordering::Relaxed) != 0
+                && self.alloc_word(*a, A_OWNER).load(Ordering::Relaxed) == SHARED_OWNER
+                && self.alloc_word(*a, A_OWNER_GEN).load(Ordering::Relaxed) == tag
+        });
+        if let Some(a) = found {
+            return Ok((
+                self.alloc_word(a, A_START).load(Ordering::Relaxed),
+                self.alloc_word(a, A_LEN).load(Ordering::Relaxed),
+            ));
+        }
+        self.reclaim_locked();
+        let (offset, need) = if len == 0 {
+            self.largest_gap(g).ok_or_else(|| {
+                Error::NoSpace(format!("CXL region {}: no free range left for a shared area", self.path.display()))
+            })?
+        } else {
+            let need = len
+                .checked_next_multiple_of(g)
+                .ok_or_else(|| Error::InvalidArgument(format!("shared area of {len} bytes")))?;
+            (self.find_gap(need, g).map_err(Error::NoSpace)?, need)
+        };
+        let slot = (0..self.layout.max_allocations).find(|a| self.alloc_word(*a, A_LEN).load(Ordering::Relaxed) == 0);
+        let Some(slot) = slot else {
+            return Err(CxlError::TableFull {
+                path: self.path.clone(),
+                table: "allocation",
+                slots: self.layout.max_allocations,
+            }
+            .into());
+        };
+        self.alloc_word(slot, A_START).store(offset, Ordering::Relaxed);
+        self.alloc_word(slot, A_OWNER).store(SHARED_OWNER, Ordering::Relaxed);
+        self.alloc_word(slot, A_OWNER_GEN).store(tag, Ordering::Relaxed);
+        self.alloc_word(slot, A_LEN).store(need, Ordering::Relaxed);
+        Ok((offset, need))
+    }
+
+    /// Live allocations (start, length), sorted by start.
+    fn live_allocations(&self) -> Vec<(u64, u64)> {
+        let mut live: Vec<(u64, u64)> = (0..self.layout.max_allocations)
             .filter_map(|a| {
                 let len = self.alloc_word(a, A_LEN).load(Ordering::Relaxed);
                 (len > 0).then(|| (self.alloc_word(a, A_START).load(Ordering::Relaxed), len))
             })
             .collect();
         live.sort_unstable();
+        live
+    }
+
+    /// The largest free range, cut to multiples of `align` at both ends: `(offset, length)`.
+    fn largest_gap(&self, align: u64) -> Option<(u64, u64)> {
+        let l = &self.layout;
+        let live = self.live_allocations();
+        let mut cursor = l.data_offset;
+        let mut best: Option<(u64, u64)> = None;
+        let gaps = live.iter().map(|(s, n)| (*s, s.saturating_add(*n))).chain([(l.region_size, l.region_size)]);
+        for (start, end) in gaps {
+            if let Some(at) = cursor.checked_next_multiple_of(align) {
+                let usable = start.saturating_sub(at) / align * align;
+                if usable > 0 && best.is_none_or(|(_, n)| usable > n) {
+                    best = Some((at, usable));
+                }
+            }
+            cursor = cursor.max(end);
+        }
+        best
+    }
+
+    /// First fit over the gaps between live allocations.
+    fn find_gap(&self, need: u64, align: u64) -> std::result::Result<u64, String> {
+        let l = &self.layout;
+        let live = self.live_allocations();
         let mut cursor = l.data_offset;
         let (mut free, mut largest) = (0u64, 0u64);
         let gaps = live.iter().map(|(s, n)| (*s, s.saturating_add(*n))).chain([(l.region_size, l.region_size)]);

@@ -284,6 +284,53 @@ fn two_mappings_hand_out_disjoint_bytes_and_share_them() {
     assert_eq!(&out, b"shared");
 }
 
+/// A named area is reserved once and shared by every mapping; it belongs to no process (its creator going away
+/// leaves it), other allocations keep out of it, and `0` takes the largest free range.
+#[test]
+fn named_areas_are_shared_by_name_and_outlive_their_creator() {
+    let (_d, path) = region_file(64 * MIB);
+    let a = open(&path);
+    let b = open(&path);
+    let offset_of = |d: &CxlDevice, x: &mooncake_core::Allocation| x.addr - d.region().base();
+    let held = a.allocate(MIB, &AllocOptions::default()).unwrap();
+    let area_a = a.attach_named("store", 8 * MIB).unwrap();
+    assert_eq!(area_a.len, 8 * MIB);
+    let area_b = b.attach_named("store", 1).unwrap(); // an existing area whatever the length asked
+    assert_eq!((offset_of(&b, &area_b), area_b.len), (offset_of(&a, &area_a), 8 * MIB));
+    let handle = b.export_handle(&area_b).unwrap();
+    assert_eq!(handle.data, offset_of(&b, &area_b).to_le_bytes(), "the handle tells where the area lies");
+    a.copy_from_host(b"through a", &area_a, 4096).unwrap();
+    let mut out = [0u8; 9];
+    b.copy_to_host(&area_b, 4096, &mut out).unwrap();
+    assert_eq!(&out, b"through a");
+
+    let other = b.attach_named("other", 2 * MIB).unwrap();
+    let (o, s) = (offset_of(&b, &other), offset_of(&b, &area_b));
+    assert!(o + other.len <= s || s + area_b.len <= o, "named areas overlap");
+    assert!(matches!(a.attach_named("", MIB), Err(Error::InvalidArgument(_))));
+
+    // Freeing a view, and the creating mapping going away, leave the area reserved with its bytes.
+    a.free(&area_a).unwrap();
+    a.free(&held).unwrap();
+    drop(a);
+    let c = open(&path);
+    let x = c.allocate(4 * MIB, &AllocOptions::default()).unwrap();
+    let xo = offset_of(&c, &x);
+    assert!(xo + x.len <= s || s + area_b.len <= xo, "an allocation landed inside the named area");
+    let area_c = c.attach_named("store", 0).unwrap();
+    assert_eq!(offset_of(&c, &area_c), s);
+    c.copy_to_host(&area_c, 4096, &mut out).unwrap();
+    assert_eq!(&out, b"through a");
+
+    // `0` reserves the largest free range, in whole granules.
+    let rest = c.attach_named("rest", 0).unwrap();
+    let g = c.region().layout().granularity;
+    assert!(rest.len > 32 * MIB && rest.len % g == 0, "{}", rest.len);
+    let live = c.region().allocations();
+    let ro = offset_of(&c, &rest);
+    assert!(live.iter().filter(|(off, n)| *off < ro + rest.len && ro < off + n).count() == 1, "{live:?}");
+}
+
 /// Child roles of `processes_share_allocation_and_dead_ones_are_reclaimed`.
 #[test]
 fn allocation_child() {
