@@ -167,8 +167,8 @@ mod tests {
         assert_eq!(codes[0], 0xfe, "-64 is the block maximum: -448");
         assert_eq!(scales[1], FP8_AMAX_MIN / 448.0, "all-zero block");
         assert!(codes[128..].iter().all(|&c| c == 0));
-        for i in 0..128 {
-            let back = e4m3_to_f32(codes[i]) * scales[0];
+        for (i, &code) in codes.iter().enumerate().take(128) {
+            let back = e4m3_to_f32(code) * scales[0];
             let want = i as f32 - 64.0;
             assert!((back - want).abs() <= want.abs() / 16.0 + 1e-6, "{i}: {back} vs {want}");
         }
