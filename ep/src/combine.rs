@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use crate::buffer::{EpBuffer, Outgoing, signal_word};
-use crate::convert::{bf16_to_f32, f32_to_bf16};
+use crate::convert::{bf16_to_f32, f32_to_bf16, le_bytes_to_u16, u16_to_le_bytes};
 use crate::dispatch::{DispatchHandle, check_experts};
 use crate::error::{Error, Result};
 use crate::layout::BufferLayout;
@@ -90,8 +90,7 @@ impl EpBuffer {
                 match args.x {
                     CombineInput::Rows(x) => {
                         let rows = &x[(le * r * n + begin) * hidden..(le * r * n + begin + count) * hidden];
-                        bytes.clear();
-                        bytes.extend(rows.iter().flat_map(|v| v.to_le_bytes()));
+                        u16_to_le_bytes(rows, &mut bytes);
                     }
                     CombineInput::ZeroCopy if h == me => {
                         bytes.resize(len as usize, 0);
@@ -174,7 +173,8 @@ impl EpBuffer {
                 let e = o * nl + le;
                 raw.resize(per_expert[e] * row_bytes as usize, 0);
                 self.read(bank + layout.combine_recv_rows(o, le), &mut raw)?;
-                rows[e] = raw.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+                rows[e] = vec![0u16; raw.len() / 2];
+                le_bytes_to_u16(&raw, &mut rows[e]);
             }
         }
 
@@ -236,7 +236,8 @@ impl EpBuffer {
             ));
         }
         let bank = layout.bank(((self.sequence() + 1) % 2) as usize);
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut bytes = Vec::new();
+        u16_to_le_bytes(values, &mut bytes);
         self.write(bank + layout.combine_send_row(local_expert, row), &bytes)
     }
 

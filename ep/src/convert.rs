@@ -88,9 +88,35 @@ pub fn quantize_fp8(x: &[u16], codes: &mut [u8], scales: &mut [f32]) {
     }
 }
 
+/// Replaces `out` with the little-endian bytes of `values` (a loop the compiler vectorizes).
+pub fn u16_to_le_bytes(values: &[u16], out: &mut Vec<u8>) {
+    out.clear();
+    out.resize(values.len() * 2, 0);
+    for (o, v) in out.chunks_exact_mut(2).zip(values) {
+        o.copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// Fills `out` with the `u16`s of little-endian `bytes` (as many as both hold).
+pub fn le_bytes_to_u16(bytes: &[u8], out: &mut [u16]) {
+    for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+        *o = u16::from_le_bytes([c[0], c[1]]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn byte_conversions_are_little_endian() {
+        let mut bytes = Vec::new();
+        u16_to_le_bytes(&[0x1234, 0xabcd], &mut bytes);
+        assert_eq!(bytes, [0x34, 0x12, 0xcd, 0xab]);
+        let mut back = [0u16; 2];
+        le_bytes_to_u16(&bytes, &mut back);
+        assert_eq!(back, [0x1234, 0xabcd]);
+    }
 
     #[test]
     fn bf16_round_trip_and_rounding() {

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use crate::buffer::{EpBuffer, Outgoing, signal_word};
-use crate::convert::{FP8_BLOCK, quantize_fp8};
+use crate::convert::{FP8_BLOCK, le_bytes_to_u16, quantize_fp8, u16_to_le_bytes};
 use crate::error::{Error, Result};
 use crate::layout::BufferLayout;
 
@@ -35,7 +35,7 @@ impl Tokens<'_> {
     fn row_bytes(&self, t: usize, hidden: usize, out: &mut Vec<u8>) {
         out.clear();
         match self {
-            Tokens::Bf16(v) => out.extend(v[t * hidden..(t + 1) * hidden].iter().flat_map(|x| x.to_le_bytes())),
+            Tokens::Bf16(v) => u16_to_le_bytes(&v[t * hidden..(t + 1) * hidden], out),
             Tokens::Bf16Bytes(b) => out.extend_from_slice(&b[t * hidden * 2..(t + 1) * hidden * 2]),
         }
     }
@@ -371,9 +371,7 @@ impl EpBuffer {
                     let payload = &rec[header_len..];
                     match &mut out.packed_recv_x {
                         RecvX::Bf16(v) => {
-                            for (o, c) in v[row * hidden..(row + 1) * hidden].iter_mut().zip(payload.chunks_exact(2)) {
-                                *o = u16::from_le_bytes([c[0], c[1]]);
-                            }
+                            le_bytes_to_u16(&payload[..hidden * 2], &mut v[row * hidden..(row + 1) * hidden]);
                         }
                         RecvX::Fp8 { codes, scales } => {
                             codes[row * hidden..(row + 1) * hidden].copy_from_slice(&payload[..hidden]);
