@@ -82,6 +82,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 base: 0x7f00_0000_0000 + s * SEGMENT_SIZE,
                 size: SEGMENT_SIZE,
                 host: format!("node-{s}"),
+                protocol: "tcp".into(),
             },
         )?;
     }

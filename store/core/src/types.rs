@@ -258,7 +258,15 @@ pub struct Segment {
     pub size: u64,
     /// Hostname of the owner (for local-first placement).
     pub host: String,
+    /// The owner's transport for this memory (`tcp`, `rdma`, ...; empty: unspecified). `cxl` marks a client's
+    /// view of the master's shared CXL pool: `base` is then the pool's offset in the CXL region, and the master
+    /// places objects in the pool instead of giving the segment an allocator of its own (docs/cxl.md).
+    pub protocol: String,
 }
+
+/// Name of the segment standing for the shared CXL pool of a master started with `--enable_cxl`; replicas in
+/// the pool carry it as their segment name, and their address is an offset in the CXL region.
+pub const CXL_POOL_SEGMENT: &str = "cxl-pool";
 
 /// Where one replica's bytes live.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -286,6 +294,8 @@ pub enum AllocationStrategy {
     FreeRatioFirst,
     /// Segments on the caller's host first, then random (upstream `local_first`).
     LocalFirst,
+    /// One replica in the shared CXL pool (upstream `cxl`; needs [`MasterConfig::cxl`], which implies it).
+    Cxl,
 }
 
 impl AllocationStrategy {
@@ -295,6 +305,7 @@ impl AllocationStrategy {
             AllocationStrategy::Random => "random",
             AllocationStrategy::FreeRatioFirst => "free_ratio_first",
             AllocationStrategy::LocalFirst => "local_first",
+            AllocationStrategy::Cxl => "cxl",
         }
     }
 }
@@ -313,6 +324,7 @@ impl FromStr for AllocationStrategy {
             "random" => Ok(AllocationStrategy::Random),
             "free_ratio_first" => Ok(AllocationStrategy::FreeRatioFirst),
             "local_first" => Ok(AllocationStrategy::LocalFirst),
+            "cxl" => Ok(AllocationStrategy::Cxl),
             _ => Err(ErrorCode::InvalidParams),
         }
     }
@@ -346,6 +358,24 @@ pub struct MasterConfig {
     pub cluster_id: String,
     /// Limits and timeouts of copy and move tasks.
     pub tasks: crate::master::TaskConfig,
+    /// The shared CXL pool (`--enable_cxl`): objects go there, one replica each, whatever the strategy says.
+    pub cxl: Option<CxlPoolConfig>,
+}
+
+/// The shared CXL pool of a master (`--enable_cxl=true --cxl_path=... --cxl_size=...`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CxlPoolConfig {
+    /// The device every client maps (informational: clients find it through `MC_CXL_DEV_PATH`).
+    pub path: String,
+    /// Most bytes of the pool; clients' views of a smaller shared area shrink it to their size.
+    pub size: u64,
+}
+
+impl Default for CxlPoolConfig {
+    /// Upstream's defaults: `/dev/dax0.0`, 8 GiB.
+    fn default() -> Self {
+        CxlPoolConfig { path: "/dev/dax0.0".into(), size: 8 << 30 }
+    }
 }
 
 impl Default for MasterConfig {
@@ -363,6 +393,7 @@ impl Default for MasterConfig {
             allocation_strategy: AllocationStrategy::Random,
             cluster_id: "mooncake_cluster".to_string(),
             tasks: Default::default(),
+            cxl: None,
         }
     }
 }
@@ -381,7 +412,9 @@ impl MasterConfig {
             && self.client_ttl_ms > 0
             && self.client_suspect_after_ms > 0
             && self.client_suspect_after_ms <= self.client_ttl_ms
-            && self.put_start_discard_timeout_ms > 0;
+            && self.put_start_discard_timeout_ms > 0
+            && self.cxl.as_ref().is_none_or(|c| c.size >= crate::allocator::ALIGNMENT)
+            && (self.allocation_strategy != AllocationStrategy::Cxl || self.cxl.is_some());
         if ok { Ok(()) } else { Err(ErrorCode::InvalidParams) }
     }
 }
@@ -405,7 +438,12 @@ mod tests {
 
     #[test]
     fn strategy_parses_upstream_names() {
-        for s in [AllocationStrategy::Random, AllocationStrategy::FreeRatioFirst, AllocationStrategy::LocalFirst] {
+        for s in [
+            AllocationStrategy::Random,
+            AllocationStrategy::FreeRatioFirst,
+            AllocationStrategy::LocalFirst,
+            AllocationStrategy::Cxl,
+        ] {
             assert_eq!(s.as_str().parse::<AllocationStrategy>(), Ok(s));
         }
         assert_eq!("fastest".parse::<AllocationStrategy>(), Err(ErrorCode::InvalidParams));

@@ -39,6 +39,7 @@ fn segment(name: &str, size: u64) -> Segment {
         base: 0x1000_0000,
         size,
         host: "node".into(),
+        protocol: "tcp".into(),
     }
 }
 

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use mooncake_store::types::TaskConfig;
-use mooncake_store::types::{AllocationStrategy, MasterConfig};
+use mooncake_store::types::{AllocationStrategy, CxlPoolConfig, MasterConfig};
 use mooncake_store_master::ServiceConfig;
 
 use crate::flags::{Flags, Kind, Spec};
@@ -77,7 +77,25 @@ pub const FLAGS: &[Spec] = &[
         name: "allocation_strategy",
         kind: Kind::Text,
         default: "random",
-        help: "random | free_ratio_first | local_first",
+        help: "random | free_ratio_first | local_first | cxl (needs --enable_cxl, which implies it)",
+    },
+    Spec {
+        name: "enable_cxl",
+        kind: Kind::Bool,
+        default: "false",
+        help: "place every object in the shared CXL pool that clients with protocol=cxl map",
+    },
+    Spec {
+        name: "cxl_path",
+        kind: Kind::Text,
+        default: "/dev/dax0.0",
+        help: "the CXL device (informational: clients map MC_CXL_DEV_PATH)",
+    },
+    Spec {
+        name: "cxl_size",
+        kind: Kind::Int,
+        default: "8589934592",
+        help: "most bytes of the CXL pool (clients' shared area caps it)",
     },
     Spec {
         name: "put_start_discard_timeout_sec",
@@ -161,12 +179,29 @@ pub fn settings(flags: &Flags, ipv6: bool) -> Result<MasterSettings, String> {
         "" => rpc_host.clone(),
         h => h.to_string(),
     };
-    let allocation_strategy: AllocationStrategy = flags.text("allocation_strategy").parse().map_err(|_| {
+    let mut allocation_strategy: AllocationStrategy = flags.text("allocation_strategy").parse().map_err(|_| {
         format!(
-            "--allocation_strategy={:?}: use random, free_ratio_first or local_first",
+            "--allocation_strategy={:?}: use random, free_ratio_first, local_first or cxl",
             flags.text("allocation_strategy")
         )
     })?;
+    let cxl = flags
+        .bool("enable_cxl")
+        .then(|| {
+            let size = u64::try_from(flags.int("cxl_size"))
+                .ok()
+                .filter(|s| *s >= 8)
+                .ok_or_else(|| format!("--cxl_size={} must be at least 8 bytes", flags.int("cxl_size")))?;
+            Ok::<_, String>(CxlPoolConfig { path: flags.text("cxl_path").to_string(), size })
+        })
+        .transpose()?;
+    match (&cxl, allocation_strategy) {
+        (Some(_), _) => allocation_strategy = AllocationStrategy::Cxl,
+        (None, AllocationStrategy::Cxl) => {
+            return Err("--allocation_strategy=cxl needs --enable_cxl=true (and clients with protocol=cxl)".into());
+        }
+        (None, _) => {}
+    }
     let client_ttl = u64::try_from(flags.int("client_ttl")).map_err(|_| "--client_ttl must be positive".to_string())?;
     let discard = u64::try_from(flags.int("put_start_discard_timeout_sec"))
         .map_err(|_| "--put_start_discard_timeout_sec must be positive")?;
@@ -192,6 +227,7 @@ pub fn settings(flags: &Flags, ipv6: bool) -> Result<MasterSettings, String> {
         allocation_strategy,
         cluster_id: flags.text("cluster_id").to_string(),
         tasks,
+        cxl,
     };
     master.validate().map_err(|e| format!("invalid settings: {e}"))?;
     let threads = match flags.int("rpc_thread_num") {
@@ -224,6 +260,16 @@ mod tests {
     fn parse(args: &[&str]) -> Result<MasterSettings, String> {
         let flags = Flags::parse("mooncake_master", "", FLAGS, args.iter().copied()).map_err(|e| e.to_string())?;
         settings(&flags, false)
+    }
+
+    #[test]
+    fn enable_cxl_makes_a_pool_with_upstreams_defaults_and_the_cxl_strategy() {
+        let s = parse(&["--enable_cxl=true"]).unwrap();
+        assert_eq!(s.service.master.cxl, Some(CxlPoolConfig { path: "/dev/dax0.0".into(), size: 8 << 30 }));
+        assert_eq!(s.service.master.allocation_strategy, AllocationStrategy::Cxl);
+        let s = parse(&["--enable_cxl=true", "--cxl_path=/dev/dax1.0", "--cxl_size=1048576"]).unwrap();
+        assert_eq!(s.service.master.cxl, Some(CxlPoolConfig { path: "/dev/dax1.0".into(), size: 1 << 20 }));
+        assert_eq!(parse(&[]).unwrap().service.master.cxl, None);
     }
 
     #[test]
@@ -263,6 +309,8 @@ mod tests {
     #[test]
     fn bad_settings_say_what_is_wrong() {
         assert!(parse(&["--allocation_strategy=best"]).unwrap_err().contains("allocation_strategy"));
+        assert!(parse(&["--allocation_strategy=cxl"]).unwrap_err().contains("--enable_cxl"));
+        assert!(parse(&["--enable_cxl=true", "--cxl_size=-1"]).unwrap_err().contains("--cxl_size"));
         assert!(parse(&["--rpc_port=70000"]).unwrap_err().contains("not a port"));
         assert!(parse(&["--eviction_ratio=3"]).unwrap_err().contains("invalid settings"));
         assert!(parse(&["--client_ttl=-1"]).unwrap_err().contains("client_ttl"));

@@ -18,7 +18,7 @@ use super::staging::Staging;
 use crate::error::{Error, Result};
 use crate::protocol::{Request, Response};
 use crate::types::PingOutcome;
-use crate::types::{ClientId, ErrorCode, Segment};
+use crate::types::{CXL_POOL_SEGMENT, ClientId, ErrorCode, ReplicaDescriptor, Segment};
 
 /// `health()`: the master answered the last ping.
 pub const HEALTH_OK: i32 = 0;
@@ -27,6 +27,10 @@ pub const HEALTH_NOT_INITIALIZED: i32 = 1;
 /// `health()`: the master did not answer the last ping.
 pub const HEALTH_MASTER_UNREACHABLE: i32 = 2;
 
+/// Name of the shared area of the CXL device where every client with `protocol = "cxl"` finds the master's CXL
+/// pool ([`MemoryDevice::attach_named`]; reserved by the first client, as large as the device's free space).
+pub const CXL_STORE_AREA: &str = "mooncake-store";
+
 /// How long an unreachable endpoint stays reported: further failures inside this window send no new report.
 const REPORT_WINDOW: Duration = Duration::from_secs(1);
 
@@ -34,6 +38,8 @@ const REPORT_WINDOW: Duration = Duration::from_secs(1);
 pub(crate) struct OwnedSegment {
     pub(crate) memory: DeviceAllocation,
     pub(crate) info: Segment,
+    /// The device `memory` came from (host memory, or the CXL device for a view of the master's CXL pool).
+    pub(crate) device: Arc<dyn MemoryDevice>,
 }
 
 impl OwnedSegment {
@@ -140,15 +146,15 @@ struct Partial {
     /// Whether `engine` was started by this setup (and so is shut down on failure) or handed in by the caller.
     owns_engine: bool,
     device: Option<Arc<dyn MemoryDevice>>,
-    /// Allocated (and maybe registered) memory: `(allocation, registered)`.
-    memory: Vec<(DeviceAllocation, bool)>,
+    /// Allocated (and maybe registered) memory: `(allocation, registered, its device)`.
+    memory: Vec<(DeviceAllocation, bool, Arc<dyn MemoryDevice>)>,
 }
 
 impl Partial {
     fn allocate_registered(&mut self, len: u64, what: &str) -> Result<DeviceAllocation> {
         let (Some(engine), Some(device)) = (&self.engine, &self.device) else { return Err(ErrorCode::Internal.into()) };
         let memory = device.allocate(len, &memory_options()).map_err(|e| errors::engine(what, &e))?;
-        self.memory.push((memory.clone(), false));
+        self.memory.push((memory.clone(), false, device.clone()));
         engine.register_allocation(device, &memory, "*").map_err(|e| errors::engine(what, &e))?;
         if let Some(last) = self.memory.last_mut() {
             last.1 = true;
@@ -157,15 +163,55 @@ impl Partial {
     }
 }
 
+impl Partial {
+    /// Attaches this process to the store's shared area of the CXL device ([`CXL_STORE_AREA`]), registers it
+    /// and describes it as the client's view of the master's CXL pool: `base` is the area's offset in the
+    /// device (where every client finds the same bytes), `size` its length.
+    fn attach_cxl_view(&mut self, endpoint: &str, host: &str) -> Result<OwnedSegment> {
+        let Some(engine) = self.engine.clone() else { return Err(ErrorCode::Internal.into()) };
+        let Some(device) = engine.devices().iter().find(|d| d.kind() == MemoryKind::Cxl).cloned() else {
+            tracing::error!(
+                "protocol \"cxl\" needs the CXL device: set MC_CXL_DEV_PATH (a DAX device or a file) and build with \
+                 the cxl feature"
+            );
+            return Err(ErrorCode::InvalidParams.into());
+        };
+        let memory = device
+            .attach_named(CXL_STORE_AREA, 0)
+            .map_err(|e| errors::engine("cannot attach the store's CXL area", &e))?;
+        self.memory.push((memory.clone(), false, device.clone()));
+        let exported =
+            device.export_handle(&memory).map_err(|e| errors::engine("cannot locate the store's CXL area", &e))?;
+        let offset = <[u8; 8]>::try_from(exported.data.as_slice()).map(u64::from_le_bytes).map_err(|_| {
+            tracing::error!(handle = ?exported.data, "the CXL device did not say where the store's area lies");
+            ErrorCode::Internal
+        })?;
+        engine
+            .register_allocation(&device, &memory, "*")
+            .map_err(|e| errors::engine("cannot register the store's CXL area", &e))?;
+        if let Some(last) = self.memory.last_mut() {
+            last.1 = true;
+        }
+        tracing::info!(offset, len = memory.len, "store client maps the shared CXL area");
+        let info = Segment {
+            name: endpoint.to_string(),
+            transport_endpoint: endpoint.to_string(),
+            base: offset,
+            size: memory.len,
+            host: host.to_string(),
+            protocol: "cxl".into(),
+        };
+        Ok(OwnedSegment { memory, info, device })
+    }
+}
+
 impl Drop for Partial {
     fn drop(&mut self) {
-        for (memory, registered) in self.memory.drain(..).rev() {
+        for (memory, registered, device) in self.memory.drain(..).rev() {
             if let (true, Some(engine)) = (registered, &self.engine) {
                 let _ = engine.unregister_memory(memory.addr);
             }
-            if let Some(device) = &self.device {
-                let _ = device.free(&memory);
-            }
+            let _ = device.free(&memory);
         }
         if let (Some(engine), true) = (self.engine.take(), self.owns_engine) {
             engine.shutdown();
@@ -205,6 +251,7 @@ impl Inner {
 
         let segment = match config.global_segment_size {
             0 => None,
+            _ if config.protocol == "cxl" => Some(partial.attach_cxl_view(&endpoint, &host)?),
             size => {
                 let memory = partial.allocate_registered(size, "cannot allocate the global segment")?;
                 let info = Segment {
@@ -213,8 +260,9 @@ impl Inner {
                     base: memory.addr,
                     size: memory.len,
                     host: host.clone(),
+                    protocol: config.protocol.clone(),
                 };
-                Some(OwnedSegment { memory, info })
+                Some(OwnedSegment { memory, info, device: device.clone() })
             }
         };
         let staging = match config.local_buffer_size {
@@ -223,6 +271,11 @@ impl Inner {
         };
         let prefault = Arc::new(Prefault::default());
         match &segment {
+            // A CXL view is not prefaulted: the device's pages may be a sparse file, and the view is large.
+            Some(seg) if seg.info.protocol == "cxl" => {
+                mount(&master, id, &seg.info)?;
+                prefault.finish();
+            }
             Some(seg) => {
                 mount(&master, id, &seg.info)?;
                 prefault_in_background(&device, &seg.memory, &prefault);
@@ -319,11 +372,15 @@ impl Inner {
                 Err(_) => tracing::info!("could not unmount our segment; the master drops it when our pings stop"),
             }
         }
-        let memories = self.staging.iter().map(|s| &s.memory).chain(self.segment.iter().map(|s| &s.memory));
-        for memory in memories {
+        let memories = self
+            .staging
+            .iter()
+            .map(|s| (&s.memory, &self.device))
+            .chain(self.segment.iter().map(|s| (&s.memory, &s.device)));
+        for (memory, device) in memories {
             match self.engine.unregister_memory(memory.addr) {
                 Ok(()) => {
-                    if let Err(e) = self.device.free(memory) {
+                    if let Err(e) = device.free(memory) {
                         tracing::warn!(error = %e, "cannot free client memory");
                     }
                 }
@@ -419,10 +476,20 @@ impl Inner {
     }
 
     /// True when a replica at (`endpoint`, `addr`, `len`) is in our own segment (copy it with memcpy).
-    pub(crate) fn is_own(&self, endpoint: &str, addr: u64, len: u64) -> bool {
-        endpoint == self.endpoint
-            && (self.segment.as_ref().is_some_and(|s| s.contains(addr, len))
-                || sync::read(&self.extras).iter().any(|s| s.contains(addr, len)))
+    /// Where `replica`'s bytes are in this process, when they lie in memory it holds: one of its own segments
+    /// (the replica's endpoint is ours), or the master's shared CXL pool when this client maps a view of it
+    /// (the replica's address is then an offset in the device). `None` for replicas reached through the engine.
+    pub(crate) fn own_addr(&self, replica: &ReplicaDescriptor) -> Option<u64> {
+        let (addr, len) = (replica.addr, replica.len);
+        if replica.segment == CXL_POOL_SEGMENT {
+            let view = self.segment.as_ref().filter(|s| s.info.protocol == "cxl")?;
+            let offset = addr.checked_sub(view.info.base)?;
+            return (offset.checked_add(len)? <= view.memory.len).then(|| view.memory.addr + offset);
+        }
+        let own = replica.transport_endpoint == self.endpoint
+            && (self.segment.as_ref().is_some_and(|s| s.info.protocol != "cxl" && s.contains(addr, len))
+                || sync::read(&self.extras).iter().any(|s| s.contains(addr, len)));
+        own.then_some(addr)
     }
 }
 

@@ -100,7 +100,7 @@ impl Inner {
             let mut candidates: Vec<ReplicaDescriptor> =
                 replicas.into_iter().filter(|r| r.status == ReplicaStatus::Complete).collect();
             // Our own segment first (stable: the master's order otherwise).
-            candidates.sort_by_key(|r| !self.is_own(&r.transport_endpoint, r.addr, r.len));
+            candidates.sort_by_key(|r| self.own_addr(r).is_none());
             let Some(size) = candidates.first().map(|r| r.len) else {
                 job.result = Some(Err(ErrorCode::UnavailableInCurrentStatus.into()));
                 continue;
@@ -129,7 +129,7 @@ impl Inner {
                 let job = &jobs[i];
                 job.result.is_none()
                     && matches!(job.dest, Dest::Owned)
-                    && job.candidates.iter().any(|r| !self.is_own(&r.transport_endpoint, r.addr, r.len))
+                    && job.candidates.iter().any(|r| self.own_addr(r).is_none())
             })
             .collect();
         if !needs_staging.is_empty() {
@@ -146,9 +146,8 @@ impl Inner {
                 break;
             }
             let in_flight = self.engine.start_transfers(&round.endpoints, &round.xfers);
-            for &(i, c) in &round.local {
+            for &(i, replica_addr) in &round.local {
                 let job = &mut jobs[i];
-                let replica_addr = job.candidates[c].addr;
                 let copied = match &job.dest {
                     Dest::Owned => {
                         let mut out = Vec::new();
@@ -232,8 +231,8 @@ impl Inner {
             job.next = c + 1;
             let r = &job.candidates[c];
             let memcpy_ok = matches!(job.dest, Dest::Owned) || job.host;
-            if memcpy_ok && self.is_own(&r.transport_endpoint, r.addr, r.len) {
-                round.local.push((i, c));
+            if let Some(addr) = self.own_addr(r).filter(|_| memcpy_ok) {
+                round.local.push((i, addr));
                 continue;
             }
             let endpoint = *endpoint_index.entry(r.transport_endpoint.clone()).or_insert_with(|| {
@@ -285,8 +284,8 @@ struct Round {
     xfers: Vec<Transfer>,
     /// The job of each transfer.
     owners: Vec<usize>,
-    /// Jobs served from our own segment: (job, candidate).
-    local: Vec<(usize, usize)>,
+    /// Jobs served from memory this process holds: (job, the replica's address here).
+    local: Vec<(usize, u64)>,
     /// Jobs with transfers this round.
     remote_jobs: Vec<usize>,
 }

@@ -165,6 +165,8 @@ impl Inner {
             base: memory.addr,
             size: memory.len,
             host,
+            // Memory of this process served by the engine's transport; never a view of the CXL pool.
+            protocol: if self.config.protocol == "cxl" { String::new() } else { self.config.protocol.clone() },
         };
         let segment = ExtraSegment { memory, info, from_file };
         if let Err(e) = self.mount_at_master(&segment.info) {

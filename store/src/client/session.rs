@@ -245,7 +245,7 @@ impl Inner {
                 let (replicas, lease_ms) = r?;
                 let mut replicas: Vec<ReplicaDescriptor> =
                     replicas.into_iter().filter(|r| r.status == ReplicaStatus::Complete).collect();
-                replicas.sort_by_key(|r| !self.is_own(&r.transport_endpoint, r.addr, r.len));
+                replicas.sort_by_key(|r| self.own_addr(r).is_none());
                 let size = replicas.first().map(|r| r.len).ok_or(ErrorCode::UnavailableInCurrentStatus)?;
                 if replicas.iter().any(|r| r.len != size) {
                     tracing::error!(?replicas, "replicas of one object disagree on its size");
@@ -279,11 +279,11 @@ impl Inner {
                 job.round_error = None;
                 active.push(j);
                 for r in replicas {
-                    if job.host && self.is_own(&r.transport_endpoint, r.addr, r.len) {
+                    if let Some(here) = self.own_addr(&r).filter(|_| job.host) {
                         for &(ptr, len, off) in &job.ranges {
                             let (src, dst) = match opcode {
-                                Opcode::Write => (ptr, r.addr + off),
-                                Opcode::Read => (r.addr + off, ptr),
+                                Opcode::Write => (ptr, here + off),
+                                Opcode::Read => (here + off, ptr),
                             };
                             if let Err(e) = local_copy::copy_registered(regions, src, dst, len) {
                                 tracing::error!(key = keys[j], error = %e, "cannot copy a range in this process");

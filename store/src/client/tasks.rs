@@ -97,15 +97,15 @@ impl Inner {
 
     /// Copies the bytes of `source` (a replica on our own segment) into each of `targets`.
     fn write_copies(&self, source: &ReplicaDescriptor, targets: &[ReplicaDescriptor]) -> Result<()> {
-        if !self.is_own(&source.transport_endpoint, source.addr, source.len) {
+        let Some(source_addr) = self.own_addr(source) else {
             tracing::error!(?source, "a copy task's source replica is not on this client's segment");
             return Err(ErrorCode::Internal.into());
-        }
+        };
         let mut endpoints: Vec<String> = Vec::new();
         let mut xfers = Vec::new();
         for t in targets {
-            if self.is_own(&t.transport_endpoint, t.addr, t.len) {
-                local_copy::copy_registered(self.engine.regions(), source.addr, t.addr, source.len)?;
+            if let Some(target_addr) = self.own_addr(t) {
+                local_copy::copy_registered(self.engine.regions(), source_addr, target_addr, source.len)?;
                 continue;
             }
             let endpoint = match endpoints.iter().position(|e| *e == t.transport_endpoint) {
@@ -118,7 +118,7 @@ impl Inner {
             xfers.push(Transfer {
                 target: endpoint,
                 opcode: Opcode::Write,
-                local_addr: source.addr,
+                local_addr: source_addr,
                 remote_addr: t.addr,
                 length: source.len,
             });

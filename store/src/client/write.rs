@@ -117,7 +117,7 @@ impl Inner {
                 let job = &jobs[i];
                 job.failure.is_none()
                     && matches!(job.source, Source::Bytes(_))
-                    && job.replicas.iter().any(|r| !self.is_own(&r.transport_endpoint, r.addr, r.len))
+                    && job.replicas.iter().any(|r| self.own_addr(r).is_none())
             })
             .collect();
         if !needs_staging.is_empty() {
@@ -157,8 +157,8 @@ impl Inner {
             }
             for r in &job.replicas {
                 let memcpy_ok = matches!(job.source, Source::Bytes(_)) || job.host;
-                if memcpy_ok && self.is_own(&r.transport_endpoint, r.addr, r.len) {
-                    local.push((i, r.addr));
+                if let Some(addr) = self.own_addr(r).filter(|_| memcpy_ok) {
+                    local.push((i, addr));
                     continue;
                 }
                 let endpoint = *endpoint_index.entry(r.transport_endpoint.clone()).or_insert_with(|| {

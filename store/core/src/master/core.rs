@@ -43,6 +43,8 @@ pub struct MasterCore {
     pub(crate) tasks: super::tasks::TaskQueue,
     /// Replicas being written by copy and move tasks, by object key (kept out of `Object` to keep it small).
     pub(crate) copies: HashMap<String, super::objects::PendingCopy>,
+    /// The shared CXL pool, when the config has one.
+    pub(crate) cxl: Option<super::cxl::CxlPool>,
 }
 
 impl std::fmt::Debug for MasterCore {
@@ -55,12 +57,18 @@ impl MasterCore {
     /// A core with no clients or objects. `seed` fixes every random choice (placement); the config is validated.
     pub fn new(config: MasterConfig, clock: Box<dyn Clock>, seed: u64) -> Result<Self> {
         config.validate()?;
+        let mut segments = SegmentTable::default();
+        let cxl = config.cxl.as_ref().map(|c| super::cxl::CxlPool {
+            config: c.clone(),
+            slot: segments.insert(super::cxl::pool_segment(c)),
+            views: Vec::new(),
+        });
         Ok(MasterCore {
             config,
             clock,
             rng: Rng::new(seed),
             objects: ObjectTable::default(),
-            segments: SegmentTable::default(),
+            segments,
             clients: HashMap::new(),
             groups: GroupInterner::default(),
             deferred: Vec::new(),
@@ -69,6 +77,7 @@ impl MasterCore {
             next_zombie_check: u64::MAX,
             tasks: Default::default(),
             copies: HashMap::new(),
+            cxl,
         })
     }
 
@@ -303,6 +312,7 @@ mod tests {
             base: 0,
             size,
             host: name.into(),
+            protocol: String::new(),
         };
         h.core.mount_segment(ClientId(1), seg("a", 1 << 63)).unwrap();
         h.core.mount_segment(ClientId(2), seg("b", 1 << 63)).unwrap();

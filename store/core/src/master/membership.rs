@@ -26,6 +26,12 @@ impl MasterCore {
         {
             return Err(ErrorCode::InvalidParams);
         }
+        if segment.protocol == "cxl" {
+            return self.mount_cxl_view(client, segment);
+        }
+        if self.cxl.as_ref().is_some_and(|p| p.views.iter().any(|v| v.info.name == segment.name)) {
+            return Err(ErrorCode::SegmentAlreadyExists);
+        }
         if let Some(idx) = self.segments.find(&segment.name) {
             let same = self.segments.get(idx).is_some_and(|s| s.owner == client && s.info == segment);
             if !same {
@@ -58,6 +64,9 @@ impl MasterCore {
     /// Removes one of `client`'s segments and every replica on it (objects left without replicas disappear).
     /// `SegmentNotFound` when no segment of that name belongs to the client.
     pub fn unmount_segment(&mut self, client: ClientId, name: &str) -> Result<()> {
+        if self.unmount_cxl_view(client, name) {
+            return Ok(());
+        }
         let idx = self.segments.find(name).ok_or(ErrorCode::SegmentNotFound)?;
         if self.segments.get(idx).map(|s| s.owner) != Some(client) {
             return Err(ErrorCode::SegmentNotFound);
@@ -86,12 +95,14 @@ impl MasterCore {
         let mut owners: Vec<ClientId> = self
             .segments
             .iter()
-            .filter(|(_, s)| s.info.name == target || s.info.transport_endpoint == target)
+            .filter(|&(i, s)| !self.is_cxl_pool(i) && (s.info.name == target || s.info.transport_endpoint == target))
             .map(|(_, s)| s.owner)
+            .chain(self.cxl_view_owners(target))
             .collect();
         if owners.is_empty() {
             return Err(ErrorCode::SegmentNotFound);
         }
+        owners.sort_unstable();
         owners.dedup();
         for owner in owners {
             if let Some(state) = self.clients.get_mut(&owner) {
@@ -131,6 +142,9 @@ impl MasterCore {
         }
         if !doomed.is_empty() {
             self.purge_segments(&doomed);
+        }
+        if !dropped.is_empty() {
+            self.drop_cxl_views(&dropped);
         }
         dropped
     }
@@ -175,7 +189,7 @@ impl MasterCore {
         }
     }
 
-    fn mark_alive(&mut self, client: ClientId) {
+    pub(crate) fn mark_alive(&mut self, client: ClientId) {
         let now = self.now();
         if let Some(state) = self.clients.get_mut(&client) {
             state.last_seen = now;
@@ -192,6 +206,7 @@ impl MasterCore {
                 s.suspect = suspect;
             }
         }
+        self.refresh_cxl_pool();
     }
 }
 

@@ -15,6 +15,7 @@
 //!     base: 0x7f00_0000_0000,
 //!     size: 1 << 20,
 //!     host: "node-a".into(),
+//!     protocol: "tcp".into(),
 //! };
 //! core.mount_segment(client, segment).unwrap();
 //! let replicas = core.put_start(client, "k", 4096, &ReplicateConfig::default()).unwrap();
@@ -26,10 +27,11 @@
 //! ```
 //!
 //! Module map: `membership` (clients, segments, liveness), `placement`, `writes` (put, upsert), `reads`,
-//! `removal`, `eviction`, with storage in `objects`, `segments`, `groups` and `key`.
+//! `removal`, `eviction`, `cxl` (the shared CXL pool), with storage in `objects`, `segments`, `groups` and `key`.
 
 mod clock;
 mod core;
+mod cxl;
 mod eviction;
 mod groups;
 mod key;

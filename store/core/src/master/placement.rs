@@ -25,6 +25,9 @@ impl MasterCore {
         cfg: &ReplicateConfig,
         may_evict: &mut bool,
     ) -> Result<Replicas> {
+        if let Some(slot) = self.cxl.as_ref().map(|p| p.slot) {
+            return self.place_in_cxl_pool(slot, len, may_evict);
+        }
         let healthy = self.segments.iter().filter(|(_, s)| !s.suspect).count();
         let want = cfg.replica_num.min(healthy);
         if want == 0 || !self.segments.iter().any(|(_, s)| !s.suspect && s.alloc.capacity() >= len) {

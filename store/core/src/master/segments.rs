@@ -97,7 +97,14 @@ mod tests {
 
     fn state(name: &str) -> SegmentState {
         SegmentState {
-            info: Segment { name: name.into(), transport_endpoint: "ep".into(), base: 0, size: 64, host: "h".into() },
+            info: Segment {
+                name: name.into(),
+                transport_endpoint: "ep".into(),
+                base: 0,
+                size: 64,
+                host: "h".into(),
+                protocol: String::new(),
+            },
             owner: ClientId(1),
             alloc: OffsetAllocator::new(64),
             suspect: false,

@@ -22,6 +22,7 @@ pub(crate) fn segment(name: &str, host: &str, size: u64) -> Segment {
         base: 1 << 40,
         size,
         host: host.to_string(),
+        protocol: String::new(),
     }
 }
 
@@ -155,6 +156,17 @@ impl MasterCore {
                     s.alloc.allocation_count()
                 ));
             }
+            if self.is_cxl_pool(idx) {
+                let healthy = self
+                    .cxl
+                    .iter()
+                    .flat_map(|p| &p.views)
+                    .any(|v| self.clients.get(&v.client).is_some_and(|c| !c.suspect));
+                if s.suspect == healthy {
+                    return Err("the CXL pool's health disagrees with its views".into());
+                }
+                continue;
+            }
             let owner = self.clients.get(&s.owner).ok_or(format!("segment {} has no owner", s.info.name))?;
             if !owner.segments.contains(&idx) || owner.suspect != s.suspect {
                 return Err(format!("segment {} disagrees with its owner", s.info.name));
@@ -162,6 +174,11 @@ impl MasterCore {
         }
         if !bytes.is_empty() {
             return Err("replicas on missing segments".into());
+        }
+        for v in self.cxl.iter().flat_map(|p| &p.views) {
+            if !self.clients.contains_key(&v.client) {
+                return Err(format!("CXL view {} of a client the master does not know", v.info.name));
+            }
         }
         for (id, c) in &self.clients {
             if c.segments.iter().any(|&i| self.segments.get(i).map(|s| s.owner) != Some(*id)) {
@@ -175,8 +192,11 @@ impl MasterCore {
 /// Random operation sequences against a small cluster, checking invariants after every step.
 #[test]
 fn randomized_model_keeps_invariants() {
-    for seed in 0..12u64 {
+    for seed in 0..16u64 {
+        // Seeds 12..16 run with a CXL pool: a third of the mounts are views of it (the same area each time).
+        let with_cxl = seed >= 12;
         let config = MasterConfig {
+            cxl: with_cxl.then(|| crate::types::CxlPoolConfig { path: "dax".into(), size: 256 << 10 }),
             eviction_ratio: 0.1,
             client_ttl_ms: 5_000,
             client_suspect_after_ms: 2_000,
@@ -208,7 +228,11 @@ fn randomized_model_keeps_invariants() {
                 0..=2 => {
                     let name = format!("seg-{}", rng.below(8));
                     let host = format!("host-{}", client.0 % 2);
-                    let r = h.core.mount_segment(client, segment(&name, &host, 128 << 10 << rng.below(3)));
+                    let mut seg = segment(&name, &host, 128 << 10 << rng.below(3));
+                    if with_cxl && rng.below(3) == 0 {
+                        (seg.protocol, seg.base, seg.size) = ("cxl".into(), 4096, 256 << 10);
+                    }
+                    let r = h.core.mount_segment(client, seg);
                     if r.is_ok() {
                         mounted.push((client.0, name));
                     }

@@ -216,6 +216,7 @@ fn master_bench(flags: &Flags) -> Result<(), String> {
             base: 1 << 40,
             size: 64 << 30,
             host: "bench".into(),
+            protocol: "tcp".into(),
         };
         expect_done(client.call(&Request::MountSegment { client: owner, segment }).await)?;
         // Ping as a real client does: a silent client is suspect after 3 s and gets no placements.
