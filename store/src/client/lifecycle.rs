@@ -31,6 +31,9 @@ pub const HEALTH_MASTER_UNREACHABLE: i32 = 2;
 /// pool ([`MemoryDevice::attach_named`]; reserved by the first client, as large as the device's free space).
 pub const CXL_STORE_AREA: &str = "mooncake-store";
 
+/// Ports a client's engine picks its handshake port from when its host name has none, as upstream's store.
+const STORE_RPC_PORTS: (u16, u16) = (12300, 14300);
+
 /// How long an unreachable endpoint stays reported: further failures inside this window send no new report.
 const REPORT_WINDOW: Duration = Duration::from_secs(1);
 
@@ -506,6 +509,11 @@ fn start_engine(config: &ClientConfig) -> Result<TransferEngine> {
     // As upstream's store: a host without a port gets one (the engine's), so clients that share a host
     // name ("localhost") each own a segment.
     engine_config.name_with_rpc_port = true;
+    // Upstream's store picks that port from 12300-14300 (measured: `localhost:14117` with a metadata server,
+    // `localhost:13028` in P2P mode), not from the engine's 15000-17000; MC_MIN/MAX_RPC_PORT still rule.
+    if std::env::var_os("MC_MIN_RPC_PORT").is_none() && std::env::var_os("MC_MAX_RPC_PORT").is_none() {
+        engine_config.rpc_port_range = STORE_RPC_PORTS;
+    }
     engine_config.transfer_timeout = config.transfer_timeout;
     let auto = engine_config.auto_protocols.clone();
     engine_config = engine_config.with_protocols([config.protocol.clone()]);
