@@ -36,6 +36,7 @@ mod combine;
 pub mod convert;
 mod dispatch;
 mod error;
+pub mod group;
 pub mod layout;
 
 pub use buffer::{EpBuffer, PeerInfo};
