@@ -355,8 +355,9 @@ impl Group {
 
     /// Upstream's `recover_ranks` for a rank that is alive and was masked (deactivated, or timed out while
     /// slow): restarts the streams with it from zero and makes it active. Every rank must call it for the
-    /// same ranks at the same point (between collectives, e.g. after the caller agreed over its store);
-    /// a replaced rank goes through [`Group::update_member`] instead.
+    /// same ranks at the same point (between collectives, e.g. after the caller agreed over its store),
+    /// the recovering rank included (`activate(own rank)` restarts its streams with everyone); a replaced
+    /// rank goes through [`Group::update_member`] instead.
     pub fn activate(&self, rank: usize) -> Result<()> {
         if rank >= self.world {
             return Err(self.bad_rank("rank", rank));
@@ -364,6 +365,11 @@ impl Group {
         let mut state = lock(&self.state);
         if rank != self.rank {
             self.reset_pair(&mut state, rank);
+        } else {
+            // The recovering rank itself: its streams with everyone restart (they do the same for it).
+            for r in (0..self.world).filter(|&r| r != self.rank) {
+                self.reset_pair(&mut state, r);
+            }
         }
         lock(&self.active)[rank] = true;
         Ok(())

@@ -224,6 +224,9 @@ impl Group {
             .iter()
             .map(|&i| Incoming { src: members[i], expected: Some((part(i).len() + raw.len()) as u64) })
             .collect();
+        // A phase 1 that waited out a silent rank must not leave phase 2 without time: it gets a timeout of
+        // its own.
+        let deadline = deadline.max(Instant::now() + self.timeout());
         let outcome = self.exchange(state, COLL, &outs, &ins, deadline, &mut |j, off, chunk| {
             let theirs = part(survivors[j]);
             let (off, end) = (off as usize, off as usize + chunk.len);
