@@ -252,6 +252,9 @@ pub(crate) fn signal_word(m: u64, len: u64, last: bool) -> u64 {
     ((m as u32 as u64) << 32) | (u64::from(last) << 31) | (len & 0x7fff_ffff)
 }
 
+/// Where a chunk's writes report `(dest, bank, ok)`.
+type Report = mpsc::Sender<(usize, usize, bool)>;
+
 /// One chunk's writes: data (local, remote, length), then the 8-byte word (local, remote).
 struct Writes {
     data: Option<(u64, u64, u64)>,
@@ -260,12 +263,7 @@ struct Writes {
 
 /// Starts `writes` on the engine's runtime: the data, and after it completed, the word. Reports
 /// `(dest, bank, ok)` on `report` when given.
-fn spawn_writes(
-    engine: &TransferEngine,
-    segment: String,
-    writes: Writes,
-    report: Option<(mpsc::Sender<(usize, usize, bool)>, usize, usize)>,
-) {
+fn spawn_writes(engine: &TransferEngine, segment: String, writes: Writes, report: Option<(Report, usize, usize)>) {
     let e = engine.clone();
     engine.runtime().spawn(async move {
         let result = async {

@@ -53,7 +53,7 @@ pub struct GroupOptions {
 
 impl Default for GroupOptions {
     fn default() -> Self {
-        GroupOptions { chunk_bytes: 1 << 20, timeout: Duration::from_secs(30), small_all_reduce_bytes: 256 << 10 }
+        GroupOptions { chunk_bytes: 4 << 20, timeout: Duration::from_secs(30), small_all_reduce_bytes: 256 << 10 }
     }
 }
 
