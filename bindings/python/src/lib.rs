@@ -10,6 +10,7 @@
 mod buffers;
 mod convert;
 mod engine;
+mod ep;
 mod mapped;
 mod metadata_server;
 mod numa;
@@ -37,6 +38,7 @@ fn _mooncake(m: &Bound<'_, PyModule>) -> PyResult<()> {
     init_logging();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     engine::register(m)?;
+    ep::register(m)?;
     store::register(m)?;
     metadata_server::register(m)?;
     m.add_function(pyo3::wrap_pyfunction!(numa::bind_to_numa_node, m)?)?;
