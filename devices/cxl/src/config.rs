@@ -23,6 +23,9 @@ pub const ENV_FLUSH: &str = "MC_CXL_FLUSH";
 pub const ENV_TABLES: [&str; 3] = ["MC_CXL_MAX_OWNERS", "MC_CXL_MAX_BUFFERS", "MC_CXL_MAX_ALLOCATIONS"];
 /// How long taking the region lock may wait, in milliseconds.
 pub const ENV_LOCK_TIMEOUT_MS: &str = "MC_CXL_LOCK_TIMEOUT_MS";
+/// After how many milliseconds without a heartbeat a process of another host counts as dead (its entries are
+/// reclaimed and its hold on the lock is taken over). 0 turns reclaiming other hosts' entries off.
+pub const ENV_OWNER_TIMEOUT_MS: &str = "MC_CXL_OWNER_TIMEOUT_MS";
 
 /// Default slots of the owner table (engines and processes using the region at once).
 pub const DEFAULT_MAX_OWNERS: u32 = 256;
@@ -54,6 +57,8 @@ pub struct CxlConfig {
     pub flush: bool,
     /// How long taking the region lock may wait.
     pub lock_timeout: Duration,
+    /// Silence after which a process of another host counts as dead (`None`: never).
+    pub owner_timeout: Option<Duration>,
 }
 
 impl CxlConfig {
@@ -69,6 +74,7 @@ impl CxlConfig {
             format_foreign: false,
             flush: false,
             lock_timeout: Duration::from_secs(10),
+            owner_timeout: Some(Duration::from_secs(30)),
         }
     }
 
@@ -79,8 +85,8 @@ impl CxlConfig {
     }
 
     /// Reads `MC_CXL_DEV_PATH` / `CXL_DEV_PATH`, `MC_CXL_DEV_SIZE` / `CXL_DEV_SIZE`, `MC_CXL_GRANULARITY`,
-    /// `MC_CXL_MAX_OWNERS`, `MC_CXL_MAX_BUFFERS`, `MC_CXL_MAX_ALLOCATIONS`, `MC_CXL_FORMAT`, `MC_CXL_FLUSH` and
-    /// `MC_CXL_LOCK_TIMEOUT_MS`.
+    /// `MC_CXL_MAX_OWNERS`, `MC_CXL_MAX_BUFFERS`, `MC_CXL_MAX_ALLOCATIONS`, `MC_CXL_FORMAT`, `MC_CXL_FLUSH`,
+    /// `MC_CXL_LOCK_TIMEOUT_MS` and `MC_CXL_OWNER_TIMEOUT_MS`.
     pub fn from_env() -> Result<Self, CxlError> {
         let path =
             first_env(&ENV_PATH).map(|(_, v)| v).filter(|v| !v.trim().is_empty()).ok_or(CxlError::NotConfigured)?;
@@ -106,6 +112,10 @@ impl CxlConfig {
         if let Ok(value) = std::env::var(ENV_LOCK_TIMEOUT_MS) {
             let ms = value.trim().parse::<u64>().map_err(|e| bad(ENV_LOCK_TIMEOUT_MS, &value, e.to_string()))?;
             config.lock_timeout = Duration::from_millis(ms);
+        }
+        if let Ok(value) = std::env::var(ENV_OWNER_TIMEOUT_MS) {
+            let ms = value.trim().parse::<u64>().map_err(|e| bad(ENV_OWNER_TIMEOUT_MS, &value, e.to_string()))?;
+            config.owner_timeout = (ms > 0).then(|| Duration::from_millis(ms));
         }
         Ok(config)
     }

@@ -19,7 +19,8 @@
 //!   96  region_id (hi)
 //!   104 checksum         FNV-1a of the words 8..104
 //!   128 lock word        0 = free, else the holder: high half of its host tag, low half its pid
-//! owners_offset   owner table: max_owners x 64 B   {state = generation << 1 | live, host, pid, start, kind}
+//! owners_offset   owner table: max_owners x 64 B   {state = generation << 1 | live, host, pid, start, kind,
+//!                                                   heartbeat (ms, realtime)}
 //! buffers_offset  publication table: max_buffers x 64 B {seq (odd = published), in_flight, offset, length,
 //!                                                          owner index + 1 (0 = free), owner generation}
 //! allocs_offset   allocation table: max_allocations x 32 B {start, length (0 = free), owner index + 1,
@@ -81,6 +82,9 @@ pub const O_PID: u64 = 16;
 pub const O_START: u64 = 24;
 /// Byte offset of a word in an owner table entry.
 pub const O_KIND: u64 = 32;
+/// Byte offset of a word in an owner table entry: the owning process's last heartbeat, in milliseconds of
+/// `CLOCK_REALTIME` (0: the process does not beat, e.g. an older version).
+pub const O_BEAT: u64 = 40;
 
 /// Bytes of one publication table slot (a cache line: initiators' in-flight counts of different slots do not
 /// share lines).

@@ -50,7 +50,7 @@ use mooncake_core::registry::{Availability, DeviceFactory};
 
 pub use config::{
     CxlConfig, DEFAULT_MAX_ALLOCATIONS, DEFAULT_MAX_BUFFERS, DEFAULT_MAX_OWNERS, ENV_FLUSH, ENV_FORMAT,
-    ENV_GRANULARITY, ENV_LOCK_TIMEOUT_MS, ENV_PATH, ENV_SIZE, ENV_TABLES, parse_bytes,
+    ENV_GRANULARITY, ENV_LOCK_TIMEOUT_MS, ENV_OWNER_TIMEOUT_MS, ENV_PATH, ENV_SIZE, ENV_TABLES, parse_bytes,
 };
 pub use device::{CxlDevice, DEVICE_NAME, location};
 pub use error::CxlError;

@@ -105,6 +105,7 @@ pub struct Region {
     id: u128,
     flush: bool,
     lock_timeout: Duration,
+    owner_timeout: Option<Duration>,
     local: Mutex<()>,
     /// The file lock is unavailable on this file system: only the lock word protects the tables.
     no_file_lock: AtomicBool,
@@ -210,6 +211,7 @@ impl Region {
             id: 0,
             flush: config.flush,
             lock_timeout: config.lock_timeout,
+            owner_timeout: config.owner_timeout,
             local: Mutex::new(()),
             no_file_lock: AtomicBool::new(false),
             me: Identity::current(),
@@ -221,7 +223,9 @@ impl Region {
         region.id = id;
         region.owner = region.take_owner(OwnerKind::Process)?;
         tracing::debug!(path = %path.display(), base = region.base(), size, ?layout, "CXL region mapped");
-        Ok(Arc::new(region))
+        let region = Arc::new(region);
+        start_heartbeat(&region);
+        Ok(region)
     }
 
     /// Reads and checks the header, initializing a fresh (all-zero) region, or one that is not ours when the
@@ -572,8 +576,13 @@ impl Region {
             };
             let pid = (holder & 0xFFFF_FFFF) as u32;
             // Holding the file lock, a token of this host is a dead holder's (a live one holds the file lock);
-            // without the file lock, only one whose pid no longer exists is.
-            let stale = holder & HOST == mine & HOST && (file_locked || !Path::new(&format!("/proc/{pid}")).exists());
+            // without the file lock, only one whose pid no longer exists is. A token of another host is a dead
+            // holder's when that process's heartbeat stopped for the owner timeout.
+            let stale = if holder & HOST == mine & HOST {
+                file_locked || !Path::new(&format!("/proc/{pid}")).exists()
+            } else {
+                self.silent_since(HOST, holder & HOST, pid).is_some()
+            };
             if stale && word.compare_exchange(holder, mine, Ordering::Acquire, Ordering::Relaxed).is_ok() {
                 tracing::warn!(path = %self.path.display(), pid, "took over the CXL region lock of a dead process");
                 return Ok(());
@@ -613,6 +622,7 @@ impl Region {
         self.owner_word(index, O_PID).store(u64::from(self.me.pid), Ordering::Relaxed);
         self.owner_word(index, O_START).store(self.me.start, Ordering::Relaxed);
         self.owner_word(index, O_KIND).store(kind as u64, Ordering::Relaxed);
+        self.owner_word(index, O_BEAT).store(now_ms(), Ordering::Relaxed);
         self.owner_word(index, O_STATE).store(generation << 1 | 1, Ordering::SeqCst);
         Ok(OwnerRef { index, generation })
     }
@@ -651,6 +661,38 @@ impl Region {
         })
     }
 
+    /// How long the process `pid` of the host whose tag (masked by `mask`) is `host` has been silent, when that is
+    /// longer than the owner timeout: judged by the freshest heartbeat among its live owner entries. `None` while
+    /// it beats, when it never beat (no heartbeat word: an older version), when no entry names it, or when the
+    /// timeout is off.
+    fn silent_since(&self, mask: u64, host: u64, pid: u32) -> Option<Duration> {
+        let timeout = self.owner_timeout?;
+        let freshest = (0..self.layout.max_owners)
+            .filter(|i| {
+                self.owner_word(*i, O_STATE).load(Ordering::SeqCst) & 1 == 1
+                    && self.owner_word(*i, O_HOST).load(Ordering::Relaxed) & mask == host
+                    && self.owner_word(*i, O_PID).load(Ordering::Relaxed) == u64::from(pid)
+            })
+            .map(|i| self.owner_word(i, O_BEAT).load(Ordering::Acquire))
+            .max()?;
+        if freshest == 0 {
+            return None;
+        }
+        let silent = Duration::from_millis(now_ms().saturating_sub(freshest));
+        (silent > timeout).then_some(silent)
+    }
+
+    /// Writes this process's heartbeat into its owner entry.
+    fn beat(&self) {
+        if self.owner_word(self.owner.index, O_STATE).load(Ordering::Relaxed) == self.owner.generation << 1 | 1 {
+            self.owner_word(self.owner.index, O_BEAT).store(now_ms(), Ordering::Release);
+            if self.flush {
+                let at = self.base() + self.layout.owners_offset + u64::from(self.owner.index) * OWNER_BYTES + O_BEAT;
+                crate::flush::write_back(at, 8);
+            }
+        }
+    }
+
     fn owner_live(&self, index_plus_one: u64, generation: u64) -> bool {
         index_plus_one != 0
             && index_plus_one <= u64::from(self.layout.max_owners)
@@ -664,13 +706,18 @@ impl Region {
         let l = &self.layout;
         for i in 0..l.max_owners {
             let state = self.owner_word(i, O_STATE).load(Ordering::Relaxed);
-            if state & 1 == 0 || self.owner_word(i, O_HOST).load(Ordering::Relaxed) != self.me.host {
+            if state & 1 == 0 {
                 continue;
             }
+            let host = self.owner_word(i, O_HOST).load(Ordering::Relaxed);
             let pid = self.owner_word(i, O_PID).load(Ordering::Relaxed) as u32;
-            let start = self.owner_word(i, O_START).load(Ordering::Relaxed);
-            if !Identity::alive(pid, start) {
-                tracing::info!(path = %self.path.display(), pid, owner = i, "reclaiming the CXL region entries of a dead process");
+            let dead = if host == self.me.host {
+                !Identity::alive(pid, self.owner_word(i, O_START).load(Ordering::Relaxed))
+            } else {
+                self.silent_since(u64::MAX, host, pid).is_some()
+            };
+            if dead {
+                tracing::info!(path = %self.path.display(), host, pid, owner = i, "reclaiming the CXL region entries of a dead process");
                 self.owner_word(i, O_STATE).store(state & !1, Ordering::SeqCst);
             }
         }
@@ -700,7 +747,8 @@ impl Region {
                 continue;
             }
             let owner = self.alloc_word(a, A_OWNER).load(Ordering::Relaxed);
-            if owner == SHARED_OWNER || self.owner_live(owner, self.alloc_word(a, A_OWNER_GEN).load(Ordering::Relaxed)) {
+            if owner == SHARED_OWNER || self.owner_live(owner, self.alloc_word(a, A_OWNER_GEN).load(Ordering::Relaxed))
+            {
                 continue;
             }
             let start = self.alloc_word(a, A_START).load(Ordering::Relaxed);
@@ -989,6 +1037,32 @@ impl Region {
             return Err(Refusal::OutOfRange);
         }
         Ok(access)
+    }
+}
+
+/// Milliseconds of `CLOCK_REALTIME` (heartbeats are compared across hosts: their clocks must agree to well within
+/// the owner timeout, as NTP keeps them).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Beats for `region`'s process entry every quarter of the owner timeout (at most every second) until the region
+/// is dropped. Processes of other hosts reclaim this process's entries once the beats stop.
+fn start_heartbeat(region: &Arc<Region>) {
+    let Some(timeout) = region.owner_timeout else { return };
+    let every = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let weak = Arc::downgrade(region);
+    let spawned = std::thread::Builder::new().name("mooncake-cxl-heartbeat".into()).spawn(move || {
+        loop {
+            std::thread::sleep(every);
+            match weak.upgrade() {
+                Some(region) => region.beat(),
+                None => return,
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "no CXL heartbeat thread: other hosts cannot tell when this process dies");
     }
 }
 

@@ -331,6 +331,73 @@ fn named_areas_are_shared_by_name_and_outlive_their_creator() {
     assert!(live.iter().filter(|(off, n)| *off < ro + rest.len && ro < off + n).count() == 1, "{live:?}");
 }
 
+/// A process of another host (forged in the owner table: its pids cannot be checked from here) whose heartbeat
+/// stopped longer than the owner timeout ago loses its entries and its hold on the lock; one that beats keeps
+/// both.
+#[test]
+fn a_silent_process_of_another_host_is_reclaimed_and_its_lock_taken_over() {
+    use layout::{A_LEN, A_OWNER, A_OWNER_GEN, A_START, ALLOC_BYTES, H_LOCK, O_BEAT, O_HOST, O_KIND, O_PID, O_START};
+    use layout::{O_STATE, OWNER_BYTES};
+    use std::os::unix::fs::FileExt;
+
+    let (_d, path) = region_file(16 * MIB);
+    let mut config = CxlConfig::new(&path);
+    config.owner_timeout = Some(Duration::from_millis(500));
+    config.lock_timeout = Duration::from_millis(300);
+    let a = CxlDevice::open(&config).unwrap();
+    let l = *a.region().layout();
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+    let put = |off: u64, v: u64| file.write_all_at(&v.to_le_bytes(), off).unwrap();
+    let get = |off: u64| {
+        let mut b = [0u8; 8];
+        file.read_exact_at(&mut b, off).unwrap();
+        u64::from_le_bytes(b)
+    };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let other_host = 0xdead_beef_0000_0001u64;
+    let token = |pid: u64| (other_host & 0xFFFF_FFFF_0000_0000) | pid;
+    // Slot, pid, last beat, and one allocation of a granule at the end of the region for each.
+    let forged = [(l.max_owners - 1, 4242u64, now - 60_000), (l.max_owners - 2, 4343u64, now + 60_000)];
+    let mut starts = Vec::new();
+    for (k, &(slot, pid, beat)) in forged.iter().enumerate() {
+        let o = l.owners_offset + u64::from(slot) * OWNER_BYTES;
+        for (field, value) in [(O_HOST, other_host), (O_PID, pid), (O_START, 1), (O_KIND, 1), (O_BEAT, beat)] {
+            put(o + field, value);
+        }
+        put(o + O_STATE, 1 << 1 | 1);
+        let a_slot = l.max_allocations - 1 - k as u32;
+        let at = l.allocs_offset + u64::from(a_slot) * ALLOC_BYTES;
+        let start = l.region_size - (k as u64 + 1) * l.granularity;
+        put(at + A_START, start);
+        put(at + A_OWNER, u64::from(slot) + 1);
+        put(at + A_OWNER_GEN, 1);
+        put(at + A_LEN, l.granularity);
+        starts.push(start);
+    }
+    // The beating process holds the lock: we wait and give up.
+    put(H_LOCK, token(4343));
+    let e = a.allocate(4096, &AllocOptions::default()).unwrap_err();
+    assert!(e.to_string().contains("pid 4343"), "{e}");
+    // The silent one holds it: taken over.
+    put(H_LOCK, token(4242));
+    let x = a.allocate(4096, &AllocOptions::default()).unwrap();
+    assert_eq!(get(H_LOCK), 0, "released after the takeover");
+    // The next process to take an owner entry reclaims the silent process's entries, not the beating one's.
+    let b = CxlDevice::open(&config).unwrap();
+    let live = b.region().allocations();
+    assert!(!live.iter().any(|(o, _)| *o == starts[0]), "the silent process's allocation is still reserved");
+    assert!(live.iter().any(|(o, _)| *o == starts[1]), "the beating process's allocation was taken");
+    let state = |slot: u32| get(l.owners_offset + u64::from(slot) * OWNER_BYTES + O_STATE);
+    assert_eq!(state(forged[0].0) & 1, 0);
+    assert_eq!(state(forged[1].0) & 1, 1);
+    // Our own entries beat: the heartbeat word moves.
+    let ours = get(l.owners_offset + u64::from(a.region().process_owner().index) * OWNER_BYTES + O_BEAT);
+    std::thread::sleep(Duration::from_millis(400));
+    let later = get(l.owners_offset + u64::from(a.region().process_owner().index) * OWNER_BYTES + O_BEAT);
+    assert!(ours > 0 && later > ours, "{ours} -> {later}");
+    a.free(&x).unwrap();
+}
+
 /// Child roles of `processes_share_allocation_and_dead_ones_are_reclaimed`.
 #[test]
 fn allocation_child() {
