@@ -16,6 +16,7 @@
 //! The memory contract is upstream's: the tensors passed in stay alive and unmoved for the call (the Python
 //! layer holds them; a background call holds them itself).
 
+use std::ffi::{CStr, c_int};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -26,7 +27,8 @@ use mooncake_ep::{
     BufferLayout, CombineArgs, CombineInput, DispatchArgs, DispatchHandle, DispatchOutput, EpBuffer, PeerInfo, RecvX,
     Tokens,
 };
-use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyBufferError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
@@ -201,10 +203,142 @@ impl Out {
 /// The buffer and its reused outputs, shared with background calls.
 struct Shared {
     buffer: EpBuffer,
-    /// The last dispatch's output, reused so that a call does not allocate (and zero) its `packed_recv_x`.
+    /// The dispatch output the EP buffer unpacks into. Its received rows are moved out into an
+    /// [`OutputStorage`] after a call (they become the returned tensor) and refilled from `pool`.
     dispatch_out: Mutex<DispatchOutput>,
+    /// Received-row storages whose tensors are gone, for the next calls (their pages are already mapped).
+    pool: Mutex<Vec<Storage>>,
     /// The last combine's output.
     combined: Mutex<Vec<u16>>,
+}
+
+/// Storages kept in the pool (one per in-flight result is enough for a dispatch/combine loop).
+const POOL_SIZE: usize = 2;
+
+/// The received rows of a dispatch, owned by the tensor that views them.
+#[derive(Debug)]
+enum Storage {
+    Bf16(Vec<u16>),
+    Fp8(Vec<u8>),
+}
+
+impl Storage {
+    fn ptr_len(&self) -> (*const u8, usize) {
+        match self {
+            Storage::Bf16(v) => (v.as_ptr().cast(), v.len() * 2),
+            Storage::Fp8(v) => (v.as_ptr(), v.len()),
+        }
+    }
+}
+
+impl Shared {
+    /// Puts a pooled storage of the right kind and size into the dispatch output (so that the call reuses
+    /// mapped pages instead of a fresh zeroed allocation), unless it already holds one.
+    fn refill(&self, out: &mut DispatchOutput, fp8: bool, values: usize) {
+        let empty = match &out.packed_recv_x {
+            RecvX::Bf16(v) => v.is_empty() || fp8,
+            RecvX::Fp8 { codes, .. } => codes.is_empty() || !fp8,
+        };
+        if !empty {
+            return;
+        }
+        let mut pool = sync::lock(&self.pool);
+        let found = pool.iter().position(|s| match s {
+            Storage::Bf16(v) => !fp8 && v.len() == values,
+            Storage::Fp8(v) => fp8 && v.len() == values,
+        });
+        let Some(at) = found else { return };
+        let scales = match std::mem::take(&mut out.packed_recv_x) {
+            RecvX::Fp8 { scales, .. } => scales,
+            RecvX::Bf16(_) => Vec::new(),
+        };
+        out.packed_recv_x = match pool.swap_remove(at) {
+            Storage::Bf16(v) => RecvX::Bf16(v),
+            Storage::Fp8(codes) => RecvX::Fp8 { codes, scales },
+        };
+    }
+
+    /// Moves the received rows out of the dispatch output (leaving the FP8 scales for reuse).
+    fn take_rows(out: &mut DispatchOutput) -> Storage {
+        match &mut out.packed_recv_x {
+            RecvX::Bf16(v) => Storage::Bf16(std::mem::take(v)),
+            RecvX::Fp8 { codes, .. } => Storage::Fp8(std::mem::take(codes)),
+        }
+    }
+}
+
+/// The received rows of one dispatch as a writable bytes buffer (buffer protocol): the Python layer makes
+/// `packed_recv_x` of it with `torch.frombuffer`, so the rows are not copied. When the last view is gone the
+/// storage goes back to the buffer's pool for a later dispatch.
+#[pyclass(module = "mooncake.ep", name = "OutputStorage", frozen)]
+pub struct OutputStorage {
+    storage: Option<Storage>,
+    /// `[len]`, for the buffer protocol's shape and strides (a one-byte item each).
+    shape: [ffi::Py_ssize_t; 2],
+    shared: Arc<Shared>,
+}
+
+#[pymethods]
+impl OutputStorage {
+    fn __len__(&self) -> usize {
+        self.shape[0] as usize
+    }
+
+    /// Exposes the rows, writable, through the buffer protocol.
+    ///
+    /// # Safety
+    /// Called by Python with a valid `view` to fill.
+    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
+        if view.is_null() {
+            return Err(PyBufferError::new_err("null view"));
+        }
+        let this = slf.get();
+        let (ptr, _) = this.storage.as_ref().map(Storage::ptr_len).unwrap_or((std::ptr::null(), 0));
+        static FORMAT: &CStr = c"B";
+        // SAFETY: `view` is non-null and points to a Py_buffer Python asked us to fill. Every pointer stored in
+        // it points into `this` (a frozen object: its storage is never moved or resized while it lives), which
+        // the view keeps alive through `obj` (a new strong reference that Python releases with the view).
+        unsafe {
+            (*view).obj = slf.clone().into_any().into_ptr();
+            (*view).buf = ptr as *mut std::ffi::c_void;
+            (*view).len = this.shape[0];
+            (*view).readonly = 0;
+            (*view).itemsize = 1;
+            (*view).format = if flags & ffi::PyBUF_FORMAT == ffi::PyBUF_FORMAT {
+                FORMAT.as_ptr() as *mut std::ffi::c_char
+            } else {
+                std::ptr::null_mut()
+            };
+            (*view).ndim = 1;
+            (*view).shape = if flags & ffi::PyBUF_ND == ffi::PyBUF_ND {
+                this.shape.as_ptr() as *mut ffi::Py_ssize_t
+            } else {
+                std::ptr::null_mut()
+            };
+            (*view).strides = if flags & ffi::PyBUF_STRIDES == ffi::PyBUF_STRIDES {
+                this.shape[1..].as_ptr() as *mut ffi::Py_ssize_t
+            } else {
+                std::ptr::null_mut()
+            };
+            (*view).suboffsets = std::ptr::null_mut();
+            (*view).internal = std::ptr::null_mut();
+        }
+        Ok(())
+    }
+
+    /// Nothing to release per view: the storage goes back to the pool when the object goes.
+    unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
+}
+
+impl Drop for OutputStorage {
+    fn drop(&mut self) {
+        if let Some(storage) = self.storage.take() {
+            let mut pool = sync::lock(&self.shared.pool);
+            if pool.len() < POOL_SIZE {
+                pool.push(storage);
+            }
+        }
+    }
 }
 
 /// Errors of a call, carried across a background thread.
@@ -294,6 +428,107 @@ where
     Ok(Some(PendingCall { thread: Mutex::new(Some(thread)), _keep: keep }))
 }
 
+/// A checked dispatch call, ready to run on any thread.
+struct DispatchJob {
+    shared: Arc<Shared>,
+    x: Out,
+    topk_idx: Out,
+    active: Out,
+    hidden: usize,
+    num_topk: usize,
+    n: usize,
+    num_experts: usize,
+    timeout: Duration,
+    use_fp8: bool,
+    /// The caller's `packed_recv_x` tensor, or None: the rows are moved out and returned.
+    recv_x: Option<Out>,
+    /// The scales tensor's address and strides (elements), with FP8.
+    scales: Option<(usize, [usize; 3])>,
+    count: Out,
+    src_info: Out,
+    layout_range: Out,
+}
+
+impl DispatchJob {
+    /// Runs the dispatch and fills the outputs; the received rows when no `recv_x` tensor was given.
+    fn run(self) -> Result<Option<Storage>, CallError> {
+        let (hidden, n, r) = (self.hidden, self.n, self.shared.buffer.num_ranks());
+        let rows = r * n;
+        // SAFETY: every range below is a tensor the descriptors were checked for (dtype, shape, row-major,
+        // aligned, CPU) and that the caller keeps alive for the call (the Python layer holds it; a background
+        // call's PendingCall holds it and joins this thread before letting go).
+        let (x_bytes, idx, active) =
+            unsafe { (self.x.slice::<u8>(), self.topk_idx.slice::<i64>(), self.active.slice_mut::<i32>()) };
+        let mut mask = active.to_vec();
+        let args = DispatchArgs {
+            x: Tokens::Bf16Bytes(x_bytes),
+            hidden,
+            topk_idx: idx,
+            num_topk: self.num_topk,
+            num_max_dispatch_tokens_per_rank: n,
+            num_experts: self.num_experts,
+            timeout: self.timeout,
+            use_fp8: self.use_fp8,
+        };
+        let mut out = sync::lock(&self.shared.dispatch_out);
+        if self.recv_x.is_none() {
+            let nl = self.num_experts / r.max(1);
+            self.shared.refill(&mut out, self.use_fp8, nl * rows * hidden);
+        }
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.shared.buffer.dispatch_into(&args, &mut mask, &mut out)
+        }));
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(CallError::Ep(e)),
+            Err(_) => return Err(CallError::Panicked),
+        }
+        // SAFETY: as above.
+        unsafe {
+            self.count.slice_mut::<i32>().copy_from_slice(&out.packed_recv_count);
+            self.src_info.slice_mut::<i32>().copy_from_slice(&out.handle.packed_recv_src_info);
+            self.layout_range.slice_mut::<i64>().copy_from_slice(&out.handle.packed_recv_layout_range);
+        }
+        if let (RecvX::Fp8 { scales: sc, .. }, Some((ptr, [s0, s1, s2]))) = (&out.packed_recv_x, self.scales) {
+            let spr = hidden / 128;
+            for (le, &c) in out.packed_recv_count.iter().enumerate() {
+                for row in le * rows..le * rows + c.max(0) as usize {
+                    for j in 0..spr {
+                        let at = le * s0 + (row - le * rows) * s1 + j * s2;
+                        // SAFETY: `at` indexes the checked [nl, rows, spr] tensor with its own (checked)
+                        // strides, so it stays inside its allocation.
+                        unsafe { (ptr as *mut f32).add(at).write(sc[row * spr + j]) };
+                    }
+                }
+            }
+        }
+        active.copy_from_slice(&mask);
+        let Some(recv_x) = self.recv_x else {
+            return Ok(Some(Shared::take_rows(&mut out)));
+        };
+        // Only the rows each expert received (the rest is unspecified, as upstream's torch.empty).
+        match &out.packed_recv_x {
+            RecvX::Bf16(values) => {
+                // SAFETY: as above.
+                let dst = unsafe { recv_x.slice_mut::<u16>() };
+                for (le, &c) in out.packed_recv_count.iter().enumerate() {
+                    let span = le * rows * hidden..(le * rows + c.max(0) as usize) * hidden;
+                    dst[span.clone()].copy_from_slice(&values[span]);
+                }
+            }
+            RecvX::Fp8 { codes, .. } => {
+                // SAFETY: as above.
+                let dst = unsafe { recv_x.slice_mut::<u8>() };
+                for (le, &c) in out.packed_recv_count.iter().enumerate() {
+                    let span = le * rows * hidden..(le * rows + c.max(0) as usize) * hidden;
+                    dst[span.clone()].copy_from_slice(&codes[span]);
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
 /// Upstream's native `mooncake.ep.Buffer`: one rank's registered EP buffer on a transfer engine.
 #[pyclass(module = "mooncake.ep", name = "Buffer", frozen)]
 pub struct PyEpBuffer {
@@ -378,6 +613,7 @@ impl PyEpBuffer {
             shared: Arc::new(Shared {
                 buffer,
                 dispatch_out: Mutex::new(DispatchOutput::default()),
+                pool: Mutex::new(Vec::new()),
                 combined: Mutex::new(Vec::new()),
             }),
             own_engine,
@@ -435,12 +671,14 @@ impl PyEpBuffer {
     }
 
     /// Upstream's low-latency dispatch into the given output tensors (allocated by the caller as upstream's
-    /// Python does): `packed_recv_x` `[L, R*N, hidden]` bfloat16 (float8_e4m3fn with `use_fp8`),
+    /// Python does): `packed_recv_x` `[L, R*N, hidden]` bfloat16 (float8_e4m3fn with `use_fp8`; None: the
+    /// rows are returned as an `OutputStorage`, without a copy, and the call must not be `background`),
     /// `packed_recv_x_scales` `[L, R*N, hidden/128]` float32 (row-major or upstream's transposed layout; FP8
     /// only), `packed_recv_count` `[L]` int32, `packed_recv_src_info` `[L, R*N]` int32,
     /// `packed_recv_layout_range` `[L, R]` int64. Rows past an expert's count are left as they were.
     /// `active_ranks` (int32, one per rank) is read and updated. `timeout_us < 0` waits without a limit.
-    /// `background=True` returns a `PendingCall` (which holds `keep`, the tensors, until joined).
+    /// Returns `(PendingCall or None, OutputStorage or None)`: `background=True` gives a `PendingCall` (which
+    /// holds `keep`, the tensors, until joined).
     #[pyo3(signature = (x, topk_idx, active_ranks, num_max_dispatch_tokens_per_rank, num_experts, timeout_us,
                         use_fp8, packed_recv_x, packed_recv_x_scales, packed_recv_count, packed_recv_src_info,
                         packed_recv_layout_range, background = false, keep = Vec::new()))]
@@ -455,14 +693,14 @@ impl PyEpBuffer {
         num_experts: usize,
         timeout_us: i64,
         use_fp8: bool,
-        packed_recv_x: &Bound<'_, PyAny>,
+        packed_recv_x: Option<&Bound<'_, PyAny>>,
         packed_recv_x_scales: Option<&Bound<'_, PyAny>>,
         packed_recv_count: &Bound<'_, PyAny>,
         packed_recv_src_info: &Bound<'_, PyAny>,
         packed_recv_layout_range: &Bound<'_, PyAny>,
         background: bool,
         keep: Vec<Py<PyAny>>,
-    ) -> PyResult<Option<PendingCall>> {
+    ) -> PyResult<(Option<PendingCall>, Option<Py<OutputStorage>>)> {
         let r = self.buffer().num_ranks();
         let n = num_max_dispatch_tokens_per_rank;
         let xa = TensorArg::parse(x, "x")?;
@@ -492,9 +730,11 @@ impl PyEpBuffer {
 
         let nl = layout.num_local_experts;
         let rows = r * n;
-        let recv = TensorArg::parse(packed_recv_x, "packed_recv_x")?;
-        recv.expect(&[if use_fp8 { "float8_e4m3fn" } else { "bfloat16" }], 3)?;
-        recv.expect_shape(&[nl, rows, hidden], "[num_local_experts, num_ranks * N, hidden]")?;
+        let recv = TensorArg::parse_opt(packed_recv_x, "packed_recv_x")?;
+        if let Some(recv) = &recv {
+            recv.expect(&[if use_fp8 { "float8_e4m3fn" } else { "bfloat16" }], 3)?;
+            recv.expect_shape(&[nl, rows, hidden], "[num_local_experts, num_ranks * N, hidden]")?;
+        }
         let scales = TensorArg::parse_opt(packed_recv_x_scales, "packed_recv_x_scales")?;
         let scales = match (use_fp8, scales) {
             (true, Some(s)) => {
@@ -531,78 +771,36 @@ impl PyEpBuffer {
         range.expect(&["int64"], 2)?;
         range.expect_shape(&[nl, r], "[num_local_experts, num_ranks]")?;
 
-        let (x_in, idx_in) = (Out { ptr: xa.ptr, len: xa.bytes() }, Out::of(&idx));
-        let (recv_out, count_out, src_out, range_out) =
-            (Out::of(&recv), Out::of(&count), Out::of(&src), Out::of(&range));
-        let shared = self.shared.clone();
-        let timeout = timeout_of(timeout_us);
-        run_call(py, background, keep, move || {
-            // SAFETY: every range below is a tensor the descriptors above checked (dtype, shape, row-major,
-            // aligned, CPU) and that the caller keeps alive for the call (the Python layer holds it; a
-            // background call's PendingCall holds it and joins this thread before letting go).
-            let (x_bytes, idx, active) =
-                unsafe { (x_in.slice::<u8>(), idx_in.slice::<i64>(), active.slice_mut::<i32>()) };
-            let mut mask = active.to_vec();
-            let args = DispatchArgs {
-                x: Tokens::Bf16Bytes(x_bytes),
-                hidden,
-                topk_idx: idx,
-                num_topk,
-                num_max_dispatch_tokens_per_rank: n,
-                num_experts,
-                timeout,
-                use_fp8,
-            };
-            let mut out = sync::lock(&shared.dispatch_out);
-            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                shared.buffer.dispatch_into(&args, &mut mask, &mut out)
-            }));
-            match result {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(CallError::Ep(e)),
-                Err(_) => return Err(CallError::Panicked),
+        let job = DispatchJob {
+            shared: self.shared.clone(),
+            x: Out { ptr: xa.ptr, len: xa.bytes() },
+            topk_idx: Out::of(&idx),
+            active,
+            hidden,
+            num_topk,
+            n,
+            num_experts,
+            timeout: timeout_of(timeout_us),
+            use_fp8,
+            recv_x: recv.as_ref().map(Out::of),
+            scales,
+            count: Out::of(&count),
+            src_info: Out::of(&src),
+            layout_range: Out::of(&range),
+        };
+        if recv.is_none() {
+            if background {
+                return Err(PyValueError::new_err("packed_recv_x: needed for a background call"));
             }
-            // SAFETY: as above.
-            unsafe {
-                count_out.slice_mut::<i32>().copy_from_slice(&out.packed_recv_count);
-                src_out.slice_mut::<i32>().copy_from_slice(&out.handle.packed_recv_src_info);
-                range_out.slice_mut::<i64>().copy_from_slice(&out.handle.packed_recv_layout_range);
-            }
-            // Only the rows each expert received (the rest is unspecified, as upstream's torch.empty).
-            match &out.packed_recv_x {
-                RecvX::Bf16(values) => {
-                    // SAFETY: as above.
-                    let dst = unsafe { recv_out.slice_mut::<u16>() };
-                    for (le, &c) in out.packed_recv_count.iter().enumerate() {
-                        let span = le * rows * hidden..(le * rows + c.max(0) as usize) * hidden;
-                        dst[span.clone()].copy_from_slice(&values[span]);
-                    }
-                }
-                RecvX::Fp8 { codes, scales: sc } => {
-                    // SAFETY: as above.
-                    let dst = unsafe { recv_out.slice_mut::<u8>() };
-                    let spr = hidden / 128;
-                    for (le, &c) in out.packed_recv_count.iter().enumerate() {
-                        let c = c.max(0) as usize;
-                        let span = le * rows * hidden..(le * rows + c) * hidden;
-                        dst[span.clone()].copy_from_slice(&codes[span]);
-                        if let Some((ptr, [s0, s1, s2])) = scales {
-                            for row in le * rows..le * rows + c {
-                                let (l, rw) = (row / rows, row % rows);
-                                for j in 0..spr {
-                                    let at = l * s0 + rw * s1 + j * s2;
-                                    // SAFETY: `at` indexes the checked [nl, rows, spr] tensor with its own
-                                    // (checked) strides, so it stays inside its allocation.
-                                    unsafe { (ptr as *mut f32).add(at).write(sc[row * spr + j]) };
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-            active.copy_from_slice(&mask);
-            Ok(())
-        })
+            let shared = self.shared.clone();
+            let storage = py.detach(move || job.run()).map_err(call_err)?;
+            let storage = storage.ok_or_else(|| PyRuntimeError::new_err("the dispatch returned no rows"))?;
+            let (_, len) = storage.ptr_len();
+            let out = OutputStorage { storage: Some(storage), shape: [len as ffi::Py_ssize_t, 1], shared };
+            return Ok((None, Some(Py::new(py, out)?)));
+        }
+        let pending = run_call(py, background, keep, move || job.run().map(|_| ()))?;
+        Ok((pending, None))
     }
 
     /// Upstream's low-latency combine into `out` (`[num_tokens, hidden]` bfloat16). `x` is the expert
@@ -763,6 +961,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let ep = PyModule::new(m.py(), "ep")?;
     ep.add_class::<PyEpBuffer>()?;
     ep.add_class::<PendingCall>()?;
+    ep.add_class::<OutputStorage>()?;
     ep.add_function(wrap_pyfunction!(get_ep_buffer_size_hint, &ep)?)?;
     m.add_submodule(&ep)?;
     Ok(())

@@ -278,7 +278,11 @@ class Buffer:
         r = self.group_size
         nl = num_experts // r
         rows = r * n
-        packed_recv_x = torch.empty((nl, rows, hidden), dtype=torch.float8_e4m3fn if use_fp8 else torch.bfloat16)
+        background = device is None and (async_finish or return_recv_hook)
+        recv_dtype = torch.float8_e4m3fn if use_fp8 else torch.bfloat16
+        # A synchronous call returns the rows the native buffer unpacked, without a copy; a background one
+        # fills tensors allocated here (they must exist before the call completes).
+        packed_recv_x = torch.empty((nl, rows, hidden), dtype=recv_dtype) if background else None
         # Upstream's scales are [L, hidden / 128, rows] transposed to [L, rows, hidden / 128].
         packed_recv_x_scales = (
             torch.empty((nl, hidden // 128, rows), dtype=torch.float32).transpose(1, 2) if use_fp8 else None
@@ -288,8 +292,7 @@ class Buffer:
         packed_recv_layout_range = torch.empty((nl, r), dtype=torch.int64)
         tensors = (x, topk_idx, mask, packed_recv_x, packed_recv_x_scales, packed_recv_count, packed_recv_src_info,
                    packed_recv_layout_range)
-        background = device is None and (async_finish or return_recv_hook)
-        pending = self.runtime.dispatch(
+        pending, storage = self.runtime.dispatch(
             _desc(x, "x"),
             _desc(topk_idx, "topk_idx"),
             _desc(mask, "active_ranks"),
@@ -297,7 +300,7 @@ class Buffer:
             num_experts,
             timeout_us,
             use_fp8,
-            _desc(packed_recv_x, "packed_recv_x"),
+            None if packed_recv_x is None else _desc(packed_recv_x, "packed_recv_x"),
             None if packed_recv_x_scales is None else _desc(packed_recv_x_scales, "packed_recv_x_scales"),
             _desc(packed_recv_count, "packed_recv_count"),
             _desc(packed_recv_src_info, "packed_recv_src_info"),
@@ -305,6 +308,10 @@ class Buffer:
             background=background,
             keep=[t for t in tensors if t is not None],
         )
+        if storage is not None:
+            # The tensor owns the native storage (torch.frombuffer keeps the object); it goes back to the
+            # buffer's pool when the last view of it is gone.
+            packed_recv_x = torch.frombuffer(storage, dtype=torch.uint8).view(recv_dtype).view(nl, rows, hidden)
         self._pending = pending
         if mask_back is not None:
             mask_back.copy_(mask)
