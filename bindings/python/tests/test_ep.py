@@ -107,6 +107,10 @@ def test_two_ranks_tcp_match_the_gloo_reference(basic, check):
     assert check in checks(basic)
 
 
+def test_results_still_referenced_are_not_reused(basic):
+    assert "kept_outputs_not_reused" in checks(basic)
+
+
 def test_bad_dispatch_arguments_raise_naming_the_argument_and_write_nothing(basic):
     assert {"bad_dispatch", "in_step_after_bad_input"} <= checks(basic)
 

@@ -310,6 +310,17 @@ def scenario_basic(rank, world):
         passed(f"iter:{'fp8' if fp8 else 'bf16'}:{'zero_copy' if zero_copy else 'copy'}:{mode}")
     assert active.tolist() == [1] * world
 
+    # A synchronous dispatch's rows are native storage reused once its tensor is gone: rows still referenced
+    # (here the first call's, and a view of them) are never handed to a later call.
+    x, idx, _ = make_inputs(rank, 30, experts)
+    first = buf.dispatch(x, idx, active, N_MAX, experts, -1, use_fp8=False)[0]
+    view, saved = first[0], first.clone()
+    del first
+    for it in (31, 32):
+        iteration(buf, rank, world, experts, it, alive, active, False, tag="kept rows")
+    assert torch.equal(view.view(torch.int16), saved[0].view(torch.int16)), "a kept result was overwritten"
+    passed("kept_outputs_not_reused")
+
     bad_inputs(buf, rank, world, experts, active)
     iteration(buf, rank, world, experts, 20, alive, active, True, tag="after bad input")
     passed("in_step_after_bad_input")
