@@ -14,6 +14,7 @@ mod ep;
 mod mapped;
 mod metadata_server;
 mod numa;
+mod pg;
 mod store;
 mod wait;
 
@@ -39,6 +40,7 @@ fn _mooncake(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     engine::register(m)?;
     ep::register(m)?;
+    pg::register(m)?;
     store::register(m)?;
     metadata_server::register(m)?;
     m.add_function(pyo3::wrap_pyfunction!(numa::bind_to_numa_node, m)?)?;
