@@ -79,3 +79,50 @@ def test_killed_rank_is_masked_and_a_restarted_rank_rejoins():
         assert rc == 0, f"rank {rank} exited {rc}:\n{out[-4000:]}"
     for rank in survivors:
         assert "survivors resumed" in outs[rank][1]
+        took = float(outs[rank][1].split("loop took ")[1].split("s")[0])
+        assert took < 2 * 3 + 15, f"survivors took {took:.1f}s with a 3 s timeout"
+        print(outs[rank][1].strip().splitlines()[-2])
+
+
+def test_native_group_checks_every_argument():
+    from mooncake import pg
+
+    g = pg.Group(0, 1, chunk_bytes=65536, timeout=5.0)
+    g.connect([g.local_info()])
+    t = torch.arange(8, dtype=torch.float32)
+    g.all_reduce(t.data_ptr(), 32, "float32", "sum")
+    assert torch.equal(t, torch.arange(8, dtype=torch.float32))
+    with pytest.raises(TypeError, match="dtype"):
+        g.all_reduce(t.data_ptr(), 32, "complex64", "sum")
+    with pytest.raises(ValueError, match="op"):
+        g.all_reduce(t.data_ptr(), 32, "float32", "xor")
+    with pytest.raises(ValueError, match="tensor"):
+        g.all_reduce(0, 32, "float32", "sum")
+    with pytest.raises(ValueError, match="data"):
+        g.all_reduce(t.data_ptr(), 30, "float32", "sum")  # not whole elements
+    with pytest.raises(ValueError, match="root"):
+        g.broadcast(t.data_ptr(), 32, 3)
+    with pytest.raises(ValueError, match="send_counts"):
+        g.all_to_all(t.data_ptr(), 32, [-1], t.data_ptr(), 32, [32])
+    with pytest.raises(ValueError, match="recvs"):
+        g.send_recv([], [(0, 0, t.data_ptr(), 32), (0, 1, t.data_ptr() + 16, 16)])
+    with pytest.raises(ValueError, match="timeout"):
+        pg.Group(0, 1, timeout=0.0)
+    with pytest.raises(ValueError, match="rank"):
+        pg.Group(2, 2)
+    with pytest.raises(TypeError, match="members"):
+        g.connect(["nope"])
+    with pytest.raises(ValueError, match="max_group_size"):
+        pg.MooncakeBackendOptions(0)
+    with pytest.raises(ValueError, match="auto_sync_on_failure"):
+        pg.MooncakeBackendOptions(2, False, False, True)
+    assert issubclass(pg.CollectiveError, RuntimeError)
+    assert g.active_ranks() == [True]
+    # In-place all_gather: the input is a view of the output (copied before the call).
+    out = torch.zeros(4)
+    out[:2] = torch.tensor([1.0, 2.0])
+    g2 = pg.Group(0, 1, chunk_bytes=65536, timeout=5.0, engine=g.get_engine())
+    g2.connect([g2.local_info()])
+    g2.all_gather(out.data_ptr(), 8, out.data_ptr(), 8)
+    assert out[:2].tolist() == [1.0, 2.0]
+    g.shutdown()
