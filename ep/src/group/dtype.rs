@@ -217,6 +217,101 @@ impl Acc {
     }
 }
 
+/// Where a reduction accumulates: in the element type itself, in place in the result (when that gives the
+/// same bits as the wide accumulator: f32, f64, i64, and i32 except Avg), or in a wide [`Acc`].
+#[derive(Debug)]
+pub(crate) enum Reducer {
+    InPlace,
+    Wide(Acc),
+}
+
+impl Reducer {
+    /// A reduction initialised from `init`; for [`Reducer::InPlace`] the caller's `target` of [`Reducer::fold`]
+    /// must already hold `init`.
+    pub(crate) fn new(dtype: DType, op: ReduceOp, init: &[u8]) -> Reducer {
+        match (dtype, op) {
+            (DType::F32 | DType::F64 | DType::I64, _) => Reducer::InPlace,
+            (DType::I32, op) if op != ReduceOp::Avg => Reducer::InPlace,
+            _ => Reducer::Wide(Acc::new(dtype, init)),
+        }
+    }
+
+    /// Folds `src` in at byte `at` of the reduction (`target` is the in-place result).
+    pub(crate) fn fold(&mut self, dtype: DType, op: ReduceOp, target: &mut [u8], at: usize, src: &[u8]) {
+        match self {
+            Reducer::InPlace => {
+                if let Some(dst) = target.get_mut(at..at + src.len()) {
+                    fold_in_place(dtype, op, dst, src);
+                }
+            }
+            Reducer::Wide(acc) => acc.fold(dtype, op, at / dtype.size(), src),
+        }
+    }
+
+    /// Writes the result into `out` (for [`Reducer::InPlace`], the `target` folded into), dividing by
+    /// `count` for [`ReduceOp::Avg`].
+    pub(crate) fn finish(&self, dtype: DType, op: ReduceOp, count: usize, out: &mut [u8]) {
+        match self {
+            Reducer::InPlace => {
+                if op == ReduceOp::Avg && count > 0 {
+                    match dtype {
+                        DType::F32 => map_in_place(out, f32::from_le_bytes, |v| (v / count as f32).to_le_bytes()),
+                        DType::F64 => map_in_place(out, f64::from_le_bytes, |v| (v / count as f64).to_le_bytes()),
+                        _ => map_in_place(out, i64::from_le_bytes, |v| (v / count as i64).to_le_bytes()),
+                    }
+                }
+            }
+            Reducer::Wide(acc) => acc.finish(dtype, op, count, out),
+        }
+    }
+}
+
+fn map_in_place<T, const W: usize>(out: &mut [u8], dec: impl Fn([u8; W]) -> T, enc: impl Fn(T) -> [u8; W]) {
+    for o in out.chunks_exact_mut(W) {
+        let mut b = [0u8; W];
+        b.copy_from_slice(o);
+        o.copy_from_slice(&enc(dec(b)));
+    }
+}
+
+/// `dst[i] = f(dst[i], src[i])` over little-endian elements; the loop vectorizes for the plain types.
+#[inline(always)]
+fn zip_in_place<T: Copy, const W: usize>(
+    dst: &mut [u8],
+    src: &[u8],
+    dec: impl Fn([u8; W]) -> T,
+    enc: impl Fn(T) -> [u8; W],
+    f: impl Fn(T, T) -> T,
+) {
+    for (d, s) in dst.chunks_exact_mut(W).zip(src.chunks_exact(W)) {
+        let (mut a, mut b) = ([0u8; W], [0u8; W]);
+        a.copy_from_slice(d);
+        b.copy_from_slice(s);
+        d.copy_from_slice(&enc(f(dec(a), dec(b))));
+    }
+}
+
+macro_rules! in_place {
+    ($dst:expr, $src:expr, $t:ty, $op:expr, $sum:expr, $prod:expr) => {
+        match $op {
+            ReduceOp::Sum | ReduceOp::Avg => zip_in_place($dst, $src, <$t>::from_le_bytes, <$t>::to_le_bytes, $sum),
+            ReduceOp::Product => zip_in_place($dst, $src, <$t>::from_le_bytes, <$t>::to_le_bytes, $prod),
+            ReduceOp::Min => zip_in_place($dst, $src, <$t>::from_le_bytes, <$t>::to_le_bytes, fmin),
+            ReduceOp::Max => zip_in_place($dst, $src, <$t>::from_le_bytes, <$t>::to_le_bytes, fmax),
+        }
+    };
+}
+
+/// Folds `src` into `dst` (elements of `dtype`, one of the [`Reducer::InPlace`] types).
+fn fold_in_place(dtype: DType, op: ReduceOp, dst: &mut [u8], src: &[u8]) {
+    match dtype {
+        DType::F32 => in_place!(dst, src, f32, op, |x, y| x + y, |x, y| x * y),
+        DType::F64 => in_place!(dst, src, f64, op, |x, y| x + y, |x, y| x * y),
+        DType::I32 => in_place!(dst, src, i32, op, i32::wrapping_add, i32::wrapping_mul),
+        _ => in_place!(dst, src, i64, op, i64::wrapping_add, i64::wrapping_mul),
+    }
+}
+
 fn store<A: Copy, const W: usize>(out: &mut [u8], acc: &[A], enc: impl Fn(A) -> [u8; W]) {
     for (o, &a) in out.chunks_exact_mut(W).zip(acc) {
         o.copy_from_slice(&enc(a));
@@ -312,5 +407,64 @@ mod tests {
         a.finish(DType::I8, ReduceOp::Sum, 2, &mut out);
         assert_eq!(out, [200u8, 0x7f], "wraps as torch int8");
         assert!(check_op(DType::Bool, ReduceOp::Avg).is_err());
+    }
+
+    #[test]
+    fn in_place_reductions_equal_the_wide_accumulator() {
+        let f32s: Vec<f32> = vec![1.5, -2.0, f32::NAN, 3.25, 0.0, -0.0, 1e30, 7.0, -1e-3];
+        let f64s: Vec<f64> = f32s.iter().map(|&v| f64::from(v) * 1.25).collect();
+        let i32s: Vec<i32> = vec![i32::MAX, -7, 3, i32::MIN, 0, 1 << 20, -1, 5, 9];
+        let i64s: Vec<i64> = vec![i64::MAX, -7, 3, i64::MIN, 0, 1 << 40, -1, 5, 9];
+        let cases: Vec<(DType, Vec<u8>)> = vec![
+            (DType::F32, f32s.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            (DType::F64, f64s.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            (DType::I32, i32s.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            (DType::I64, i64s.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        ];
+        for (dtype, a) in cases {
+            let mut b = a.clone();
+            b.rotate_left(3 * dtype.size());
+            let mut c = a.clone();
+            c.reverse();
+            c.truncate(c.len() / dtype.size() * dtype.size());
+            for op in [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Product, ReduceOp::Min, ReduceOp::Max] {
+                let mut wide = Acc::new(dtype, &a);
+                let mut want = vec![0u8; a.len()];
+                let mut got = a.clone();
+                let mut red = Reducer::new(dtype, op, &a);
+                let half = a.len() / 2 / dtype.size() * dtype.size();
+                for src in [&b, &c] {
+                    wide.fold(dtype, op, 0, src);
+                    // In two pieces, as the receive blocks come.
+                    red.fold(dtype, op, &mut got, 0, &src[..half]);
+                    red.fold(dtype, op, &mut got, half, &src[half..]);
+                }
+                wide.finish(dtype, op, 3, &mut want);
+                red.finish(dtype, op, 3, &mut got);
+                let bits = |v: &[u8]| -> Vec<u8> {
+                    // NaN payloads may differ; compare NaN-ness for floats.
+                    if dtype == DType::F32 {
+                        v.chunks_exact(4)
+                            .flat_map(|c| {
+                                let f = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                                if f.is_nan() { [0xff; 4] } else { f.to_le_bytes() }
+                            })
+                            .collect()
+                    } else if dtype == DType::F64 {
+                        v.chunks_exact(8)
+                            .flat_map(|c| {
+                                let mut w = [0u8; 8];
+                                w.copy_from_slice(c);
+                                let f = f64::from_le_bytes(w);
+                                if f.is_nan() { [0xff; 8] } else { f.to_le_bytes() }
+                            })
+                            .collect()
+                    } else {
+                        v.to_vec()
+                    }
+                };
+                assert_eq!(bits(&got), bits(&want), "{dtype:?} {op:?}");
+            }
+        }
     }
 }

@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use super::dtype::{Acc, DType, ReduceOp, check_op};
+use super::dtype::{Acc, DType, ReduceOp, Reducer, check_op};
 use super::error::{Error, Result};
 use super::exchange::{Chunk, Incoming, Outcome, Outgoing};
 use super::{COLL, Group, P2P, State};
@@ -41,10 +41,20 @@ fn check_elems(arg: &'static str, len: usize, dtype: DType) -> Result<()> {
     Ok(())
 }
 
-/// Reads a whole chunk into `buf` (resized).
-fn read_all(chunk: &Chunk<'_>, buf: &mut Vec<u8>) -> Result<()> {
-    buf.resize(chunk.len, 0);
-    chunk.read(0, buf)
+/// Bytes a reduction reads out of a receive bank at a time (stays in cache between the copy and the fold).
+const BLOCK: usize = 64 << 10;
+
+/// Reads `chunk` through `buf` in cache-sized blocks, handing `f(byte offset in the chunk, bytes)` each.
+fn blocks(chunk: &Chunk<'_>, buf: &mut Vec<u8>, mut f: impl FnMut(usize, &[u8])) -> Result<()> {
+    buf.resize(BLOCK.min(chunk.len), 0);
+    let mut pos = 0;
+    while pos < chunk.len {
+        let n = BLOCK.min(chunk.len - pos);
+        chunk.read(pos, &mut buf[..n])?;
+        f(pos, &buf[..n]);
+        pos += n;
+    }
+    Ok(())
 }
 
 /// The first size mismatch among `ins`.
@@ -149,9 +159,7 @@ impl Group {
         let ins: Vec<Incoming> =
             others.iter().map(|&p| Incoming { src: p, expected: Some(data.len() as u64) }).collect();
         let outcome = self.exchange(state, COLL, &outs, &ins, deadline, &mut |_, off, chunk| {
-            read_all(chunk, &mut buf)?;
-            acc.fold(dtype, op, off as usize / size, &buf);
-            Ok(())
+            blocks(chunk, &mut buf, |at, b| acc.fold(dtype, op, (off as usize + at) / size, b))
         });
         state.scratch = buf;
         let outcome = outcome?;
@@ -180,19 +188,27 @@ impl Group {
         let me = members.iter().position(|&p| p == self.rank).unwrap_or(0);
         let part = |i: usize| (i * n / k * size)..((i + 1) * n / k * size);
         let mut buf = std::mem::take(&mut state.scratch);
+        // This rank's part (reduced in place where the type allows) and the others around it.
+        let (mine_at, mine_end) = (part(me).start, part(me).end);
+        let (before, rest) = data.split_at_mut(mine_at);
+        let (mine, after) = rest.split_at_mut(mine_end - mine_at);
+        let other = |i: usize| if i < me { part(i) } else { (part(i).start - mine_end)..(part(i).end - mine_end) };
 
         // Phase 1: part i of this rank's input to members[i]; reduce our own part.
-        let mut acc = Acc::new(dtype, &data[part(me)]);
+        let mut red = Reducer::new(dtype, op, mine);
         let peers: Vec<usize> = (0..k).filter(|&i| i != me).collect();
-        let outs: Vec<Outgoing<'_>> =
-            peers.iter().map(|&i| Outgoing { dest: members[i], pieces: vec![&data[part(i)]] }).collect();
-        let mine_len = part(me).len() as u64;
+        let outs: Vec<Outgoing<'_>> = peers
+            .iter()
+            .map(|&i| Outgoing {
+                dest: members[i],
+                pieces: vec![if i < me { &before[other(i)] } else { &after[other(i)] }],
+            })
+            .collect();
+        let mine_len = mine.len() as u64;
         let ins: Vec<Incoming> =
             peers.iter().map(|&i| Incoming { src: members[i], expected: Some(mine_len) }).collect();
         let outcome = self.exchange(state, COLL, &outs, &ins, deadline, &mut |_, off, chunk| {
-            read_all(chunk, &mut buf)?;
-            acc.fold(dtype, op, off as usize / size, &buf);
-            Ok(())
+            blocks(chunk, &mut buf, |at, b| red.fold(dtype, op, mine, off as usize + at, b))
         });
         drop(outs);
         let outcome = match outcome {
@@ -203,8 +219,8 @@ impl Group {
             }
         };
         check_sizes(&ins, &outcome)?;
-        let mut mine = vec![0u8; part(me).len()];
-        acc.finish(dtype, op, 1 + arrived(&outcome), &mut mine);
+        red.finish(dtype, op, 1 + arrived(&outcome), mine);
+        let mine: &[u8] = mine;
 
         // Phase 2: our reduced part (and our raw input of orphaned parts) to every survivor.
         let now = self.active_ranks();
@@ -214,12 +230,13 @@ impl Group {
         let mut orphan_accs = Vec::new();
         let mut orphan_offs = Vec::new();
         for &o in &orphans {
+            let input = if o < me { &before[other(o)] } else { &after[other(o)] };
             orphan_offs.push(raw.len());
-            raw.extend_from_slice(&data[part(o)]);
-            orphan_accs.push(Acc::new(dtype, &data[part(o)]));
+            raw.extend_from_slice(input);
+            orphan_accs.push(Acc::new(dtype, input));
         }
         let outs: Vec<Outgoing<'_>> =
-            survivors.iter().map(|&i| Outgoing { dest: members[i], pieces: vec![&mine, &raw] }).collect();
+            survivors.iter().map(|&i| Outgoing { dest: members[i], pieces: vec![mine, &raw] }).collect();
         let ins: Vec<Incoming> = survivors
             .iter()
             .map(|&i| Incoming { src: members[i], expected: Some((part(i).len() + raw.len()) as u64) })
@@ -228,12 +245,13 @@ impl Group {
         // its own.
         let deadline = deadline.max(Instant::now() + self.timeout());
         let outcome = self.exchange(state, COLL, &outs, &ins, deadline, &mut |j, off, chunk| {
-            let theirs = part(survivors[j]);
+            let i = survivors[j];
+            let theirs = if i < me { &mut before[other(i)] } else { &mut after[other(i)] };
             let (off, end) = (off as usize, off as usize + chunk.len);
             // The sender's reduced part: straight into place.
             if off < theirs.len() {
                 let upto = end.min(theirs.len());
-                chunk.read(0, &mut data[theirs.start + off..theirs.start + upto])?;
+                chunk.read(0, &mut theirs[off..upto])?;
             }
             // Raw inputs of the orphaned parts: fold them in.
             if end > theirs.len() {
@@ -255,10 +273,10 @@ impl Group {
         let outcome = outcome?;
         drop(outs);
         check_sizes(&ins, &outcome)?;
-        data[part(me)].copy_from_slice(&mine);
         let count = 1 + arrived(&outcome);
-        for (o, acc) in orphans.iter().zip(&orphan_accs) {
-            acc.finish(dtype, op, count, &mut data[part(*o)]);
+        for (&o, acc) in orphans.iter().zip(&orphan_accs) {
+            let target = if o < me { &mut before[other(o)] } else { &mut after[other(o)] };
+            acc.finish(dtype, op, count, target);
         }
         let missing: Vec<usize> =
             survivors.iter().zip(&outcome.received).filter(|(_, r)| r.is_none()).map(|(&i, _)| members[i]).collect();
@@ -337,22 +355,20 @@ impl Group {
         }
         let (mut state, active, deadline) = self.begin()?;
         let others = self.others(&active);
-        let size = dtype.size();
         let me = self.rank;
-        let mut acc = Acc::new(dtype, &input[me * n..(me + 1) * n]);
+        output.copy_from_slice(&input[me * n..(me + 1) * n]);
+        let mut red = Reducer::new(dtype, op, output);
         let mut buf = std::mem::take(&mut state.scratch);
         let outs: Vec<Outgoing<'_>> =
             others.iter().map(|&p| Outgoing { dest: p, pieces: vec![&input[p * n..(p + 1) * n]] }).collect();
         let ins: Vec<Incoming> = others.iter().map(|&p| Incoming { src: p, expected: Some(n as u64) }).collect();
         let outcome = self.exchange(&mut state, COLL, &outs, &ins, deadline, &mut |_, off, chunk| {
-            read_all(chunk, &mut buf)?;
-            acc.fold(dtype, op, off as usize / size, &buf);
-            Ok(())
+            blocks(chunk, &mut buf, |at, b| red.fold(dtype, op, output, off as usize + at, b))
         });
         state.scratch = buf;
         let outcome = outcome?;
         check_sizes(&ins, &outcome)?;
-        acc.finish(dtype, op, 1 + arrived(&outcome), output);
+        red.finish(dtype, op, 1 + arrived(&outcome), output);
         Ok(())
     }
 
@@ -372,20 +388,17 @@ impl Group {
             return Ok(());
         }
         let others = self.others(&active);
-        let size = dtype.size();
-        let mut acc = Acc::new(dtype, data);
+        let mut red = Reducer::new(dtype, op, data);
         let mut buf = std::mem::take(&mut state.scratch);
         let ins: Vec<Incoming> =
             others.iter().map(|&p| Incoming { src: p, expected: Some(data.len() as u64) }).collect();
         let outcome = self.exchange(&mut state, COLL, &[], &ins, deadline, &mut |_, off, chunk| {
-            read_all(chunk, &mut buf)?;
-            acc.fold(dtype, op, off as usize / size, &buf);
-            Ok(())
+            blocks(chunk, &mut buf, |at, b| red.fold(dtype, op, data, off as usize + at, b))
         });
         state.scratch = buf;
         let outcome = outcome?;
         check_sizes(&ins, &outcome)?;
-        acc.finish(dtype, op, 1 + arrived(&outcome), data);
+        red.finish(dtype, op, 1 + arrived(&outcome), data);
         Ok(())
     }
 
