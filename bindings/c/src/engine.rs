@@ -160,7 +160,7 @@ pub union segment_desc_union {
 #[derive(Clone, Copy)]
 pub struct segment_desc {
     /// RDMA / NVMe-oF.
-    pub type_: c_int,
+    pub r#type: c_int,
     /// The description.
     pub desc_: segment_desc_union,
 }
