@@ -3,8 +3,8 @@
 //! benchmark's. Bandwidth = bytes of the collective's tensor (all_reduce: the buffer; all_gather: the
 //! output; all_to_all: one rank's input) / median time of one call.
 //!
-//! `cargo run --release -p mooncake-ep --example collective_bandwidth -- [ranks,..] [protocols,..] [min KiB] [max MiB] [chunk KiB]`
-//! e.g. `-- 2,4 tcp,shm 4 64 4096`
+//! `cargo run --release -p mooncake-ep --example collective_bandwidth -- [ranks,..] [protocols,..] [min KiB] [max MiB] [chunk KiB] [small all_reduce KiB] [ops,..]`
+//! e.g. `-- 2,4 tcp,shm 4 64 4096 256 all_reduce,all_gather,all_to_all`
 
 use std::time::{Duration, Instant};
 
@@ -22,8 +22,13 @@ fn main() {
     let min_kib: usize = a.get(2).and_then(|s| s.parse().ok()).unwrap_or(4);
     let max_mib: usize = a.get(3).and_then(|s| s.parse().ok()).unwrap_or(64);
     let chunk_kib: u64 = a.get(4).and_then(|s| s.parse().ok()).unwrap_or(4096);
-    let options =
-        GroupOptions { chunk_bytes: chunk_kib << 10, timeout: Duration::from_secs(120), ..Default::default() };
+    let small_kib: u64 = a.get(5).and_then(|s| s.parse().ok()).unwrap_or(256);
+    let ops: Vec<String> = list(a.get(6), "all_reduce,all_gather,all_to_all");
+    let options = GroupOptions {
+        chunk_bytes: chunk_kib << 10,
+        timeout: Duration::from_secs(120),
+        small_all_reduce_bytes: small_kib << 10,
+    };
     println!(
         "collective_bandwidth: ranks={ranks:?} protocols={protocols:?} sizes={min_kib} KiB..{max_mib} MiB (x4) \
          chunk_bytes={} small_all_reduce_bytes={} host=127.0.0.1 cpus={} (in-process ranks, one engine each)",
@@ -52,7 +57,7 @@ fn main() {
             }
             let mut size = min_kib << 10;
             while size <= max_mib << 20 {
-                for op in ["all_reduce", "all_gather", "all_to_all"] {
+                for op in ops.iter().map(String::as_str) {
                     let iters = ((256usize << 20) / size).clamp(3, 50);
                     let times = run(&groups, op, size, iters);
                     let med = times[times.len() / 2];

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use crate::buffer::{EpBuffer, Outgoing, signal_word};
-use crate::convert::{bf16_to_f32, f32_to_bf16, le_bytes_to_u16, u16_to_le_bytes};
+use crate::convert::{bf16_to_f32, f32_to_bf16, u16_to_le_bytes};
 use crate::dispatch::{DispatchHandle, check_experts};
 use crate::error::{Error, Result};
 use crate::layout::BufferLayout;
@@ -151,9 +151,9 @@ impl EpBuffer {
         }
         drop(state);
 
-        // Rows of every owner that answered with the count this rank expects.
-        let mut rows: Vec<Vec<u16>> = vec![Vec::new(); layout.num_experts];
-        let mut raw = Vec::new();
+        // Owners that answered with the count this rank expects; their rows are read straight out of the
+        // receive blocks, one row at a time (it stays in cache for the weighted sum).
+        let mut valid = vec![false; r];
         for o in 0..r {
             let Some(count) = arrivals.counts[o] else { continue };
             if active_ranks[o] == 0 {
@@ -169,29 +169,26 @@ impl EpBuffer {
                 active_ranks[o] = 0;
                 continue;
             }
-            for le in 0..nl {
-                let e = o * nl + le;
-                raw.resize(per_expert[e] * row_bytes as usize, 0);
-                self.read(bank + layout.combine_recv_rows(o, le), &mut raw)?;
-                rows[e] = vec![0u16; raw.len() / 2];
-                le_bytes_to_u16(&raw, &mut rows[e]);
-            }
+            valid[o] = true;
         }
 
         out.clear();
         out.resize(num_tokens * hidden, 0);
         let mut acc = vec![0f32; hidden];
+        let mut row = vec![0u8; row_bytes as usize];
         for t in 0..num_tokens {
             acc.fill(0.0);
             for j in 0..k {
                 let Ok(e) = usize::try_from(args.topk_idx[t * k + j]) else { continue };
-                if active_ranks[e / nl] == 0 || rows[e].is_empty() {
+                let (o, le) = (e / nl, e % nl);
+                if active_ranks[o] == 0 || !valid[o] {
                     continue;
                 }
-                let at = row_of[t * k + j] * hidden;
+                let at = bank + layout.combine_recv_rows(o, le) + row_of[t * k + j] as u64 * row_bytes;
+                self.read(at, &mut row)?;
                 let w = args.topk_weights[t * k + j];
-                for (a, &v) in acc.iter_mut().zip(&rows[e][at..at + hidden]) {
-                    *a += w * bf16_to_f32(v);
+                for (a, v) in acc.iter_mut().zip(row.chunks_exact(2)) {
+                    *a += w * bf16_to_f32(u16::from_le_bytes([v[0], v[1]]));
                 }
             }
             for (o, &a) in out[t * hidden..(t + 1) * hidden].iter_mut().zip(&acc) {
