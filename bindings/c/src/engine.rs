@@ -208,6 +208,13 @@ impl CEngine {
     }
 }
 
+/// The running Rust engine behind a C handle (for benchmarks comparing a C call with the Rust call it wraps).
+/// Not part of the C ABI.
+#[doc(hidden)]
+pub fn rust_engine(engine: transfer_engine_t) -> Option<TransferEngine> {
+    lookup(engine).and_then(|c| c.engine.get().cloned())
+}
+
 fn lookup(engine: transfer_engine_t) -> Option<Arc<CEngine>> {
     ENGINES.get(engine as u64)
 }

@@ -46,6 +46,13 @@ pub(crate) struct CStore {
 
 static STORES: Table<CStore> = Table::new();
 
+/// The Rust client behind a set-up C handle (for benchmarks comparing a C call with the Rust call it wraps).
+/// Not part of the C ABI.
+#[doc(hidden)]
+pub fn rust_client(store: mooncake_store_t) -> Option<StoreClient> {
+    lookup(store).and_then(|s| s.client.get().cloned())
+}
+
 fn lookup(store: mooncake_store_t) -> Option<Arc<CStore>> {
     STORES.get(store as u64)
 }
