@@ -169,3 +169,47 @@ fn sizes_that_differ_between_ranks_are_reported_and_the_group_stays_in_step() {
     all_reduce_exact(&groups, &[0, 1], DType::F32, ReduceOp::Sum, 3000, &mut rng);
     assert!(groups.iter().all(|g| g.active_ranks() == [true, true]));
 }
+
+#[test]
+fn in_place_reductions_with_an_orphaned_part_are_exact_over_the_survivors() {
+    // The types that reduce in place in the result (f32, f64, i64, i32 but Avg): a rank lost at the
+    // start of a two-phase all_reduce leaves its part orphaned; the survivors' in-place parts and the
+    // orphan's raw inputs must still give the reference over the survivors. Then reduce_scatter and reduce.
+    let cases = [
+        (DType::F32, ReduceOp::Sum),
+        (DType::F64, ReduceOp::Avg),
+        (DType::I64, ReduceOp::Product),
+        (DType::I32, ReduceOp::Min),
+    ];
+    let mut rng = Rng(77);
+    for (dtype, op) in cases {
+        let (engines, groups) = groups(4, "shm", options(Duration::from_secs(3)));
+        engines[1].shutdown();
+        let survivors = [0, 2, 3];
+        all_reduce_exact(&groups, &survivors, dtype, op, 7001, &mut rng);
+        for r in survivors {
+            assert_eq!(mask(&groups, r), [true, false, true, true], "{dtype:?} {op:?} rank {r}");
+        }
+        // reduce_scatter over the survivors: part r of the reference.
+        let n = 900;
+        let inputs: Vec<Vec<u8>> = (0..4).map(|_| values(dtype, op, 4 * n, &mut rng)).collect();
+        let refs: Vec<&[u8]> = survivors.iter().map(|&r| inputs[r].as_slice()).collect();
+        let want = reference(dtype, op, &refs);
+        let size = dtype.size();
+        let out = on_ranks(&groups, &survivors, |rank, g| {
+            let mut output = vec![0u8; n * size];
+            g.reduce_scatter(&inputs[rank], &mut output, dtype, op).map(|_| output)
+        });
+        for r in survivors {
+            let got = out[r].as_ref().unwrap().as_ref().unwrap_or_else(|e| panic!("rank {r}: {e}"));
+            assert_eq!(got[..], want[r * n * size..(r + 1) * n * size], "reduce_scatter {dtype:?} {op:?} rank {r}");
+        }
+        // reduce to rank 2.
+        let out = on_ranks(&groups, &survivors, |rank, g| {
+            let mut data = inputs[rank].clone();
+            g.reduce(&mut data, dtype, op, 2).map(|_| data)
+        });
+        let got = out[2].as_ref().unwrap().as_ref().unwrap_or_else(|e| panic!("rank 2: {e}"));
+        assert_eq!(got, &want, "reduce {dtype:?} {op:?}");
+    }
+}
