@@ -299,6 +299,26 @@ int freeBatchID(transfer_engine_t engine, batch_id_t batch_id);
 // Re-reads the descriptors of every segment opened through this handle (upstream `syncSegmentCache`).
 int syncSegmentCache(transfer_engine_t engine);
 
+// Upstream `discoverTopology` (newer upstream sources): the engine discovers its topology when it starts, so
+// this only checks the handle: `0`, or `-1` for a dead handle.
+int discoverTopology(transfer_engine_t engine);
+
+// Upstream `warmupEfaSegment` (newer upstream sources): opens `segment_name` ahead of the first transfer when
+// the `efa` transport is installed; `0` without it, as upstream.
+int warmupEfaSegment(transfer_engine_t engine,
+                     const char *segment_name);
+
+// Upstream `enableGracefulShutdown` (newer upstream sources): destruction here always waits for in-flight
+// remote accesses before unregistering memory, so this is a no-op.
+void enableGracefulShutdown(transfer_engine_t engine);
+
+// Upstream `showLinks` (newer upstream sources): the installed transports and the opened segments, as JSON
+// (`json != 0`) or one line of text, written with a NUL into `buf_out[..buf_len]`; `-1` when it does not fit.
+int showLinks(transfer_engine_t engine,
+              char *buf_out,
+              size_t buf_len,
+              int json);
+
 // Creates a store handle, not set up yet (upstream `mooncake_store_create`); `NULL` only if the handle table
 // is full.
 mooncake_store_t mooncake_store_create(void);

@@ -505,7 +505,8 @@ pub extern "C" fn allocateBatchID(engine: transfer_engine_t, batch_size: usize) 
     })
 }
 
-fn requests(entries: *mut transfer_request, count: usize) -> Result<Vec<TransferRequest>> {
+/// The requests of a submission; `target_id` `LOCAL_SEGMENT` (0) names this engine's own segment, as upstream.
+fn requests(e: &TransferEngine, entries: *mut transfer_request, count: usize) -> Result<Vec<TransferRequest>> {
     let list = slice_arg(entries.cast_const(), count).ok_or_else(|| invalid("entries"))?;
     if list.is_empty() {
         return Err(invalid("count is 0"));
@@ -517,7 +518,10 @@ fn requests(entries: *mut transfer_request, count: usize) -> Result<Vec<Transfer
                 OPCODE_WRITE => Opcode::Write,
                 _ => return Err(invalid("opcode")),
             };
-            let target = SegmentHandle::try_from(r.target_id).map_err(|_| invalid("target_id"))?;
+            let target = match r.target_id {
+                LOCAL_SEGMENT => e.open_segment(e.local_segment_name())?,
+                id => SegmentHandle::try_from(id).map_err(|_| invalid("target_id"))?,
+            };
             Ok(TransferRequest {
                 opcode,
                 local_addr: r.source as u64,
@@ -539,8 +543,9 @@ pub extern "C" fn submitTransfer(
     count: usize,
 ) -> c_int {
     with_engine(engine, |c| {
-        let reqs = requests(entries, count)?;
-        c.running()?.submit_transfer(batch_id, &reqs)?;
+        let e = c.running()?;
+        let reqs = requests(e, entries, count)?;
+        e.submit_transfer(batch_id, &reqs)?;
         Ok(0)
     })
 }
@@ -557,8 +562,9 @@ pub extern "C" fn submitTransferWithNotify(
 ) -> c_int {
     with_engine(engine, |c| {
         let note = notification(&notify_msg)?;
-        let reqs = requests(entries, count)?;
-        c.running()?.submit_transfer(batch_id, &reqs)?;
+        let e = c.running()?;
+        let reqs = requests(e, entries, count)?;
+        e.submit_transfer(batch_id, &reqs)?;
         c.owed.lock().unwrap_or_else(|p| p.into_inner()).insert(batch_id, (reqs[0].target, note));
         Ok(0)
     })
@@ -724,5 +730,60 @@ pub extern "C" fn syncSegmentCache(engine: transfer_engine_t) -> c_int {
             e.refresh_segment(h)?;
         }
         Ok(0)
+    })
+}
+
+/// Upstream `discoverTopology` (newer upstream sources): the engine discovers its topology when it starts, so
+/// this only checks the handle: `0`, or `-1` for a dead handle.
+#[unsafe(no_mangle)]
+pub extern "C" fn discoverTopology(engine: transfer_engine_t) -> c_int {
+    with_engine(engine, |c| c.running().map(|_| 0))
+}
+
+/// Upstream `warmupEfaSegment` (newer upstream sources): opens `segment_name` ahead of the first transfer when
+/// the `efa` transport is installed; `0` without it, as upstream.
+#[unsafe(no_mangle)]
+pub extern "C" fn warmupEfaSegment(engine: transfer_engine_t, segment_name: *const c_char) -> c_int {
+    with_engine(engine, |c| {
+        let e = c.running()?;
+        if e.transport("efa").is_none() {
+            return Ok(0);
+        }
+        let name = str_arg(segment_name).ok_or_else(|| invalid("segment_name"))?;
+        e.open_segment(name).map(|_| 0)
+    })
+}
+
+/// Upstream `enableGracefulShutdown` (newer upstream sources): destruction here always waits for in-flight
+/// remote accesses before unregistering memory, so this is a no-op.
+#[unsafe(no_mangle)]
+pub extern "C" fn enableGracefulShutdown(engine: transfer_engine_t) {
+    let _ = engine;
+}
+
+/// Upstream `showLinks` (newer upstream sources): the installed transports and the opened segments, as JSON
+/// (`json != 0`) or one line of text, written with a NUL into `buf_out[..buf_len]`; `-1` when it does not fit.
+#[unsafe(no_mangle)]
+pub extern "C" fn showLinks(engine: transfer_engine_t, buf_out: *mut c_char, buf_len: usize, json: c_int) -> c_int {
+    with_engine(engine, |c| {
+        if buf_out.is_null() || buf_len == 0 {
+            return Err(invalid("buf_out"));
+        }
+        let e = c.running()?;
+        let opened = c.opened.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let names: Vec<String> = opened.iter().filter_map(|h| e.segment(*h).ok().map(|s| s.name.clone())).collect();
+        let protocols = e.protocols();
+        let text = if json != 0 {
+            let quote = |v: &[String]| v.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(",");
+            format!(
+                "{{\"local\":{:?},\"transports\":[{}],\"segments\":[{}]}}",
+                e.local_segment_name(),
+                quote(&protocols),
+                quote(&names)
+            )
+        } else {
+            format!("local {} transports {} segments {}", e.local_segment_name(), protocols.join(","), names.join(","))
+        };
+        if write_str(&text, buf_out, buf_len) { Ok(0) } else { Err(invalid("buffer too small")) }
     })
 }

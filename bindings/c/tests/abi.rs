@@ -107,6 +107,24 @@ fn two_engines_write_read_and_notify() {
     }
     assert_eq!(got, vec![("c-test".to_string(), "written".to_string()); 2]);
 
+    // LOCAL_SEGMENT: a copy inside engine a, between its two registered buffers.
+    back.fill(0);
+    let local = allocateBatchID(a, 1);
+    let mut l = transfer_request { target_id: LOCAL_SEGMENT, target_offset: back.as_ptr() as u64, ..w };
+    assert_eq!(submitTransfer(a, local, &mut l, 1), 0);
+    assert_eq!(wait(a, local, 0).status, STATUS_COMPLETED);
+    assert_eq!(back, src);
+    assert_eq!(freeBatchID(a, local), 0);
+
+    let mut links = [0 as c_char; 512];
+    assert_eq!(showLinks(a, links.as_mut_ptr(), links.len(), 1), 0);
+    // SAFETY: showLinks wrote a NUL-terminated string.
+    let links = unsafe { std::ffi::CStr::from_ptr(links.as_ptr()) }.to_str().unwrap().to_string();
+    assert!(links.contains("\"tcp\"") && links.contains(&name_of(b)), "{links}");
+    assert_eq!(discoverTopology(a), 0);
+    assert_eq!(warmupEfaSegment(a, peer.as_ptr()), 0);
+    enableGracefulShutdown(a);
+
     assert_eq!(closeSegment(a, seg), 0);
     assert_eq!(closeSegment(a, seg), -1);
     let mut addrs = [src.as_mut_ptr().cast::<c_void>(), back.as_mut_ptr().cast()];

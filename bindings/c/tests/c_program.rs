@@ -15,7 +15,8 @@ fn program() -> Option<PathBuf> {
     BUILT
         .get_or_init(|| {
             let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-            let lib_dir = std::env::current_exe().ok()?.parent()?.parent()?.to_path_buf();
+            // The cdylib `cargo test` built with this test sits next to the test binary, in `deps/`.
+            let lib_dir = std::env::current_exe().ok()?.parent()?.to_path_buf();
             if !lib_dir.join("libmooncake_c.so").exists() {
                 eprintln!("SKIP: libmooncake_c.so not found in {}", lib_dir.display());
                 return None;
