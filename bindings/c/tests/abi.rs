@@ -398,3 +398,42 @@ fn store_round_trip_and_bad_input() {
         assert_eq!(mooncake_store_put(dead, key.as_ptr(), value.as_ptr().cast(), value.len(), std::ptr::null()), -1);
     }
 }
+
+#[test]
+fn destroy_racing_with_calls_is_safe() {
+    // Threads hammer a handle while it is destroyed: every call either works or gets -1 / INVALID_BATCH.
+    for _ in 0..3 {
+        let e = engine();
+        let h = e as usize;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let workers: Vec<_> = (0..4)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let e = h as transfer_engine_t;
+                    let mut st = transfer_status::default();
+                    let mut refused = 0u32;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let b = allocateBatchID(e, 1);
+                        if b == INVALID_BATCH {
+                            refused += 1;
+                            continue;
+                        }
+                        let rc = getTransferStatus(e, b, 0, &mut st);
+                        assert!(rc == 0 || rc < 0);
+                        let rc = freeBatchID(e, b);
+                        assert!(rc == 0 || rc < 0);
+                    }
+                    refused
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(20));
+        destroyTransferEngine(e);
+        std::thread::sleep(Duration::from_millis(20));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let refused: u32 = workers.into_iter().map(|w| w.join().expect("no panic in a worker")).sum();
+        assert!(refused > 0, "calls after destroy were refused");
+        assert_eq!(allocateBatchID(e, 1), INVALID_BATCH);
+    }
+}
