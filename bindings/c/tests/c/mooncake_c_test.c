@@ -11,7 +11,9 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "mooncake_c.h"
+#include "transfer_engine_c.h"
+#include "store_c.h"
+#include "mooncake_c.h" /* include guard: a second inclusion is harmless */
 
 #define LEN (1 << 20)
 
