@@ -37,6 +37,34 @@
 // `transfer_status::status`: failed.
 #define STATUS_FAILED 6
 
+// A client handle (a generation-checked table index, never a pointer).
+typedef void *client_t;
+
+// Upstream's `ErrorCode_t`: 0 or a negative store error code.
+typedef int32_t ErrorCode_t;
+
+// One piece of an object (upstream's anonymous struct behind `Slice_t`).
+struct mooncake_slice {
+  // Start (inside registered memory).
+  void *ptr;
+  // Bytes.
+  size_t size;
+};
+
+// Upstream's `Slice_t`.
+typedef struct mooncake_slice Slice_t;
+
+// Replication of `mooncake_client_put` (upstream's anonymous struct behind `ReplicateConfig_t`).
+struct mooncake_client_replicate_config {
+  // Replicas.
+  size_t replica_num;
+  // A segment to place the first replica on (null or empty: any).
+  const char *preferred_segment;
+};
+
+// Upstream's `ReplicateConfig_t`.
+typedef struct mooncake_client_replicate_config ReplicateConfig_t;
+
 // An engine handle (a generation-checked table index, never a pointer).
 typedef void *transfer_engine_t;
 
@@ -170,6 +198,105 @@ typedef struct transfer_request transfer_request_t;
 // Upstream's typedef of `struct transfer_status`.
 typedef struct transfer_status transfer_status_t;
 
+// Success.
+#define MOONCAKE_ERROR_OK 0
+
+// Internal error.
+#define MOONCAKE_ERROR_INTERNAL_ERROR -1
+
+// The destination is too small.
+#define MOONCAKE_ERROR_BUFFER_OVERFLOW -10
+
+// Shard index out of range.
+#define MOONCAKE_ERROR_SHARD_INDEX_OUT_OF_RANGE -100
+
+// Segment not found.
+#define MOONCAKE_ERROR_SEGMENT_NOT_FOUND -101
+
+// Segment already exists.
+#define MOONCAKE_ERROR_SEGMENT_ALREADY_EXISTS -102
+
+// No space for the object.
+#define MOONCAKE_ERROR_NO_AVAILABLE_HANDLE -200
+
+// Version mismatch.
+#define MOONCAKE_ERROR_INVALID_VERSION -300
+
+// Invalid key.
+#define MOONCAKE_ERROR_INVALID_KEY -400
+
+// Write failed.
+#define MOONCAKE_ERROR_WRITE_FAIL -500
+
+// Invalid parameters (null handle, null pointers, unregistered memory).
+#define MOONCAKE_ERROR_INVALID_PARAMS -600
+
+// Invalid write.
+#define MOONCAKE_ERROR_INVALID_WRITE -700
+
+// Invalid read.
+#define MOONCAKE_ERROR_INVALID_READ -701
+
+// Invalid replica.
+#define MOONCAKE_ERROR_INVALID_REPLICA -702
+
+// Replica not ready.
+#define MOONCAKE_ERROR_REPLICA_IS_NOT_READY -703
+
+// No such object.
+#define MOONCAKE_ERROR_OBJECT_NOT_FOUND -704
+
+// The object exists.
+#define MOONCAKE_ERROR_OBJECT_ALREADY_EXISTS -705
+
+// The object is leased.
+#define MOONCAKE_ERROR_OBJECT_HAS_LEASE -706
+
+// A transfer failed.
+#define MOONCAKE_ERROR_TRANSFER_FAIL -800
+
+// The master RPC failed.
+#define MOONCAKE_ERROR_RPC_FAIL -900
+
+// etcd operation failed.
+#define MOONCAKE_ERROR_ETCD_OPERATION_ERROR -1000
+
+// etcd key missing.
+#define MOONCAKE_ERROR_ETCD_KEY_NOT_EXIST -1001
+
+// etcd transaction failed.
+#define MOONCAKE_ERROR_ETCD_TRANSACTION_FAIL -1002
+
+// etcd context cancelled.
+#define MOONCAKE_ERROR_ETCD_CTX_CANCELLED -1003
+
+// Not available in the current status (e.g. after close).
+#define MOONCAKE_ERROR_UNAVAILABLE_IN_CURRENT_STATUS -1010
+
+// Not available in the current mode.
+#define MOONCAKE_ERROR_UNAVAILABLE_IN_CURRENT_MODE -1011
+
+// File not found.
+#define MOONCAKE_ERROR_FILE_NOT_FOUND -1100
+
+// File open failed.
+#define MOONCAKE_ERROR_FILE_OPEN_FAIL -1101
+
+// File read failed.
+#define MOONCAKE_ERROR_FILE_READ_FAIL -1102
+
+// File write failed.
+#define MOONCAKE_ERROR_FILE_WRITE_FAIL -1103
+
+// Invalid file buffer.
+#define MOONCAKE_ERROR_FILE_INVALID_BUFFER -1104
+
+// File lock failed.
+#define MOONCAKE_ERROR_FILE_LOCK_FAIL -1105
+
+// Invalid file handle.
+#define MOONCAKE_ERROR_FILE_INVALID_HANDLE -1106
+
 // The segment id of the local segment, as upstream.
 #define LOCAL_SEGMENT 0
 
@@ -179,6 +306,60 @@ typedef struct transfer_status transfer_status_t;
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
+
+// Connects a client to the master at `master_server_entry` (upstream `mooncake_client_create`); it contributes no
+// memory until `mooncake_client_mount_segment`. `NULL` for null strings or when setup fails.
+client_t mooncake_client_create(const char *local_hostname,
+                                const char *metadata_connstring,
+                                const char *protocol,
+                                const char *rdma_devices,
+                                const char *master_server_entry);
+
+// Registers `[addr, addr+length)` for `get`/`put` (upstream `mooncake_client_register_local_memory`); a null
+// address or zero length is a no-op (`OK`), as upstream. `location`, `remote_accessible` and `update_metadata`
+// are accepted and ignored: every registration is published. The memory must stay mapped while registered.
+ErrorCode_t mooncake_client_register_local_memory(client_t client,
+                                                  void *addr,
+                                                  size_t length,
+                                                  const char *location,
+                                                  bool remote_accessible,
+                                                  bool update_metadata);
+
+// Unregisters memory registered at `addr` (upstream `mooncake_client_unregister_local_memory`); null is a no-op.
+ErrorCode_t mooncake_client_unregister_local_memory(client_t client,
+                                                    void *addr,
+                                                    bool update_metadata);
+
+// Allocates `size` bytes (rounded up to 16 MiB) and contributes them to the store (upstream
+// `mooncake_client_mount_segment`); `0` is a no-op.
+ErrorCode_t mooncake_client_mount_segment(client_t client, size_t size);
+
+// Reads `key` into `slices[..slices_count]` in order (upstream `mooncake_client_get`).
+ErrorCode_t mooncake_client_get(client_t client,
+                                const char *key,
+                                Slice_t *slices,
+                                size_t slices_count);
+
+// Stores the concatenation of `slices[..slices_count]` under `key` (upstream `mooncake_client_put`).
+ErrorCode_t mooncake_client_put(client_t client,
+                                const char *key,
+                                Slice_t *slices,
+                                size_t slices_count,
+                                ReplicateConfig_t config);
+
+// `OK` when `key` exists, `MOONCAKE_ERROR_OBJECT_NOT_FOUND` when not (upstream `mooncake_client_isexist`).
+ErrorCode_t mooncake_client_isexist(client_t client,
+                                    const char *key);
+
+// Removes `key` (upstream `mooncake_client_remove`; a leased object is refused).
+ErrorCode_t mooncake_client_remove(client_t client, const char *key);
+
+// Closes the client and frees the handle (upstream `mooncake_client_destroy`); a dead handle is ignored.
+void mooncake_client_destroy(client_t client);
+
+// Upstream's largest slice in bytes (`kMaxSliceSize`, 16 MiB - 16); callers split objects into slices of at
+// most this size.
+uint64_t mooncake_max_slice_size(void);
 
 // Creates an engine handle (upstream `createTransferEngine`). `metadata_conn_string` is `P2PHANDSHAKE`,
 // `http://...`, `etcd://...` or `redis://...`; in P2P mode the segment name is `ip_or_host_name:<rpc port>`

@@ -437,3 +437,62 @@ fn destroy_racing_with_calls_is_safe() {
         assert_eq!(allocateBatchID(e, 1), INVALID_BATCH);
     }
 }
+
+#[test]
+fn legacy_client_round_trip_and_bad_input() {
+    let (_master, addr) = Master::start();
+    let c = mooncake_client_create(
+        s("127.0.0.1").as_ptr(),
+        s("P2PHANDSHAKE").as_ptr(),
+        s("tcp").as_ptr(),
+        std::ptr::null(),
+        s(&addr).as_ptr(),
+    );
+    assert!(!c.is_null());
+    assert_eq!(mooncake_client_mount_segment(c, 16 << 20), MOONCAKE_ERROR_OK);
+    let mut buf: Vec<u8> = (0..8192).map(|i| (i % 241) as u8).collect();
+    let loc = s("cpu:0");
+    assert_eq!(
+        mooncake_client_register_local_memory(c, buf.as_mut_ptr().cast(), buf.len(), loc.as_ptr(), true, true),
+        0
+    );
+    assert_eq!(mooncake_client_register_local_memory(c, null_mut(), 0, loc.as_ptr(), true, true), 0, "no-op");
+    // SAFETY: offset 4096 lies inside buf.
+    let second = unsafe { buf.as_mut_ptr().add(4096) };
+    let mut parts = [Slice_t { ptr: buf.as_mut_ptr().cast(), size: 1000 }, Slice_t { ptr: second.cast(), size: 3000 }];
+    let config = ReplicateConfig_t { replica_num: 1, preferred_segment: std::ptr::null() };
+    let key = s("legacy");
+    assert_eq!(mooncake_client_put(c, key.as_ptr(), parts.as_mut_ptr(), 2, config), MOONCAKE_ERROR_OK);
+    assert_eq!(
+        mooncake_client_put(c, key.as_ptr(), parts.as_mut_ptr(), 2, config),
+        MOONCAKE_ERROR_OBJECT_ALREADY_EXISTS
+    );
+    assert_eq!(mooncake_client_isexist(c, key.as_ptr()), MOONCAKE_ERROR_OK);
+    assert_eq!(mooncake_client_isexist(c, s("nope").as_ptr()), MOONCAKE_ERROR_OBJECT_NOT_FOUND);
+    let expect: Vec<u8> = buf[..1000].iter().chain(&buf[4096..7096]).copied().collect();
+    buf.fill(0);
+    let mut one = [Slice_t { ptr: buf.as_mut_ptr().cast(), size: 4000 }];
+    assert_eq!(mooncake_client_get(c, key.as_ptr(), one.as_mut_ptr(), 1), MOONCAKE_ERROR_OK);
+    assert_eq!(&buf[..4000], &expect[..]);
+    let mut small = [Slice_t { ptr: buf.as_mut_ptr().cast(), size: 10 }];
+    assert_eq!(mooncake_client_get(c, key.as_ptr(), small.as_mut_ptr(), 1), MOONCAKE_ERROR_BUFFER_OVERFLOW);
+    assert_eq!(mooncake_client_get(c, key.as_ptr(), null_mut(), 1), MOONCAKE_ERROR_INVALID_PARAMS);
+    assert_eq!(mooncake_client_get(c, std::ptr::null(), one.as_mut_ptr(), 1), MOONCAKE_ERROR_INVALID_PARAMS);
+    // The read leased the object: a plain remove is refused, as upstream's.
+    assert_eq!(mooncake_client_remove(c, key.as_ptr()), MOONCAKE_ERROR_OBJECT_HAS_LEASE);
+    assert_eq!(mooncake_client_remove(c, s("nope").as_ptr()), MOONCAKE_ERROR_OBJECT_NOT_FOUND);
+    assert_eq!(mooncake_client_unregister_local_memory(c, buf.as_mut_ptr().cast(), true), 0);
+    assert_eq!(mooncake_max_slice_size(), (16 << 20) - 16);
+    mooncake_client_destroy(c);
+    mooncake_client_destroy(c);
+    assert_eq!(mooncake_client_isexist(c, key.as_ptr()), MOONCAKE_ERROR_INVALID_PARAMS, "destroyed handle");
+    assert_eq!(mooncake_client_mount_segment(null_mut(), 1), MOONCAKE_ERROR_INVALID_PARAMS);
+    let none = mooncake_client_create(
+        std::ptr::null(),
+        std::ptr::null(),
+        std::ptr::null(),
+        std::ptr::null(),
+        std::ptr::null(),
+    );
+    assert!(none.is_null());
+}

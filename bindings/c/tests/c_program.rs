@@ -32,6 +32,9 @@ fn program() -> Option<PathBuf> {
                 .arg(dir.join("tests/c/mooncake_c_test.c"))
                 .arg("-L")
                 .arg(&lib_dir)
+                // RPATH, not RUNPATH: cargo's LD_LIBRARY_PATH names target/debug, whose uplifted copy of the
+                // library may be older than the one this test was built with; RPATH is searched before it.
+                .arg("-Wl,--disable-new-dtags")
                 .arg(format!("-Wl,-rpath,{}", lib_dir.display()))
                 .args(["-lmooncake_c", "-o"])
                 .arg(&out)

@@ -47,6 +47,8 @@ struct Proto {
 /// Spelling differences that are the same C type: upstream's `#define` aliases and struct tags versus typedefs.
 fn normalize_type(t: &str) -> String {
     let t = t.replace('*', " * ");
+    // Top-level `const` on a by-value parameter is no part of the function's type.
+    let t = if t.contains('*') { t } else { t.trim().trim_start_matches("const ").to_string() };
     let words: Vec<&str> = t.split_whitespace().filter(|w| *w != "struct").collect();
     let words: Vec<String> = words
         .into_iter()

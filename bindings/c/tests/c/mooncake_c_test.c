@@ -174,6 +174,28 @@ static int store(const char *master) {
     CHECK(mooncake_store_unregister_buffer(s, buf) == 0);
     mooncake_store_destroy(s);
     CHECK(mooncake_store_is_exist(s, "c/text") == -1); /* destroyed handle */
+
+    /* The older client_c.h API. */
+    client_t c = mooncake_client_create("127.0.0.1", "P2PHANDSHAKE", "tcp", "", master);
+    CHECK(c != NULL);
+    CHECK(mooncake_client_mount_segment(c, 16 << 20) == MOONCAKE_ERROR_OK);
+    CHECK(mooncake_client_register_local_memory(c, buf, 2 * n, "cpu:0", true, true) == MOONCAKE_ERROR_OK);
+    memcpy(buf, expect, 2 * n);
+    Slice_t parts[2] = {{buf, 100}, {buf + n, 300}};
+    ReplicateConfig_t rc = {1, NULL};
+    CHECK(mooncake_client_put(c, "legacy", parts, 2, rc) == MOONCAKE_ERROR_OK);
+    CHECK(mooncake_client_isexist(c, "legacy") == MOONCAKE_ERROR_OK);
+    memset(buf, 0, 2 * n);
+    Slice_t whole = {buf, 400};
+    CHECK(mooncake_client_get(c, "legacy", &whole, 1) == MOONCAKE_ERROR_OK);
+    CHECK(memcmp(buf, expect, 100) == 0 && memcmp(buf + 100, expect + n, 300) == 0);
+    CHECK(mooncake_client_remove(c, "legacy") == MOONCAKE_ERROR_OBJECT_HAS_LEASE); /* the read leased it */
+    CHECK(mooncake_client_remove(c, "none") == MOONCAKE_ERROR_OBJECT_NOT_FOUND);
+    CHECK(mooncake_client_isexist(c, "none") == MOONCAKE_ERROR_OBJECT_NOT_FOUND);
+    CHECK(mooncake_client_unregister_local_memory(c, buf, true) == MOONCAKE_ERROR_OK);
+    CHECK(mooncake_max_slice_size() == (16u << 20) - 16);
+    mooncake_client_destroy(c);
+    CHECK(mooncake_client_isexist(c, "legacy") == MOONCAKE_ERROR_INVALID_PARAMS);
     free(buf);
     free(expect);
     printf("OK store\n");
