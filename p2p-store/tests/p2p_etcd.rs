@@ -34,20 +34,21 @@ fn four_readers_fan_out_and_serve_each_other() {
     let Some(server) = etcd() else { return };
     let started = Instant::now();
     let source = store(&server);
-    // 64 MiB in two buffers of different sizes, 4 MiB shards: 16 shards.
-    let parts = [pattern(48 * MIB, 1), pattern(16 * MIB, 2)];
+    // 256 MiB in two buffers of different sizes, 16 MiB shards: 16 shards.
+    let parts = [pattern(192 * MIB, 1), pattern(64 * MIB, 2)];
     let src_bufs: Vec<HostBuffer> = parts.iter().map(|p| HostBuffer::from_vec(p.clone())).collect();
     let refs: Vec<&HostBuffer> = src_bufs.iter().collect();
-    source.register_buffers("ckpt/fan", &refs, 4 * MIB as u64, false).unwrap();
+    source.register_buffers("ckpt/fan", &refs, 16 * MIB as u64, false).unwrap();
     let listed = source.list("ckpt/").unwrap();
     assert_eq!(listed.len(), 1);
-    assert_eq!(listed[0].size, 64 * MIB as u64);
-    assert_eq!(listed[0].size_list, vec![48 * MIB as u64, 16 * MIB as u64]);
+    assert_eq!(listed[0].size, 256 * MIB as u64);
+    assert_eq!(listed[0].size_list, vec![192 * MIB as u64, 64 * MIB as u64]);
+    assert_go_layout(&server, "ckpt/fan");
     assert_eq!(listed[0].shards.len(), 16);
 
     let readers: Vec<P2PStore> = (0..4).map(|_| store(&server)).collect();
     let bufs: Vec<Vec<HostBuffer>> =
-        (0..4).map(|_| vec![HostBuffer::zeroed(48 * MIB), HostBuffer::zeroed(16 * MIB)]).collect();
+        (0..4).map(|_| vec![HostBuffer::zeroed(192 * MIB), HostBuffer::zeroed(64 * MIB)]).collect();
     // The first reader goes alone; then three at once, which find it as a holder.
     let first = readers[0].get_replica_buffers("ckpt/fan", &[&bufs[0][0], &bufs[0][1]]).unwrap();
     assert!(first.shard_sources.iter().all(|s| s == source.engine().local_segment_name()));
@@ -69,7 +70,7 @@ fn four_readers_fan_out_and_serve_each_other() {
     // Every shard now lists the four readers.
     assert!(payload.shards.iter().all(|s| s.replica_list.len() == 4 && s.gold.len() == 1));
     eprintln!(
-        "fan-out: 64 MiB to 4 readers, {from_replicas} of 48 later shards from readers, cas retries {:?}, {:?} total",
+        "fan-out: 256 MiB to 4 readers, {from_replicas} of 48 later shards from readers, cas retries {:?}, {:?} total",
         reports.iter().map(|r| r.cas_retries).collect::<Vec<_>>(),
         started.elapsed()
     );
@@ -81,6 +82,25 @@ fn four_readers_fan_out_and_serve_each_other() {
     assert!(p.shards.iter().all(|s| s.replica_list.is_empty()));
     source.unregister("ckpt/fan").unwrap();
     assert!(source.list("ckpt/").unwrap().is_empty(), "the key goes with its last holder");
+}
+
+/// The raw etcd value under upstream's key has upstream's JSON field names.
+fn assert_go_layout(server: &EtcdServer, name: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let raw = rt.block_on(async {
+        let mut c = etcd_client::Client::connect([format!("http://{}", server.endpoint())], None).await.unwrap();
+        let resp = c.get(format!("mooncake/checkpoint/{name}"), None).await.unwrap();
+        resp.kvs()[0].value().to_vec()
+    });
+    let v: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+    for field in ["name", "size", "size_list", "max_shard_size", "shards"] {
+        assert!(v.get(field).is_some(), "{field} missing: {v}");
+    }
+    let shard = &v["shards"][0];
+    for field in ["size", "gold", "replica_list"] {
+        assert!(shard.get(field).is_some(), "shard {field} missing: {v}");
+    }
+    assert!(shard["gold"][0]["segment_name"].is_string() && shard["gold"][0]["offset"].is_u64(), "{v}");
 }
 
 #[test]

@@ -107,9 +107,53 @@ fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(mul).ok_or_else(|| format!("size {s:?} overflows"))
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_pattern() {
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("3k"), Ok(3 << 10));
+        assert_eq!(parse_size("17"), Ok(17));
+        assert!(parse_size("1T").is_err() && parse_size("x").is_err());
+        let mut b = synthetic_bytes(3 * PERIOD + 5, 2);
+        assert_eq!(first_difference(&b, 2), None);
+        b[2 * PERIOD + 7] ^= 1;
+        assert_eq!(first_difference(&b, 2), Some(2 * PERIOD + 7));
+    }
+}
+
+/// The synthetic pattern repeats every `PERIOD` bytes.
+const PERIOD: usize = 4096 * 256;
+
 /// The synthetic checkpoint's byte at `i`.
 fn synthetic_byte(i: usize, seed: u8) -> u8 {
     ((i / 4096) as u8).wrapping_mul(31) ^ (i as u8) ^ seed
+}
+
+/// One period of the synthetic pattern.
+fn period(seed: u8) -> Vec<u8> {
+    (0..PERIOD).map(|i| synthetic_byte(i, seed)).collect()
+}
+
+/// `len` bytes of the synthetic pattern.
+fn synthetic_bytes(len: usize, seed: u8) -> Vec<u8> {
+    let p = period(seed);
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        let n = (len - out.len()).min(PERIOD);
+        out.extend_from_slice(&p[..n]);
+    }
+    out
+}
+
+/// The first byte of `bytes` that differs from the synthetic pattern.
+fn first_difference(bytes: &[u8], seed: u8) -> Option<usize> {
+    let p = period(seed);
+    bytes.chunks(PERIOD).enumerate().find_map(|(k, chunk)| {
+        (chunk != &p[..chunk.len()]).then(|| k * PERIOD + chunk.iter().zip(&p).position(|(a, b)| a != b).unwrap_or(0))
+    })
 }
 
 fn hold(secs: u64) {
@@ -136,7 +180,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         Command::Register { name, file, synthetic, seed, shard_size, force, hold_secs } => {
             let bytes = match (file, synthetic) {
                 (Some(path), _) => std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?,
-                (None, Some(n)) => (0..n as usize).map(|i| synthetic_byte(i, seed)).collect(),
+                (None, Some(n)) => synthetic_bytes(n as usize, seed),
                 (None, None) => return Err("give --file or --synthetic".into()),
             };
             let store = P2PStore::new(engine()?, &cli.etcd)?;
@@ -183,9 +227,9 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 p.shards.len(),
                 report.failed_reads
             );
-            let bytes: Vec<u8> = bufs.iter().flat_map(|b| b.to_vec()).collect();
+            let bytes: Vec<u8> = bufs.iter().map(HostBuffer::to_vec).collect::<Vec<_>>().concat();
             if let Some(seed) = verify_seed {
-                if let Some(i) = bytes.iter().enumerate().position(|(i, &b)| b != synthetic_byte(i, seed)) {
+                if let Some(i) = first_difference(&bytes, seed) {
                     return Err(format!("byte {i} differs from the synthetic pattern of seed {seed}").into());
                 }
                 println!("verified {} bytes", bytes.len());
