@@ -107,23 +107,6 @@ fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(mul).ok_or_else(|| format!("size {s:?} overflows"))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_and_pattern() {
-        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
-        assert_eq!(parse_size("3k"), Ok(3 << 10));
-        assert_eq!(parse_size("17"), Ok(17));
-        assert!(parse_size("1T").is_err() && parse_size("x").is_err());
-        let mut b = synthetic_bytes(3 * PERIOD + 5, 2);
-        assert_eq!(first_difference(&b, 2), None);
-        b[2 * PERIOD + 7] ^= 1;
-        assert_eq!(first_difference(&b, 2), Some(2 * PERIOD + 7));
-    }
-}
-
 /// The synthetic pattern repeats every `PERIOD` bytes.
 const PERIOD: usize = 4096 * 256;
 
@@ -250,4 +233,21 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_pattern() {
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("3k"), Ok(3 << 10));
+        assert_eq!(parse_size("17"), Ok(17));
+        assert!(parse_size("1T").is_err() && parse_size("x").is_err());
+        let mut b = synthetic_bytes(3 * PERIOD + 5, 2);
+        assert_eq!(first_difference(&b, 2), None);
+        b[2 * PERIOD + 7] ^= 1;
+        assert_eq!(first_difference(&b, 2), Some(2 * PERIOD + 7));
+    }
 }
