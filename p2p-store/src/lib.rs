@@ -49,11 +49,14 @@ pub struct Options {
     pub cas_attempts: u32,
     /// Times `get_replica` re-reads shards whose holder left the catalogue while it read them.
     pub recheck_rounds: u32,
+    /// Spread reads over every holder, the source included (rotated per shard), instead of reading from readers
+    /// first and the source last.
+    pub include_source: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { fetch_threads: 4, cas_attempts: 32, recheck_rounds: 3 }
+        Options { fetch_threads: 4, cas_attempts: 32, recheck_rounds: 3, include_source: false }
     }
 }
 
@@ -421,7 +424,7 @@ impl P2PStore {
         seed: usize,
         failed: &AtomicUsize,
     ) -> Result<String> {
-        let candidates = holder_order(shard, me, seed.wrapping_add(index));
+        let candidates = holder_order(shard, me, seed.wrapping_add(index), self.options.include_source);
         let mut last = String::from("no holder listed");
         for loc in &candidates {
             match self.engine.transfer_sync(&loc.segment_name, Opcode::Read, local, loc.offset, shard.size) {
@@ -439,8 +442,9 @@ impl P2PStore {
 }
 
 /// The order in which to try a shard's holders: replicas other than `me`, rotated by `turn` so that readers and
-/// shards spread over them, then the gold locations (also rotated).
-pub fn holder_order(shard: &Shard, me: &str, turn: usize) -> Vec<Location> {
+/// shards spread over them, then the gold locations (also rotated). With `include_source` the rotation runs over
+/// all holders together, so the source takes its share of first choices.
+pub fn holder_order(shard: &Shard, me: &str, turn: usize, include_source: bool) -> Vec<Location> {
     let rotate = |list: &[Location]| -> Vec<Location> {
         let list: Vec<Location> = list.iter().filter(|l| l.segment_name != me).cloned().collect();
         if list.is_empty() {
@@ -449,6 +453,10 @@ pub fn holder_order(shard: &Shard, me: &str, turn: usize) -> Vec<Location> {
         let k = turn % list.len();
         list[k..].iter().chain(&list[..k]).cloned().collect()
     };
+    if include_source {
+        let all: Vec<Location> = shard.replica_list.iter().chain(&shard.gold).cloned().collect();
+        return rotate(&all);
+    }
     let mut order = rotate(&shard.replica_list);
     order.extend(rotate(&shard.gold));
     order
@@ -483,10 +491,12 @@ mod tests {
     #[test]
     fn replicas_first_without_self() {
         let shard = Shard { size: 1, gold: vec![loc("src")], replica_list: vec![loc("a"), loc("me"), loc("b")] };
-        let names = |t| holder_order(&shard, "me", t).into_iter().map(|l| l.segment_name).collect::<Vec<_>>();
+        let names = |t| holder_order(&shard, "me", t, false).into_iter().map(|l| l.segment_name).collect::<Vec<_>>();
         assert_eq!(names(0), ["a", "b", "src"]);
         assert_eq!(names(1), ["b", "a", "src"]);
         let lone = Shard { size: 1, gold: vec![loc("src")], replica_list: vec![] };
-        assert_eq!(holder_order(&lone, "me", 5)[0].segment_name, "src");
+        assert_eq!(holder_order(&lone, "me", 5, false)[0].segment_name, "src");
+        let all = holder_order(&shard, "me", 2, true).into_iter().map(|l| l.segment_name).collect::<Vec<_>>();
+        assert_eq!(all, ["src", "a", "b"]);
     }
 }
