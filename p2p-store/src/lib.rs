@@ -1,12 +1,13 @@
 //! P2P store: distributes a checkpoint (model weights, any set of large buffers) from one process to many over
 //! the transfer engine, readers serving each other.
 //!
-//! A source [`P2PStore::register`]s its buffers under a name: they are registered with the engine and cut into
-//! shards of at most `max_shard_size` bytes, and the catalogue in etcd records each shard's location
-//! (`mooncake/checkpoint/<name>`, the JSON layout of upstream Mooncake's Go `p2pstore`, so both read and write
-//! the same catalogue). A reader's [`P2PStore::get_replica`] reads every shard from some holder, preferring
-//! readers that already hold it over the source, skips holders that fail, and then adds itself to every
-//! shard's holders with a compare-and-swap, so later readers can read from it. See `docs/p2p-store.md`.
+//! A source registers its buffers under a name ([`P2PStore::register_buffers`], or [`P2PStore::register`] over
+//! raw addresses): they are registered with the engine and cut into shards of at most `max_shard_size` bytes, and
+//! the catalogue in etcd records each shard's location (`mooncake/checkpoint/<name>`, the JSON layout of upstream
+//! Mooncake's Go `p2pstore`, so both read and write the same catalogue). A reader's
+//! [`P2PStore::get_replica_buffers`] (or the raw-address [`P2PStore::get_replica`]) reads every shard from some
+//! holder, preferring readers that already hold it over the source, skips holders that fail, and then adds itself
+//! to every shard's holders with a compare-and-swap, so later readers can read from it. See `docs/p2p-store.md`.
 //!
 //! ```no_run
 //! use mooncake::{EngineConfig, HostBuffer, TransferEngine};
@@ -22,7 +23,7 @@
 //! }
 //! # Ok(()) }
 //! ```
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod catalogue;
 mod error;
@@ -101,12 +102,15 @@ pub struct P2PStore {
 /// The buffers of one call: raw ranges (registered by the caller's promise) or host buffers.
 enum Buffers<'a> {
     Host(&'a [&'a HostBuffer]),
+    /// Ranges the caller of an `unsafe` entry point vouched for.
+    Raw(&'a [(u64, u64)]),
 }
 
 impl Buffers<'_> {
     fn ranges(&self) -> Vec<(u64, u64)> {
         match self {
             Buffers::Host(b) => b.iter().map(|b| (b.addr(), b.len())).collect(),
+            Buffers::Raw(r) => r.to_vec(),
         }
     }
 
@@ -123,6 +127,10 @@ impl Buffers<'_> {
                 }
                 Ok(())
             }
+            #[allow(unsafe_code)]
+            // SAFETY: `Raw` is built only by `P2PStore::register` and `P2PStore::get_replica`, whose callers promise
+            // what `register_memory_batch` requires (their `# Safety`).
+            Buffers::Raw(r) => unsafe { engine.register_memory_batch(r, LOCATION) }.map_err(Error::from),
         }
     }
 }
@@ -176,6 +184,17 @@ impl P2PStore {
         force: bool,
     ) -> Result<()> {
         self.register_impl(name, Buffers::Host(buffers), max_shard_size, force)
+    }
+
+    /// [`P2PStore::register_buffers`] over raw `(address, length)` ranges of host memory (upstream's
+    /// `Register(ctx, name, addrList, sizeList, maxShardSize, location, forceCreate)` for `cpu` memory).
+    ///
+    /// # Safety
+    /// Each range must be host memory of this process, mapped readable and writable, that stays mapped until
+    /// [`P2PStore::unregister`] for `name` returns `Ok` (or this call fails); peers read it at any time meanwhile.
+    #[allow(unsafe_code)]
+    pub unsafe fn register(&self, name: &str, buffers: &[(u64, u64)], max_shard_size: u64, force: bool) -> Result<()> {
+        self.register_impl(name, Buffers::Raw(buffers), max_shard_size, force)
     }
 
     fn register_impl(&self, name: &str, buffers: Buffers<'_>, max_shard_size: u64, force: bool) -> Result<()> {
@@ -292,6 +311,18 @@ impl P2PStore {
     /// [`P2PStore::delete_replica`].
     pub fn get_replica_buffers(&self, name: &str, buffers: &[&HostBuffer]) -> Result<FetchReport> {
         self.get_replica_impl(name, Buffers::Host(buffers))
+    }
+
+    /// [`P2PStore::get_replica_buffers`] into raw `(address, length)` ranges of host memory (upstream's
+    /// `GetReplica(ctx, name, addrList, sizeList)`).
+    ///
+    /// # Safety
+    /// Each range must be host memory of this process, mapped readable and writable, that stays mapped until
+    /// [`P2PStore::delete_replica`] for `name` returns `Ok` (or this call fails); it is written by the engine
+    /// during the call and read by peers afterwards, so the caller keeps no Rust reference to it meanwhile.
+    #[allow(unsafe_code)]
+    pub unsafe fn get_replica(&self, name: &str, buffers: &[(u64, u64)]) -> Result<FetchReport> {
+        self.get_replica_impl(name, Buffers::Raw(buffers))
     }
 
     fn get_replica_impl(&self, name: &str, buffers: Buffers<'_>) -> Result<FetchReport> {

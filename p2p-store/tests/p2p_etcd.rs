@@ -188,3 +188,28 @@ fn holder_that_went_away_is_skipped() {
     assert_eq!(c_buf.to_vec(), data, "{report:?}");
     eprintln!("mid-fetch shutdown: {report:?}");
 }
+
+/// The raw-address calls (upstream's shape) on memory the test owns and keeps alive.
+#[test]
+fn raw_address_calls() {
+    let Some(server) = etcd() else { return };
+    let source = store(&server);
+    let reader = store(&server);
+    let data = pattern(3 * MIB + 123, 6);
+    let src = data.clone().into_boxed_slice();
+    let mut dst = vec![0u8; data.len()].into_boxed_slice();
+    let (s_addr, d_addr) = (src.as_ptr() as u64, dst.as_mut_ptr() as u64);
+    let len = data.len() as u64;
+    #[allow(unsafe_code)]
+    // SAFETY: `src` and `dst` live until the end of the test, after unregister/delete_replica; no reference to
+    // `dst` is used until delete_replica returned.
+    let report = unsafe {
+        source.register("raw/x", &[(s_addr, len)], MIB as u64, false).unwrap();
+        reader.get_replica("raw/x", &[(d_addr, len)]).unwrap()
+    };
+    assert_eq!(report.shard_sources.len(), 4);
+    reader.delete_replica("raw/x").unwrap();
+    source.unregister("raw/x").unwrap();
+    assert_eq!(&dst[..], &data[..]);
+    assert!(source.list("raw/").unwrap().is_empty());
+}
