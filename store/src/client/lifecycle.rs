@@ -27,9 +27,19 @@ pub const HEALTH_NOT_INITIALIZED: i32 = 1;
 /// `health()`: the master did not answer the last ping.
 pub const HEALTH_MASTER_UNREACHABLE: i32 = 2;
 
-/// Name of the shared area of the CXL device where every client with `protocol = "cxl"` finds the master's CXL
-/// pool ([`MemoryDevice::attach_named`]; reserved by the first client, as large as the device's free space).
+/// Default name of the shared area of the CXL device where every client with `protocol = "cxl"` finds the
+/// master's CXL pool ([`MemoryDevice::attach_named`]; reserved by the first client, as large as the device's free
+/// space). Clusters sharing one device name their own areas with [`CXL_STORE_AREA_ENV`].
 pub const CXL_STORE_AREA: &str = "mooncake-store";
+
+/// Variable naming the store's shared CXL area (default [`CXL_STORE_AREA`]): every client of one master must use
+/// the same name, and each master sharing a device with others its own (one master per area).
+pub const CXL_STORE_AREA_ENV: &str = "MC_CXL_STORE_AREA";
+
+/// The store's shared CXL area for this process: [`CXL_STORE_AREA_ENV`], else [`CXL_STORE_AREA`].
+fn cxl_store_area() -> String {
+    std::env::var(CXL_STORE_AREA_ENV).ok().filter(|v| !v.trim().is_empty()).unwrap_or_else(|| CXL_STORE_AREA.into())
+}
 
 /// Ports a client's engine picks its handshake port from when its host name has none, as upstream's store.
 const STORE_RPC_PORTS: (u16, u16) = (12300, 14300);
@@ -167,7 +177,7 @@ impl Partial {
 }
 
 impl Partial {
-    /// Attaches this process to the store's shared area of the CXL device ([`CXL_STORE_AREA`]), registers it
+    /// Attaches this process to the store's shared area of the CXL device ([`CXL_STORE_AREA_ENV`]), registers it
     /// and describes it as the client's view of the master's CXL pool: `base` is the area's offset in the
     /// device (where every client finds the same bytes), `size` its length.
     fn attach_cxl_view(&mut self, endpoint: &str, host: &str) -> Result<OwnedSegment> {
@@ -180,7 +190,7 @@ impl Partial {
             return Err(ErrorCode::InvalidParams.into());
         };
         let memory = device
-            .attach_named(CXL_STORE_AREA, 0)
+            .attach_named(&cxl_store_area(), 0)
             .map_err(|e| errors::engine("cannot attach the store's CXL area", &e))?;
         self.memory.push((memory.clone(), false, device.clone()));
         let exported =

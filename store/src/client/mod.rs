@@ -51,7 +51,7 @@ use std::time::Duration;
 use mooncake_core::TransferEngine;
 
 pub use config::ClientConfig;
-pub use lifecycle::{CXL_STORE_AREA, HEALTH_MASTER_UNREACHABLE, HEALTH_NOT_INITIALIZED, HEALTH_OK};
+pub use lifecycle::{CXL_STORE_AREA, CXL_STORE_AREA_ENV, HEALTH_MASTER_UNREACHABLE, HEALTH_NOT_INITIALIZED, HEALTH_OK};
 pub use session::Ranges;
 
 use lifecycle::Inner;
