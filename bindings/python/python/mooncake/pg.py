@@ -21,7 +21,9 @@ Elastic membership as upstream: a rank that fails (its writes fail, or it is sil
 timeout, ``init_process_group(timeout=...)``) is masked and the survivors' calls complete over the others
 (``MOONCAKE_PG_AUTO_DEACTIVATE_ON_FAILURE=0`` raises ``CollectiveError`` instead, naming the ranks).
 ``get_active_ranks``, ``get_peer_state``, ``deactivate_ranks``, ``activate_ranks`` / ``recover_ranks``,
-``join_group`` and ``sync_after_failure`` manage the membership; a restarted rank comes back with
+``join_group`` and ``sync_after_failure`` manage the membership (``get_failed_ranks_hint`` /
+``get_local_success`` tell what one call lost; ``set_collective_timeout_us`` / ``set_p2p_timeout_us`` set
+the timeouts; ``extend_group_size_to`` only accepts the group's size); a restarted rank comes back with
 ``MooncakeBackendOptions(..., is_extension=True)`` and ``join_group``. docs/python-api.md (``mooncake.pg``)
 describes the differences from upstream (no coordinator: every surviving rank calls ``recover_ranks``).
 """
@@ -33,7 +35,9 @@ import enum
 import json
 import os
 import socket
+import threading
 import time
+import weakref
 from typing import Callable, List, Optional
 
 import torch
@@ -60,6 +64,11 @@ _host_ip: Optional[str] = None
 _device_filter: List[str] = []
 _engine = None  # an InnerTransferEngine shared by every group of this process
 _backends: dict = {}  # group name -> MooncakeBackend
+_live_backends: "weakref.WeakSet" = weakref.WeakSet()  # every backend of this process (timeout setters)
+_collective_timeout_s: Optional[float] = None  # set_collective_timeout_us
+_p2p_timeout_s: Optional[float] = None  # set_p2p_timeout_us
+_fault_reconciliation_window_us: Optional[int] = None  # recorded (no coordinator)
+_asking = threading.local()  # get_failed_ranks_hint: finds our work behind torch's wrapper
 
 
 def _env_flag(name: str, default: bool) -> bool:
@@ -165,11 +174,13 @@ class MooncakeBackendOptions(_C10dBackend.Options):
 class _Work(dist.Work):
     """A finished call (or a batch of isend/irecv that runs at the first wait)."""
 
-    def __init__(self, result=None, run: Optional[Callable[[], None]] = None):
+    def __init__(self, result=None, run: Optional[Callable[[], None]] = None, size: int = 0, failed=()):
         super().__init__()
         self._result = result if result is not None else []
         self._run = run
         self._error = None
+        self._size = size
+        self._failed = list(failed)  # ranks lost during this call (get_failed_ranks_hint)
 
     def _finish(self):
         run, self._run = self._run, None
@@ -182,6 +193,10 @@ class _Work(dist.Work):
             raise self._error
 
     def wait(self, timeout=None):
+        if getattr(_asking, "active", False):
+            # get_failed_ranks_hint / get_local_success looking for this object behind torch's wrapper.
+            _asking.work = self
+            return True
         self._finish()
         return True
 
@@ -317,11 +332,17 @@ class MooncakeBackend(_C10dBackend):
         self._options = options
         self._name = "mooncake-cpu" if is_cpu else "mooncake"
         self._pending: List[tuple] = []  # deferred isend/irecv: (kind, host, peer, tag)
+        self._pending_works: List[_Work] = []  # their works, told what the batch lost
+        self._op_failed: set = set()  # ranks lost during the call in progress
         self._epoch = 0
         self._last_failure_check = time.monotonic()
         self._failures_seen = 0
-        failure_timeout = options.failure_timeout or timeout
-        seconds = failure_timeout.total_seconds() if failure_timeout else 30.0
+        if options.failure_timeout:
+            seconds = options.failure_timeout.total_seconds()
+        elif _collective_timeout_s is not None:
+            seconds = _collective_timeout_s
+        else:
+            seconds = timeout.total_seconds() if timeout else 30.0
         chunk = options.chunk_bytes or int(os.environ.get("MOONCAKE_PG_CHUNK_BYTES", _DEFAULT_CHUNK_BYTES))
         protocol = os.environ.get("MOONCAKE_PROTOCOL", "tcp") or "tcp"
         self._group = Group(rank, size, chunk_bytes=chunk, timeout=seconds, engine=_engine,
@@ -352,6 +373,7 @@ class MooncakeBackend(_C10dBackend):
         self._mirror()
         if group_name:
             _backends[group_name] = self
+        _live_backends.add(self)
 
     # ----- membership helpers -----
     def _latest_member(self, s: int, wait: datetime.timedelta):
@@ -378,6 +400,7 @@ class MooncakeBackend(_C10dBackend):
         if after != before:
             self._mirror()
             lost = [r for r, (a, b) in enumerate(zip(before, after)) if a and not b]
+            self._op_failed.update(lost)
             if lost:
                 self._epoch += 1
                 if self._options.auto_sync_on_failure:
@@ -431,11 +454,20 @@ class MooncakeBackend(_C10dBackend):
         return self._group.active_ranks()
 
     def _run(self, call, *args, outputs=()):
-        before = self._before()
-        call(*args)
-        for h in outputs:
-            h.done()
-        self._check(before)
+        try:
+            before = self._before()
+            call(*args)
+            for h in outputs:
+                h.done()
+            self._check(before)
+        except BaseException:
+            self._op_failed = set()  # no work is returned for this call
+            raise
+
+    def _work(self, result=None) -> _Work:
+        """The finished work of the call in progress, with the ranks it lost."""
+        failed, self._op_failed = sorted(self._op_failed), set()
+        return _Work(result, size=self._size, failed=failed)
 
     # ----- torch.distributed backend interface -----
     # isend/irecv run as one batch at the first wait (see _defer), so torch need not coalesce them. (A
@@ -457,13 +489,13 @@ class MooncakeBackend(_C10dBackend):
         for t in tensors:
             h = _Host(t, "tensor", output=True)
             self._run(self._group.all_reduce, h.ptr, h.nbytes, _dtype_name(h.t), op, outputs=[h])
-        return _Work(list(tensors))
+        return self._work(list(tensors))
 
     def broadcast(self, tensors, opts):
         for t in tensors:
             h = _Host(t, "tensor", output=True)
             self._run(self._group.broadcast, h.ptr, h.nbytes, opts.rootRank, outputs=[h])
-        return _Work(list(tensors))
+        return self._work(list(tensors))
 
     def allgather(self, output_lists, inputs, opts=None):
         inp = _Host(_single(inputs, "input_tensor"), "input_tensor", output=False)
@@ -475,13 +507,13 @@ class MooncakeBackend(_C10dBackend):
         self._run(self._group.all_gather_v, inp.ptr, inp.nbytes, flat.data_ptr() if flat.numel() else 0,
                   flat.numel(), counts)
         _unflatten_into(flat, outs)
-        return _Work(output_lists)
+        return self._work(output_lists)
 
     def _allgather_base(self, output, input, opts=None):
         o = _Host(output, "output_tensor", output=True, keep_content=False)
         i = _Host(input, "input_tensor", output=False)
         self._run(self._group.all_gather, i.ptr, i.nbytes, o.ptr, o.nbytes, outputs=[o])
-        return _Work([output])
+        return self._work([output])
 
     all_gather_single = _allgather_base
 
@@ -492,7 +524,7 @@ class MooncakeBackend(_C10dBackend):
         if o.t.dtype != i.t.dtype:
             raise TypeError(f"output: dtype {o.t.dtype} differs from input's {i.t.dtype}")
         self._run(self._group.reduce_scatter, i.ptr, i.nbytes, o.ptr, o.nbytes, _dtype_name(i.t), op, outputs=[o])
-        return _Work([output])
+        return self._work([output])
 
     reduce_scatter_single = _reduce_scatter_base
 
@@ -506,7 +538,7 @@ class MooncakeBackend(_C10dBackend):
         o = _Host(out, "output", output=True, keep_content=False)
         self._run(self._group.reduce_scatter, flat.data_ptr() if flat.numel() else 0, flat.numel(), o.ptr,
                   o.nbytes, _dtype_name(o.t), op, outputs=[o])
-        return _Work([out])
+        return self._work([out])
 
     def alltoall(self, outputs, inputs, opts=None):
         if len(outputs) != self._size or len(inputs) != self._size:
@@ -519,7 +551,7 @@ class MooncakeBackend(_C10dBackend):
         self._run(self._group.all_to_all, flat_in.data_ptr() if flat_in.numel() else 0, flat_in.numel(), send,
                   flat_out.data_ptr() if flat_out.numel() else 0, flat_out.numel(), recv)
         _unflatten_into(flat_out, outputs)
-        return _Work(list(outputs))
+        return self._work(list(outputs))
 
     def alltoall_base(self, output, input, output_split_sizes, input_split_sizes, opts=None):
         o = _Host(output, "output", output=True, keep_content=False)
@@ -527,7 +559,7 @@ class MooncakeBackend(_C10dBackend):
         send = self._split_bytes(i.t, input_split_sizes, "input_split_sizes")
         recv = self._split_bytes(o.t, output_split_sizes, "output_split_sizes")
         self._run(self._group.all_to_all, i.ptr, i.nbytes, send, o.ptr, o.nbytes, recv, outputs=[o])
-        return _Work([output])
+        return self._work([output])
 
     all_to_all_single = alltoall_base
 
@@ -551,7 +583,7 @@ class MooncakeBackend(_C10dBackend):
         for t in tensors:
             h = _Host(t, "tensor", output=True)
             self._run(self._group.reduce, h.ptr, h.nbytes, _dtype_name(h.t), op, opts.rootRank, outputs=[h])
-        return _Work(list(tensors))
+        return self._work(list(tensors))
 
     def gather(self, output_lists, inputs, opts):
         inp = _Host(_single(inputs, "tensor"), "tensor", output=False)
@@ -564,7 +596,7 @@ class MooncakeBackend(_C10dBackend):
                   root)
         if self._rank == root:
             _unflatten_into(flat, outs)
-        return _Work(output_lists)
+        return self._work(output_lists)
 
     def scatter(self, outputs, input_lists, opts):
         out = _single(outputs, "tensor")
@@ -576,11 +608,11 @@ class MooncakeBackend(_C10dBackend):
         o = _Host(out, "tensor", output=True, keep_content=False)
         self._run(self._group.scatter, flat.data_ptr() if flat.numel() else 0, flat.numel(), o.ptr, o.nbytes, root,
                   outputs=[o])
-        return _Work([out])
+        return self._work([out])
 
     def barrier(self, opts=None):
         self._run(self._group.barrier)
-        return _Work()
+        return self._work()
 
     # Point-to-point: deferred, then run as one batch (batch_isend_irecv does not deadlock).
     def _defer(self, kind, tensors, peer, tag):
@@ -592,7 +624,9 @@ class MooncakeBackend(_C10dBackend):
                              f"(this rank is {self._rank})")
         h = _Host(t, "tensor", output=(kind == "recv"))
         self._pending.append((kind, h, peer, tag))
-        return _Work([t], run=self._flush)
+        w = _Work([t], run=self._flush, size=self._size)
+        self._pending_works.append(w)
+        return w
 
     def send(self, tensors, dst, tag=0):
         return self._defer("send", tensors, dst, tag)
@@ -602,28 +636,55 @@ class MooncakeBackend(_C10dBackend):
 
     def _flush(self):
         pending, self._pending = self._pending, []
+        works, self._pending_works = self._pending_works, []
         if not pending:
             return
+        # What this batch loses belongs to its works, not to the call that flushed it.
+        outer, self._op_failed = self._op_failed, set()
+        error = None
+        try:
+            self._flush_batch(pending)
+        except BaseException as e:
+            error = e
+            raise
+        finally:
+            failed, self._op_failed = sorted(self._op_failed), outer
+            for w in works:
+                w._failed = failed
+                if error is not None and w._run is not None:
+                    w._run, w._error = None, error
+
+    def _flush_batch(self, pending):
         if self._joining:
             raise RuntimeError("this rank joins as an extension: call mooncake.pg.join_group(group) first")
         sends = [(p, tag, h.ptr, h.nbytes) for k, h, p, tag in pending if k == "send"]
         recvs = [(p, tag, h.ptr, h.nbytes) for k, h, p, tag in pending if k == "recv"]
         before = self._group.active_ranks()
-        if len(pending) == 1 and sends:
-            self._group.send(*sends[0][2:], sends[0][0], sends[0][1])
-        elif len(pending) == 1:
-            self._group.recv(*recvs[0][2:], recvs[0][0], recvs[0][1])
-        else:
-            self._group.send_recv(sends, recvs)
+        p2p_timeout = _p2p_timeout_s
+        saved_timeout = self._group.timeout
+        if p2p_timeout is not None:
+            self._group.set_timeout(p2p_timeout)
+        try:
+            if len(pending) == 1 and sends:
+                self._group.send(*sends[0][2:], sends[0][0], sends[0][1])
+            elif len(pending) == 1:
+                self._group.recv(*recvs[0][2:], recvs[0][0], recvs[0][1])
+            else:
+                self._group.send_recv(sends, recvs)
+        finally:
+            if p2p_timeout is not None:
+                self._group.set_timeout(saved_timeout)
         for k, h, _, _ in pending:
             h.done()
         self._check(before)
 
     def shutdown(self):
         self._pending = []
+        self._pending_works = []
 
     def abort(self):
         self._pending = []
+        self._pending_works = []
 
 
 def _create(dist_opts, options, is_cpu: bool):
@@ -814,6 +875,115 @@ def get_current_epoch(backend=None) -> int:
     return _resolve(backend)._epoch
 
 
+def _own_work(work) -> Optional[_Work]:
+    """Our ``_Work`` behind ``work`` (torch hands callers a wrapper that forwards only ``wait`` and
+    ``get_future``: ``wait`` answers who it is while ``_asking.active`` is set), or None."""
+    if isinstance(work, _Work):
+        return work
+    if not isinstance(work, dist.Work):
+        raise TypeError(f"work: expected a torch.distributed Work, got {type(work).__name__}")
+    _asking.work = None
+    _asking.active = True
+    try:
+        work.wait(datetime.timedelta(milliseconds=1))  # a work of another backend: at most 1 ms
+    except Exception:
+        pass
+    finally:
+        _asking.active = False
+    found, _asking.work = _asking.work, None
+    return found
+
+
+def get_failed_ranks_hint(work) -> Optional[torch.Tensor]:
+    """An int32 tensor, one entry per rank of the work's group: 1 for the ranks this rank lost (masked)
+    during the call, 0 elsewhere (all 0 before a deferred isend/irecv has run). ``None`` for a work of
+    another backend (upstream returns an undefined tensor there)."""
+    w = _own_work(work)
+    if w is None:
+        return None
+    hint = torch.zeros(w._size, dtype=torch.int32)
+    for r in w._failed:
+        hint[r] = 1
+    return hint
+
+
+def get_local_success(work) -> bool:
+    """True iff the call has run and every peer this rank reached in it succeeded (no rank lost, no
+    error). False for a deferred isend/irecv that has not run yet, and for a work of another backend."""
+    w = _own_work(work)
+    return w is not None and w._run is None and w._error is None and not w._failed
+
+
+def extend_group_size_to(backend, size: int) -> None:
+    """Upstream grows a group to ``size`` ranks. Ours has fixed-size groups: the same size is a no-op
+    (as upstream), a smaller one raises ``RuntimeError`` (as upstream), a larger one raises
+    ``NotImplementedError`` (a ``RuntimeError``): create the group at its final size and bring ranks in
+    with ``MooncakeBackendOptions(..., is_extension=True)`` / ``join_group``."""
+    b = _resolve(backend)
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise TypeError(f"size: expected an int, got {type(size).__name__}")
+    if size == b._size:
+        return
+    if size < 0:
+        raise RuntimeError(f"extend_group_size_to: size {size} out of range")
+    if size < b._size:
+        raise RuntimeError(f"extend_group_size_to: new size {size} < current size {b._size}")
+    raise NotImplementedError(
+        f"extend_group_size_to: cannot grow this group from {b._size} to {size} ranks (mooncake-rs groups "
+        "have a fixed size; create it at its final size and add ranks with is_extension=True + join_group)")
+
+
+def get_preferred_hca(backend, location: str) -> str:
+    """The first RDMA device of ``location``'s preferred list in this host's topology (``"cpu:0"``,
+    ``"cuda:0"``, ...: ``TransferEngine.get_local_topology``). ``""`` when there is none: no RDMA device,
+    no GPU, or an unknown location (upstream indexes an empty list there)."""
+    _resolve(backend)
+    if not isinstance(location, str):
+        raise TypeError(f"location: expected a str, got {type(location).__name__}")
+    from .engine import TransferEngine
+
+    try:
+        matrix = json.loads(TransferEngine().get_local_topology())
+    except Exception:
+        return ""
+    entry = matrix.get(location)
+    if not entry or not entry[0]:
+        return ""
+    return str(entry[0][0])
+
+
+def _microseconds(arg: str, us) -> int:
+    if isinstance(us, bool) or not isinstance(us, int):
+        raise TypeError(f"{arg}: expected an int (microseconds), got {type(us).__name__}")
+    if us <= 0:
+        raise ValueError(f"{arg}: {us} microseconds (a positive number)")
+    return us
+
+
+def set_collective_timeout_us(us: int) -> None:
+    """The peer-failure timeout of collectives, in microseconds: applied to every group of this process
+    now (``Group.set_timeout``) and to those created later (a ``MooncakeBackendOptions(timeout=...)`` still
+    wins for its group)."""
+    global _collective_timeout_s
+    _collective_timeout_s = _microseconds("us", us) / 1e6
+    for b in set(_live_backends) | set(_backends.values()):
+        b._group.set_timeout(_collective_timeout_s)
+
+
+def set_p2p_timeout_us(us: int) -> None:
+    """The timeout of send/recv (isend/irecv, batch_isend_irecv), in microseconds, for every group of this
+    process: each batch runs with it instead of the group's timeout."""
+    global _p2p_timeout_s
+    _p2p_timeout_s = _microseconds("us", us) / 1e6
+
+
+def set_fault_reconciliation_window_us(us: int) -> None:
+    """Upstream's coordinator waits this long to gather failure reports. Ours has no coordinator (each
+    rank publishes and reads failures through the store at once): validated and recorded only."""
+    global _fault_reconciliation_window_us
+    _fault_reconciliation_window_us = _microseconds("us", us)
+
+
 __all__ = [
     "CollectiveError",
     "Group",
@@ -826,14 +996,21 @@ __all__ = [
     "ViewUpdateStatus",
     "activate_ranks",
     "deactivate_ranks",
+    "extend_group_size_to",
     "get_active_ranks",
     "get_current_epoch",
+    "get_failed_ranks_hint",
+    "get_local_success",
     "get_num_synced_ranks",
     "get_peer_state",
+    "get_preferred_hca",
     "join_group",
     "recover_ranks",
+    "set_collective_timeout_us",
     "set_device_filter",
+    "set_fault_reconciliation_window_us",
     "set_host_ip",
+    "set_p2p_timeout_us",
     "set_transfer_engine",
     "sync_after_failure",
 ]

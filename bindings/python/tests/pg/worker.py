@@ -200,6 +200,7 @@ def run_ops(rank, world):
     check(active.dtype == torch.int32 and active.tolist() == [1] * world, "get_active_ranks")
     check(pg.get_peer_state(dist.group.WORLD, list(range(world))) == [True] * world, "get_peer_state")
     check(pg.get_num_synced_ranks(dist.group.WORLD) == world, "get_num_synced_ranks")
+    run_upstream_extras(rank, world, gloo, sub if rank in sub_ranks else None)
     # Bad input names the argument.
     try:
         dist.all_reduce(torch.ones(2, dtype=torch.float32).to(torch.float8_e4m3fn))
@@ -218,6 +219,76 @@ def run_ops(rank, world):
     dist.barrier()
 
 
+def run_upstream_extras(rank, world, gloo, sub):
+    """get_failed_ranks_hint / get_local_success, extend_group_size_to, get_preferred_hca and the
+    timeout setters."""
+    w = dist.all_reduce(torch.ones(2), async_op=True)
+    w.wait()
+    hint = pg.get_failed_ranks_hint(w)
+    check(pg.get_local_success(w), "get_local_success of a clean all_reduce")
+    check(hint is not None and hint.dtype == torch.int32 and hint.tolist() == [0] * world, f"hint: {hint}")
+    w = dist.barrier(async_op=True)
+    check(pg.get_local_success(w) and pg.get_failed_ranks_hint(w).tolist() == [0] * world, "barrier work")
+    if sub is not None:
+        w = dist.all_reduce(torch.ones(1), group=sub, async_op=True)
+        check(pg.get_failed_ranks_hint(w).tolist() == [0, 0], "hint over the subgroup's ranks")
+    gw = dist.all_reduce(torch.ones(2), group=gloo, async_op=True)
+    gw.wait()
+    check(pg.get_failed_ranks_hint(gw) is None and not pg.get_local_success(gw), "a gloo work is not ours")
+    try:
+        pg.get_local_success("nope")
+        check(False, "get_local_success of a str must fail")
+    except TypeError:
+        pass
+    # A deferred isend/irecv has not run before its wait.
+    nxt, prv = (rank + 1) % world, (rank - 1) % world
+    got = torch.empty(3)
+    reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, torch.full((3,), float(rank)), nxt),
+                                   dist.P2POp(dist.irecv, got, prv)])
+    check(not pg.get_local_success(reqs[0]), "deferred isend is not yet a success")
+    for r in reqs:
+        r.wait()
+    check(all(pg.get_local_success(r) for r in reqs) and torch.equal(got, torch.full((3,), float(prv))),
+          "isend/irecv succeed after wait")
+    # Fixed-size groups: the same size is a no-op, others raise.
+    pg.extend_group_size_to(dist.group.WORLD, world)
+    for size, exc in ((world - 1, RuntimeError), (world + 1, NotImplementedError)):
+        try:
+            pg.extend_group_size_to(dist.group.WORLD, size)
+            check(False, f"extend_group_size_to({size}) must fail")
+        except exc as e:
+            check("size" in str(e), f"extend_group_size_to error names the size: {e}")
+    # No RDMA device here: the topology's preferred lists are empty, and so is the answer.
+    import json
+    from mooncake.engine import TransferEngine
+    matrix = json.loads(TransferEngine().get_local_topology())
+    for loc in ("cpu:0", "cuda:0", "nowhere"):
+        expected = matrix[loc][0][0] if loc in matrix and matrix[loc][0] else ""
+        check(pg.get_preferred_hca(dist.group.WORLD, loc) == expected, f"get_preferred_hca({loc})")
+    # Timeout setters map onto the group's timeout.
+    b = dist.group.WORLD._get_backend(torch.device("cpu"))
+    before = b._group.timeout
+    pg.set_collective_timeout_us(45_000_000)
+    check(abs(b._group.timeout - 45.0) < 1e-6, f"set_collective_timeout_us: {b._group.timeout}")
+    pg.set_p2p_timeout_us(20_000_000)
+    reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, torch.ones(2), nxt),
+                                   dist.P2POp(dist.irecv, torch.empty(2), prv)])
+    for r in reqs:
+        r.wait()
+    check(abs(b._group.timeout - 45.0) < 1e-6, "the group's timeout is back after a p2p batch")
+    for bad, exc in ((0, ValueError), (-5, ValueError), (1.5, TypeError)):
+        for setter in (pg.set_collective_timeout_us, pg.set_p2p_timeout_us, pg.set_fault_reconciliation_window_us):
+            try:
+                setter(bad)
+                check(False, f"{setter.__name__}({bad}) must fail")
+            except exc:
+                pass
+    pg.set_fault_reconciliation_window_us(1000)
+    pg.set_collective_timeout_us(int(before * 1e6))
+    pg._p2p_timeout_s = None
+    dist.barrier()
+
+
 def run_fault(rank, world, victim):
     """`victim` SIGKILLs itself in the middle of an all_reduce; the survivors finish, agree, go on; a
     restarted victim (started by the test) rejoins."""
@@ -226,10 +297,17 @@ def run_fault(rank, world, victim):
         threading.Timer(0.4, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
     start = time.monotonic()
     errors = 0
+    hinted = 0  # works whose get_failed_ranks_hint names the victim
     for _ in range(40):
         t = torch.full((n,), float(rank + 1))
         try:
-            dist.all_reduce(t)
+            w = dist.all_reduce(t, async_op=True)
+            w.wait()
+            hint = pg.get_failed_ranks_hint(w).tolist()
+            ok = pg.get_local_success(w)
+            check(hint in ([0] * world, [int(r == victim) for r in range(world)]), f"hint: {hint}")
+            check(ok == (hint == [0] * world), f"get_local_success {ok} with hint {hint}")
+            hinted += hint[victim]
         except pg.CollectiveError as e:
             errors += 1
             check(victim in e.ranks, f"CollectiveError names the victim: {e.ranks}")
@@ -252,7 +330,8 @@ def run_fault(rank, world, victim):
     dist.all_gather(outs, torch.full((3,), float(rank)))
     check(all(torch.equal(outs[r], torch.full((3,), float(r))) for r in range(world) if r != victim),
           "all_gather over survivors")
-    print(f"rank {rank}: survivors resumed, {errors} call(s) raised, loop took {elapsed:.2f}s", flush=True)
+    print(f"rank {rank}: survivors resumed, {errors} call(s) raised, {hinted} hinted the victim, "
+          f"loop took {elapsed:.2f}s", flush=True)
     # The test restarts the victim; wait until it is ready, then take it back.
     deadline = time.monotonic() + 60
     while not all(pg.get_peer_state(dist.group.WORLD, [victim])):
