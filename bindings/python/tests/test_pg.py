@@ -136,3 +136,46 @@ def test_native_group_checks_every_argument():
     g2.all_gather(out.data_ptr(), 8, out.data_ptr(), 8)
     assert out[:2].tolist() == [1.0, 2.0]
     g.shutdown()
+
+
+def test_p2p_timeout_applies_to_send_recv_batches_only():
+    """set_p2p_timeout_us: each send/recv batch runs with it, and the group's timeout is restored after."""
+    from mooncake import pg
+
+    class FakeGroup:
+        timeout = 7.0
+        seen = []
+
+        def set_timeout(self, s):
+            self.timeout = s
+
+        def active_ranks(self):
+            return [True, True]
+
+        def send(self, ptr, nbytes, dst, tag):
+            self.seen.append(("send", self.timeout))
+
+    class FakeHost:
+        ptr, nbytes = 0, 0
+
+        def done(self):
+            pass
+
+    class Fake:
+        _joining = False
+        _group = FakeGroup()
+
+        def _check(self, before):
+            pass
+
+    fake = Fake()
+    try:
+        pg.set_p2p_timeout_us(250_000)
+        pg.MooncakeBackend._flush_batch(fake, [("send", FakeHost(), 1, 0)])
+        assert FakeGroup.seen == [("send", 0.25)] and fake._group.timeout == 7.0
+        with pytest.raises(ValueError, match="us"):
+            pg.set_p2p_timeout_us(0)
+        with pytest.raises(TypeError, match="us"):
+            pg.set_collective_timeout_us(2.5)
+    finally:
+        pg._p2p_timeout_s = None
