@@ -68,7 +68,7 @@ def test_killed_rank_is_masked_and_a_restarted_rank_rejoins():
     port = free_port()
     env = env_of(PG_TEST_TIMEOUT=3, PG_TEST_VICTIM=victim)
     procs = {r: start("fault", r, world, port, env) for r in range(world)}
-    # The victim kills itself (SIGKILL) in the middle of an all_reduce.
+    # The victim kills itself (SIGKILL) between two all_reduces of a stream.
     rc = procs[victim].wait(timeout=120)
     assert rc == -signal.SIGKILL, f"victim exited {rc}: {procs[victim].stdout.read()[-3000:]}"
     procs[victim].stdout.read()

@@ -69,6 +69,9 @@ struct Rx {
 
 const SPIN: Duration = Duration::from_micros(50);
 
+/// How long past its deadline a call still waits for peers before masking them (at most the group's timeout).
+const LATE_GRACE: Duration = Duration::from_millis(500);
+
 impl Group {
     /// Runs the messages `outs` and `ins` on channel `chan` until every one completed or `deadline`.
     /// `sink(i, msg_off, chunk)` gets the chunks of `ins[i]` in order (only the part within `expected`).
@@ -106,6 +109,7 @@ impl Group {
             u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap_or_default())
         };
         let mut idle = Instant::now();
+        let (mut deadline, mut extended) = (deadline, false);
         loop {
             let mut progress = false;
             while let Ok((dest, b, ok)) = rx.try_recv() {
@@ -205,7 +209,13 @@ impl Group {
                 break;
             }
             let now = Instant::now();
-            if now >= deadline {
+            if now >= deadline && !extended {
+                // A peer still missing at the deadline may be alive but late: it was waiting out the same dead
+                // rank in its previous call, whose timeout began a little earlier than ours. A short second
+                // chance before masking keeps such a survivor in the group.
+                extended = true;
+                deadline = now + LATE_GRACE.min(self.timeout());
+            } else if now >= deadline {
                 for (t, o) in txs.iter().zip(outs) {
                     if !(t.submitted && t.busy == [false; 2]) {
                         lost[o.dest] = true;
@@ -227,6 +237,9 @@ impl Group {
             }
         }
         outcome.lost = (0..r).filter(|&p| lost[p] && p != me).collect();
+        if !outcome.lost.is_empty() {
+            state.lost_in_call = state.calls;
+        }
         self.mark_lost(&outcome.lost);
         Ok(outcome)
     }

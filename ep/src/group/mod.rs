@@ -131,6 +131,8 @@ pub(crate) struct State {
     pub(crate) recvd: [Vec<u64>; 2],
     /// Calls made.
     pub(crate) calls: u64,
+    /// The call (by number) in which a rank was last lost; 0 before any.
+    pub(crate) lost_in_call: u64,
     /// Reused bytes.
     pub(crate) scratch: Vec<u8>,
 }
@@ -203,6 +205,7 @@ impl Group {
                 sent: [vec![0; world_size], vec![0; world_size]],
                 recvd: [vec![0; world_size], vec![0; world_size]],
                 calls: 0,
+                lost_in_call: 0,
                 scratch: Vec::new(),
             }),
         })

@@ -94,7 +94,11 @@ impl Group {
             return Err(Error::NotConnected);
         }
         state.calls += 1;
-        let deadline = Instant::now() + self.timeout();
+        // Survivors learn of a lost rank up to one timeout apart (one from a failed write, another by waiting the
+        // timeout out), so in the call after a loss a survivor may start up to a timeout late: wait twice as
+        // long then, or a late survivor would be taken for dead too.
+        let after_loss = state.lost_in_call > 0 && state.lost_in_call + 1 >= state.calls;
+        let deadline = Instant::now() + self.timeout() * if after_loss { 2 } else { 1 };
         Ok((state, self.active_ranks(), deadline))
     }
 
@@ -242,8 +246,10 @@ impl Group {
             .map(|&i| Incoming { src: members[i], expected: Some((part(i).len() + raw.len()) as u64) })
             .collect();
         // A phase 1 that waited out a silent rank must not leave phase 2 without time: it gets a timeout of
-        // its own.
-        let deadline = deadline.max(Instant::now() + self.timeout());
+        // its own, twice as long when phase 1 lost a rank (a survivor that waited that rank's timeout out in
+        // phase 1 starts phase 2 up to a timeout later than one that saw a write fail).
+        let grace = if state.lost_in_call == state.calls { 2 } else { 1 };
+        let deadline = deadline.max(Instant::now() + self.timeout() * grace);
         let outcome = self.exchange(state, COLL, &outs, &ins, deadline, &mut |j, off, chunk| {
             let i = survivors[j];
             let theirs = if i < me { &mut before[other(i)] } else { &mut after[other(i)] };
