@@ -1181,6 +1181,38 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     Ok(())
 }
 
+/// The engine a native object (EP buffer, process group) runs on: the caller's `InnerTransferEngine`
+/// (`TransferEngine.get_engine()`; not shut down with the object) or a new one with `protocol` (`tcp` when
+/// blank), plus the same-host transports when asked. True when the engine is the object's own. `what` names the
+/// object in errors.
+pub(crate) fn engine_for(
+    py: Python<'_>,
+    engine: Option<&Bound<'_, PyAny>>,
+    protocol: &str,
+    local_hostname: &str,
+    same_host_transports: bool,
+    what: &str,
+) -> PyResult<(TransferEngine, bool)> {
+    if let Some(e) = engine.filter(|e| !e.is_none()) {
+        let inner = e.cast::<PyInnerEngine>().map_err(|_| {
+            PyTypeError::new_err(format!(
+                "engine: expected an InnerTransferEngine (TransferEngine.get_engine()), got {}",
+                crate::buffers::type_name(e)
+            ))
+        })?;
+        return Ok((inner.get().engine.clone(), false));
+    }
+    let protocol = protocol.trim();
+    let protocol = if protocol.is_empty() { "tcp" } else { protocol };
+    check_protocol(protocol).map_err(|m| PyValueError::new_err(format!("protocol: {m}")))?;
+    let mut config = EngineConfig::new(local_hostname, "P2PHANDSHAKE");
+    let auto = if same_host_transports { config.auto_protocols.clone() } else { Vec::new() };
+    config = config.with_protocols([protocol]).with_auto_protocols(auto);
+    let engine = crate::wait::run_interruptibly(py, "engine-start", move || TransferEngine::new(config))?
+        .map_err(|e| PyRuntimeError::new_err(format!("cannot start the {what} engine: {e}")))?;
+    Ok((engine, true))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,7 +22,6 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use mooncake::sync;
-use mooncake::{EngineConfig, TransferEngine};
 use mooncake_ep::{
     BufferLayout, CombineArgs, CombineInput, DispatchArgs, DispatchHandle, DispatchOutput, EpBuffer, PeerInfo, RecvX,
     Tokens,
@@ -33,8 +32,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
 use crate::buffers::type_name;
-use crate::engine::{PyInnerEngine, check_protocol};
-use crate::wait::run_interruptibly;
+use crate::engine::engine_for;
 
 /// A `timeout_us` below 0 waits this long (upstream: no timeout).
 const NO_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -586,28 +584,8 @@ impl PyEpBuffer {
         local_hostname: &str,
         same_host_transports: bool,
     ) -> PyResult<Self> {
-        let (engine, own_engine) = match engine {
-            Some(e) if !e.is_none() => {
-                let inner = e.cast::<PyInnerEngine>().map_err(|_| {
-                    PyTypeError::new_err(format!(
-                        "engine: expected an InnerTransferEngine (TransferEngine.get_engine()), got {}",
-                        type_name(e)
-                    ))
-                })?;
-                (inner.get().engine.clone(), false)
-            }
-            _ => {
-                let protocol = protocol.trim();
-                let protocol = if protocol.is_empty() { "tcp" } else { protocol };
-                check_protocol(protocol).map_err(|m| PyValueError::new_err(format!("protocol: {m}")))?;
-                let mut config = EngineConfig::new(local_hostname, "P2PHANDSHAKE");
-                let auto = if same_host_transports { config.auto_protocols.clone() } else { Vec::new() };
-                config = config.with_protocols([protocol]).with_auto_protocols(auto);
-                let engine = run_interruptibly(py, "ep-engine", move || TransferEngine::new(config))?
-                    .map_err(|e| PyRuntimeError::new_err(format!("cannot start the EP buffer's engine: {e}")))?;
-                (engine, true)
-            }
-        };
+        let (engine, own_engine) =
+            engine_for(py, engine, protocol, local_hostname, same_host_transports, "EP buffer's")?;
         let buffer = EpBuffer::new(&engine, rank, num_ranks, num_ep_buffer_bytes).map_err(ep_err)?;
         Ok(PyEpBuffer {
             shared: Arc::new(Shared {

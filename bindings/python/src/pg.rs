@@ -15,15 +15,13 @@
 
 use std::time::Duration;
 
-use mooncake::{EngineConfig, TransferEngine};
 use mooncake_ep::group::{DType, Error as GroupError, Group, GroupOptions, MemberInfo, RecvOp, ReduceOp, SendOp};
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
 use crate::buffers::type_name;
-use crate::engine::{PyInnerEngine, check_protocol};
-use crate::wait::run_interruptibly;
+use crate::engine::{PyInnerEngine, engine_for};
 
 pyo3::create_exception!(
     pg,
@@ -212,28 +210,8 @@ impl PyGroup {
         same_host_transports: bool,
     ) -> PyResult<Self> {
         let timeout = seconds("timeout", timeout)?;
-        let (engine, own_engine) = match engine {
-            Some(e) if !e.is_none() => {
-                let inner = e.cast::<PyInnerEngine>().map_err(|_| {
-                    PyTypeError::new_err(format!(
-                        "engine: expected an InnerTransferEngine (TransferEngine.get_engine()), got {}",
-                        type_name(e)
-                    ))
-                })?;
-                (inner.get().engine.clone(), false)
-            }
-            _ => {
-                let protocol = protocol.trim();
-                let protocol = if protocol.is_empty() { "tcp" } else { protocol };
-                check_protocol(protocol).map_err(|m| PyValueError::new_err(format!("protocol: {m}")))?;
-                let mut config = EngineConfig::new(local_hostname, "P2PHANDSHAKE");
-                let auto = if same_host_transports { config.auto_protocols.clone() } else { Vec::new() };
-                config = config.with_protocols([protocol]).with_auto_protocols(auto);
-                let engine = run_interruptibly(py, "pg-engine", move || TransferEngine::new(config))?
-                    .map_err(|e| PyRuntimeError::new_err(format!("cannot start the process group's engine: {e}")))?;
-                (engine, true)
-            }
-        };
+        let (engine, own_engine) =
+            engine_for(py, engine, protocol, local_hostname, same_host_transports, "process group's")?;
         let options = GroupOptions { chunk_bytes, timeout, small_all_reduce_bytes };
         let group = match Group::new(&engine, rank, world_size, options) {
             Ok(g) => g,
